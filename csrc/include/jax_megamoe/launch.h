@@ -1,0 +1,65 @@
+// Host-side contract between the FFI layer (ffi/*.cc, host compiler) and the CUDA launchers
+// (csrc/launch/*.cu). Plain C++ types only, so ffi/ builds without nvcc.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace jax_megamoe {
+
+// Rows of one GEMM row block. A block never straddles two experts: each local expert's pool
+// segment starts on a multiple of kBlockM (padding rows have row_src == -1).
+constexpr int kBlockM = 64;
+// Quantization group along K for activations (1x128) and weights (128x128).
+constexpr int kQuantBlock = 128;
+
+// L1: pool tokens x W1[e]^T with per-128 scale promotion, SwiGLU (optional clamp), x routing
+// weight, 1x128 e4m3 requant. Persistent over (row block, N tile) pairs; blocks at or past
+// *num_blocks are skipped.
+struct L1Params {
+  const uint8_t* a;             // [pool_rows, hidden] e4m3, row-major
+  const float* a_scale;         // [pool_rows, hidden / 128]
+  const float* row_weight;      // [pool_rows] routing weight of the (token, slot) in that row
+  const int32_t* row_src;       // [pool_rows] encoded source slot, -1 = padding (not stored)
+  const int32_t* block_expert;  // [max_blocks] local expert of each row block
+  const int32_t* num_blocks;    // device scalar: valid row blocks this call
+  const uint8_t* w1;            // [local_experts, 2 * intermediate, hidden] e4m3 (gate rows, then up)
+  const float* w1_scale;        // [local_experts, 2 * intermediate / 128, hidden / 128]
+  uint8_t* act;                 // [pool_rows, intermediate] e4m3
+  float* act_scale;             // [pool_rows, intermediate / 128]
+  int hidden;
+  int intermediate;
+  int max_blocks;
+  float clamp;  // +inf disables the clamp
+  int num_ctas;  // persistent grid size (SM budget x CTAs per SM)
+};
+
+// L2: act x W2[e]^T with per-128 scale promotion; each valid row is rounded to bf16 and stored
+// straight into the owning rank's combine slot [k][token][hidden] (unique writer, no atomics).
+struct L2Params {
+  const uint8_t* act;           // [pool_rows, intermediate] e4m3
+  const float* act_scale;       // [pool_rows, intermediate / 128]
+  const int32_t* row_src;       // [pool_rows] (src_rank * max_tokens + token) * topk + k, or -1
+  const int32_t* block_expert;  // [max_blocks]
+  const int32_t* num_blocks;    // device scalar
+  const uint8_t* w2;            // [local_experts, hidden, intermediate] e4m3
+  const float* w2_scale;        // [local_experts, hidden / 128, intermediate / 128]
+  uint16_t* const* combine;     // device array [num_ranks] of bf16 combine bases (peer pointers)
+  int hidden;
+  int intermediate;
+  int topk;
+  int max_tokens;
+  int max_blocks;
+  int num_ctas;
+};
+
+cudaError_t launch_l1(const L1Params& p, cudaStream_t stream);
+cudaError_t launch_l2(const L2Params& p, cudaStream_t stream);
+// Loads the GEMM kernels and raises their shared-memory limits on the current device. Called at
+// workspace setup, never from execute (module loading while a peer kernel spins can deadlock).
+cudaError_t prepare_gemm_kernels();
+// CTAs per SM the persistent GEMM kernels are sized for.
+int gemm_ctas_per_sm();
+
+}  // namespace jax_megamoe

@@ -1,0 +1,172 @@
+"""``fp8_mega_moe``: validates at trace time and picks the implementation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _ffi
+from .buffer import SymmBuffer, check_moe_dims
+from .quant import BLOCK, FP8_DTYPE
+from .reference import reference_mega_moe
+from .weights import MoEWeights, check_weights
+
+Impl = Literal["auto", "fused", "reference"]
+IMPLS = ("auto", "fused", "reference")
+
+
+def _expect(name: str, arr, shape: tuple[int, ...], dtype) -> None:
+    if tuple(arr.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {shape}")
+    if arr.dtype != jnp.dtype(dtype):
+        raise TypeError(f"{name} has dtype {arr.dtype}, expected {jnp.dtype(dtype).name}")
+
+
+def _axis_size(axis_name: str | None) -> int:
+    if axis_name is None:
+        return 1
+    try:
+        return lax.axis_size(axis_name)
+    except NameError as e:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not bound here: call fp8_mega_moe inside a shard_map "
+            "over that mesh axis, or pass axis_name=None on one device"
+        ) from e
+
+
+def _check_buffer(buffer: SymmBuffer, *, m, h, i, k, num_experts, num_ranks, axis_name) -> None:
+    if axis_name is not None and buffer.axis_name != axis_name:
+        raise ValueError(
+            f"buffer was made for axis {buffer.axis_name!r}, the call runs over {axis_name!r}"
+        )
+    if buffer.num_ranks != num_ranks:
+        raise ValueError(f"buffer has {buffer.num_ranks} ranks, the call runs over {num_ranks}")
+    got = dict(num_experts=num_experts, hidden=h, intermediate=i, topk=k)
+    for name, value in got.items():
+        if getattr(buffer, name) != value:
+            raise ValueError(f"buffer was made for {name}={getattr(buffer, name)}, got {value}")
+    if m > buffer.max_tokens_per_rank:
+        raise ValueError(
+            f"{m} tokens per rank exceed the buffer's capacity of {buffer.max_tokens_per_rank} "
+            "(SymmBuffer.create(max_tokens_per_rank=...))"
+        )
+
+
+def _pick_impl(impl: str, buffer: SymmBuffer | None) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return impl
+    usable = buffer is not None and buffer.allocated
+    if impl == "auto":
+        return "fused" if usable else "reference"
+    _ffi.extension()  # raises with the reason when the extension is missing
+    if buffer is None:
+        raise ValueError(
+            "impl='fused' needs buffer=SymmBuffer.create(mesh, axis_name, ...) (the workspace)"
+        )
+    if not buffer.allocated:
+        raise ValueError(
+            "impl='fused' needs Hopper (SM90) GPUs; this buffer's devices cannot run the fused "
+            "kernels (or it was closed)"
+        )
+    return "fused"
+
+
+def fp8_mega_moe(
+    x: jax.Array,
+    x_scale: jax.Array,
+    topk_ids: jax.Array,
+    topk_weights: jax.Array,
+    weights: MoEWeights,
+    *,
+    buffer: SymmBuffer | None = None,
+    axis_name: str | None = None,
+    activation_clamp: float | None = None,
+    impl: Impl = "auto",
+) -> jax.Array:
+    """Expert-parallel FP8 MoE for this rank's tokens; returns ``y`` [M, H] bfloat16.
+
+    Call it per rank inside ``shard_map`` over the expert axis ``axis_name`` (size R), or on one
+    device with ``axis_name=None``. ``topk_ids`` are global expert ids; ``-1`` and any id outside
+    ``[0, E)`` mark a masked slot, which adds nothing. Inference only: differentiating raises.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"x must be [M, H], got shape {tuple(x.shape)}")
+    m, h = x.shape
+    if topk_ids.ndim != 2:
+        raise ValueError(f"topk_ids must be [M, K], got shape {tuple(topk_ids.shape)}")
+    k = topk_ids.shape[1]
+    num_local, wh, i = check_weights(weights)
+    if h % BLOCK:
+        raise ValueError(f"hidden ({h}) must be a multiple of {BLOCK}")
+    if wh != h:
+        raise ValueError(f"x has hidden {h} but the weights have hidden {wh}")
+    _expect("x", x, (m, h), FP8_DTYPE)
+    _expect("x_scale", x_scale, (m, h // BLOCK), jnp.float32)
+    _expect("topk_ids", topk_ids, (m, k), jnp.int32)
+    _expect("topk_weights", topk_weights, (m, k), jnp.float32)
+    if m < 1:
+        raise ValueError("x must hold at least one token")
+    num_ranks = _axis_size(axis_name)
+    num_experts = num_local * num_ranks
+    check_moe_dims(num_experts=num_experts, hidden=h, intermediate=i, topk=k, num_ranks=num_ranks)
+    if activation_clamp is not None and not activation_clamp > 0:
+        raise ValueError(f"activation_clamp must be positive, got {activation_clamp}")
+    if buffer is not None:
+        _check_buffer(
+            buffer,
+            m=m,
+            h=h,
+            i=i,
+            k=k,
+            num_experts=num_experts,
+            num_ranks=num_ranks,
+            axis_name=axis_name,
+        )
+    chosen = _pick_impl(impl, buffer)
+    clamp = None if activation_clamp is None else float(activation_clamp)
+
+    if chosen == "fused":
+
+        def run(x, x_scale, topk_ids, topk_weights, weights):
+            return _ffi.fused_mega_moe(
+                x,
+                x_scale,
+                topk_ids,
+                topk_weights,
+                weights,
+                buffer_id=buffer.buffer_id,
+                clamp=clamp,
+            )
+    else:
+
+        def run(x, x_scale, topk_ids, topk_weights, weights):
+            return reference_mega_moe(
+                x,
+                x_scale,
+                topk_ids,
+                topk_weights,
+                weights,
+                axis_name=axis_name,
+                activation_clamp=clamp,
+            )
+
+    return _inference_only(run)(x, x_scale, topk_ids, topk_weights, weights)
+
+
+def _inference_only(fn):
+    """Wraps ``fn`` so that ``jax.grad``/``jax.jvp`` through it fail at trace time."""
+    wrapped = jax.custom_jvp(fn)
+
+    @wrapped.defjvp
+    def _no_jvp(primals, tangents):
+        raise NotImplementedError(
+            "fp8_mega_moe is inference-only: it has no gradient (differentiate a bf16 MoE "
+            "for training)"
+        )
+
+    return wrapped

@@ -1,0 +1,104 @@
+"""A complete MoE inference layer: router, FP8 quantization of the activations, fp8_mega_moe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from .api import Impl, fp8_mega_moe
+from .buffer import SymmBuffer
+from .quant import quantize_blockwise, quantize_per_token
+from .weights import MoEWeights, transform_weights
+
+Scoring = Literal["softmax", "sigmoid"]
+
+
+def route(
+    hidden: jax.Array,
+    router_weight: jax.Array,
+    topk: int,
+    *,
+    scoring: Scoring = "softmax",
+    normalize: bool | None = None,
+    scaling: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing over expert logits ``hidden @ router_weight`` (f32).
+
+    ``softmax``: weights are the softmax probabilities of the chosen experts (Mixtral/Qwen
+    style); ``sigmoid``: sigmoid affinities, renormalized over the chosen k (DeepSeek-V3
+    style). ``normalize`` overrides the renormalization; ``scaling`` multiplies the weights.
+    Returns ``(topk_ids int32 [M, K], topk_weights float32 [M, K])``.
+    """
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    logits = jnp.dot(
+        hidden.astype(jnp.float32),
+        router_weight.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    scores = jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
+    weights, ids = jax.lax.top_k(scores, topk)
+    if normalize if normalize is not None else scoring == "sigmoid":
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return ids.astype(jnp.int32), (weights * scaling).astype(jnp.float32)
+
+
+@dataclass(frozen=True)
+class MegaMoE:
+    """An inference MoE layer over bf16 activations.
+
+    ``weights`` holds this rank's experts (``MoEWeights``); under ``shard_map`` pass the local
+    shard and the expert axis name. ``router_weight`` is ``[H, E]`` over all experts.
+    """
+
+    topk: int
+    scoring: Scoring = "softmax"
+    normalize: bool | None = None
+    scaling: float = 1.0
+    activation_clamp: float | None = None
+    axis_name: str | None = None
+    buffer: SymmBuffer | None = None
+    impl: Impl = "auto"
+
+    def __call__(
+        self, hidden: jax.Array, router_weight: jax.Array, weights: MoEWeights
+    ) -> jax.Array:
+        if hidden.ndim != 2:
+            raise ValueError(f"hidden must be [M, H], got {tuple(hidden.shape)}")
+        ids, topk_weights = route(
+            hidden,
+            router_weight,
+            self.topk,
+            scoring=self.scoring,
+            normalize=self.normalize,
+            scaling=self.scaling,
+        )
+        x, x_scale = quantize_per_token(hidden)
+        return fp8_mega_moe(
+            x,
+            x_scale,
+            ids,
+            topk_weights,
+            weights,
+            buffer=self.buffer,
+            axis_name=self.axis_name,
+            activation_clamp=self.activation_clamp,
+            impl=self.impl,
+        )
+
+
+def init_weights(
+    key: jax.Array, *, num_experts: int, hidden: int, intermediate: int, std: float | None = None
+) -> tuple[jax.Array, MoEWeights]:
+    """Random router ``[H, E]`` (f32) and FP8 expert weights for all experts, for demos, tests
+    and benchmarks. Initialised with fan-in scaling so activations stay O(1)."""
+    k_router, k1, k2 = jax.random.split(key, 3)
+    router = jax.random.normal(k_router, (hidden, num_experts), jnp.float32) / hidden**0.5
+    s1 = std if std is not None else hidden**-0.5
+    s2 = std if std is not None else intermediate**-0.5
+    w1 = jax.random.normal(k1, (num_experts, 2 * intermediate, hidden), jnp.float32) * s1
+    w2 = jax.random.normal(k2, (num_experts, hidden, intermediate), jnp.float32) * s2
+    return router, transform_weights(*quantize_blockwise(w1), *quantize_blockwise(w2))

@@ -1,0 +1,106 @@
+"""FP8 (e4m3) quantization with the numerics of DESIGN §2.
+
+Activations are scaled per token per 128 channels (1x128, the DeepEP convention), weights per
+128x128 block. For a block with absolute maximum `amax`:
+``s = max(amax, 1e-4) / 448`` and ``q = e4m3(clip(v / s, -448, 448))`` (round to nearest even).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK = 128
+FP8_MAX = 448.0
+SCALE_FLOOR = 1e-4
+FP8_DTYPE = jnp.float8_e4m3fn
+
+
+def _true_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    """IEEE division as the formula states. XLA rewrites ``x / broadcast(d)`` into
+    ``x * broadcast(1 / d)``, which is one ulp off for some inputs; an opaque full-shape divisor
+    keeps the division (the CUDA kernels divide too)."""
+    return num / jax.lax.optimization_barrier(jnp.broadcast_to(den, num.shape))
+
+
+def _quantize_blocks(v: jax.Array, amax: jax.Array) -> tuple[jax.Array, jax.Array]:
+    scale = _true_divide(jnp.maximum(amax, SCALE_FLOOR), jnp.float32(FP8_MAX))
+    q = jnp.clip(_true_divide(v, scale), -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
+    return q, scale
+
+
+def _check_divisible(name: str, shape: tuple[int, ...], dims: tuple[int, ...]) -> None:
+    for d in dims:
+        if shape[d] % BLOCK:
+            raise ValueError(
+                f"{name}: dimension {d} of shape {shape} must be a multiple of {BLOCK} "
+                "(the FP8 quantization block)"
+            )
+
+
+def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Quantizes ``x[..., H]`` per token per 128 channels.
+
+    Returns ``(q, scale)``: ``q`` float8_e4m3fn of ``x``'s shape, ``scale`` float32
+    ``[..., H / 128]``.
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 1:
+        raise ValueError("quantize_per_token: x must have at least one dimension")
+    _check_divisible("quantize_per_token", x.shape, (x.ndim - 1,))
+    blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    q, scale = _quantize_blocks(blocks, amax)
+    return q.reshape(x.shape), scale[..., 0]
+
+
+def quantize_blockwise(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Quantizes ``w[..., N, K]`` per 128x128 block.
+
+    Returns ``(q, scale)``: ``q`` float8_e4m3fn of ``w``'s shape, ``scale`` float32
+    ``[..., N / 128, K / 128]``.
+    """
+    w = jnp.asarray(w)
+    if w.ndim < 2:
+        raise ValueError("quantize_blockwise: w must have at least two dimensions")
+    _check_divisible("quantize_blockwise", w.shape, (w.ndim - 2, w.ndim - 1))
+    *lead, n, k = w.shape
+    blocks = w.astype(jnp.float32).reshape(*lead, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+    amax = jnp.max(jnp.abs(blocks), axis=(-3, -1), keepdims=True)
+    q, scale = _quantize_blocks(blocks, amax)
+    return q.reshape(w.shape), scale[..., 0, :, 0]
+
+
+def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """Float32 values of ``q`` under ``scale``; the block shape is read off the two shapes.
+
+    Works for per-token (``[..., M, H]`` with ``[..., M, H/128]``) and blockwise
+    (``[..., N, K]`` with ``[..., N/128, K/128]``) scales.
+    """
+    q = jnp.asarray(q)
+    scale = jnp.asarray(scale, jnp.float32)
+    if q.ndim != scale.ndim or q.ndim < 1:
+        raise ValueError(f"dequantize: q {q.shape} and scale {scale.shape} need the same rank")
+    if q.shape[:-2] != scale.shape[:-2] or any(
+        a % b for a, b in zip(q.shape[-2:], scale.shape[-2:], strict=True)
+    ):
+        raise ValueError(f"dequantize: scale {scale.shape} does not tile q {q.shape}")
+    rows = q.shape[-2] // scale.shape[-2] if q.ndim >= 2 else 1
+    cols = q.shape[-1] // scale.shape[-1]
+    s = jnp.repeat(scale, cols, axis=-1)
+    if q.ndim >= 2:
+        s = jnp.repeat(s, rows, axis=-2)
+    return q.astype(jnp.float32) * s
+
+
+def calc_diff(a, b) -> float:
+    """``1 - 2·Σab / Σ(a² + b²)`` in float64 (0 for identical inputs, 1 for orthogonal)."""
+    a = np.asarray(jax.device_get(a), dtype=np.float64)
+    b = np.asarray(jax.device_get(b), dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"calc_diff: shapes differ, {a.shape} vs {b.shape}")
+    denom = float(np.sum(a * a + b * b))
+    if denom == 0.0:
+        return 0.0
+    return 1.0 - 2.0 * float(np.sum(a * b)) / denom

@@ -1,0 +1,206 @@
+"""Every trace-time validation error of the public API, and the inference-only guard."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from inputs import make_inputs
+from jax.sharding import Mesh
+
+from jax_megamoe import SymmBuffer, _ffi, fp8_mega_moe, transform_weights
+
+DIMS = dict(h=256, i=128, e=8, k=2)
+CPU_MESH = Mesh(np.array(jax.devices()[:4]), ("ep",))
+
+
+@pytest.fixture(scope="module")
+def inp():
+    return make_inputs(0, m=16, **DIMS)
+
+
+def call(inp, **overrides):
+    args = {**inp, **{k: v for k, v in overrides.items() if k in inp}}
+    kw = {k: v for k, v in overrides.items() if k not in inp}
+    kw.setdefault("impl", "reference")
+    return jax.eval_shape(
+        functools.partial(fp8_mega_moe, **kw),
+        args["x"],
+        args["x_scale"],
+        args["topk_ids"],
+        args["topk_weights"],
+        args["weights"],
+    )
+
+
+def test_valid_call_traces(inp):
+    out = call(inp)
+    assert out.shape == (16, 256) and out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    "field, value, error, match",
+    [
+        ("x", jnp.zeros((16, 256), jnp.bfloat16), TypeError, "x has dtype bfloat16"),
+        ("x", jnp.zeros((2, 16, 256), jnp.float8_e4m3fn), ValueError, r"x must be \[M, H\]"),
+        ("x_scale", jnp.ones((16, 3), jnp.float32), ValueError, "x_scale has shape"),
+        ("x_scale", jnp.ones((16, 2), jnp.bfloat16), TypeError, "x_scale has dtype"),
+        ("topk_ids", jnp.zeros((16, 2), jnp.float32), TypeError, "topk_ids has dtype"),
+        ("topk_ids", jnp.zeros((15, 2), jnp.int32), ValueError, "topk_ids has shape"),
+        ("topk_ids", jnp.zeros((16,), jnp.int32), ValueError, r"topk_ids must be \[M, K\]"),
+        ("topk_weights", jnp.ones((16, 3), jnp.float32), ValueError, "topk_weights has shape"),
+        ("topk_weights", jnp.ones((16, 2), jnp.int32), TypeError, "topk_weights has dtype"),
+        ("x", jnp.zeros((0, 256), jnp.float8_e4m3fn), ValueError, "at least one token"),
+    ],
+)
+def test_bad_operands(inp, field, value, error, match):
+    if field == "x" and value.shape[0] == 0:
+        inp = {
+            **inp,
+            "x_scale": jnp.ones((0, 2)),
+            "topk_ids": jnp.zeros((0, 2), jnp.int32),
+            "topk_weights": jnp.ones((0, 2)),
+        }
+    with pytest.raises(error, match=match):
+        call(inp, **{field: value})
+
+
+def test_hidden_mismatch_between_x_and_weights(inp):
+    x = jnp.zeros((16, 384), jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match="x has hidden 384 but the weights have hidden 256"):
+        call(inp, x=x, x_scale=jnp.ones((16, 3)))
+
+
+@pytest.mark.parametrize("h, i", [(200, 128), (256, 100)])
+def test_dimensions_must_be_multiples_of_128(h, i):
+    with pytest.raises(ValueError, match="multiples of 128"):
+        transform_weights(
+            jnp.zeros((2, 2 * i, h), jnp.float8_e4m3fn),
+            jnp.ones((2, max(1, 2 * i // 128), max(1, h // 128))),
+            jnp.zeros((2, h, i), jnp.float8_e4m3fn),
+            jnp.ones((2, max(1, h // 128), max(1, i // 128))),
+        )
+
+
+def test_weights_wrong_scale_shape_and_type(inp):
+    w = inp["weights"]
+    with pytest.raises(ValueError, match="w2_scale has shape"):
+        transform_weights(w.w1, w.w1_scale, w.w2, w.w2_scale[:, :1])
+    with pytest.raises(TypeError, match="w1 has dtype"):
+        transform_weights(w.w1.astype(jnp.bfloat16), w.w1_scale, w.w2, w.w2_scale)
+    with pytest.raises(TypeError, match="MoEWeights made by transform_weights"):
+        call(inp, weights=tuple(w))
+
+
+def test_topk_larger_than_experts():
+    inp = make_inputs(1, m=4, h=256, i=128, e=2, k=2)
+    inp["topk_ids"] = jnp.zeros((4, 3), jnp.int32)
+    inp["topk_weights"] = jnp.ones((4, 3), jnp.float32)
+    with pytest.raises(ValueError, match=r"topk \(3\) must be in \[1, num_experts=2\]"):
+        call(inp)
+
+
+def test_unknown_axis_name(inp):
+    with pytest.raises(ValueError, match="axis_name 'experts' is not bound"):
+        call(inp, axis_name="experts")
+
+
+def test_bad_impl_and_clamp(inp):
+    with pytest.raises(ValueError, match="impl must be one of"):
+        call(inp, impl="triton")
+    with pytest.raises(ValueError, match="activation_clamp must be positive"):
+        call(inp, activation_clamp=0.0)
+
+
+def test_fused_needs_extension_buffer_and_hopper(inp):
+    if not _ffi.extension_available():
+        with pytest.raises(RuntimeError, match="without its CUDA extension"):
+            call(inp, impl="fused")
+        return
+    with pytest.raises(ValueError, match="needs buffer=SymmBuffer.create"):
+        call(inp, impl="fused")
+    buf = SymmBuffer.create(
+        Mesh(np.array(jax.devices()[:1]), ("ep",)),
+        "ep",
+        num_experts=8,
+        hidden=256,
+        intermediate=128,
+        topk=2,
+        max_tokens_per_rank=16,
+    )
+    assert not buf.allocated  # CPU devices: capacity only
+    with pytest.raises(ValueError, match="needs Hopper"):
+        call(inp, impl="fused", buffer=buf)
+
+
+def test_token_count_over_buffer_capacity(inp):
+    buf = SymmBuffer.create(
+        Mesh(np.array(jax.devices()[:1]), ("ep",)),
+        "ep",
+        num_experts=8,
+        hidden=256,
+        intermediate=128,
+        topk=2,
+        max_tokens_per_rank=8,
+    )
+    with pytest.raises(ValueError, match="16 tokens per rank exceed the buffer's capacity of 8"):
+        call(inp, buffer=buf)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("hidden", 512, "hidden=512"),
+        ("topk", 1, "topk=1"),
+        ("intermediate", 256, "intermediate=256"),
+    ],
+)
+def test_buffer_shape_mismatch(inp, field, value, match):
+    dims = dict(num_experts=8, hidden=256, intermediate=128, topk=2, max_tokens_per_rank=64)
+    dims[field] = value
+    buf = SymmBuffer.create(Mesh(np.array(jax.devices()[:1]), ("ep",)), "ep", **dims)
+    with pytest.raises(ValueError, match=match):
+        call(inp, buffer=buf)
+
+
+def test_buffer_rank_count_must_match_axis(inp):
+    buf = SymmBuffer.create(
+        CPU_MESH,
+        "ep",
+        num_experts=8,
+        hidden=256,
+        intermediate=128,
+        topk=2,
+        max_tokens_per_rank=64,
+    )
+    with pytest.raises(ValueError, match="buffer has 4 ranks, the call runs over 1"):
+        call(inp, buffer=buf)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_experts=10), r"num_experts \(10\) must be divisible by the expert-axis size"),
+        (dict(topk=9), r"topk \(9\) must be in"),
+        (dict(hidden=300), "multiples of 128"),
+        (dict(max_tokens_per_rank=0), "max_tokens_per_rank must be >= 1"),
+    ],
+)
+def test_buffer_create_validation(kwargs, match):
+    dims = dict(num_experts=8, hidden=256, intermediate=128, topk=2, max_tokens_per_rank=8)
+    with pytest.raises(ValueError, match=match):
+        SymmBuffer.create(CPU_MESH, "ep", **{**dims, **kwargs})
+    with pytest.raises(ValueError, match="is not an axis of the mesh"):
+        SymmBuffer.create(CPU_MESH, "tp", **dims)
+
+
+def test_gradient_raises(inp):
+    def loss(scale):
+        y = fp8_mega_moe(
+            inp["x"], scale, inp["topk_ids"], inp["topk_weights"], inp["weights"], impl="reference"
+        )
+        return jnp.sum(y.astype(jnp.float32))
+
+    with pytest.raises(NotImplementedError, match="inference-only"):
+        jax.grad(loss)(inp["x_scale"])

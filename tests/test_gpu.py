@@ -1,0 +1,189 @@
+"""The fused SM90 path against the mirror reference on Hopper GPUs (``pytest -m gpu``; skipped
+elsewhere). Run through the device tool: benchmarks/device_run.sh."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from inputs import make_activations, make_weights_on_device
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_megamoe import SymmBuffer, calc_diff, fp8_mega_moe
+
+pytestmark = pytest.mark.gpu
+
+SMALL = dict(h=512, i=256, e=16, k=4)
+DSV3 = dict(h=7168, i=2048, e=256, k=8)
+NAMES = ("x", "x_scale", "topk_ids", "topk_weights")
+
+
+def gpus():
+    return [d for d in jax.devices("gpu")]
+
+
+@functools.cache
+def weights_for(h, i, e, seed=0):
+    return make_weights_on_device(jax.random.key(seed), e=e, h=h, i=i)
+
+
+class Runner:
+    """fused / reference / ideal for one mesh over ``num_ranks`` GPUs and one buffer."""
+
+    def __init__(self, num_ranks, dims, max_tokens, clamp=None):
+        self.dims = dims
+        self.mesh = Mesh(np.array(gpus()[:num_ranks]), ("ep",))
+        self.buffer = SymmBuffer.create(
+            self.mesh,
+            "ep",
+            num_experts=dims["e"],
+            hidden=dims["h"],
+            intermediate=dims["i"],
+            topk=dims["k"],
+            max_tokens_per_rank=max_tokens,
+        )
+        assert self.buffer.allocated and self.buffer.nbytes_per_rank > 0
+        self.clamp = clamp
+        w = weights_for(dims["h"], dims["i"], dims["e"])
+        self.weights = jax.device_put(w, NamedSharding(self.mesh, P("ep")))
+        self.step = {impl: self._compile(impl) for impl in ("fused", "reference")}
+
+    def _compile(self, impl):
+        fn = functools.partial(
+            fp8_mega_moe, axis_name="ep", impl=impl, buffer=self.buffer, activation_clamp=self.clamp
+        )
+        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=P("ep"), out_specs=P("ep")))
+
+    def inputs(self, seed, m, routing="uniform"):
+        r = self.mesh.size
+        d = self.dims
+        act = make_activations(
+            seed, m=m * r, h=d["h"], e=d["e"], k=d["k"], routing=routing, num_ranks=r
+        )
+        return [jax.device_put(act[n], NamedSharding(self.mesh, P("ep"))) for n in NAMES]
+
+    def __call__(self, impl, args):
+        return self.step[impl](*args, self.weights)
+
+    def close(self):
+        self.buffer.close()
+
+
+def check(runner, seed, m, routing="uniform"):
+    args = runner.inputs(seed, m, routing)
+    fused = runner("fused", args)
+    ref = runner("reference", args)
+    assert fused.shape == ref.shape and fused.dtype == jnp.bfloat16
+    assert bool(jnp.all(jnp.isfinite(fused.astype(jnp.float32))))
+    assert float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) > 0.0 or routing == "masked"
+    diff = calc_diff(fused, ref)
+    print(f"R={runner.mesh.size} M={m} {routing}: calc_diff fused vs mirror {diff:.2e}")
+    assert diff <= 1e-4, (m, routing, diff)
+    return fused, ref
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda r: f"R{r}")
+def small(request):
+    if len(gpus()) < request.param:
+        pytest.skip(f"needs {request.param} GPUs")
+    r = Runner(request.param, SMALL, max_tokens=256)
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize("m", [1, 7, 128, 256])
+@pytest.mark.parametrize("routing", ["uniform", "masked", "hot", "one_rank", "skewed"])
+def test_small_shape(small, m, routing):
+    check(small, seed=m * 7 + len(routing), m=m, routing=routing)
+
+
+def test_bitwise_stable_over_repeated_calls(small):
+    args = small.inputs(5, 64)
+    first = np.asarray(small("fused", args))
+    for _ in range(200):
+        out = small("fused", args)
+    np.testing.assert_array_equal(np.asarray(out).view(np.uint16), first.view(np.uint16))
+
+
+def test_two_layers_share_one_buffer_in_one_jit(small):
+    fn = functools.partial(fp8_mega_moe, axis_name="ep", buffer=small.buffer, impl="fused")
+    ref = functools.partial(fp8_mega_moe, axis_name="ep", impl="reference")
+
+    def two(f):
+        def body(x, xs, ids, tw, w):
+            y1 = f(x, xs, ids, tw, w)
+            from jax_megamoe import quantize_per_token
+
+            x2, xs2 = quantize_per_token(y1)
+            return f(x2, xs2, ids, tw, w)
+
+        return jax.jit(jax.shard_map(body, mesh=small.mesh, in_specs=P("ep"), out_specs=P("ep")))
+
+    args = small.inputs(6, 32)
+    got = two(fn)(*args, small.weights)
+    want = two(ref)(*args, small.weights)
+    assert calc_diff(got, want) <= 1e-4
+
+
+def test_inside_scan(small):
+    fn = functools.partial(fp8_mega_moe, axis_name="ep", buffer=small.buffer, impl="fused")
+
+    def body(x, xs, ids, tw, w):
+        def step(carry, i):
+            y = fn(x, xs, (ids + i) % small.dims["e"], tw, w)
+            return carry + y.astype(jnp.float32), None
+
+        out, _ = jax.lax.scan(step, jnp.zeros(x.shape, jnp.float32), jnp.arange(3))
+        return out
+
+    def body_ref(x, xs, ids, tw, w):
+        return sum(
+            fp8_mega_moe(
+                x, xs, (ids + i) % small.dims["e"], tw, w, axis_name="ep", impl="reference"
+            ).astype(jnp.float32)
+            for i in range(3)
+        )
+
+    args = small.inputs(7, 16)
+    sm = functools.partial(jax.shard_map, mesh=small.mesh, in_specs=P("ep"), out_specs=P("ep"))
+    got = jax.jit(sm(body))(*args, small.weights)
+    want = jax.jit(sm(body_ref))(*args, small.weights)
+    assert calc_diff(got, want) <= 1e-4
+
+
+def test_activation_clamp(small):
+    r = Runner(small.mesh.size, SMALL, max_tokens=32, clamp=1.5)
+    try:
+        check(r, seed=8, m=32)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+def test_deepseek_v3_shape(num_ranks):
+    if len(gpus()) < num_ranks:
+        pytest.skip(f"needs {num_ranks} GPUs")
+    r = Runner(num_ranks, DSV3, max_tokens=128)
+    try:
+        for m, routing in [(1, "uniform"), (7, "masked"), (128, "uniform"), (128, "hot")]:
+            fused, ref = check(r, seed=m, m=m, routing=routing)
+        ideal = jax.jit(
+            jax.shard_map(
+                functools.partial(_ideal, axis_name="ep"),
+                mesh=r.mesh,
+                in_specs=P("ep"),
+                out_specs=P("ep"),
+            )
+        )(*r.inputs(128, 128, "hot"), r.weights)
+        assert calc_diff(fused, ideal) <= 2e-3
+        assert calc_diff(ref, ideal) <= 2e-3
+    finally:
+        r.close()
+
+
+def _ideal(x, xs, ids, tw, w, axis_name):
+    from jax_megamoe import reference_mega_moe
+
+    return reference_mega_moe(x, xs, ids, tw, w, axis_name=axis_name, requant=False)

@@ -1,0 +1,98 @@
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from oracle import quantize_rows
+
+from jax_megamoe import calc_diff, dequantize, quantize_blockwise, quantize_per_token
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_token_matches_formula(seed):
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((5, 384)).astype(np.float32) * rng.uniform(0.01, 100, (5, 1))
+    v[2, 128:256] = 0.0  # an all-zero block takes the 1e-4 floor
+    q, s = quantize_per_token(jnp.asarray(v))
+    q_ref, s_ref = quantize_rows(v.astype(np.float64))
+    assert q.dtype == jnp.float8_e4m3fn and s.dtype == jnp.float32
+    assert s.shape == (5, 3)
+    np.testing.assert_array_equal(np.asarray(s), s_ref)
+    np.testing.assert_array_equal(np.asarray(q).view(np.uint8), q_ref.view(np.uint8))
+    assert float(s[2, 1]) == np.float32(1e-4) / np.float32(448)
+
+
+def test_per_token_round_trip_error_is_fp8_sized():
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((64, 512)).astype(np.float32)
+    back = dequantize(*quantize_per_token(jnp.asarray(v)))
+    assert 1e-5 < calc_diff(back, v) < 1e-3
+    # e4m3 keeps 3 mantissa bits: relative error per element at most 2^-4 (above subnormals)
+    big = np.abs(v) > 0.05 * np.abs(v).max()
+    assert np.max(np.abs(np.asarray(back) - v)[big] / np.abs(v)[big]) <= 2**-4 + 1e-6
+
+
+def test_amax_maps_to_448():
+    rng = np.random.default_rng(4)
+    v = rng.standard_normal((3, 128)).astype(np.float32)
+    q, _ = quantize_per_token(jnp.asarray(v))
+    qf = np.asarray(q).astype(np.float32)
+    np.testing.assert_array_equal(np.abs(qf).max(-1), 448.0)
+
+
+def test_rounding_is_nearest_even():
+    # 448 / 2^k-spaced values: 17 lies halfway between 16 and 18 in e4m3 (spacing 2), so the
+    # even mantissa (16) wins; 19 goes to 20.
+    v = np.zeros((1, 128), np.float32)
+    v[0, :4] = [448.0, 17.0, 19.0, -17.0]
+    v[0, 4:] = 1.0
+    q, s = quantize_per_token(jnp.asarray(v))
+    assert float(s[0, 0]) == 1.0
+    got = np.asarray(q).astype(np.float32)[0, :4]
+    np.testing.assert_array_equal(got, [448.0, 16.0, 20.0, -16.0])
+    assert ml_dtypes.float8_e4m3fn(17.0) == 16.0  # the same rule as ml_dtypes
+
+
+def test_blockwise_matches_formula():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((2, 256, 384)).astype(np.float32)
+    q, s = quantize_blockwise(jnp.asarray(w))
+    assert s.shape == (2, 2, 3)
+    blocks = w.reshape(2, 2, 128, 3, 128)
+    s_ref = np.maximum(np.abs(blocks).max((2, 4)), np.float32(1e-4)) / np.float32(448)
+    np.testing.assert_array_equal(np.asarray(s), s_ref)
+    q_ref = np.clip(blocks / s_ref[:, :, None, :, None], -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    np.testing.assert_array_equal(
+        np.asarray(q).view(np.uint8), q_ref.reshape(w.shape).view(np.uint8)
+    )
+    back = dequantize(q, s)
+    assert calc_diff(back, w) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "fn, shape",
+    [
+        (quantize_per_token, (4, 100)),
+        (quantize_blockwise, (128, 100)),
+        (quantize_blockwise, (100, 128)),
+    ],
+)
+def test_quantize_rejects_non_multiple_of_128(fn, shape):
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fn(jnp.ones(shape, jnp.float32))
+
+
+def test_dequantize_rejects_mismatched_scale():
+    q, s = quantize_per_token(jnp.ones((4, 256)))
+    with pytest.raises(ValueError, match="tile"):
+        dequantize(q, s[:, :1].repeat(3, axis=1))
+
+
+def test_calc_diff_properties():
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal(1000)
+    assert calc_diff(a, a) == pytest.approx(0.0, abs=1e-15)
+    assert calc_diff(a, -a) == pytest.approx(2.0)
+    assert calc_diff(a, 2 * a) == pytest.approx(1 - 4 / 5)
+    assert calc_diff(np.zeros(3), np.zeros(3)) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        calc_diff(a, a[:10])
