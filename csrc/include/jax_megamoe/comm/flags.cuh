@@ -1,0 +1,53 @@
+// Cross-rank epoch flags. A rank publishes "my data for epoch e is ready" by a system-scope
+// release store of e into a u64 in the reader's workspace; the reader spins with system-scope
+// acquire loads on its own memory until the value reaches e. Epochs only grow, so a flag that is
+// already ahead (a skewed peer) still satisfies `>=`.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+
+namespace jax_megamoe::comm {
+
+__device__ __forceinline__ void st_release_sys(uint64_t* flag, uint64_t value) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(flag), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* flag) {
+  uint64_t value;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(flag) : "memory");
+  return value;
+}
+
+// Nanoseconds of a clock shared by all SMs of the device; unlike clock64 it is not per-SM and
+// does not scale with the SM frequency.
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Single-thread wait until flags[s] >= epoch for every rank s; past the timeout it prints which
+// rank, phase, peer and epoch stalled and traps, so a protocol error is never a silent hang.
+__device__ __forceinline__ void wait_all_ranks(const uint64_t* flags, int num_ranks, uint64_t epoch,
+                                               uint64_t timeout_ns, int rank, const char* phase) {
+  const uint64_t start = globaltimer_ns();
+  for (int s = 0; s < num_ranks; ++s) {
+    uint64_t seen;
+    while ((seen = ld_acquire_sys(flags + s)) < epoch) {
+      if (globaltimer_ns() - start > timeout_ns) {
+        printf(
+            "jax_megamoe: rank %d timed out after %.1f s in phase '%s' waiting for rank %d "
+            "(epoch %llu, its flag holds %llu). Every rank must issue the same sequence of "
+            "fp8_mega_moe calls on this buffer; raise JAX_MEGAMOE_TIMEOUT_S if a peer is only "
+            "slow.\n",
+            rank, double(timeout_ns) * 1e-9, phase, s, static_cast<unsigned long long>(epoch),
+            static_cast<unsigned long long>(seen));
+        __trap();
+      }
+      __nanosleep(128);
+    }
+  }
+}
+
+}  // namespace jax_megamoe::comm

@@ -1,0 +1,143 @@
+// The symmetric workspace: one persistent allocation per rank with the identical layout on every
+// rank, so a peer's region is peer_base[s] + the same offset. This header owns every offset and
+// the exact byte size; host (ffi/, g++) and device (csrc/launch/, nvcc) code both include it.
+//
+// Regions, each 128-byte aligned, in order:
+//   header   HeaderFixed, dispatch_flag[R] u64, combine_flag[R] u64 (both written by peers),
+//            peer_base[R] (u8*), combine_base[R] (u16* = peer_base + combine offset)
+//   staging  x [Mmax,H] e4m3, x_scale [Mmax,H/128] f32, topk_ids [Mmax,K] i32 (ids outside [0,E)
+//            stored as -1, i.e. masked), topk_weights [Mmax,K] f32; read by every peer's route
+//   routing  expert_count/expert_fill/expert_offset [E_l] i32, RouteScalars,
+//            block_expert [max_blocks] i32, row_src [P] i32, row_weight [P] f32
+//   pool     a [P,H] e4m3, a_scale [P,H/128] f32
+//   act      act [P,I] e4m3, act_scale [P,I/128] f32
+//   combine  [K][Mmax][H] bf16, written by the destination ranks' L2
+// P = max_blocks * kBlockM, max_blocks = ceil((R*Mmax*K + E_l*(kBlockM-1)) / kBlockM): the pool
+// holds the worst case (every slot of every rank routed here, every expert segment padded), so no
+// token is ever dropped.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "jax_megamoe/launch.h"
+
+#if defined(__CUDACC__)
+#define JMM_HOST_DEVICE __host__ __device__
+#else
+#define JMM_HOST_DEVICE
+#endif
+
+namespace jax_megamoe {
+
+// TMA, 16-byte vector copies and 128-byte cache lines all hold at this alignment; it also keeps
+// flags written by different agents on separate lines.
+constexpr size_t kRegionAlign = 128;
+
+JMM_HOST_DEVICE constexpr size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+struct WorkspaceConfig {
+  int num_ranks;
+  int num_experts;
+  int hidden;
+  int intermediate;
+  int topk;
+  int max_tokens;
+};
+
+struct alignas(kRegionAlign) HeaderFixed {
+  uint64_t epoch;       // calls issued on this rank; never reset (graphs replay, ranks are skewed)
+  uint64_t timeout_ns;  // spin limit of every cross-rank wait
+  int32_t rank;
+  int32_t num_ranks;
+  int32_t staged_tokens;  // M of the call whose staging is live; peers read it
+};
+
+struct alignas(kRegionAlign) RouteScalars {
+  int32_t num_blocks;   // row blocks used this call; read by L1/L2
+  uint32_t count_done;  // route-count blocks finished; the last one runs the segment scan
+};
+
+struct WorkspaceLayout {
+  int local_experts;
+  int max_blocks;
+  size_t pool_rows;
+
+  size_t header;  // HeaderFixed
+  size_t dispatch_flag;
+  size_t combine_flag;
+  size_t peer_base;
+  size_t combine_base;
+
+  size_t x;
+  size_t x_scale;
+  size_t topk_ids;
+  size_t topk_weights;
+
+  size_t expert_count;
+  size_t expert_fill;
+  size_t expert_offset;
+  size_t route_scalars;
+  size_t block_expert;
+  size_t row_src;
+  size_t row_weight;
+
+  size_t pool_a;
+  size_t pool_a_scale;
+  size_t act;
+  size_t act_scale;
+
+  size_t combine;
+
+  size_t total_bytes;
+
+  JMM_HOST_DEVICE static WorkspaceLayout make(const WorkspaceConfig& c) {
+    const size_t R = c.num_ranks, H = c.hidden, I = c.intermediate, K = c.topk;
+    const size_t Mmax = c.max_tokens;
+    WorkspaceLayout l{};
+    l.local_experts = c.num_experts / c.num_ranks;
+    const size_t worst_rows = R * Mmax * K + size_t(l.local_experts) * (kBlockM - 1);
+    l.max_blocks = int((worst_rows + kBlockM - 1) / kBlockM);
+    l.pool_rows = size_t(l.max_blocks) * kBlockM;
+    const size_t P = l.pool_rows;
+
+    size_t off = 0;
+    l.header = take(off, sizeof(HeaderFixed));
+    l.dispatch_flag = take(off, R * sizeof(uint64_t));
+    l.combine_flag = take(off, R * sizeof(uint64_t));
+    l.peer_base = take(off, R * sizeof(uint64_t));
+    l.combine_base = take(off, R * sizeof(uint64_t));
+
+    l.x = take(off, Mmax * H);
+    l.x_scale = take(off, Mmax * (H / kQuantBlock) * sizeof(float));
+    l.topk_ids = take(off, Mmax * K * sizeof(int32_t));
+    l.topk_weights = take(off, Mmax * K * sizeof(float));
+
+    l.expert_count = take(off, size_t(l.local_experts) * sizeof(int32_t));
+    l.expert_fill = take(off, size_t(l.local_experts) * sizeof(int32_t));
+    l.expert_offset = take(off, size_t(l.local_experts) * sizeof(int32_t));
+    l.route_scalars = take(off, sizeof(RouteScalars));
+    l.block_expert = take(off, size_t(l.max_blocks) * sizeof(int32_t));
+    l.row_src = take(off, P * sizeof(int32_t));
+    l.row_weight = take(off, P * sizeof(float));
+
+    l.pool_a = take(off, P * H);
+    l.pool_a_scale = take(off, P * (H / kQuantBlock) * sizeof(float));
+    l.act = take(off, P * I);
+    l.act_scale = take(off, P * (I / kQuantBlock) * sizeof(float));
+
+    l.combine = take(off, K * Mmax * H * sizeof(uint16_t));
+
+    l.total_bytes = off;
+    return l;
+  }
+
+ private:
+  JMM_HOST_DEVICE static size_t take(size_t& off, size_t bytes) {
+    const size_t at = off;
+    off = align_up(off + bytes, kRegionAlign);
+    return at;
+  }
+};
+
+}  // namespace jax_megamoe

@@ -1,0 +1,46 @@
+// Host entry points of the per-call runtime (csrc/launch/runtime.cu), called by the FFI layer.
+// Plain C++ types only, so ffi/ builds with the host compiler.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "jax_megamoe/layout/workspace.h"
+
+namespace jax_megamoe {
+
+// Largest top-k: the dispatch gives each slot of a token its own warp lane.
+constexpr int kMaxTopk = 32;
+// Largest experts per rank: the route scan keeps two ints per local expert in static-limit
+// (48 KiB) shared memory.
+constexpr int kMaxLocalExperts = 4096;
+
+struct MegaMoeArgs {
+  WorkspaceConfig config;
+  int rank;
+  int sm_budget;    // SMs this op may occupy; every grid, spinning ones included, is sized to it
+  void* workspace;  // this rank's base; peers are reached through the header's peer table
+
+  int num_tokens;  // M of this rank, <= config.max_tokens
+  const void* x;   // [M, H] e4m3, 16-byte aligned
+  const float* x_scale;
+  const int32_t* topk_ids;
+  const float* topk_weights;
+  const void* w1;
+  const float* w1_scale;
+  const void* w2;
+  const float* w2_scale;
+  void* y;  // [M, H] bf16, 16-byte aligned
+  float activation_clamp;
+};
+
+// Enqueues one call's kernels on `stream`: no host sync, allocation or module loading.
+cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream);
+
+// Loads every runtime and GEMM kernel on the current device and sets their attributes, so that
+// launch_mega_moe never triggers lazy module loading (a process-wide operation that can deadlock
+// against a peer kernel spinning on this device's flags).
+cudaError_t prepare_runtime_kernels();
+
+}  // namespace jax_megamoe

@@ -1,0 +1,78 @@
+// nanobind module jax_megamoe._C: FFI handler capsules for jax.ffi.register_ffi_target, device
+// queries, and the symmetric workspace lifecycle used by jax_megamoe.SymmBuffer.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "symm_buffer.h"
+#include "xla/ffi/api/api.h"
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMegamoeFp8MegaMoe);
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace jax_megamoe {
+namespace {
+
+WorkspaceConfig make_config(int num_ranks, int num_experts, int hidden, int intermediate, int topk,
+                            int max_tokens) {
+  return WorkspaceConfig{num_ranks, num_experts, hidden, intermediate, topk, max_tokens};
+}
+
+}  // namespace
+}  // namespace jax_megamoe
+
+NB_MODULE(_C, m) {
+  using namespace jax_megamoe;
+  m.doc() = "CUDA runtime of jax_megamoe (SM90 fused FP8 MoE)";
+
+  m.def(
+      "registrations",
+      [] {
+        nb::dict targets;
+        targets["jax_megamoe_fp8_mega_moe"] =
+            nb::capsule(reinterpret_cast<void*>(JaxMegamoeFp8MegaMoe));
+        return targets;
+      },
+      "XLA FFI targets by name, as capsules for jax.ffi.register_ffi_target(platform='CUDA').");
+
+  m.def(
+      "workspace_nbytes",
+      [](int num_ranks, int num_experts, int hidden, int intermediate, int topk, int max_tokens) {
+        return workspace_nbytes(
+            make_config(num_ranks, num_experts, hidden, intermediate, topk, max_tokens));
+      },
+      "num_ranks"_a, "num_experts"_a, "hidden"_a, "intermediate"_a, "topk"_a, "max_tokens"_a,
+      "Exact bytes of one rank's workspace; ValueError names an unsupported parameter.");
+
+  m.def("device_count", &device_count, "Visible CUDA devices; 0 without a driver or device.");
+  m.def("device_capability", &device_capability, "ordinal"_a, "(major, minor) of a device.");
+  m.def("can_access_peer", &can_access_peer, "ordinal"_a, "peer_ordinal"_a,
+        "Whether kernels on `ordinal` can address memory of `peer_ordinal` (true for itself).");
+  m.def("device_free_bytes", &device_free_bytes, "ordinal"_a, "Free device memory in bytes.");
+
+  m.def(
+      "create_workspace",
+      [](int64_t buffer_id, int device_ordinal, int rank, int num_ranks, int num_experts,
+         int hidden, int intermediate, int topk, int max_tokens, int sm_budget) {
+        return create_workspace(
+            buffer_id, device_ordinal, rank,
+            make_config(num_ranks, num_experts, hidden, intermediate, topk, max_tokens), sm_budget);
+      },
+      "buffer_id"_a, "device_ordinal"_a, "rank"_a, "num_ranks"_a, "num_experts"_a, "hidden"_a,
+      "intermediate"_a, "topk"_a, "max_tokens"_a, "sm_budget"_a,
+      "Allocates and zero-fills this rank's workspace on the device, loads every kernel there, "
+      "and returns the device base pointer. sm_budget 0 = every SM. Reads JAX_MEGAMOE_TIMEOUT_S.");
+
+  m.def("connect_workspace", &connect_workspace, "buffer_id"_a, "device_ordinal"_a,
+        "peer_ordinals"_a, "peer_ptrs"_a,
+        "Enables peer access to every rank's device and uploads the base pointer table (both "
+        "lists indexed by rank, this rank included).");
+
+  m.def("destroy_workspace", &destroy_workspace, "buffer_id"_a, "device_ordinal"_a,
+        "Frees the workspace; a no-op if it does not exist.");
+}

@@ -1,0 +1,310 @@
+#include "symm_buffer.h"
+
+#include <cuda_runtime_api.h>
+
+#include <cerrno>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "jax_megamoe/runtime.h"
+
+namespace jax_megamoe {
+namespace {
+
+constexpr double kDefaultTimeoutS = 30.0;
+
+using Key = std::pair<int64_t, int>;  // (buffer_id, device_ordinal)
+
+// XLA runs each device's calls on its own thread, so lookups from execute and setup calls from
+// Python can interleave.
+std::mutex& registry_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+std::map<Key, WorkspaceState>& registry() {
+  static std::map<Key, WorkspaceState> states;
+  return states;
+}
+
+std::string key_str(int64_t buffer_id, int device_ordinal) {
+  return "workspace " + std::to_string(buffer_id) + " on device " + std::to_string(device_ordinal);
+}
+
+void check_cuda(cudaError_t err, const std::string& what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so later calls on this thread are not blamed
+    throw std::runtime_error("jax_megamoe: " + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+// Makes `ordinal` current for one setup call and restores the caller's device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int ordinal) {
+    int count = device_count();
+    if (ordinal < 0 || ordinal >= count) {
+      throw std::invalid_argument("jax_megamoe: device ordinal " + std::to_string(ordinal) +
+                                  " is out of range; " + std::to_string(count) +
+                                  " CUDA devices are visible");
+    }
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    check_cuda(cudaSetDevice(ordinal), "cudaSetDevice(" + std::to_string(ordinal) + ")");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+// Setup copies run on a private non-blocking stream: the legacy default stream would also wait
+// for XLA's streams on this device.
+template <typename Enqueue>
+void run_sync(const std::string& what, Enqueue enqueue) {
+  cudaStream_t stream;
+  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  cudaError_t err = enqueue(stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  cudaStreamDestroy(stream);
+  check_cuda(err, what);
+}
+
+uint64_t timeout_ns_from_env() {
+  const char* text = std::getenv("JAX_MEGAMOE_TIMEOUT_S");
+  if (text == nullptr || *text == '\0') return uint64_t(kDefaultTimeoutS * 1e9);
+  char* end = nullptr;
+  errno = 0;
+  const double seconds = std::strtod(text, &end);
+  if (errno != 0 || *end != '\0' || !std::isfinite(seconds) || seconds <= 0 || seconds > 1e9) {
+    throw std::invalid_argument(std::string("jax_megamoe: JAX_MEGAMOE_TIMEOUT_S='") + text +
+                                "' must be a positive number of seconds");
+  }
+  return uint64_t(seconds * 1e9);
+}
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument("jax_megamoe: " + message);
+}
+
+}  // namespace
+
+size_t workspace_nbytes(const WorkspaceConfig& c) {
+  require(c.num_ranks >= 1, "num_ranks must be >= 1");
+  require(c.num_experts >= 1 && c.num_experts % c.num_ranks == 0,
+          "num_experts (" + std::to_string(c.num_experts) +
+              ") must be a positive multiple of num_ranks (" + std::to_string(c.num_ranks) + ")");
+  require(c.num_experts / c.num_ranks <= kMaxLocalExperts,
+          "at most " + std::to_string(kMaxLocalExperts) + " experts per rank are supported");
+  require(c.hidden > 0 && c.hidden % kQuantBlock == 0,
+          "hidden (" + std::to_string(c.hidden) + ") must be a positive multiple of 128");
+  require(
+      c.intermediate > 0 && c.intermediate % kQuantBlock == 0,
+      "intermediate (" + std::to_string(c.intermediate) + ") must be a positive multiple of 128");
+  require(c.topk >= 1 && c.topk <= kMaxTopk,
+          "topk (" + std::to_string(c.topk) + ") must be in [1, " + std::to_string(kMaxTopk) + "]");
+  require(c.max_tokens >= 1, "max_tokens_per_rank must be >= 1");
+  // Pool rows and the (rank, token, slot) code in row_src are int32 on the device.
+  const WorkspaceLayout layout = WorkspaceLayout::make(c);
+  require(layout.pool_rows <= size_t(INT_MAX),
+          "num_ranks * max_tokens_per_rank * topk is too large for int32 pool row indices");
+  return layout.total_bytes;
+}
+
+uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
+                           const WorkspaceConfig& config, int sm_budget) {
+  const size_t nbytes = workspace_nbytes(config);
+  require(rank >= 0 && rank < config.num_ranks,
+          "rank " + std::to_string(rank) +
+              " is outside [0, num_ranks = " + std::to_string(config.num_ranks) + ")");
+  require(sm_budget >= 0, "sm_budget must be >= 0 (0 = every SM of the device)");
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    if (registry().count({buffer_id, device_ordinal})) {
+      throw std::runtime_error("jax_megamoe: " + key_str(buffer_id, device_ordinal) +
+                               " already exists; destroy it first");
+    }
+  }
+  const uint64_t timeout_ns = timeout_ns_from_env();
+
+  DeviceGuard guard(device_ordinal);
+  const auto [major, minor] = device_capability(device_ordinal);
+  if (major != 9) {
+    throw std::runtime_error("jax_megamoe: device " + std::to_string(device_ordinal) +
+                             " has compute capability " + std::to_string(major) + "." +
+                             std::to_string(minor) +
+                             "; the fused kernels are built for SM90 (Hopper) only");
+  }
+  int num_sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device_ordinal),
+             "querying the SM count");
+  require(sm_budget <= num_sms, "sm_budget " + std::to_string(sm_budget) + " exceeds the " +
+                                    std::to_string(num_sms) + " SMs of device " +
+                                    std::to_string(device_ordinal));
+
+  size_t free_bytes = 0, total_bytes = 0;
+  check_cuda(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  void* base = nullptr;
+  if (cudaError_t err = cudaMalloc(&base, nbytes); err != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(
+        "jax_megamoe: cannot allocate the " + std::to_string(nbytes) +
+        "-byte workspace on device " + std::to_string(device_ordinal) + " (" +
+        std::to_string(free_bytes) + " bytes free of " + std::to_string(total_bytes) + "; " +
+        cudaGetErrorString(err) +
+        "). Create the buffer before JAX preallocates, lower XLA_PYTHON_CLIENT_MEM_FRACTION, or "
+        "lower max_tokens_per_rank.");
+  }
+
+  try {
+    const WorkspaceLayout layout = WorkspaceLayout::make(config);
+    HeaderFixed header{};
+    header.timeout_ns = timeout_ns;
+    header.rank = rank;
+    header.num_ranks = config.num_ranks;
+    // Flags and epochs start at 0, and rows no call has written yet hold finite values.
+    run_sync("zero-filling the workspace", [&](cudaStream_t stream) {
+      cudaError_t err = cudaMemsetAsync(base, 0, nbytes, stream);
+      if (err != cudaSuccess) return err;
+      return cudaMemcpyAsync(static_cast<uint8_t*>(base) + layout.header, &header, sizeof(header),
+                             cudaMemcpyHostToDevice, stream);
+    });
+    check_cuda(prepare_runtime_kernels(),
+               "loading the kernels on device " + std::to_string(device_ordinal));
+  } catch (...) {
+    cudaFree(base);
+    throw;
+  }
+
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  const int budget = sm_budget == 0 ? num_sms : sm_budget;
+  if (!registry()
+           .emplace(Key{buffer_id, device_ordinal},
+                    WorkspaceState{config, device_ordinal, rank, budget,
+                                   static_cast<uint8_t*>(base), nbytes, false})
+           .second) {
+    cudaFree(base);
+    throw std::runtime_error("jax_megamoe: " + key_str(buffer_id, device_ordinal) +
+                             " was created concurrently by another thread");
+  }
+  return reinterpret_cast<uintptr_t>(base);
+}
+
+void connect_workspace(int64_t buffer_id, int device_ordinal, const std::vector<int>& peer_ordinals,
+                       const std::vector<uintptr_t>& peer_ptrs) {
+  std::optional<WorkspaceState> state = find_workspace(buffer_id, device_ordinal);
+  if (!state) {
+    throw std::runtime_error("jax_megamoe: " + key_str(buffer_id, device_ordinal) +
+                             " does not exist");
+  }
+  const int num_ranks = state->config.num_ranks;
+  require(int(peer_ordinals.size()) == num_ranks && int(peer_ptrs.size()) == num_ranks,
+          "connect_workspace needs one device ordinal and one base pointer per rank (" +
+              std::to_string(num_ranks) + "), got " + std::to_string(peer_ordinals.size()) +
+              " and " + std::to_string(peer_ptrs.size()));
+  require(peer_ordinals[state->rank] == device_ordinal &&
+              peer_ptrs[state->rank] == reinterpret_cast<uintptr_t>(state->base),
+          "entry " + std::to_string(state->rank) +
+              " of the peer tables must be this rank's own "
+              "device and workspace pointer");
+
+  DeviceGuard guard(device_ordinal);
+  for (int peer : peer_ordinals) {
+    if (peer == device_ordinal) continue;
+    if (!can_access_peer(device_ordinal, peer)) {
+      throw std::runtime_error("jax_megamoe: device " + std::to_string(device_ordinal) +
+                               " cannot access the memory of device " + std::to_string(peer) +
+                               " (cudaDeviceCanAccessPeer is false); every rank of a buffer "
+                               "must be a peer of every other");
+    }
+    cudaError_t err = cudaDeviceEnablePeerAccess(peer, 0);
+    if (err == cudaErrorPeerAccessAlreadyEnabled) {
+      cudaGetLastError();
+    } else {
+      check_cuda(err, "enabling peer access from device " + std::to_string(device_ordinal) +
+                          " to device " + std::to_string(peer));
+    }
+  }
+
+  const WorkspaceLayout layout = WorkspaceLayout::make(state->config);
+  std::vector<uint64_t> table(2 * size_t(num_ranks));
+  for (int s = 0; s < num_ranks; ++s) {
+    table[s] = peer_ptrs[s];
+    table[num_ranks + s] = peer_ptrs[s] + layout.combine;
+  }
+  static_assert(sizeof(uint8_t*) == sizeof(uint64_t), "the peer table stores 64-bit pointers");
+  run_sync("uploading the peer table", [&](cudaStream_t stream) {
+    cudaError_t err = cudaMemcpyAsync(state->base + layout.peer_base, table.data(),
+                                      num_ranks * sizeof(uint64_t), cudaMemcpyHostToDevice, stream);
+    if (err != cudaSuccess) return err;
+    return cudaMemcpyAsync(state->base + layout.combine_base, table.data() + num_ranks,
+                           num_ranks * sizeof(uint64_t), cudaMemcpyHostToDevice, stream);
+  });
+
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto it = registry().find({buffer_id, device_ordinal});
+  if (it != registry().end()) it->second.connected = true;
+}
+
+void destroy_workspace(int64_t buffer_id, int device_ordinal) {
+  WorkspaceState state;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    auto it = registry().find({buffer_id, device_ordinal});
+    if (it == registry().end()) return;
+    state = it->second;
+    registry().erase(it);
+  }
+  DeviceGuard guard(device_ordinal);
+  check_cuda(cudaFree(state.base), "freeing " + key_str(buffer_id, device_ordinal));
+}
+
+std::optional<WorkspaceState> find_workspace(int64_t buffer_id, int device_ordinal) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto it = registry().find({buffer_id, device_ordinal});
+  if (it == registry().end()) return std::nullopt;
+  return it->second;
+}
+
+int device_count() {
+  int count = 0;
+  // No driver or no device means "no GPU here", not an error: callers fall back to the reference.
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+std::pair<int, int> device_capability(int ordinal) {
+  int major = 0, minor = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ordinal),
+             "querying the compute capability of device " + std::to_string(ordinal));
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ordinal),
+             "querying the compute capability of device " + std::to_string(ordinal));
+  return {major, minor};
+}
+
+bool can_access_peer(int ordinal, int peer_ordinal) {
+  if (ordinal == peer_ordinal) return true;
+  int can = 0;
+  check_cuda(cudaDeviceCanAccessPeer(&can, ordinal, peer_ordinal),
+             "cudaDeviceCanAccessPeer(" + std::to_string(ordinal) + ", " +
+                 std::to_string(peer_ordinal) + ")");
+  return can != 0;
+}
+
+size_t device_free_bytes(int ordinal) {
+  DeviceGuard guard(ordinal);
+  size_t free_bytes = 0, total_bytes = 0;
+  check_cuda(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  return free_bytes;
+}
+
+}  // namespace jax_megamoe

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Compiles csrc/launch/gemm.cu for sm_90a, fails on register spills, and prints the per-kernel
+# counts of the instructions that matter for the GEMM main loops (needs cuobjdump + nvdisasm on
+# PATH for the SASS part; the pip wheels nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm ship them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+
+nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Xptxas -v \
+  -I csrc/include -c csrc/launch/gemm.cu -o "$out/gemm.o" 2> "$out/ptxas.txt"
+grep -E "Compiling entry|stack frame|registers" "$out/ptxas.txt" | sed 's/ptxas info *: //'
+if grep -E "stack frame" "$out/ptxas.txt" | grep -qvE "^ *0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"; then
+  echo "FAIL: local memory (stack or spills) in a GEMM kernel" >&2
+  exit 1
+fi
+
+if ! command -v cuobjdump > /dev/null; then
+  echo "cuobjdump not on PATH: skipping SASS counts"
+  exit 0
+fi
+cuobjdump -sass "$out/gemm.o" > "$out/gemm.sass"
+awk '
+  /Function :/ { fn = $3; next }
+  /^ +\/\*[0-9a-f]+\*\/ / {
+    op = ""; for (i = 2; i <= NF; ++i) if ($i ~ /^[A-Z][A-Z0-9_.]*$/ && $i != "PT") { op = $i; break }
+    sub(/\..*/, "", op)
+    if (op ~ /^(HMMA|QMMA|HGMMA|QGMMA|F2FP|FADD|LDSM|LDGSTS|STG|LDL|STL|BAR)$/) n[fn " " op]++
+  }
+  END { for (k in n) print k, n[k] }' "$out/gemm.sass" | sort
