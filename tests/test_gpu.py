@@ -11,7 +11,7 @@ from inputs import make_activations, make_weights_on_device
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe import SymmBuffer, calc_diff, fp8_mega_moe
+from jax_megamoe import SymmBuffer, calc_diff, fp8_mega_moe, quantize_per_token
 
 pytestmark = pytest.mark.gpu
 
@@ -111,20 +111,19 @@ def test_two_layers_share_one_buffer_in_one_jit(small):
     fn = functools.partial(fp8_mega_moe, axis_name="ep", buffer=small.buffer, impl="fused")
     ref = functools.partial(fp8_mega_moe, axis_name="ep", impl="reference")
 
-    def two(f):
-        def body(x, xs, ids, tw, w):
-            y1 = f(x, xs, ids, tw, w)
-            from jax_megamoe import quantize_per_token
+    def two_layers(x, xs, ids, tw, w):
+        y1 = fn(x, xs, ids, tw, w)
+        x2, xs2 = quantize_per_token(y1)
+        return y1, x2, xs2, fn(x2, xs2, ids, tw, w)
 
-            x2, xs2 = quantize_per_token(y1)
-            return f(x2, xs2, ids, tw, w)
-
-        return jax.jit(jax.shard_map(body, mesh=small.mesh, in_specs=P("ep"), out_specs=P("ep")))
-
-    args = small.inputs(6, 32)
-    got = two(fn)(*args, small.weights)
-    want = two(ref)(*args, small.weights)
-    assert calc_diff(got, want) <= 1e-4
+    sm = functools.partial(jax.shard_map, mesh=small.mesh, in_specs=P("ep"), out_specs=P("ep"))
+    x, xs, ids, tw = small.inputs(6, 32)
+    y1, x2, xs2, y2 = jax.jit(sm(two_layers))(x, xs, ids, tw, small.weights)
+    # Layer 2 is checked on the input layer 1 really produced: FP8 requantization of a
+    # slightly different bf16 y1 would amplify bf16 rounding into FP8 rounding flips.
+    ref_step = jax.jit(sm(ref))
+    assert calc_diff(y1, ref_step(x, xs, ids, tw, small.weights)) <= 1e-4
+    assert calc_diff(y2, ref_step(x2, xs2, ids, tw, small.weights)) <= 1e-4
 
 
 def test_inside_scan(small):
