@@ -44,6 +44,10 @@ def main(argv=None) -> None:
     key_w, key_x = jax.random.split(jax.random.key(args.seed))
     router, weights = init_weights(key_w, num_experts=experts, hidden=h, intermediate=i)
     hidden = jax.random.normal(key_x, (num_ranks * m, h), jnp.float32).astype(jnp.bfloat16)
+    # The oracle's inputs, computed once on the whole (unsharded) batch.
+    ids, topk_weights = route(hidden, router, k, scoring="sigmoid")
+    x, x_scale = quantize_per_token(hidden)
+    oracle = numpy_mega_moe_f64(x, x_scale, ids, topk_weights, jax.device_get(weights))
 
     buffer = SymmBuffer.create(
         mesh,
@@ -59,18 +63,14 @@ def main(argv=None) -> None:
         step = jax.jit(
             jax.shard_map(layer, mesh=mesh, in_specs=(P("ep"), P(), P("ep")), out_specs=P("ep"))
         )
-        hidden = jax.device_put(hidden, NamedSharding(mesh, P("ep")))
-        weights = jax.device_put(weights, NamedSharding(mesh, P("ep")))
-        y = step(hidden, router, weights).block_until_ready()  # compile + warm-up
+        sharding = NamedSharding(mesh, P("ep"))
+        operands = (jax.device_put(hidden, sharding), router, jax.device_put(weights, sharding))
+        y = step(*operands).block_until_ready()  # compile + warm-up
         start = time.perf_counter()
         for _ in range(args.iters):
-            y = step(hidden, router, weights)
+            y = step(*operands)
         y.block_until_ready()
         ms = (time.perf_counter() - start) / args.iters * 1e3
-
-    ids, topk_weights = route(hidden, router, k, scoring="sigmoid")
-    x, x_scale = quantize_per_token(hidden)
-    oracle = numpy_mega_moe_f64(x, x_scale, ids, topk_weights, jax.device_get(weights))
     impl = (
         "fused"
         if buffer.nbytes_per_rank is not None and args.impl != "reference"

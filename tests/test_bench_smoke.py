@@ -53,8 +53,9 @@ def test_bench_main_writes_rows(tmp_path):
     assert "| uniform | 8 |" in (tmp_path / "results.md").read_text()
 
 
-def _emulated_ragged_all_to_all(operand, output, in_off, send_sizes, out_off, recv_sizes, *,
-                                axis_name):
+def _emulated_ragged_all_to_all(
+    operand, output, in_off, send_sizes, out_off, recv_sizes, *, axis_name
+):
     """``lax.ragged_all_to_all`` (which has no CPU lowering) from all_gathers, as documented:
     source s writes ``operand_s[in_off_s[me] : + send_sizes_s[me]]`` at ``out_off_s[me]``."""
     me = lax.axis_index(axis_name)
@@ -85,17 +86,29 @@ def test_baselines_match_reference(monkeypatch):
     s = shapes.make_input_set(mesh, shape, 24, "hot", 1)
     ref = run(
         lambda x, xs, i, t, w: fp8_mega_moe(x, xs, i, t, w, axis_name="ep", impl="reference"),
-        s.x, s.x_scale, s.topk_ids, s.topk_weights, weights,
+        s.x,
+        s.x_scale,
+        s.topk_ids,
+        s.topk_weights,
+        weights,
     )
     cap = baselines.dense_capacity(s.ids_host, shape.experts, 4)
     dense = run(
         lambda x, i, t, a, b: baselines.dense_moe(x, i, t, a, b, axis_name="ep", capacity=cap),
-        s.x_bf16, s.topk_ids, s.topk_weights, w1, w2,
+        s.x_bf16,
+        s.topk_ids,
+        s.topk_weights,
+        w1,
+        w2,
     )
     rc = baselines.recv_capacity(s.ids_host, shape.experts, 4)
     ragged = run(
         lambda x, i, t, a, b: baselines.ragged_moe(x, i, t, a, b, axis_name="ep", recv_capacity=rc),
-        s.x_bf16, s.topk_ids, s.topk_weights, w1, w2,
+        s.x_bf16,
+        s.topk_ids,
+        s.topk_weights,
+        w1,
+        w2,
         check_vma=False,
     )
     # bf16 baselines vs the FP8 reference (same FP8 inputs and weights, no requant): close.

@@ -1,0 +1,183 @@
+"""Benchmark shapes, hardware ceilings, routings and input generation, in one place.
+
+Everything the sweep needs to agree on (the DeepSeek-V3 layer shape, the token sweep, the H100
+ceilings behind the floor, how routings and weights are made) lives here so that the fused layer
+and every baseline are measured on the same inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_megamoe import MoEWeights, dequantize, quantize_blockwise, quantize_per_token
+
+# DeepSeek-V3 MoE layer (DESIGN §6).
+DSV3 = dict(hidden=7168, intermediate=2048, experts=256, topk=8)
+# Tokens per rank.
+TOKENS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+ROUTINGS = ("uniform", "skewed", "hot")
+
+# Ceilings measured on the lent H100 (DESIGN §6): cuBLAS FP8 8192^3 and an HBM copy.
+PEAK_FP8_FLOPS = 1417e12
+HBM_BYTES_PER_S = 3.0e12
+
+AXIS = "ep"
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    experts: int
+    topk: int
+
+    def expert_bytes(self) -> int:
+        """FP8 bytes of one expert's weights (w1 2I×H + w2 H×I; scales are negligible)."""
+        return 3 * self.hidden * self.intermediate
+
+
+def flops_per_rank(m: int, shape: Shape) -> float:
+    """FLOPs of one rank's tokens: M·K slots × (2·H·2I + 2·I·H) = M·K·6·H·I (DESIGN §6)."""
+    return float(m) * shape.topk * 6 * shape.hidden * shape.intermediate
+
+
+def touched_experts(ids: np.ndarray, num_experts: int, num_ranks: int) -> np.ndarray:
+    """Per rank: how many of its experts receive at least one slot of the global routing."""
+    per_rank = num_experts // num_ranks
+    valid = ids[(ids >= 0) & (ids < num_experts)]
+    used = np.zeros(num_experts, bool)
+    used[np.unique(valid)] = True
+    return used.reshape(num_ranks, per_rank).sum(axis=1)
+
+
+def floor_seconds(m: int, ids: np.ndarray, shape: Shape, num_ranks: int) -> float:
+    """Lower bound of the slowest rank: the FP8 compute at peak, or streaming each touched
+    expert's weights once from HBM, whichever is larger."""
+    compute = flops_per_rank(m, shape) / PEAK_FP8_FLOPS
+    touched = touched_experts(ids, shape.experts, num_ranks)
+    stream = touched.max() * shape.expert_bytes() / HBM_BYTES_PER_S
+    return max(compute, float(stream))
+
+
+def make_ids(
+    rng: np.random.Generator, m: int, num_experts: int, k: int, routing: str
+) -> np.ndarray:
+    """[m, k] int32 global expert ids, distinct within a token.
+
+    ``uniform``: k distinct experts uniformly at random. ``skewed``: Zipf-like popularity
+    (p ∝ 1/rank^1.2 over a random expert order), sampled without replacement by the Gumbel
+    top-k trick (vectorized: 32k tokens per set would be slow row by row). ``hot``: uniform,
+    but every token sends slot 0 to one expert.
+    """
+    if routing == "uniform":
+        return np.argsort(rng.random((m, num_experts)), axis=1)[:, :k].astype(np.int32)
+    if routing == "skewed":
+        p = 1.0 / np.arange(1, num_experts + 1) ** 1.2
+        logp = np.log(p / p.sum())[rng.permutation(num_experts)]
+        keys = logp[None, :] + rng.gumbel(size=(m, num_experts))
+        return np.argsort(-keys, axis=1)[:, :k].astype(np.int32)
+    if routing == "hot":
+        hot = int(rng.integers(num_experts))
+        ids = np.argsort(rng.random((m, num_experts)), axis=1)[:, :k].astype(np.int32)
+        # Where the hot expert already sits in another slot, swap it with slot 0.
+        rows, cols = np.nonzero(ids == hot)
+        ids[rows, cols] = ids[rows, 0]
+        ids[:, 0] = hot
+        return ids
+    raise ValueError(f"unknown routing {routing!r} (expected one of {ROUTINGS})")
+
+
+def make_mesh(num_ranks: int | None = None) -> Mesh:
+    devices = jax.devices()
+    if num_ranks is not None:
+        if num_ranks > len(devices):
+            raise ValueError(f"--ranks {num_ranks} but only {len(devices)} devices are visible")
+        devices = devices[:num_ranks]
+    return Mesh(np.array(devices), (AXIS,))
+
+
+def make_weights(mesh: Mesh, shape: Shape, seed: int) -> MoEWeights:
+    """FP8 expert weights generated on the devices that own them, one expert at a time.
+
+    The DSV3 weights are 11 GB of e4m3 over all experts: generating them per rank (inside
+    shard_map) and per expert (lax.map) means no device ever holds more than its own shard
+    plus one expert's f32 copy.
+    """
+    h, i = shape.hidden, shape.intermediate
+
+    def one(key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        gain = jax.random.uniform(k3, (), minval=0.5, maxval=2.0)
+        w1 = jax.random.normal(k1, (2 * i, h), jnp.float32) * (gain * h**-0.5)
+        w2 = jax.random.normal(k2, (h, i), jnp.float32) * i**-0.5
+        return (*quantize_blockwise(w1), *quantize_blockwise(w2))
+
+    def per_rank(keys):
+        return MoEWeights(*jax.lax.map(one, keys))
+
+    sharding = NamedSharding(mesh, P(AXIS))
+    keys = jax.device_put(jax.random.split(jax.random.key(seed), shape.experts), sharding)
+    gen = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
+    return gen(keys)
+
+
+def bf16_weights(mesh: Mesh, weights: MoEWeights) -> tuple[jax.Array, jax.Array]:
+    """The same experts dequantized to bf16 (w1 [E, 2I, H], w2 [E, H, I]), for the bf16
+    baselines: what a JAX user without FP8 kernels would hold. Per rank and per expert, so no
+    f32 copy of the whole shard is ever live."""
+
+    def per_rank(w):
+        def one(args):
+            w1, s1, w2, s2 = args
+            return (
+                dequantize(w1, s1).astype(jnp.bfloat16),
+                dequantize(w2, s2).astype(jnp.bfloat16),
+            )
+
+        return jax.lax.map(one, tuple(w))
+
+    spec = P(AXIS)
+    fn = jax.shard_map(per_rank, mesh=mesh, in_specs=(spec,), out_specs=(spec, spec))
+    return jax.jit(fn)(weights)
+
+
+@dataclass
+class InputSet:
+    """One set of inputs for all ranks (sharded over the expert axis by tokens)."""
+
+    x: jax.Array  # [R*M, H] e4m3
+    x_scale: jax.Array  # [R*M, H/128] f32
+    x_bf16: jax.Array  # [R*M, H] bf16, the dequantized x, for the bf16 baselines
+    topk_ids: jax.Array  # [R*M, K] int32
+    topk_weights: jax.Array  # [R*M, K] f32
+    ids_host: np.ndarray  # the routing on host (capacities, floors)
+
+
+def make_input_set(mesh: Mesh, shape: Shape, m: int, routing: str, seed: int) -> InputSet:
+    """Fresh activations and routing for ``m`` tokens per rank."""
+    num_ranks = mesh.shape[AXIS]
+    rng = np.random.default_rng(seed)
+    ids = make_ids(rng, num_ranks * m, shape.experts, shape.topk, routing)
+    tw = rng.uniform(0.05, 1.0, ids.shape).astype(np.float32)
+    sharding = NamedSharding(mesh, P(AXIS))
+
+    def gen(key):
+        hidden = jax.random.normal(key, (num_ranks * m, shape.hidden), jnp.float32)
+        x, s = quantize_per_token(hidden)
+        return x, s, dequantize(x, s).astype(jnp.bfloat16)
+
+    x, x_scale, x_bf16 = jax.jit(gen, out_shardings=(sharding,) * 3)(jax.random.key(seed))
+    return InputSet(
+        x=x,
+        x_scale=x_scale,
+        x_bf16=x_bf16,
+        topk_ids=jax.device_put(ids, sharding),
+        topk_weights=jax.device_put(tw, sharding),
+        ids_host=ids,
+    )
