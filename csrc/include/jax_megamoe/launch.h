@@ -24,14 +24,14 @@ struct L1Params {
   const int32_t* row_src;       // [pool_rows] encoded source slot, -1 = padding (not stored)
   const int32_t* block_expert;  // [max_blocks] local expert of each row block
   const int32_t* num_blocks;    // device scalar: valid row blocks this call
-  const uint8_t* w1;            // [local_experts, 2 * intermediate, hidden] e4m3 (gate rows, then up)
-  const float* w1_scale;        // [local_experts, 2 * intermediate / 128, hidden / 128]
-  uint8_t* act;                 // [pool_rows, intermediate] e4m3
-  float* act_scale;             // [pool_rows, intermediate / 128]
+  const uint8_t* w1;      // [local_experts, 2 * intermediate, hidden] e4m3 (gate rows, then up)
+  const float* w1_scale;  // [local_experts, 2 * intermediate / 128, hidden / 128]
+  uint8_t* act;           // [pool_rows, intermediate] e4m3
+  float* act_scale;       // [pool_rows, intermediate / 128]
   int hidden;
   int intermediate;
   int max_blocks;
-  float clamp;  // +inf disables the clamp
+  float clamp;   // +inf disables the clamp
   int num_ctas;  // persistent grid size (SM budget x CTAs per SM)
 };
 
