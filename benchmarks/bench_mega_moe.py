@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "iters": args.iters,
             "sets": args.sets,
             "peak_fp8_flops": shapes.PEAK_FP8_FLOPS,
-            "hbm_bytes_per_s": shapes.HBM_BYTES_PER_S,
+            "hbm_bytes_per_s": shapes.hbm_bytes_per_s(devices[0].device_kind),
             "baselines": {b: BASELINE_LABELS[b] for b in args.baselines},
             "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         },
@@ -252,7 +252,10 @@ def _one_point(args, mesh, shape, routing, m, fused_fn, weights, w_bf16, skip, i
         shapes.make_input_set(mesh, shape, m, routing, base_seed + 7919 * j)
         for j in range(args.sets)
     ]
-    floor_s = float(np.mean([shapes.floor_seconds(m, s.ids_host, shape, num_ranks) for s in sets]))
+    hbm = shapes.hbm_bytes_per_s(mesh.devices.flat[0].device_kind)
+    floor_s = float(
+        np.mean([shapes.floor_seconds(m, s.ids_host, shape, num_ranks, hbm) for s in sets])
+    )
     flops = shapes.flops_per_rank(m, shape)
     row: dict = {
         "routing": routing,

@@ -26,6 +26,17 @@ ROUTINGS = ("uniform", "skewed", "hot")
 # Ceilings measured on the lent H100 (DESIGN §6): cuBLAS FP8 8192^3 and an HBM copy.
 PEAK_FP8_FLOPS = 1417e12
 HBM_BYTES_PER_S = 3.0e12
+# The H200 copy rate measured on the lent machines (device KINDS.md): same SMs, faster HBM.
+HBM_BYTES_PER_S_BY_KIND = {"H200": 4.3e12}
+
+
+def hbm_bytes_per_s(device_kind: str) -> float:
+    """The measured HBM rate for a device kind (the H100 figure where none is known)."""
+    for name, rate in HBM_BYTES_PER_S_BY_KIND.items():
+        if name in device_kind:
+            return rate
+    return HBM_BYTES_PER_S
+
 
 AXIS = "ep"
 
@@ -56,12 +67,14 @@ def touched_experts(ids: np.ndarray, num_experts: int, num_ranks: int) -> np.nda
     return used.reshape(num_ranks, per_rank).sum(axis=1)
 
 
-def floor_seconds(m: int, ids: np.ndarray, shape: Shape, num_ranks: int) -> float:
+def floor_seconds(
+    m: int, ids: np.ndarray, shape: Shape, num_ranks: int, hbm: float = HBM_BYTES_PER_S
+) -> float:
     """Lower bound of the slowest rank: the FP8 compute at peak, or streaming each touched
     expert's weights once from HBM, whichever is larger."""
     compute = flops_per_rank(m, shape) / PEAK_FP8_FLOPS
     touched = touched_experts(ids, shape.experts, num_ranks)
-    stream = touched.max() * shape.expert_bytes() / HBM_BYTES_PER_S
+    stream = touched.max() * shape.expert_bytes() / hbm
     return max(compute, float(stream))
 
 
