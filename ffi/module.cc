@@ -2,11 +2,14 @@
 // queries, and the symmetric workspace lifecycle used by jax_megamoe.SymmBuffer.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
+#include "grouped_gemm.h"
 #include "symm_buffer.h"
 #include "xla/ffi/api/api.h"
 
@@ -36,6 +39,8 @@ NB_MODULE(_C, m) {
         nb::dict targets;
         targets["jax_megamoe_fp8_mega_moe"] =
             nb::capsule(reinterpret_cast<void*>(JaxMegamoeFp8MegaMoe));
+        targets["jax_megamoe_l1_gemm"] = nb::capsule(reinterpret_cast<void*>(JaxMegamoeL1Gemm));
+        targets["jax_megamoe_l2_gemm"] = nb::capsule(reinterpret_cast<void*>(JaxMegamoeL2Gemm));
         return targets;
       },
       "XLA FFI targets by name, as capsules for jax.ffi.register_ffi_target(platform='CUDA').");
@@ -71,8 +76,37 @@ NB_MODULE(_C, m) {
   m.def("connect_workspace", &connect_workspace, "buffer_id"_a, "device_ordinal"_a,
         "peer_ordinals"_a, "peer_ptrs"_a,
         "Enables peer access to every rank's device and uploads the base pointer table (both "
-        "lists indexed by rank, this rank included).");
+        "lists indexed by rank, this rank included; ordinal -1 = a rank of another process, "
+        "its pointer from open_ipc_handle).");
+
+  m.def("prepare_standalone", &prepare_standalone, "device_ordinal"_a,
+        "Loads the grouped GEMM kernels on a device for the jax_megamoe_l1_gemm / l2_gemm "
+        "targets (idempotent); call before the first such call runs there.");
 
   m.def("destroy_workspace", &destroy_workspace, "buffer_id"_a, "device_ordinal"_a,
-        "Frees the workspace; a no-op if it does not exist.");
+        "Unmaps the peers opened for it, then frees the workspace; a no-op if it does not exist.");
+
+  // Multi-process workspaces (CUDA IPC), see symm_buffer.h.
+  m.def(
+      "export_ipc_handle",
+      [](int64_t buffer_id, int device_ordinal) {
+        const std::string handle = export_ipc_handle(buffer_id, device_ordinal);
+        return nb::bytes(handle.data(), handle.size());
+      },
+      "buffer_id"_a, "device_ordinal"_a,
+      "The workspace's CUDA IPC handle (64 bytes) for another process of this host to open.");
+  m.def(
+      "open_ipc_handle",
+      [](int64_t buffer_id, int device_ordinal, nb::bytes handle) {
+        return open_ipc_handle(buffer_id, device_ordinal,
+                               std::string(static_cast<const char*>(handle.data()), handle.size()));
+      },
+      "buffer_id"_a, "device_ordinal"_a, "handle"_a,
+      "Maps another process's workspace (its export_ipc_handle bytes) on this device and returns "
+      "the pointer; remembered so that close_ipc_handles/destroy_workspace unmap it.");
+  m.def("close_ipc_handles", &close_ipc_handles, "buffer_id"_a, "device_ordinal"_a,
+        "Unmaps every peer workspace opened for this one and marks it unconnected.");
+  m.def("device_pci_bus_id", &device_pci_bus_id, "ordinal"_a, "PCI bus id of a device.");
+  m.def("device_by_pci_bus_id", &device_by_pci_bus_id, "bus_id"_a,
+        "Ordinal of the GPU with this PCI bus id, or -1 if it is not visible in this process.");
 }

@@ -6,6 +6,8 @@
 #include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -31,6 +33,15 @@ std::map<Key, WorkspaceState>& registry() {
   static std::map<Key, WorkspaceState> states;
   return states;
 }
+
+// Peer workspaces mapped into this process with cudaIpcOpenMemHandle, per workspace. Kept apart
+// from WorkspaceState, which execute copies on every call.
+std::map<Key, std::vector<void*>>& opened_handles() {
+  static std::map<Key, std::vector<void*>> opened;
+  return opened;
+}
+
+static_assert(sizeof(cudaIpcMemHandle_t) == kIpcHandleBytes, "cudaIpcMemHandle_t is 64 bytes");
 
 std::string key_str(int64_t buffer_id, int device_ordinal) {
   return "workspace " + std::to_string(buffer_id) + " on device " + std::to_string(device_ordinal);
@@ -215,8 +226,14 @@ void connect_workspace(int64_t buffer_id, int device_ordinal, const std::vector<
               "device and workspace pointer");
 
   DeviceGuard guard(device_ordinal);
-  for (int peer : peer_ordinals) {
-    if (peer == device_ordinal) continue;
+  for (int s = 0; s < num_ranks; ++s) {
+    const int peer = peer_ordinals[s];
+    require(peer_ptrs[s] != 0, "the workspace pointer of rank " + std::to_string(s) + " is null");
+    // -1: a rank of another process, mapped by open_ipc_handle (which enables peer access).
+    if (peer == -1 || peer == device_ordinal) continue;
+    require(peer >= 0 && peer < device_count(),
+            "peer ordinal " + std::to_string(peer) + " of rank " + std::to_string(s) +
+                " is neither -1 (another process) nor a visible device");
     if (!can_access_peer(device_ordinal, peer)) {
       throw std::runtime_error("jax_megamoe: device " + std::to_string(device_ordinal) +
                                " cannot access the memory of device " + std::to_string(peer) +
@@ -253,16 +270,87 @@ void connect_workspace(int64_t buffer_id, int device_ordinal, const std::vector<
 }
 
 void destroy_workspace(int64_t buffer_id, int device_ordinal) {
+  // The peers' mappings go first; the allocation is freed even if unmapping one failed.
+  std::exception_ptr unmap_error;
+  try {
+    close_ipc_handles(buffer_id, device_ordinal);
+  } catch (...) {
+    unmap_error = std::current_exception();
+  }
   WorkspaceState state;
   {
     std::lock_guard<std::mutex> lock(registry_mutex());
     auto it = registry().find({buffer_id, device_ordinal});
-    if (it == registry().end()) return;
+    if (it == registry().end()) {
+      if (unmap_error) std::rethrow_exception(unmap_error);
+      return;
+    }
     state = it->second;
     registry().erase(it);
   }
   DeviceGuard guard(device_ordinal);
   check_cuda(cudaFree(state.base), "freeing " + key_str(buffer_id, device_ordinal));
+  if (unmap_error) std::rethrow_exception(unmap_error);
+}
+
+std::string export_ipc_handle(int64_t buffer_id, int device_ordinal) {
+  std::optional<WorkspaceState> state = find_workspace(buffer_id, device_ordinal);
+  if (!state) {
+    throw std::runtime_error("jax_megamoe: " + key_str(buffer_id, device_ordinal) +
+                             " does not exist");
+  }
+  DeviceGuard guard(device_ordinal);
+  cudaIpcMemHandle_t handle;
+  check_cuda(cudaIpcGetMemHandle(&handle, state->base),
+             "exporting " + key_str(buffer_id, device_ordinal) + " as a CUDA IPC handle");
+  return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+uintptr_t open_ipc_handle(int64_t buffer_id, int device_ordinal, const std::string& handle) {
+  require(handle.size() == sizeof(cudaIpcMemHandle_t),
+          "a CUDA IPC handle has " + std::to_string(sizeof(cudaIpcMemHandle_t)) + " bytes, got " +
+              std::to_string(handle.size()));
+  if (!find_workspace(buffer_id, device_ordinal)) {
+    throw std::runtime_error("jax_megamoe: " + key_str(buffer_id, device_ordinal) +
+                             " does not exist; create it before mapping its peers");
+  }
+  cudaIpcMemHandle_t h;
+  std::memcpy(&h, handle.data(), sizeof(h));
+  DeviceGuard guard(device_ordinal);  // the mapping belongs to the current device's context
+  void* ptr = nullptr;
+  check_cuda(cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess),
+             "opening a peer process's workspace (CUDA IPC) on device " +
+                 std::to_string(device_ordinal) +
+                 "; every rank of an expert group must be a GPU of this host with peer (NVLink) "
+                 "access to the others, and a process cannot open its own handle");
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  if (!registry().count({buffer_id, device_ordinal})) {  // destroyed concurrently
+    cudaIpcCloseMemHandle(ptr);
+    throw std::runtime_error("jax_megamoe: " + key_str(buffer_id, device_ordinal) +
+                             " was destroyed while its peers were being mapped");
+  }
+  opened_handles()[{buffer_id, device_ordinal}].push_back(ptr);
+  return reinterpret_cast<uintptr_t>(ptr);
+}
+
+void close_ipc_handles(int64_t buffer_id, int device_ordinal) {
+  std::vector<void*> ptrs;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    auto it = registry().find({buffer_id, device_ordinal});
+    if (it != registry().end()) it->second.connected = false;
+    auto opened = opened_handles().find({buffer_id, device_ordinal});
+    if (opened == opened_handles().end()) return;
+    ptrs = std::move(opened->second);
+    opened_handles().erase(opened);
+  }
+  DeviceGuard guard(device_ordinal);
+  cudaError_t first = cudaSuccess;
+  for (void* ptr : ptrs) {  // close all, report the first failure
+    cudaError_t err = cudaIpcCloseMemHandle(ptr);
+    if (err != cudaSuccess && first == cudaSuccess) first = err;
+  }
+  check_cuda(first, "closing the peer mappings of " + key_str(buffer_id, device_ordinal));
 }
 
 std::optional<WorkspaceState> find_workspace(int64_t buffer_id, int device_ordinal) {
@@ -298,6 +386,22 @@ bool can_access_peer(int ordinal, int peer_ordinal) {
              "cudaDeviceCanAccessPeer(" + std::to_string(ordinal) + ", " +
                  std::to_string(peer_ordinal) + ")");
   return can != 0;
+}
+
+std::string device_pci_bus_id(int ordinal) {
+  char bus_id[32] = {};
+  check_cuda(cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id), ordinal),
+             "querying the PCI bus id of device " + std::to_string(ordinal));
+  return bus_id;
+}
+
+int device_by_pci_bus_id(const std::string& bus_id) {
+  int ordinal = -1;
+  if (cudaDeviceGetByPCIBusId(&ordinal, bus_id.c_str()) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return ordinal;
 }
 
 size_t device_free_bytes(int ordinal) {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,4 +58,221 @@ def fused_mega_moe(x, x_scale, topk_ids, topk_weights, weights, *, buffer_id, cl
         *weights,
         buffer_id=np.int64(buffer_id),
         activation_clamp=np.float32(np.inf if clamp is None else clamp),
+    )
+
+
+# --- The grouped GEMM kernels on their own (GEMM benchmarks and GEMM-level tests) ------------
+
+L1_GEMM_TARGET = "jax_megamoe_l1_gemm"
+L2_GEMM_TARGET = "jax_megamoe_l2_gemm"
+BLOCK_M = 64  # rows of one GEMM row block (kBlockM in csrc/include/jax_megamoe/launch.h)
+
+
+@functools.cache
+def prepare_standalone() -> None:
+    """Loads the grouped GEMM kernels on every local Hopper GPU, once per process.
+
+    The FFI handlers never load modules themselves (see ``launch.h``), so this must run before
+    the first call executes; the ``grouped_gemm_*`` wrappers call it at trace time.
+    """
+    c = extension()
+    try:
+        gpus = jax.local_devices(backend="gpu")
+    except RuntimeError:  # no GPU backend: the CUDA targets cannot run anyway
+        return
+    for d in gpus:
+        if is_sm90(d):
+            c.prepare_standalone(d.local_hardware_id)
+
+
+def _num_blocks_operand(num_blocks) -> jax.Array:
+    return jnp.reshape(jnp.asarray(num_blocks, jnp.int32), (1,))
+
+
+def _check_pool(name: str, rows: int, block_expert) -> None:
+    if rows <= 0 or rows % BLOCK_M:
+        raise ValueError(f"{name}: pool rows ({rows}) must be a positive multiple of {BLOCK_M}")
+    if tuple(block_expert.shape) != (rows // BLOCK_M,):
+        raise ValueError(
+            f"{name}: block_expert has shape {tuple(block_expert.shape)}, expected "
+            f"({rows // BLOCK_M},) (one expert per {BLOCK_M}-row block)"
+        )
+
+
+def grouped_gemm_l1(
+    a,
+    a_scale,
+    row_weight,
+    row_src,
+    block_expert,
+    num_blocks,
+    w1,
+    w1_scale,
+    *,
+    activation_clamp: float | None = None,
+    num_ctas: int = 0,
+):
+    """The fused layer's first grouped GEMM alone (CUDA target ``jax_megamoe_l1_gemm``).
+
+    For each pool row ``r`` of a valid row block ``b = r // 64`` (``b < num_blocks`` and
+    ``e = block_expert[b] >= 0``) whose ``row_src[r] >= 0``::
+
+        h = dequant(a[r]) @ dequant(w1[e]).T                     # [2I], f32 accumulation
+        v = swiglu(h[:I], h[I:], clamp) * row_weight[r]          # silu(gate) * up
+        act[r], act_scale[r] = quantize_per_token(v)             # 1x128 e4m3
+
+    Args:
+      a: ``[P, H]`` float8_e4m3fn pool rows, ``P`` a multiple of 64; each expert's rows start
+        on a 64-row block (see :func:`pool_layout`).
+      a_scale: ``[P, H/128]`` float32 per-row, per-128-channel scales.
+      row_weight: ``[P]`` float32 routing weight of each row.
+      row_src: ``[P]`` int32; ``-1`` marks a padding row (never stored), any value ``>= 0`` a
+        real row (L1 stores it at the same pool row).
+      block_expert: ``[P/64]`` int32 local expert of each row block, in ``[0, E)``; ``< 0``
+        skips the block. Values ``>= E`` are not checked on the device.
+      num_blocks: int32 scalar or ``[1]``: blocks at or past it are skipped.
+      w1: ``[E, 2I, H]`` float8_e4m3fn (gate rows, then up rows); ``w1_scale``
+        ``[E, 2I/128, H/128]`` float32.
+      activation_clamp: ``None`` or a float: gate is clamped from above, up to ``±clamp``.
+      num_ctas: persistent grid size; 0 = every SM of the device.
+
+    Returns:
+      ``(act, act_scale)``: ``[P, I]`` float8_e4m3fn and ``[P, I/128]`` float32. Rows that were
+      not stored (padding rows, skipped blocks) hold unspecified values.
+    """
+    prepare_standalone()
+    register_targets()
+    rows, _ = a.shape
+    _check_pool("grouped_gemm_l1", rows, block_expert)
+    inter = w1.shape[1] // 2
+    call = jax.ffi.ffi_call(
+        L1_GEMM_TARGET,
+        (
+            jax.ShapeDtypeStruct((rows, inter), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((rows, inter // 128), jnp.float32),
+        ),
+    )
+    return call(
+        a,
+        a_scale,
+        row_weight,
+        row_src,
+        block_expert,
+        _num_blocks_operand(num_blocks),
+        w1,
+        w1_scale,
+        activation_clamp=np.float32(np.inf if activation_clamp is None else activation_clamp),
+        num_ctas=np.int64(num_ctas),
+    )
+
+
+def grouped_gemm_l2(
+    act,
+    act_scale,
+    row_src,
+    block_expert,
+    num_blocks,
+    w2,
+    w2_scale,
+    *,
+    out_rows: int | None = None,
+    num_ctas: int = 0,
+):
+    """The fused layer's second grouped GEMM alone (CUDA target ``jax_megamoe_l2_gemm``).
+
+    For each pool row ``r`` of a valid row block (as in :func:`grouped_gemm_l1`) whose
+    ``row_src[r] >= 0``: ``y[row_src[r]] = bf16(dequant(act[r]) @ dequant(w2[e]).T)``.
+
+    Args:
+      act: ``[P, I]`` float8_e4m3fn, ``act_scale`` ``[P, I/128]`` float32.
+      row_src: ``[P]`` int32 destination row of each pool row in ``y``, in ``[0, out_rows)``,
+        or ``-1`` (padding: not stored). ``arange(P)`` with ``-1`` on padding keeps pool order.
+        Two rows with the same destination race; values ``>= out_rows`` are not checked on
+        the device (they would address memory past ``y``).
+      block_expert, num_blocks: as in :func:`grouped_gemm_l1`.
+      w2: ``[E, H, I]`` float8_e4m3fn; ``w2_scale`` ``[E, H/128, I/128]`` float32.
+      out_rows: rows of ``y`` (default ``P``).
+      num_ctas: persistent grid size; 0 = every SM of the device.
+
+    Returns:
+      ``y`` ``[out_rows, H]`` bfloat16. Rows no pool row names hold unspecified values.
+    """
+    prepare_standalone()
+    register_targets()
+    rows, _ = act.shape
+    _check_pool("grouped_gemm_l2", rows, block_expert)
+    out_rows = rows if out_rows is None else int(out_rows)
+    if out_rows <= 0:
+        raise ValueError(f"grouped_gemm_l2: out_rows ({out_rows}) must be positive")
+    hidden = w2.shape[1]
+    call = jax.ffi.ffi_call(
+        L2_GEMM_TARGET,
+        (
+            jax.ShapeDtypeStruct((out_rows, hidden), jnp.bfloat16),
+            # Device scratch: the kernel's one-entry table of combine bases (y's address).
+            jax.ShapeDtypeStruct((1,), jnp.int64),
+        ),
+    )
+    y, _ = call(
+        act,
+        act_scale,
+        row_src,
+        block_expert,
+        _num_blocks_operand(num_blocks),
+        w2,
+        w2_scale,
+        num_ctas=np.int64(num_ctas),
+    )
+    return y
+
+
+class PoolLayout(NamedTuple):
+    """Where each expert's rows sit in a grouped-GEMM pool (see :func:`pool_layout`)."""
+
+    starts: jax.Array  # [E] int32 first pool row of each expert (a multiple of block_m)
+    block_expert: jax.Array  # [P/block_m] int32 expert of each row block, -1 past num_blocks
+    num_blocks: jax.Array  # [1] int32 row blocks in use
+    row_expert: jax.Array  # [P] int32 expert of each row, -1 on padding rows
+    row_valid: jax.Array  # [P] bool: a real row (row_expert >= 0)
+
+
+def pool_rows(expert_counts, block_m: int = BLOCK_M) -> int:
+    """Smallest pool (rows, a multiple of ``block_m``) that holds these concrete counts."""
+    counts = np.asarray(expert_counts, np.int64)
+    return int(np.sum(-(-counts // block_m)) * block_m) or block_m
+
+
+def pool_layout(expert_counts, num_rows: int | None = None, block_m: int = BLOCK_M) -> PoolLayout:
+    """Pure-JAX pool layout: expert ``e`` owns ``expert_counts[e]`` rows starting at
+    ``starts[e]``; every expert starts on a ``block_m``-row block, experts in order, the rest of
+    its last block is padding.
+
+    ``expert_counts`` ([E] ints) may be traced; ``num_rows`` (static, a multiple of
+    ``block_m``) defaults to :func:`pool_rows` of concrete counts. Rows that do not fit in
+    ``num_rows`` are dropped (``num_blocks`` is capped at ``num_rows / block_m``).
+    """
+    if num_rows is None:
+        num_rows = pool_rows(expert_counts, block_m)
+    if num_rows <= 0 or num_rows % block_m:
+        raise ValueError(
+            f"pool_layout: num_rows ({num_rows}) must be a positive multiple of {block_m}"
+        )
+    counts = jnp.asarray(expert_counts, jnp.int32)
+    num_experts = counts.shape[0]
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = jnp.cumsum(padded)
+    starts = ends - padded
+    used = jnp.minimum(ends[-1], num_rows)
+    blocks = jnp.arange(num_rows // block_m, dtype=jnp.int32)
+    block_expert = jnp.searchsorted(ends, blocks * block_m, side="right").astype(jnp.int32)
+    block_expert = jnp.where(blocks * block_m < used, block_expert, -1)
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    expert = jnp.clip(jnp.searchsorted(ends, rows, side="right"), 0, num_experts - 1)
+    valid = (rows < used) & (rows - starts[expert] < counts[expert])
+    return PoolLayout(
+        starts=starts.astype(jnp.int32),
+        block_expert=block_expert,
+        num_blocks=jnp.reshape(used // block_m, (1,)).astype(jnp.int32),
+        row_expert=jnp.where(valid, expert, -1).astype(jnp.int32),
+        row_valid=valid,
     )

@@ -1,11 +1,20 @@
 """The symmetric workspace: one persistent device allocation per rank, same layout on every
-rank, with each rank holding the base pointers of its peers (DESIGN §3)."""
+rank, with each rank holding the base pointers of its peers (DESIGN §3).
+
+One process may drive all GPUs of an expert group (peers are raw pointers with peer access), or
+the group may span several processes of one host (``jax.distributed``; peers in other
+processes are mapped through CUDA IPC handles exchanged through the coordinator's key-value
+store, see ``distributed.py``). An expert group never spans hosts: there is no NVLink between
+them."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import threading
+import warnings
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import jax
@@ -13,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from . import _ffi
+from . import distributed as dist
 from .quant import BLOCK
 
 _ids = itertools.count(1)
@@ -43,6 +53,10 @@ class SymmBuffer:
     cannot run the fused kernels (CPU, non-Hopper, no CUDA extension) nothing is allocated
     (``allocated`` is False): the buffer still carries the capacity that calls are checked
     against, and only the reference implementation can use it.
+
+    When the mesh spans several processes (``jax.distributed``), :meth:`create` and :meth:`close`
+    are collective: every process whose devices are in the mesh calls them, for the same buffers
+    in the same order.
     """
 
     mesh: Mesh
@@ -55,6 +69,10 @@ class SymmBuffer:
     buffer_id: int
     nbytes_per_rank: int | None
     allocated: bool
+    # Processes of the mesh when it spans several (the peers of create/close), else ().
+    processes: tuple[int, ...] = ()
+    # Host identity of each process of the mesh (multi-process only; see distributed.host_id).
+    hosts: dict[int, str] = field(default_factory=dict, repr=False)
     _ordinals: list[int] = field(default_factory=list, repr=False)
     _finalizer: weakref.finalize | None = field(default=None, repr=False)
 
@@ -77,7 +95,11 @@ class SymmBuffer:
     ) -> SymmBuffer:
         """Sizes the workspace exactly from the shapes and allocates it on every device of the
         mesh (each device's rank is its index along ``axis_name``). ``sm_budget`` caps the SMs
-        the persistent kernels take (0 = all), leaving room for XLA's concurrent work."""
+        the persistent kernels take (0 = all), leaving room for XLA's concurrent work.
+
+        Each group of devices along ``axis_name`` (one per index of the other mesh axes) is an
+        independent expert group with its own peers; its GPUs must be on one host. With several
+        processes every process allocates its own devices' workspaces and maps its peers'."""
         if axis_name not in mesh.axis_names:
             raise ValueError(f"axis {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
         num_ranks = mesh.shape[axis_name]
@@ -106,9 +128,18 @@ class SymmBuffer:
             nbytes_per_rank=None,
             allocated=False,
         )
-        devices = list(mesh.devices.flat)
-        if _ffi.extension_available() and all(_ffi.is_sm90(d) for d in devices):
-            buf._allocate(sm_budget)
+        me = jax.process_index()
+        processes = tuple(sorted({d.process_index for d in mesh.devices.flat}))
+        local = [d for d in mesh.devices.flat if d.process_index == me]
+        can_fuse = (
+            bool(local) and _ffi.extension_available() and all(_ffi.is_sm90(d) for d in local)
+        )
+        if processes == (me,):
+            if can_fuse:
+                buf._allocate(sm_budget)
+        elif me in processes:
+            buf._setup_processes(processes, can_fuse, sm_budget)
+        # else: none of this process's devices is in the mesh; it has nothing to set up.
         return buf
 
     def _rank_groups(self) -> list[list[jax.Device]]:
@@ -117,14 +148,46 @@ class SymmBuffer:
         grid = np.moveaxis(self.mesh.devices, axis, -1)
         return [list(row) for row in grid.reshape(-1, grid.shape[-1])]
 
+    def _fingerprint(self) -> list:
+        """What every process must agree on for one buffer."""
+        return [
+            self.buffer_id,
+            self.axis_name,
+            list(self.mesh.axis_names),
+            [int(d.id) for d in self.mesh.devices.flat],
+            list(self.mesh.devices.shape),
+            self.num_experts,
+            self.hidden,
+            self.intermediate,
+            self.topk,
+            self.max_tokens_per_rank,
+        ]
+
+    def _setup_processes(self, processes: tuple[int, ...], can_fuse: bool, sm_budget: int):
+        """Collective setup across the processes of the mesh (DESIGN §3, multi-process)."""
+        mine = {"host": dist.host_id(), "fused": can_fuse, "config": self._fingerprint()}
+        info = dist.exchange(self.buffer_id, "info", processes, lambda: mine)
+        for p, v in sorted(info.items()):
+            if v["config"] != mine["config"]:
+                raise ValueError(
+                    f"SymmBuffer {self.buffer_id}: process {p} created it with "
+                    f"{v['config']}, process {jax.process_index()} with {mine['config']} "
+                    "([id, axis, axis names, device ids, mesh shape, E, H, I, K, max tokens]); "
+                    "every process must call SymmBuffer.create with the same arguments, for "
+                    "the same buffers in the same order"
+                )
+        self.processes = processes
+        self.hosts = {int(p): v["host"] for p, v in sorted(info.items())}
+        if not all(v["fused"] for v in info.values()):
+            return  # some process cannot run the kernels: every process uses the reference
+        check_groups_on_one_host(self._rank_groups(), self.hosts, self.axis_name)
+        self._allocate(sm_budget)
+
     def _allocate(self, sm_budget: int) -> None:
         c = _ffi.extension()
+        me = jax.process_index()
+        multi = bool(self.processes)
         groups = self._rank_groups()
-        if any(d.process_index != jax.process_index() for g in groups for d in g):
-            raise NotImplementedError(
-                "SymmBuffer: the mesh spans several processes; multi-process workspaces (CUDA "
-                "IPC) are not supported yet — run one process over all GPUs of the host"
-            )
         num_ranks = self.num_ranks
         nbytes = c.workspace_nbytes(
             num_ranks,
@@ -134,31 +197,36 @@ class SymmBuffer:
             self.topk,
             self.max_tokens_per_rank,
         )
-        for group in groups:
-            ords = [d.local_hardware_id for d in group]
-            for a in ords:
-                for b in ords:
-                    if a != b and not c.can_access_peer(a, b):
-                        raise RuntimeError(
-                            f"SymmBuffer: GPU {a} cannot access GPU {b} as a peer; the expert "
-                            "axis needs peer (NVLink) access between all of its GPUs"
-                        )
         ordinals: list[int] = []
-        finalizer = weakref.finalize(self, _destroy, self.buffer_id, ordinals)
-        for group in groups:
-            ords = [d.local_hardware_id for d in group]
-            ptrs = []
-            for rank, ordinal in enumerate(ords):
-                free = c.device_free_bytes(ordinal)
-                if free < nbytes:
-                    raise MemoryError(
-                        f"SymmBuffer needs {nbytes / 2**30:.2f} GiB on GPU {ordinal} but only "
-                        f"{free / 2**30:.2f} GiB are free: JAX preallocates most of the GPU at "
-                        "first use; lower XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.5), set "
-                        "XLA_PYTHON_CLIENT_PREALLOCATE=false, or reduce max_tokens_per_rank"
-                    )
-                ptrs.append(
-                    c.create_workspace(
+        self._finalizer = weakref.finalize(self, _destroy, self.buffer_id, ordinals)
+        self._ordinals = ordinals
+        ptrs: dict[int, int] = {}  # device id -> workspace pointer, this process's devices
+
+        def allocate_local() -> dict[str, dict]:
+            for group in groups:
+                ords = [d.local_hardware_id for d in group if d.process_index == me]
+                for a in ords:
+                    for b in ords:
+                        if a != b and not c.can_access_peer(a, b):
+                            raise RuntimeError(
+                                f"SymmBuffer: GPU {a} cannot access GPU {b} as a peer; the "
+                                "expert axis needs peer (NVLink) access between all of its GPUs"
+                            )
+            for group in groups:
+                for rank, d in enumerate(group):
+                    if d.process_index != me:
+                        continue
+                    ordinal = d.local_hardware_id
+                    free = c.device_free_bytes(ordinal)
+                    if free < nbytes:
+                        raise MemoryError(
+                            f"SymmBuffer needs {nbytes / 2**30:.2f} GiB on GPU {ordinal} but "
+                            f"only {free / 2**30:.2f} GiB are free: JAX preallocates most of the "
+                            "GPU at first use; lower XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.5), "
+                            "set XLA_PYTHON_CLIENT_PREALLOCATE=false, or reduce "
+                            "max_tokens_per_rank"
+                        )
+                    ptrs[d.id] = c.create_workspace(
                         self.buffer_id,
                         ordinal,
                         rank,
@@ -170,21 +238,115 @@ class SymmBuffer:
                         self.max_tokens_per_rank,
                         sm_budget,
                     )
-                )
-                ordinals.append(ordinal)
-            for ordinal in ords:
-                c.connect_workspace(self.buffer_id, ordinal, ords, ptrs)
-        self._ordinals = ordinals
-        self._finalizer = finalizer
+                    ordinals.append(ordinal)
+            if not multi:
+                return {}
+            return {
+                str(d.id): {
+                    "handle": base64.b64encode(
+                        c.export_ipc_handle(self.buffer_id, d.local_hardware_id)
+                    ).decode(),
+                    "bus_id": c.device_pci_bus_id(d.local_hardware_id),
+                }
+                for g in groups
+                for d in g
+                if d.process_index == me
+            }
+
+        try:
+            if multi:
+                # Nobody maps a peer before every process has allocated and exported: on an
+                # error here no handle is open anywhere, so each process just frees its own.
+                exported = dist.exchange(self.buffer_id, "handles", self.processes, allocate_local)
+            else:
+                allocate_local()
+        except BaseException:
+            self._finalizer()
+            raise
+        remote: dict[str, dict] = {}  # device id -> its IPC handle and PCI bus id
+        if multi:
+            for per_process in exported.values():
+                remote.update(per_process)
+
+        def connect_local() -> bool:
+            for group in groups:
+                for d in group:
+                    if d.process_index != me:
+                        continue
+                    ordinal = d.local_hardware_id
+                    peer_ords = []
+                    peer_ptrs = []
+                    for rank, p in enumerate(group):
+                        if p.process_index == me:
+                            peer_ords.append(p.local_hardware_id)
+                            peer_ptrs.append(ptrs[p.id])
+                            continue
+                        entry = remote[str(p.id)]
+                        visible = c.device_by_pci_bus_id(entry["bus_id"])
+                        if visible >= 0 and not c.can_access_peer(ordinal, visible):
+                            raise RuntimeError(
+                                f"SymmBuffer: GPU {ordinal} cannot access GPU {entry['bus_id']} "
+                                f"(rank {rank}, process {p.process_index}) as a peer; the "
+                                "expert axis needs peer (NVLink) access between all of its GPUs"
+                            )
+                        handle = base64.b64decode(entry["handle"])
+                        peer_ords.append(-1)
+                        peer_ptrs.append(c.open_ipc_handle(self.buffer_id, ordinal, handle))
+                    c.connect_workspace(self.buffer_id, ordinal, peer_ords, peer_ptrs)
+            return True
+
+        try:
+            if multi:
+                dist.exchange(self.buffer_id, "connected", self.processes, connect_local)
+                dist.forget(self.buffer_id, "info", "handles")  # every peer has read them
+            else:
+                connect_local()
+        except BaseException:
+            if multi:
+                self._teardown(strict=False)
+            else:
+                self._finalizer()
+            raise
         self.nbytes_per_rank = nbytes
         self.allocated = True
 
+    def _teardown(self, *, strict: bool) -> None:
+        """Multi-process free: unmap the peers' workspaces here, wait until every process has
+        done the same, then free this process's workspaces (a peer may still map them until
+        then). ``strict``: if a peer does not arrive, raise and keep this process's memory
+        (freed at exit) rather than free memory a live peer may still use."""
+        c = _ffi.extension()
+        unmap_error = None
+        for ordinal in self._ordinals:
+            try:
+                c.close_ipc_handles(self.buffer_id, ordinal)
+            except Exception as e:  # keep going: the peers wait for this process at the barrier
+                unmap_error = unmap_error or e
+        try:
+            dist.all_gather(self.buffer_id, "closed", self.processes, True)
+            dist.forget(self.buffer_id, "connected")
+        except dist.SetupError:
+            if strict:
+                raise
+        except RuntimeError as e:  # jax.distributed was shut down: no peer is left to wait for
+            warnings.warn(f"SymmBuffer.close: freeing without a barrier ({e})", stacklevel=3)
+        self._finalizer()
+        if unmap_error is not None:
+            raise unmap_error
+
     def close(self) -> None:
         """Frees the workspace on every device (idempotent). Call it only once no computation
-        that uses the buffer is in flight."""
-        if self._finalizer is not None:
-            self._finalizer()
+        that uses the buffer is in flight. With several processes it is collective: each
+        process unmaps its peers, all wait for each other (``JAX_MEGAMOE_SETUP_TIMEOUT_S``),
+        then each frees its own workspaces."""
+        finalizer = self._finalizer
         self.allocated = False
+        if finalizer is None or not finalizer.alive:
+            return
+        if self.processes:
+            self._teardown(strict=True)
+        else:
+            finalizer()
 
     def __enter__(self) -> SymmBuffer:
         return self
@@ -193,7 +355,38 @@ class SymmBuffer:
         self.close()
 
 
+def check_groups_on_one_host(
+    groups: Sequence[Sequence[jax.Device]], hosts: dict[int, str], axis_name: str
+) -> None:
+    """Refuses an expert group whose devices live on different hosts (their GPUs cannot reach
+    each other's memory: no NVLink between hosts). ``hosts`` maps process index to host id."""
+    for group in groups:
+        spans: dict[str, list[int]] = {}
+        for d in group:
+            procs = spans.setdefault(hosts[d.process_index], [])
+            if d.process_index not in procs:
+                procs.append(d.process_index)
+        if len(spans) > 1:
+            where = "; ".join(f"host {h!r}: processes {p}" for h, p in spans.items())
+            raise ValueError(
+                f"SymmBuffer: the expert axis {axis_name!r} spans {len(spans)} hosts ({where}); "
+                "the fused kernels read and write peer GPUs' memory over NVLink, which does not "
+                "reach across hosts. Make each expert group one host's GPUs, e.g. a 2-D mesh "
+                "Mesh(devices.reshape(num_hosts, gpus_per_host), ('data', 'expert')) with "
+                "the expert axis inside a host"
+            )
+
+
 def _destroy(buffer_id: int, ordinals: list[int]) -> None:
+    """Frees this process's workspaces (unmapping the peers they opened first). The GC/exit
+    path: no barrier with other processes; ``close()`` is the collective, safe one."""
     c = _ffi.extension()
+    first = None
     for ordinal in ordinals:
-        c.destroy_workspace(buffer_id, ordinal)
+        try:
+            c.destroy_workspace(buffer_id, ordinal)
+        except Exception as e:
+            first = first or e
+    ordinals.clear()
+    if first is not None:
+        raise first

@@ -1,0 +1,365 @@
+"""The two grouped FP8 GEMM kernels alone, against cuBLASLt FP8 GEMMs of equal FLOPs, on one GPU.
+
+Usage (one Hopper GPU, the extension built)::
+
+    python3 benchmarks/bench_gemm.py --out /tmp/bench_gemm
+    python3 benchmarks/bench_gemm.py --out /tmp/bench_gemm --tokens 64,4096 --routing hot
+    python3 benchmarks/bench_gemm.py --out /tmp/bench_gemm --smoke      # tiny shape, seconds
+
+The pool is what one rank of an R-rank expert-parallel layer sees (DeepSeek-V3 by default: H
+7168, I 2048, E 256, K 8, R 4, so E_l = 64 local experts): for tokens per rank M, R·M tokens
+each pick K experts (``shapes.make_ids``), and local expert e of rank 0 receives the exact
+count of slots routed to it (about M·K rows in all). Each expert's rows start on a 64-row
+block (``jax_megamoe._ffi.pool_layout``); padding rows are not stored.
+
+Per M, in the same process on the same device:
+
+- ``L1``: ``grouped_gemm_l1`` (pool x W1[e]^T with 128x128 block scales, SwiGLU, routing
+  weight, 1x128 FP8 requant), FLOPs 2·rows·2I·H;
+- ``L2``: ``grouped_gemm_l2`` (act x W2[e]^T, bf16 out), FLOPs 2·rows·H·I;
+- ``cuBLAS L1`` / ``cuBLAS L2``: ``lax.dot_general`` of e4m3 operands, f32 out, times a
+  per-tensor scale (XLA's cuBLASLt FP8 GEMM): ``[rows, H] x [2I, H]^T`` and ``[rows, I] x
+  [H, I]^T`` with rows = the pool's real rows rounded up to 16, one weight matrix. Same FLOPs,
+  but none of the grouping: one expert's weights instead of up to E_l, no block scales.
+
+Times are device kernel time from the JAX profiler (``timing.py``; the L2 call includes its
+one-thread pointer-table store), median over calls, with wall-clock per call as a cross-check.
+"floor" is the larger of the FLOPs at the measured cuBLAS 8192³ peak and streaming every
+touched expert's weights once from HBM (``shapes.PEAK_FP8_FLOPS``, ``shapes.HBM_BYTES_PER_S``).
+Writes ``results.json`` and ``results.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import shapes  # noqa: E402
+import timing  # noqa: E402
+
+from jax_megamoe import _ffi, quantize_per_token  # noqa: E402
+
+DEFAULT_TOKENS = (128, 512, 2048, 8192)
+SMOKE = dict(hidden=512, intermediate=256, experts=16, topk=4, ranks=4, tokens=[64, 256])
+KERNELS = ("l1", "cublas_l1", "l2", "cublas_l2")
+# The jitted function's HLO module name selects its kernels in the profile.
+MODULES = {
+    "l1": "jit_megamoe_l1",
+    "l2": "jit_megamoe_l2",
+    "cublas_l1": "jit_cublas_l1",
+    "cublas_l2": "jit_cublas_l2",
+}
+
+
+def _csv_ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    d = shapes.DSV3
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--tokens",
+        type=_csv_ints,
+        default=list(DEFAULT_TOKENS),
+        help="tokens per rank M (comma-separated; default %(default)s)",
+    )
+    p.add_argument("--hidden", type=int, default=d["hidden"])
+    p.add_argument("--intermediate", type=int, default=d["intermediate"])
+    p.add_argument("--experts", type=int, default=d["experts"], help="global experts E")
+    p.add_argument("--topk", type=int, default=d["topk"])
+    p.add_argument(
+        "--ranks", type=int, default=4, help="expert-parallel ranks R emulated (E_l = E / R)"
+    )
+    p.add_argument("--routing", default="uniform", choices=shapes.ROUTINGS)
+    p.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--sets", type=int, default=2, help="input sets rotated between calls")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-ctas", type=int, default=0, help="persistent grid (0 = every SM)")
+    p.add_argument("--no-profile", action="store_true", help="wall-clock only")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shape (H 512, I 256, E 16, K 4, R 4, M 64,256) and few calls: a quick "
+        "check that the script runs on a GPU",
+    )
+    p.add_argument("--out", default="bench_gemm_out")
+    args = p.parse_args(argv)
+    if args.smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
+        args.iters, args.sets = min(args.iters, 5), 1
+    if args.experts % args.ranks:
+        p.error(f"--experts {args.experts} is not divisible by --ranks {args.ranks}")
+    if args.hidden % 128 or args.intermediate % 128:
+        p.error("--hidden and --intermediate must be multiples of 128")
+    return args
+
+
+def _failure(e: BaseException) -> str:
+    msg = str(e)
+    if any(s in msg for s in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")):
+        return "OOM"
+    first = msg.strip().splitlines()[0] if msg.strip() else ""
+    return f"error: {type(e).__name__}: {first[:240]}"
+
+
+def _named_jit(fn, name: str):
+    fn.__name__ = name  # the profile's module name (jit_<name>) selects this call's kernels
+    return jax.jit(fn)
+
+
+def make_functions(num_ctas: int) -> dict:
+    def l1(a, a_scale, rw, src, be, nb, w1, w1s):
+        return _ffi.grouped_gemm_l1(a, a_scale, rw, src, be, nb, w1, w1s, num_ctas=num_ctas)
+
+    def l2(act, act_scale, src, be, nb, w2, w2s):
+        return _ffi.grouped_gemm_l2(act, act_scale, src, be, nb, w2, w2s, num_ctas=num_ctas)
+
+    def cublas_l1(a, w, scale):
+        return _dense_fp8(a, w, scale)
+
+    def cublas_l2(a, w, scale):
+        return _dense_fp8(a, w, scale)
+
+    return {
+        "l1": _named_jit(l1, "megamoe_l1"),
+        "l2": _named_jit(l2, "megamoe_l2"),
+        "cublas_l1": jax.jit(cublas_l1),
+        "cublas_l2": jax.jit(cublas_l2),
+    }
+
+
+def _dense_fp8(a, w, scale):
+    """``[rows, K] x [N, K]^T`` on e4m3 operands with f32 output and a per-tensor scale: XLA
+    rewrites it into one cuBLASLt FP8 GEMM (the scale multiply may be a separate kernel)."""
+    dims = (((1,), (1,)), ((), ()))
+    return jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32) * scale
+
+
+def make_weights(args, num_local: int):
+    shape = shapes.Shape(args.hidden, args.intermediate, num_local, args.topk)
+    return shapes.make_weights(shapes.make_mesh(1), shape, args.seed)
+
+
+def expert_counts(args, m: int, seed: int) -> np.ndarray:
+    """Slots routed to each of rank 0's experts when R·M tokens pick K of E experts."""
+    rng = np.random.default_rng(seed)
+    ids = shapes.make_ids(rng, args.ranks * m, args.experts, args.topk, args.routing)
+    num_local = args.experts // args.ranks
+    local = ids[(ids >= 0) & (ids < num_local)]
+    return np.bincount(local, minlength=num_local).astype(np.int32)
+
+
+def make_set(args, layout, rows: int, key):
+    """Random pool activations for L1 and L2 (fresh per set, padding rows included)."""
+    h, i = args.hidden, args.intermediate
+
+    @jax.jit
+    def gen(key, valid):
+        k1, k2, k3 = jax.random.split(key, 3)
+        a, a_scale = quantize_per_token(jax.random.normal(k1, (rows, h), jnp.float32))
+        act, act_scale = quantize_per_token(jax.random.normal(k2, (rows, i), jnp.float32))
+        rw = jax.random.uniform(k3, (rows,), jnp.float32, 0.05, 1.0)
+        src = jnp.where(valid, jnp.arange(rows, dtype=jnp.int32), -1)
+        return a, a_scale, rw, src, act, act_scale
+
+    return gen(key, layout.row_valid)
+
+
+def _measure(fn, arg_sets, args, module: str) -> dict:
+    t = timing.time_calls(
+        fn,
+        arg_sets,
+        iters=args.iters,
+        warmup=args.warmup,
+        module=module,
+        profile=not args.no_profile,
+    )
+    out = t.summary()
+    out["status"] = "ok"
+    return out
+
+
+def one_point(args, m: int, fns: dict, weights) -> dict:
+    h, i = args.hidden, args.intermediate
+    seed = args.seed * 1_000_003 + m
+    counts = expert_counts(args, m, seed)
+    n = int(counts.sum())
+    rows = _ffi.pool_rows(counts)
+    layout = _ffi.pool_layout(counts, rows)
+    keys = jax.random.split(jax.random.key(seed), args.sets)
+    sets = [make_set(args, layout, rows, k) for k in keys]
+    # Dense operands of the same FLOPs: the real rows, rounded up for cuBLASLt FP8 (16).
+    dense_rows = max(16, -(-n // 16) * 16)
+    scale = jnp.float32(1.0 / 64)
+    touched = int((counts > 0).sum())
+    w1, w1s, w2, w2s = weights
+    row = {
+        "tokens": m,
+        "rows": n,
+        "pool_rows": rows,
+        "dense_rows": dense_rows,
+        "touched_experts": touched,
+        "max_expert_rows": int(counts.max()),
+    }
+    flops = {
+        "l1": 2.0 * n * 2 * i * h,
+        "l2": 2.0 * n * h * i,
+        "cublas_l1": 2.0 * dense_rows * 2 * i * h,
+        "cublas_l2": 2.0 * dense_rows * h * i,
+    }
+    weight_bytes = {"l1": 2 * i * h, "l2": h * i}
+    for kind in ("l1", "l2"):
+        compute = flops[kind] / shapes.PEAK_FP8_FLOPS
+        stream = touched * weight_bytes[kind] / shapes.HBM_BYTES_PER_S
+        row[f"{kind}_floor_us"] = max(compute, stream) * 1e6
+
+    arg_sets = {
+        "l1": [
+            (s[0], s[1], s[2], s[3], layout.block_expert, layout.num_blocks, w1, w1s) for s in sets
+        ],
+        "l2": [(s[4], s[5], s[3], layout.block_expert, layout.num_blocks, w2, w2s) for s in sets],
+        "cublas_l1": [(s[0][:dense_rows], w1[0], scale) for s in sets],
+        "cublas_l2": [(s[4][:dense_rows], w2[0], scale) for s in sets],
+    }
+    for kind in KERNELS:
+        try:
+            args_k = [jax.block_until_ready(a) for a in arg_sets[kind]]
+            r = _measure(fns[kind], args_k, args, MODULES[kind])
+            r["flops"] = flops[kind]
+            r["tflops"] = flops[kind] / (r["max_us"] * 1e-6) / 1e12
+        except Exception as e:  # one failing point must not end the sweep
+            r = {"status": _failure(e), "flops": flops[kind]}
+        row[kind] = r
+        print(_progress(m, kind, r), flush=True)
+    for kind in ("l1", "l2"):
+        ours, base = row[kind], row["cublas_" + kind]
+        if ours.get("status") == "ok":
+            ours["floor_ratio"] = ours["max_us"] / row[f"{kind}_floor_us"]
+            if base.get("status") == "ok":
+                ours["tflops_vs_cublas"] = ours["tflops"] / base["tflops"]
+    del sets, arg_sets
+    return row
+
+
+def _progress(m: int, kind: str, r: dict) -> str:
+    head = f"[M={m:>5}] {kind:<10}"
+    if r.get("status") != "ok":
+        return f"{head} {r.get('status')}"
+    return (
+        f"{head} {r['max_us']:10.1f} µs {r['tflops']:7.1f} TFLOPS, wall {r['wall_us']:10.1f} µs,"
+        f" {r['source']}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = jax.devices()[0]
+    if not (_ffi.extension_available() and _ffi.is_sm90(device)):
+        raise SystemExit(
+            f"bench_gemm.py needs a Hopper (SM90) GPU and the built CUDA extension; the default "
+            f"device is {device.device_kind} ({device.platform}), extension "
+            f"{'built' if _ffi.extension_available() else 'not built'}"
+        )
+    os.makedirs(args.out, exist_ok=True)
+    num_local = args.experts // args.ranks
+    weights = jax.block_until_ready(make_weights(args, num_local))
+    fns = make_functions(args.num_ctas)
+    rows = []
+    for m in args.tokens:
+        rows.append(one_point(args, m, fns, weights))
+        with open(os.path.join(args.out, "results_partial.json"), "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+        gc.collect()
+    result = {
+        "meta": {
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": " ".join(["bench_gemm.py", *(sys.argv[1:] if argv is None else list(argv))]),
+            "device_kind": device.device_kind,
+            "jax_version": jax.__version__,
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "experts": args.experts,
+            "topk": args.topk,
+            "ranks": args.ranks,
+            "local_experts": num_local,
+            "routing": args.routing,
+            "num_ctas": args.num_ctas,
+            "iters": args.iters,
+            "sets": args.sets,
+            "peak_fp8_flops": shapes.PEAK_FP8_FLOPS,
+            "hbm_bytes_per_s": shapes.HBM_BYTES_PER_S,
+        },
+        "rows": rows,
+    }
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    table = markdown_table(result)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return result
+
+
+def _cells(r: dict) -> list[str]:
+    if r.get("status") != "ok":
+        return [r.get("status", "?")[:40], "-"]
+    return [f"{r['max_us']:.1f}", f"{r['tflops']:.1f}"]
+
+
+def markdown_table(result: dict) -> str:
+    meta = result["meta"]
+    lines = [
+        f"{meta['device_kind']}, grouped FP8 GEMMs alone vs cuBLASLt FP8 (equal FLOPs), "
+        f"H {meta['hidden']} I {meta['intermediate']} E {meta['experts']} K {meta['topk']} "
+        f"R {meta['ranks']} (E_l {meta['local_experts']}), {meta['routing']} routing, "
+        f"{meta['date']}, jax {meta['jax_version']}",
+        "",
+        "| M | rows (pool) | experts | L1 µs | L1 TF | cuBLAS µs | cuBLAS TF | L1/cuBLAS | "
+        "L1 ×floor | L2 µs | L2 TF | cuBLAS µs | cuBLAS TF | L2/cuBLAS | L2 ×floor |",
+        "|---:|---:|---:|" + "---:|" * 12,
+    ]
+    for row in result["rows"]:
+        cells = [str(row["tokens"]), f"{row['rows']} ({row['pool_rows']})"]
+        cells.append(str(row["touched_experts"]))
+        for kind in ("l1", "l2"):
+            ours = row[kind]
+            cells += _cells(ours) + _cells(row["cublas_" + kind])
+            ratio = ours.get("tflops_vs_cublas")
+            cells.append(f"{ratio:.2f}" if ratio is not None else "-")
+            fr = ours.get("floor_ratio")
+            cells.append(f"{fr:.2f}" if fr is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    sources = {row[k]["source"] for row in result["rows"] for k in KERNELS if row[k].get("source")}
+    lines += [
+        "",
+        "TF = TFLOPS on the real rows (the grouped kernels also compute the padding rows of each "
+        "expert's last block); L·/cuBLAS = TFLOPS ratio; ×floor = time / max(FLOPs at peak, "
+        "touched experts' weights at HBM bandwidth).",
+        f"timing source: {'; '.join(sorted(sources)) or '-'}",
+        "",
+        "kernels per call (µs), last M:",
+    ]
+    if result["rows"]:
+        last = result["rows"][-1]
+        for kind in KERNELS:
+            ks = last[kind].get("kernels_us") or []
+            desc = "; ".join(f"{name} {us:.1f}" for name, us in ks[:4])
+            lines.append(f"- {kind}: {desc or '-'}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+// XLA FFI handlers that run the fused layer's grouped FP8 GEMMs alone, on a caller-built pool:
+//   jax_megamoe_l1_gemm: act = quant_1x128(swiglu(a x W1[e]^T) * row_weight)   (launch_l1)
+//   jax_megamoe_l2_gemm: y[row_src[r]] = bf16(act[r] x W2[e]^T)                 (launch_l2)
+// Row block b (kBlockM rows) belongs to local expert block_expert[b] (< 0: skipped); blocks at
+// or past num_blocks[0] are skipped; rows with row_src < 0 are padding and never stored.
+// Execute only validates shapes and enqueues kernels (no sync, allocation or module loading), so
+// both handlers are command-buffer compatible; prepare_standalone must have run on the device.
+#include "grouped_gemm.h"
+
+#include <cuda_runtime_api.h>
+
+#include <array>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <initializer_list>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "jax_megamoe/launch.h"
+#include "jax_megamoe/standalone.h"
+#include "symm_buffer.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_megamoe {
+namespace {
+
+constexpr int kMaxDevices = 64;
+// SM count of each prepared device; 0 = prepare_standalone has not run there.
+std::array<std::atomic<int>, kMaxDevices> g_num_sms{};
+
+// Checks operand shapes in order; the first mismatch becomes an InvalidArgument error.
+class Shapes {
+ public:
+  explicit Shapes(const char* target) : target_(target) {}
+
+  void expect(const char* name, ffi::AnyBuffer::Dimensions dims,
+              std::initializer_list<int64_t> want) {
+    if (!error_.empty()) return;
+    bool ok = dims.size() == want.size();
+    size_t i = 0;
+    for (int64_t w : want) ok = ok && dims[i++] == w;
+    if (ok) return;
+    std::ostringstream s;
+    s << target_ << ": " << name << " has shape [";
+    for (size_t j = 0; j < dims.size(); ++j) s << (j ? ", " : "") << dims[j];
+    s << "], expected [";
+    i = 0;
+    for (int64_t w : want) s << (i++ ? ", " : "") << w;
+    s << "]";
+    error_ = s.str();
+  }
+  void require(bool ok, const std::string& message) {
+    if (error_.empty() && !ok) error_ = std::string(target_) + ": " + message;
+  }
+  bool failed() const { return !error_.empty(); }
+  ffi::Error error() const { return ffi::Error::InvalidArgument(error_); }
+
+ private:
+  const char* target_;
+  std::string error_;
+};
+
+int64_t dim(ffi::AnyBuffer::Dimensions dims, size_t i) { return i < dims.size() ? dims[i] : -1; }
+
+bool is_e4m3(const ffi::AnyBuffer& b) { return b.element_type() == ffi::DataType::F8E4M3FN; }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Persistent grid size: `num_ctas`, or every SM of the device x gemm_ctas_per_sm() for 0.
+ffi::Error grid_size(const char* target, int32_t device_ordinal, int64_t num_ctas, int* out) {
+  const int sms = device_ordinal >= 0 && device_ordinal < kMaxDevices
+                      ? g_num_sms[device_ordinal].load(std::memory_order_acquire)
+                      : 0;
+  if (sms == 0) {
+    return ffi::Error(
+        ffi::ErrorCode::kFailedPrecondition,
+        std::string(target) + ": the standalone kernels were not prepared on device " +
+            std::to_string(device_ordinal) +
+            "; call jax_megamoe._ffi.prepare_standalone() (the grouped_gemm wrappers do) first");
+  }
+  if (num_ctas < 0 || num_ctas > INT_MAX) {
+    return ffi::Error::InvalidArgument(std::string(target) + ": num_ctas " +
+                                       std::to_string(num_ctas) +
+                                       " must be >= 0 (0 = every SM of the device)");
+  }
+  *out = num_ctas == 0 ? sms * gemm_ctas_per_sm() : static_cast<int>(num_ctas);
+  return ffi::Error::Success();
+}
+
+ffi::Error launch_error(const char* target, int32_t device_ordinal, cudaError_t err) {
+  return ffi::Error::Internal(std::string(target) + ": kernel launch failed on device " +
+                              std::to_string(device_ordinal) + ": " + cudaGetErrorString(err));
+}
+
+constexpr const char* kL1 = "jax_megamoe_l1_gemm";
+constexpr const char* kL2 = "jax_megamoe_l2_gemm";
+
+ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer a,
+                         ffi::Buffer<ffi::F32> a_scale, ffi::Buffer<ffi::F32> row_weight,
+                         ffi::Buffer<ffi::S32> row_src, ffi::Buffer<ffi::S32> block_expert,
+                         ffi::Buffer<ffi::S32> num_blocks, ffi::AnyBuffer w1,
+                         ffi::Buffer<ffi::F32> w1_scale, ffi::Result<ffi::AnyBuffer> act,
+                         ffi::Result<ffi::Buffer<ffi::F32>> act_scale, float activation_clamp,
+                         int64_t num_ctas) {
+  const int64_t P = dim(a.dimensions(), 0), H = dim(a.dimensions(), 1);
+  const int64_t E = dim(w1.dimensions(), 0), I = dim(w1.dimensions(), 1) / 2;
+  const int64_t q = kQuantBlock;
+  Shapes s(kL1);
+  s.require(is_e4m3(a) && is_e4m3(w1) && is_e4m3(*act), "a, w1 and act must be float8_e4m3fn");
+  s.require(a.dimensions().size() == 2 && P > 0 && P % kBlockM == 0 && P <= INT_MAX,
+            "a must be [P, H] with P a positive multiple of " + std::to_string(kBlockM));
+  s.require(H > 0 && H % q == 0, "hidden (a's dimension 1) must be a positive multiple of 128");
+  s.require(w1.dimensions().size() == 3 && E > 0 && I > 0 && I % q == 0,
+            "w1 must be [E, 2I, H] with E >= 1 and I a positive multiple of 128");
+  s.expect("a_scale", a_scale.dimensions(), {P, H / q});
+  s.expect("row_weight", row_weight.dimensions(), {P});
+  s.expect("row_src", row_src.dimensions(), {P});
+  s.expect("block_expert", block_expert.dimensions(), {P / kBlockM});
+  s.expect("num_blocks", num_blocks.dimensions(), {1});
+  s.expect("w1", w1.dimensions(), {E, 2 * I, H});
+  s.expect("w1_scale", w1_scale.dimensions(), {E, 2 * I / q, H / q});
+  s.expect("act", act->dimensions(), {P, I});
+  s.expect("act_scale", act_scale->dimensions(), {P, I / q});
+  if (s.failed()) return s.error();
+  // The kernel moves 16-byte vectors; XLA's buffers are at least this aligned.
+  if (!aligned16(a.untyped_data()) || !aligned16(w1.untyped_data()) ||
+      !aligned16(act->untyped_data())) {
+    return ffi::Error::Internal(std::string(kL1) + ": a, w1 or act is not 16-byte aligned");
+  }
+  int grid = 0;
+  if (ffi::Error err = grid_size(kL1, device_ordinal, num_ctas, &grid); err.failure()) return err;
+
+  L1Params p{};
+  p.a = static_cast<const uint8_t*>(a.untyped_data());
+  p.a_scale = a_scale.typed_data();
+  p.row_weight = row_weight.typed_data();
+  p.row_src = row_src.typed_data();
+  p.block_expert = block_expert.typed_data();
+  p.num_blocks = num_blocks.typed_data();
+  p.w1 = static_cast<const uint8_t*>(w1.untyped_data());
+  p.w1_scale = w1_scale.typed_data();
+  p.act = static_cast<uint8_t*>(act->untyped_data());
+  p.act_scale = act_scale->typed_data();
+  p.hidden = static_cast<int>(H);
+  p.intermediate = static_cast<int>(I);
+  p.max_blocks = static_cast<int>(P / kBlockM);
+  p.clamp = activation_clamp;
+  p.num_ctas = grid;
+  if (cudaError_t err = launch_l1(p, stream); err != cudaSuccess) {
+    return launch_error(kL1, device_ordinal, err);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer act,
+                         ffi::Buffer<ffi::F32> act_scale, ffi::Buffer<ffi::S32> row_src,
+                         ffi::Buffer<ffi::S32> block_expert, ffi::Buffer<ffi::S32> num_blocks,
+                         ffi::AnyBuffer w2, ffi::Buffer<ffi::F32> w2_scale,
+                         ffi::Result<ffi::Buffer<ffi::BF16>> y,
+                         ffi::Result<ffi::Buffer<ffi::S64>> table, int64_t num_ctas) {
+  const int64_t P = dim(act.dimensions(), 0), I = dim(act.dimensions(), 1);
+  const int64_t E = dim(w2.dimensions(), 0), H = dim(w2.dimensions(), 1);
+  const int64_t Y = dim(y->dimensions(), 0);
+  const int64_t q = kQuantBlock;
+  Shapes s(kL2);
+  s.require(is_e4m3(act) && is_e4m3(w2), "act and w2 must be float8_e4m3fn");
+  s.require(act.dimensions().size() == 2 && P > 0 && P % kBlockM == 0 && P <= INT_MAX,
+            "act must be [P, I] with P a positive multiple of " + std::to_string(kBlockM));
+  s.require(I > 0 && I % q == 0,
+            "intermediate (act's dimension 1) must be a positive multiple of 128");
+  s.require(w2.dimensions().size() == 3 && E > 0 && H > 0 && H % q == 0,
+            "w2 must be [E, H, I] with E >= 1 and H a positive multiple of 128");
+  s.require(y->dimensions().size() == 2 && Y > 0 && Y <= INT_MAX,
+            "y must be [rows, H] with 1 <= rows < 2^31");
+  s.expect("act_scale", act_scale.dimensions(), {P, I / q});
+  s.expect("row_src", row_src.dimensions(), {P});
+  s.expect("block_expert", block_expert.dimensions(), {P / kBlockM});
+  s.expect("num_blocks", num_blocks.dimensions(), {1});
+  s.expect("w2", w2.dimensions(), {E, H, I});
+  s.expect("w2_scale", w2_scale.dimensions(), {E, H / q, I / q});
+  s.expect("y", y->dimensions(), {Y, H});
+  s.expect("table", table->dimensions(), {1});
+  if (s.failed()) return s.error();
+  if (!aligned16(act.untyped_data()) || !aligned16(w2.untyped_data()) ||
+      !aligned16(y->untyped_data())) {
+    return ffi::Error::Internal(std::string(kL2) + ": act, w2 or y is not 16-byte aligned");
+  }
+  int grid = 0;
+  if (ffi::Error err = grid_size(kL2, device_ordinal, num_ctas, &grid); err.failure()) return err;
+
+  // The kernel stores row r at combine[rank] + (k * max_tokens + token) * H for the slot code
+  // row_src[r] = (rank * max_tokens + token) * topk + k. With one rank, topk 1 and max_tokens Y,
+  // that is y + row_src[r] * H: a one-entry table holding y's address.
+  void** slot = reinterpret_cast<void**>(table->typed_data());
+  if (cudaError_t err = launch_store_pointer(slot, y->untyped_data(), stream); err != cudaSuccess) {
+    return launch_error(kL2, device_ordinal, err);
+  }
+  L2Params p{};
+  p.act = static_cast<const uint8_t*>(act.untyped_data());
+  p.act_scale = act_scale.typed_data();
+  p.row_src = row_src.typed_data();
+  p.block_expert = block_expert.typed_data();
+  p.num_blocks = num_blocks.typed_data();
+  p.w2 = static_cast<const uint8_t*>(w2.untyped_data());
+  p.w2_scale = w2_scale.typed_data();
+  p.combine = reinterpret_cast<uint16_t* const*>(slot);
+  p.hidden = static_cast<int>(H);
+  p.intermediate = static_cast<int>(I);
+  p.topk = 1;
+  p.max_tokens = static_cast<int>(Y);
+  p.max_blocks = static_cast<int>(P / kBlockM);
+  p.num_ctas = grid;
+  if (cudaError_t err = launch_l2(p, stream); err != cudaSuccess) {
+    return launch_error(kL2, device_ordinal, err);
+  }
+  return ffi::Error::Success();
+}
+
+void check_cuda(cudaError_t err, const std::string& what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error("jax_megamoe: " + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+}  // namespace
+
+void prepare_standalone(int device_ordinal) {
+  const int count = device_count();
+  if (device_ordinal < 0 || device_ordinal >= count || device_ordinal >= kMaxDevices) {
+    throw std::invalid_argument("jax_megamoe: device ordinal " + std::to_string(device_ordinal) +
+                                " is out of range; " + std::to_string(count) +
+                                " CUDA devices are visible");
+  }
+  if (g_num_sms[device_ordinal].load(std::memory_order_acquire) != 0) return;
+  const auto [major, minor] = device_capability(device_ordinal);
+  if (major != 9) {
+    throw std::runtime_error("jax_megamoe: device " + std::to_string(device_ordinal) +
+                             " has compute capability " + std::to_string(major) + "." +
+                             std::to_string(minor) +
+                             "; the grouped GEMM kernels are built for SM90 (Hopper) only");
+  }
+  int previous = 0;
+  check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
+  check_cuda(cudaSetDevice(device_ordinal),
+             "cudaSetDevice(" + std::to_string(device_ordinal) + ")");
+  int num_sms = 0;
+  cudaError_t err =
+      cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device_ordinal);
+  if (err == cudaSuccess) err = prepare_standalone_kernels();
+  cudaSetDevice(previous);
+  check_cuda(err, "loading the grouped GEMM kernels on device " + std::to_string(device_ordinal));
+  g_num_sms[device_ordinal].store(num_sms, std::memory_order_release);
+}
+
+}  // namespace jax_megamoe
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL1Gemm, jax_megamoe::L1GemmExecute,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()         // a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a_scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // row_weight
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // row_src
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // block_expert
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // num_blocks
+                                  .Arg<ffi::AnyBuffer>()         // w1
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w1_scale
+                                  .Ret<ffi::AnyBuffer>()         // act
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // act_scale
+                                  .Attr<float>("activation_clamp")
+                                  .Attr<int64_t>("num_ctas"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL2Gemm, jax_megamoe::L2GemmExecute,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()          // act
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // act_scale
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // row_src
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // block_expert
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // num_blocks
+                                  .Arg<ffi::AnyBuffer>()          // w2
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w2_scale
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // y
+                                  .Ret<ffi::Buffer<ffi::S64>>()   // table (scratch)
+                                  .Attr<int64_t>("num_ctas"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

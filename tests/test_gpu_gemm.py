@@ -1,0 +1,333 @@
+"""The two grouped FP8 GEMM kernels alone (``grouped_gemm_l1`` / ``grouped_gemm_l2``) against a
+pure-JAX f32 computation per expert, on Hopper GPUs (``pytest -m gpu``; skipped elsewhere).
+
+Pools hold fresh random data everywhere (padding rows included), experts with uneven counts
+(0, 1, 64, 65 rows, ...), and poisoned row blocks past ``num_blocks``: they name a real expert
+and real destinations in ``y``, so an L2 that ran them would overwrite rows that are checked.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from inputs import make_weights_on_device
+
+from jax_megamoe import calc_diff, dequantize, quantize_per_token
+from jax_megamoe._ffi import (
+    BLOCK_M,
+    grouped_gemm_l1,
+    grouped_gemm_l2,
+    pool_layout,
+    pool_rows,
+)
+from jax_megamoe.reference import _swiglu
+
+pytestmark = pytest.mark.gpu
+
+HIGHEST = jax.lax.Precision.HIGHEST
+# name: (hidden, intermediate, per-expert row counts)
+SHAPES = {
+    "small": (512, 256, (0, 64, 65, 37)),
+    # H % 256 != 0: L2 takes its 128-column tiles.
+    "narrow": (384, 384, (65, 0, 130)),
+    "dsv3": (7168, 2048, (0, 64, 65, 200, 1, 130, 7, 300)),
+}
+EXTRA_BLOCKS = 2  # poisoned row blocks past num_blocks
+
+
+@functools.cache
+def weights_for(h, i, e, device_index=0, seed=0):
+    w = make_weights_on_device(jax.random.key(seed), e=e, h=h, i=i)
+    return jax.device_put(w, jax.devices("gpu")[device_index])
+
+
+class Pool:
+    """One random pool in expert order, its layout, and each row's destination in ``y``."""
+
+    def __init__(self, seed, counts, h, i, device=None):
+        self.counts = tuple(int(c) for c in counts)
+        rows = pool_rows(self.counts) + EXTRA_BLOCKS * BLOCK_M
+        layout = pool_layout(self.counts, rows)
+        rng = np.random.default_rng(seed)
+        valid = np.asarray(layout.row_valid)
+        self.rows, self.n = rows, int(valid.sum())
+        self.starts = [int(s) for s in np.asarray(layout.starts)]
+        nb = int(np.asarray(layout.num_blocks)[0])
+        # Valid rows in expert order (the order of the reference's concatenation).
+        self.valid_idx = np.concatenate(
+            [np.arange(s, s + c) for s, c in zip(self.starts, self.counts, strict=True)]
+        )
+
+        x = rng.standard_normal((rows, h)).astype(np.float32)
+        x[:, rng.integers(h)] *= 8.0  # an outlier channel: block scales differ
+        v = rng.standard_normal((rows, i)).astype(np.float32) * 0.3
+        v[:, rng.integers(i)] *= 8.0
+        row_weight = rng.uniform(0.05, 1.0, rows).astype(np.float32)
+        row_weight[~valid] = np.nan  # padding rows must not leak into real ones
+        dest = np.full(rows, -1, np.int32)
+        dest[valid] = rng.permutation(self.n)  # L2 scatters to a shuffled order
+        block_expert = np.asarray(layout.block_expert).copy()
+        block_expert[nb:] = rng.integers(len(self.counts), size=len(block_expert) - nb)
+        dest[nb * BLOCK_M :] = rng.integers(self.n, size=rows - nb * BLOCK_M)
+
+        put = functools.partial(jax.device_put, device=device)
+        self.a, self.a_scale = (put(t) for t in quantize_per_token(jnp.asarray(x)))
+        self.act_in, self.act_in_scale = (put(t) for t in quantize_per_token(jnp.asarray(v)))
+        self.row_weight = put(row_weight)
+        self.dest = dest
+        self.row_src = put(dest)
+        self.block_expert = put(block_expert.astype(np.int32))
+        self.num_blocks = put(np.asarray(layout.num_blocks))
+
+    def l1(self, w, clamp=None, num_ctas=0):
+        return grouped_gemm_l1(
+            self.a,
+            self.a_scale,
+            self.row_weight,
+            self.row_src,
+            self.block_expert,
+            self.num_blocks,
+            w.w1,
+            w.w1_scale,
+            activation_clamp=clamp,
+            num_ctas=num_ctas,
+        )
+
+    def l2(self, w, act, act_scale, num_ctas=0):
+        return grouped_gemm_l2(
+            act,
+            act_scale,
+            self.row_src,
+            self.block_expert,
+            self.num_blocks,
+            w.w2,
+            w.w2_scale,
+            out_rows=self.n,
+            num_ctas=num_ctas,
+        )
+
+    def segments(self):
+        pairs = zip(self.starts, self.counts, strict=True)
+        return [(e, s, c) for e, (s, c) in enumerate(pairs) if c]
+
+
+def reference_l1(pool, w, clamp):
+    """Dequantized act of the valid rows, in expert order: f32 GEMM, SwiGLU, routing weight,
+    1x128 requant."""
+
+    @jax.jit
+    def run(a, a_scale, rw, w1, w1s):
+        xf = dequantize(a, a_scale)
+        outs = []
+        for e, s, c in pool.segments():
+            h = jnp.dot(xf[s : s + c], dequantize(w1[e], w1s[e]).T, precision=HIGHEST)
+            v = _swiglu(h, clamp) * rw[s : s + c, None]
+            outs.append(dequantize(*quantize_per_token(v)))
+        return jnp.concatenate(outs)
+
+    return run(pool.a, pool.a_scale, pool.row_weight, w.w1, w.w1_scale)
+
+
+def reference_l2(pool, w, act, act_scale):
+    """f32 ``y`` [n, H]: each valid row's GEMM stored at its destination."""
+
+    @jax.jit
+    def run(act, act_scale, w2, w2s):
+        af = dequantize(act, act_scale)
+        return jnp.concatenate(
+            [
+                jnp.dot(af[s : s + c], dequantize(w2[e], w2s[e]).T, precision=HIGHEST)
+                for e, s, c in pool.segments()
+            ]
+        )
+
+    out = np.asarray(run(act, act_scale, w.w2, w.w2_scale))
+    y = np.zeros_like(out)
+    y[pool.dest[pool.valid_idx]] = out
+    return y
+
+
+def valid_act(pool, act, act_scale):
+    return np.asarray(dequantize(act, act_scale))[pool.valid_idx]
+
+
+def check_l1(pool, w, clamp=None, label=""):
+    act, act_scale = pool.l1(w, clamp)
+    assert act.dtype == jnp.float8_e4m3fn and act_scale.dtype == jnp.float32
+    got = valid_act(pool, act, act_scale)
+    want = np.asarray(reference_l1(pool, w, clamp))
+    assert np.isfinite(got).all()
+    assert (np.asarray(act_scale)[pool.valid_idx] > 0).all()
+    assert np.abs(want).max() > 0
+    diff = calc_diff(got, want)
+    print(f"L1 {label}: calc_diff {diff:.2e} over {pool.n} rows")
+    assert diff <= 1e-4, (label, diff)
+    return act, act_scale
+
+
+def check_l2(pool, w, act, act_scale, label=""):
+    y = pool.l2(w, act, act_scale)
+    assert y.shape == (pool.n, w.w2.shape[1]) and y.dtype == jnp.bfloat16
+    got = np.asarray(y, np.float32)
+    want = reference_l2(pool, w, act, act_scale)
+    assert np.isfinite(got).all()
+    assert np.abs(want).max() > 0
+    diff = calc_diff(got, want)
+    print(f"L2 {label}: calc_diff {diff:.2e} over {pool.n} rows")
+    assert diff <= 1e-4, (label, diff)
+    return y
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_l1_matches_reference(name):
+    h, i, counts = SHAPES[name]
+    w = weights_for(h, i, len(counts))
+    pool = Pool(11, counts, h, i)
+    check_l1(pool, w, label=name)
+
+
+def test_l1_activation_clamp():
+    h, i, counts = SHAPES["small"]
+    pool = Pool(12, counts, h, i)
+    check_l1(pool, weights_for(h, i, len(counts)), clamp=1.5, label="small clamp 1.5")
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_l2_matches_reference(name):
+    h, i, counts = SHAPES[name]
+    w = weights_for(h, i, len(counts))
+    pool = Pool(13, counts, h, i)
+    check_l2(pool, w, pool.act_in, pool.act_in_scale, label=name)
+
+
+@pytest.mark.parametrize("name", ["small", "dsv3"])
+def test_l1_then_l2(name):
+    """L2 on L1's real output (the fused layer's data path, without dispatch/combine)."""
+    h, i, counts = SHAPES[name]
+    w = weights_for(h, i, len(counts))
+    pool = Pool(14, counts, h, i)
+    act, act_scale = check_l1(pool, w, label=f"{name} chained")
+    check_l2(pool, w, act, act_scale, label=f"{name} chained")
+
+
+def test_jit_layout_grid_size_and_determinism():
+    """Both kernels in one jit with the layout computed on the device, against eager calls:
+    bit-identical, for the default grid and for a small persistent grid."""
+    h, i, counts = SHAPES["small"]
+    w = weights_for(h, i, len(counts))
+    pool = Pool(15, counts, h, i)
+    rows = pool.rows
+
+    @functools.partial(jax.jit, static_argnames="num_ctas")
+    def both(counts, a, a_scale, rw, row_src, w, num_ctas=0):
+        layout = pool_layout(counts, rows)
+        src = jnp.where(layout.row_valid, row_src, -1)
+        act, act_scale = grouped_gemm_l1(
+            a,
+            a_scale,
+            rw,
+            src,
+            layout.block_expert,
+            layout.num_blocks,
+            w.w1,
+            w.w1_scale,
+            num_ctas=num_ctas,
+        )
+        y = grouped_gemm_l2(
+            act,
+            act_scale,
+            src,
+            layout.block_expert,
+            layout.num_blocks,
+            w.w2,
+            w.w2_scale,
+            out_rows=pool.n,
+            num_ctas=num_ctas,
+        )
+        return act, act_scale, y
+
+    args = (jnp.asarray(counts, jnp.int32), pool.a, pool.a_scale, pool.row_weight, pool.row_src, w)
+    act, act_scale, y = both(*args)
+    eager_act, eager_scale = pool.l1(w)
+    v = pool.valid_idx
+    np.testing.assert_array_equal(
+        np.asarray(act).view(np.uint8)[v], np.asarray(eager_act).view(np.uint8)[v]
+    )
+    np.testing.assert_array_equal(np.asarray(act_scale)[v], np.asarray(eager_scale)[v])
+    # The poisoned blocks past num_blocks are -1 in the jitted layout; y must not depend on it.
+    eager_y = pool.l2(w, eager_act, eager_scale)
+    np.testing.assert_array_equal(
+        np.asarray(y).view(np.uint16), np.asarray(eager_y).view(np.uint16)
+    )
+    for n in (1, 3):
+        _, _, y_small_grid = both(*args, num_ctas=n)
+        np.testing.assert_array_equal(
+            np.asarray(y_small_grid).view(np.uint16), np.asarray(y).view(np.uint16)
+        )
+    for _ in range(50):  # repeated calls (command buffers replay after the first runs)
+        again = both(*args)[2]
+    np.testing.assert_array_equal(np.asarray(again).view(np.uint16), np.asarray(y).view(np.uint16))
+
+
+def test_no_blocks():
+    h, i, counts = SHAPES["small"]
+    w = weights_for(h, i, len(counts))
+    pool = Pool(16, counts, h, i)
+    zero = jnp.zeros((1,), jnp.int32)
+    act, act_scale = grouped_gemm_l1(
+        pool.a,
+        pool.a_scale,
+        pool.row_weight,
+        pool.row_src,
+        pool.block_expert,
+        zero,
+        w.w1,
+        w.w1_scale,
+    )
+    y = grouped_gemm_l2(
+        act, act_scale, pool.row_src, pool.block_expert, zero, w.w2, w.w2_scale, out_rows=pool.n
+    )
+    jax.block_until_ready(y)
+
+
+def test_every_gpu():
+    """Kernels are prepared and run on each local GPU, not only the first."""
+    h, i, counts = SHAPES["small"]
+    for index, device in enumerate(jax.devices("gpu")):
+        w = weights_for(h, i, len(counts), device_index=index)
+        pool = Pool(17 + index, counts, h, i, device=device)
+        act, act_scale = check_l1(pool, w, label=f"GPU {index}")
+        assert act.devices() == {device}
+        check_l2(pool, w, act, act_scale, label=f"GPU {index}")
+
+
+def test_shape_errors_are_reported():
+    h, i, counts = SHAPES["small"]
+    w = weights_for(h, i, len(counts))
+    pool = Pool(18, counts, h, i)
+    bad_scale = jnp.ones((pool.rows, h // 128 + 1), jnp.float32)
+    with pytest.raises(Exception, match="a_scale"):
+        jax.block_until_ready(
+            grouped_gemm_l1(
+                pool.a,
+                bad_scale,
+                pool.row_weight,
+                pool.row_src,
+                pool.block_expert,
+                pool.num_blocks,
+                w.w1,
+                w.w1_scale,
+            )
+        )
+    with pytest.raises(ValueError, match="multiple of 64"):
+        grouped_gemm_l2(
+            pool.act_in[:-1],
+            pool.act_in_scale[:-1],
+            pool.row_src[:-1],
+            pool.block_expert,
+            pool.num_blocks,
+            w.w2,
+            w.w2_scale,
+        )

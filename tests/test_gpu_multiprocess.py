@@ -1,0 +1,119 @@
+"""The fused path across processes (``jax.distributed``, CUDA IPC between processes) on one
+host: N processes x 1 GPU and 2 processes x 2 GPUs give bitwise the single-process output, for a
+1-D expert mesh and 2-D (data x expert) meshes. ``pytest -m gpu tests/test_gpu_multiprocess.py``
+on a machine with 4 (or 2) Hopper GPUs; each case starts fresh processes with the launcher."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from launcher import describe, launch
+from mp_worker import MESHES, WORKER, load_rows, summaries
+
+pytestmark = pytest.mark.gpu
+
+# No preallocation: the pytest process already holds most of each GPU. Bounded waits everywhere.
+GPU_ENV = {
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    "JAX_MEGAMOE_TIMEOUT_S": "20",
+    "JAX_MEGAMOE_SETUP_TIMEOUT_S": "60",
+    "NCCL_NVLS_ENABLE": "0",
+}
+ARGS = ["--impls", "fused,reference", "--tokens", "32", "--repeat", "20"]
+TIMEOUT_S = 150
+
+
+def num_gpus():
+    return min(4, len(jax.devices("gpu")))
+
+
+def visible(n):
+    """The first n GPUs as CUDA_VISIBLE_DEVICES entries, respecting the caller's own setting."""
+    outer = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = outer.split(",") if outer else [str(i) for i in range(n)]
+    return ids[:n]
+
+
+def layouts(n):
+    out = {
+        f"{n}x1": dict(num_processes=n, local_devices=[[i] for i in range(n)]),
+        f"{n}x1_visible": dict(num_processes=n, visible_devices=visible(n)),
+    }
+    if n == 4:
+        out["2x2"] = dict(num_processes=2, local_devices=[[0, 1], [2, 3]])
+    return out
+
+
+def run_ok(out, **kw):
+    results = launch([WORKER, "--out", str(out), *ARGS], platform="gpu", env=GPU_ENV, **kw)
+    assert all(r.returncode == 0 for r in results), describe(results)
+    return results
+
+
+def check_summaries(out, num_processes):
+    found = summaries(out)
+    assert sorted(found) == list(range(num_processes))
+    for s in found.values():
+        for mesh, info in s["meshes"].items():
+            assert info["allocated"] is True, (mesh, info)
+            assert info["calc_diff"] <= 1e-4, (mesh, info)
+            if num_processes > 1:
+                assert info["processes"] == list(range(num_processes))
+                assert info["spans_hosts"] is False
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    n = num_gpus()
+    if n < 2:
+        pytest.skip("needs 2 or 4 GPUs")
+    out = tmp_path_factory.mktemp("single")
+    run_ok(
+        out,
+        num_processes=1,
+        distributed=False,
+        visible_devices=[",".join(visible(n))],
+        timeout_s=TIMEOUT_S,
+    )
+    check_summaries(out, 1)
+    return n, out
+
+
+@pytest.mark.parametrize("layout", ["Nx1", "Nx1_visible", "2x2"])
+def test_processes_match_single_process_bitwise(golden, layout, tmp_path):
+    n, single = golden
+    name = layout.replace("N", str(n))
+    cases = layouts(n)
+    if name not in cases:
+        pytest.skip(f"{layout} needs 4 GPUs")
+    run_ok(tmp_path, timeout_s=TIMEOUT_S, **cases[name])
+    check_summaries(tmp_path, cases[name]["num_processes"])
+    for mesh in MESHES:
+        np.testing.assert_array_equal(
+            load_rows(tmp_path, mesh, "fused"),
+            load_rows(single, mesh, "fused"),
+            err_msg=f"{name} {mesh}: fused output differs from the single-process run",
+        )
+
+
+def test_expert_group_across_hosts_is_refused(tmp_path):
+    """Two GPU processes claiming different hosts: a 1-D expert axis spans them, and
+    SymmBuffer.create refuses in both (the same processes on one host are the 2x1/4x1 cases)."""
+    if num_gpus() < 2:
+        pytest.skip("needs 2 GPUs")
+    results = launch(
+        [WORKER, "--out", str(tmp_path), "--scenario", "hosts"],
+        2,
+        platform="gpu",
+        local_devices=[[0], [1]],
+        env=GPU_ENV,
+        per_process_env=[{"JAX_MEGAMOE_HOST_ID": h} for h in ("host-a", "host-b")],
+        timeout_s=TIMEOUT_S,
+    )
+    assert all(r.returncode == 0 for r in results), describe(results)
+    for p in (0, 1):
+        with open(tmp_path / f"hosts.p{p}.json") as f:
+            got = json.load(f)
+        assert "spans 2 hosts" in got.get("error", ""), got
