@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .checks import expect
+
 try:  # Built only where a CUDA toolkit was present at install time.
     from . import _C
 except ImportError:  # pragma: no cover - depends on the install
@@ -142,9 +144,19 @@ def grouped_gemm_l1(
     """
     prepare_standalone()
     register_targets()
-    rows, _ = a.shape
+    rows, hidden = a.shape
     _check_pool("grouped_gemm_l1", rows, block_expert)
-    inter = w1.shape[1] // 2
+    experts, two_inter = w1.shape[0], w1.shape[1]
+    inter = two_inter // 2
+    for name, arr, shape, dtype in (
+        ("a", a, (rows, hidden), jnp.float8_e4m3fn),
+        ("a_scale", a_scale, (rows, hidden // 128), jnp.float32),
+        ("row_weight", row_weight, (rows,), jnp.float32),
+        ("row_src", row_src, (rows,), jnp.int32),
+        ("w1", w1, (experts, 2 * inter, hidden), jnp.float8_e4m3fn),
+        ("w1_scale", w1_scale, (experts, two_inter // 128, hidden // 128), jnp.float32),
+    ):
+        expect(f"grouped_gemm_l1: {name}", arr, shape, dtype)
     call = jax.ffi.ffi_call(
         L1_GEMM_TARGET,
         (
@@ -199,12 +211,20 @@ def grouped_gemm_l2(
     """
     prepare_standalone()
     register_targets()
-    rows, _ = act.shape
+    rows, inter = act.shape
     _check_pool("grouped_gemm_l2", rows, block_expert)
+    experts, hidden = w2.shape[0], w2.shape[1]
+    for name, arr, shape, dtype in (
+        ("act", act, (rows, inter), jnp.float8_e4m3fn),
+        ("act_scale", act_scale, (rows, inter // 128), jnp.float32),
+        ("row_src", row_src, (rows,), jnp.int32),
+        ("w2", w2, (experts, hidden, inter), jnp.float8_e4m3fn),
+        ("w2_scale", w2_scale, (experts, hidden // 128, inter // 128), jnp.float32),
+    ):
+        expect(f"grouped_gemm_l2: {name}", arr, shape, dtype)
     out_rows = rows if out_rows is None else int(out_rows)
     if out_rows <= 0:
         raise ValueError(f"grouped_gemm_l2: out_rows ({out_rows}) must be positive")
-    hidden = w2.shape[1]
     call = jax.ffi.ffi_call(
         L2_GEMM_TARGET,
         (

@@ -10,19 +10,13 @@ from jax import lax
 
 from . import _ffi
 from .buffer import SymmBuffer, check_moe_dims
+from .checks import expect
 from .quant import BLOCK, FP8_DTYPE
 from .reference import reference_mega_moe
 from .weights import MoEWeights, check_weights
 
 Impl = Literal["auto", "fused", "reference"]
 IMPLS = ("auto", "fused", "reference")
-
-
-def _expect(name: str, arr, shape: tuple[int, ...], dtype) -> None:
-    if tuple(arr.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {shape}")
-    if arr.dtype != jnp.dtype(dtype):
-        raise TypeError(f"{name} has dtype {arr.dtype}, expected {jnp.dtype(dtype).name}")
 
 
 def _axis_size(axis_name: str | None) -> int:
@@ -105,10 +99,10 @@ def fp8_mega_moe(
         raise ValueError(f"hidden ({h}) must be a multiple of {BLOCK}")
     if wh != h:
         raise ValueError(f"x has hidden {h} but the weights have hidden {wh}")
-    _expect("x", x, (m, h), FP8_DTYPE)
-    _expect("x_scale", x_scale, (m, h // BLOCK), jnp.float32)
-    _expect("topk_ids", topk_ids, (m, k), jnp.int32)
-    _expect("topk_weights", topk_weights, (m, k), jnp.float32)
+    expect("x", x, (m, h), FP8_DTYPE)
+    expect("x_scale", x_scale, (m, h // BLOCK), jnp.float32)
+    expect("topk_ids", topk_ids, (m, k), jnp.int32)
+    expect("topk_weights", topk_weights, (m, k), jnp.float32)
     if m < 1:
         raise ValueError("x must hold at least one token")
     num_ranks = _axis_size(axis_name)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .checks import expect
 from .quant import BLOCK, FP8_DTYPE
 
 
@@ -61,10 +62,7 @@ def check_weights(weights: MoEWeights) -> tuple[int, int, int]:
         "w2_scale": (w2s, (e, h // BLOCK, i // BLOCK), jnp.float32),
     }
     for name, (arr, shape, dtype) in expected.items():
-        if tuple(arr.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {shape}")
-        if arr.dtype != dtype:
-            raise TypeError(f"{name} has dtype {arr.dtype}, expected {jnp.dtype(dtype).name}")
+        expect(name, arr, shape, dtype)
     return e, h, i
 
 

@@ -204,3 +204,33 @@ def test_gradient_raises(inp):
 
     with pytest.raises(NotImplementedError, match="inference-only"):
         jax.grad(loss)(inp["x_scale"])
+
+
+@pytest.mark.skipif(not _ffi.extension_available(), reason="needs the built extension")
+def test_standalone_gemm_operands_checked_at_trace_time():
+    rows, h, i, e = 128, 256, 128, 2
+    f8 = jnp.float8_e4m3fn
+    args = dict(
+        a=jnp.zeros((rows, h), f8),
+        a_scale=jnp.ones((rows, h // 128)),
+        row_weight=jnp.ones((rows,)),
+        row_src=jnp.zeros((rows,), jnp.int32),
+        block_expert=jnp.zeros((rows // 64,), jnp.int32),
+        num_blocks=jnp.int32(2),
+        w1=jnp.zeros((e, 2 * i, h), f8),
+        w1_scale=jnp.ones((e, 2 * i // 128, h // 128)),
+    )
+    with pytest.raises(ValueError, match="grouped_gemm_l1: row_weight has shape"):
+        _ffi.grouped_gemm_l1(**{**args, "row_weight": jnp.ones((rows - 1,))})
+    with pytest.raises(TypeError, match="grouped_gemm_l1: a has dtype"):
+        _ffi.grouped_gemm_l1(**{**args, "a": jnp.zeros((rows, h), jnp.bfloat16)})
+    with pytest.raises(ValueError, match="grouped_gemm_l2: w2_scale has shape"):
+        _ffi.grouped_gemm_l2(
+            jnp.zeros((rows, i), f8),
+            jnp.ones((rows, i // 128)),
+            args["row_src"],
+            args["block_expert"],
+            args["num_blocks"],
+            jnp.zeros((e, h, i), f8),
+            jnp.ones((e, h // 128, 2)),
+        )
