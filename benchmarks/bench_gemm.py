@@ -178,20 +178,6 @@ def make_set(args, layout, rows: int, key):
     return gen(key, layout.row_valid)
 
 
-def _measure(fn, arg_sets, args, module: str) -> dict:
-    t = timing.time_calls(
-        fn,
-        arg_sets,
-        iters=args.iters,
-        warmup=args.warmup,
-        module=module,
-        profile=not args.no_profile,
-    )
-    out = t.summary()
-    out["status"] = "ok"
-    return out
-
-
 def one_point(args, m: int, fns: dict, weights) -> dict:
     h, i = args.hidden, args.intermediate
     seed = args.seed * 1_000_003 + m
@@ -237,7 +223,7 @@ def one_point(args, m: int, fns: dict, weights) -> dict:
     for kind in KERNELS:
         try:
             args_k = [jax.block_until_ready(a) for a in arg_sets[kind]]
-            r = _measure(fns[kind], args_k, args, MODULES[kind])
+            r, _ = timing.measure(fns[kind], args_k, args, MODULES[kind])
             r["flops"] = flops[kind]
             r["tflops"] = flops[kind] / (r["max_us"] * 1e-6) / 1e12
         except Exception as e:  # one failing point must not end the sweep

@@ -127,16 +127,7 @@ def _phases(kernel_totals: dict[str, float]) -> dict[str, float]:
 
 
 def _measure(fn: Callable, arg_sets: list[tuple], args, module: str) -> dict:
-    t = timing.time_calls(
-        fn,
-        arg_sets,
-        iters=args.iters,
-        warmup=args.warmup,
-        module=module,
-        profile=not args.no_profile,
-    )
-    out = t.summary()
-    out["status"] = "ok"
+    out, t = timing.measure(fn, arg_sets, args, module)
     out["phases_us"] = _phases(t.kernel_totals)
     return out
 

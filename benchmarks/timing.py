@@ -284,3 +284,19 @@ def time_calls(
             return Timing(source=f"wall-clock (profile unusable: {e})", wall_us=wall)
     timing.wall_us = wall
     return timing
+
+
+def measure(fn, arg_sets, args, module: str) -> tuple[dict, Timing]:
+    """``time_calls`` with the benchmarks' common flags (``--iters``, ``--warmup``,
+    ``--no-profile``); returns the summary (``status`` ok) and the full timing."""
+    t = time_calls(
+        fn,
+        arg_sets,
+        iters=args.iters,
+        warmup=args.warmup,
+        module=module,
+        profile=not args.no_profile,
+    )
+    out = t.summary()
+    out["status"] = "ok"
+    return out, t
