@@ -107,14 +107,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _failure(e: BaseException) -> str:
-    msg = str(e)
-    if any(s in msg for s in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")):
-        return "OOM"
-    first = msg.strip().splitlines()[0] if msg.strip() else ""
-    return f"error: {type(e).__name__}: {first[:240]}"
-
-
 def _named_jit(fn, name: str):
     fn.__name__ = name  # the profile's module name (jit_<name>) selects this call's kernels
     return jax.jit(fn)
@@ -227,7 +219,7 @@ def one_point(args, m: int, fns: dict, weights) -> dict:
             r["flops"] = flops[kind]
             r["tflops"] = flops[kind] / (r["max_us"] * 1e-6) / 1e12
         except Exception as e:  # one failing point must not end the sweep
-            r = {"status": _failure(e), "flops": flops[kind]}
+            r = {"status": timing.failure(e), "flops": flops[kind]}
         row[kind] = r
         print(_progress(m, kind, r), flush=True)
     for kind in ("l1", "l2"):

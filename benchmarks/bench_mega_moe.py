@@ -109,14 +109,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _failure(e: BaseException) -> str:
-    msg = str(e)
-    if any(s in msg for s in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")):
-        return "OOM"
-    first = msg.strip().splitlines()[0] if msg.strip() else ""
-    return f"error: {type(e).__name__}: {first[:240]}"
-
-
 def _phases(kernel_totals: dict[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, us in kernel_totals.items():
@@ -180,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             w_bf16 = jax.block_until_ready(shapes.bf16_weights(mesh, weights))
         except Exception as e:  # e.g. no room for 22 GB of bf16 weights at R=1
             for b in ("ragged", "pallas", "dense"):
-                skip.setdefault(b, f"bf16 weights: {_failure(e)}")
+                skip.setdefault(b, f"bf16 weights: {timing.failure(e)}")
             gc.collect()
 
     def fused(x, x_scale, ids, tw, w):
@@ -268,7 +260,7 @@ def _one_point(args, mesh, shape, routing, m, fused_fn, weights, w_bf16, skip, i
         r["tflops_per_gpu"] = flops / (r["max_us"] * 1e-6) / 1e12
         r["floor_ratio"] = r["max_us"] / (floor_s * 1e6)
     except Exception as e:  # one failing point must not end the sweep
-        r = {"status": _failure(e), "impl": impl}
+        r = {"status": timing.failure(e), "impl": impl}
     row["fused"] = r
     print(_progress(row, "fused", r), flush=True)
 
@@ -282,7 +274,7 @@ def _one_point(args, mesh, shape, routing, m, fused_fn, weights, w_bf16, skip, i
                 b = _measure(fn, arg_sets, args, f"baseline_{name}")
                 del fn, arg_sets
             except Exception as e:  # OOM or an unsupported op: report it, keep sweeping
-                b = {"status": _failure(e)}
+                b = {"status": timing.failure(e)}
             gc.collect()
         if b["status"] == "ok" and r.get("status") == "ok":
             b["speedup"] = b["max_us"] / r["max_us"]

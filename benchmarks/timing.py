@@ -300,3 +300,12 @@ def measure(fn, arg_sets, args, module: str) -> tuple[dict, Timing]:
     out = t.summary()
     out["status"] = "ok"
     return out, t
+
+
+def failure(e: BaseException) -> str:
+    """How a failed measurement is reported: ``OOM``, or the error's type and first line."""
+    msg = str(e)
+    if any(s in msg for s in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")):
+        return "OOM"
+    first = msg.strip().splitlines()[0] if msg.strip() else ""
+    return f"error: {type(e).__name__}: {first[:240]}"
