@@ -23,8 +23,8 @@ cuobjdump -sass "$out/gemm.o" > "$out/gemm.sass"
 awk '
   /Function :/ { fn = $3; next }
   /^ +\/\*[0-9a-f]+\*\/ / {
-    op = ""; for (i = 2; i <= NF; ++i) if ($i ~ /^[A-Z][A-Z0-9_.]*$/ && $i != "PT") { op = $i; break }
+    op = ""; for (i = 2; i <= NF; ++i) if ($i ~ /^[A-Z][A-Za-z0-9_.]*$/ && $i != "PT") { op = $i; break }
     sub(/\..*/, "", op)
-    if (op ~ /^(HMMA|QMMA|HGMMA|QGMMA|F2FP|FADD|LDSM|LDGSTS|STG|LDL|STL|BAR)$/) n[fn " " op]++
+    if (op ~ /^(HMMA|QMMA|HGMMA|QGMMA|WARPGROUP|F2FP|FADD|FFMA|LDSM|LDS|LDGSTS|STG|LDL|STL|BAR)$/) n[fn " " op]++
   }
   END { for (k in n) print k, n[k] }' "$out/gemm.sass" | sort

@@ -1,65 +1,76 @@
 // Shared main loop of the L1/L2 grouped FP8 GEMMs: a persistent CTA walks (row block, N tile)
 // pairs; every K block of 128 (= one scale block) is a cp.async stage in a shared-memory ring,
-// multiplied on the tensor cores (ptx/mma.cuh: e4m3 unpacked to f16, exact) into a per-stage f32
+// multiplied on the tensor cores by wgmma e4m3 (ptx/wgmma.cuh, SASS QGMMA) into a per-stage f32
 // accumulator, then promoted into the f32 master accumulator with a_scale x b_scale, which change
 // every 128 K.
 //
-// CTA tile: kBlockM (64) rows x kNumGroups * 128 B rows. Each group of 128 B rows is contiguous
-// in the expert's weight matrix and lies inside one 128x128 scale block, so it has one weight
-// scale per K block. L1 uses group 0 = gate rows, group 1 = up rows of the same columns.
+// CTA tile: kBlockM (64) rows x 2 * kWgN B rows. Threads: two warpgroups; warpgroup g owns all 64
+// rows and B rows [g * kWgN, +kWgN) of the tile, one wgmma m64nNk32 per k32 step. Each
+// warpgroup's B rows are contiguous in the expert's weight matrix and lie inside one 128x128
+// scale block, so they have one weight scale per K block. L1 uses warpgroup 0 = gate rows,
+// warpgroup 1 = up rows of the same 128 columns.
 //
-// Threads: 8 warps as 2 (M) x 4 (N). Warp (wm, wn) owns rows [32 wm, +32) and, in every group,
-// B rows [32 wn, +32): the gate and up values of one output column land in the same thread.
-// Roles, in order per step: producer (issue stage i + kStages - 1), math (stage i), and after a
-// tile's last K block the epilogue; all warps take every role.
+// Per K block, all threads: wait for the stage's cp.async groups, fence them into the async
+// proxy, barrier; issue the stage's four wgmma; while they run, issue the loads of stage
+// i + kStages - 1 into the slot consumed in the previous step; wait for the wgmma; promote.
+// After a tile's last K block the epilogue runs while the next tile's first stages load.
 #pragma once
 
 #include <cstdint>
 
 #include "jax_megamoe/launch.h"
 #include "jax_megamoe/ptx/cp_async.cuh"
-#include "jax_megamoe/ptx/ldmatrix.cuh"
-#include "jax_megamoe/ptx/mma.cuh"
+#include "jax_megamoe/ptx/wgmma.cuh"
 
 namespace jax_megamoe::sm90 {
 
-constexpr int kNumThreads = 256;
+constexpr int kNumWarpGroups = 2;
+constexpr int kWarpGroupThreads = 128;
+constexpr int kNumThreads = kNumWarpGroups * kWarpGroupThreads;
 constexpr int kBlockK = kQuantBlock;
-constexpr int kGroupRows = kQuantBlock;
-constexpr int kWarpsM = 2;
-constexpr int kWarpsN = 4;
-constexpr int kWarpRows = kBlockM / kWarpsM;          // 32
-constexpr int kWarpMTiles = kWarpRows / 16;           // m16 tiles per warp
-constexpr int kWarpGroupCols = kGroupRows / kWarpsN;  // 32 B rows of each group per warp
-constexpr int kWarpGroupNTiles = kWarpGroupCols / 8;  // n8 tiles per group per warp
-static_assert(kWarpsM * kWarpsN * 32 == kNumThreads, "warp grid must cover the CTA");
-static_assert(kBlockK == 128, "a 128-byte K row is what the 16-byte-chunk XOR swizzle assumes");
-static_assert(kWarpRows % 16 == 0 && kWarpGroupCols % 16 == 0,
-              "an ldmatrix.x4 covers 16 rows: one m16 tile of A, two n8 tiles of one B group");
+constexpr int kWgmmaK = 32;
+// wgmma's 128-byte swizzle repeats every 8 rows x 128 B: operand tiles must start 1024-aligned.
+constexpr int kSwizzleAtomBytes = 1024;
+// Slack for aligning the dynamic shared-memory base up to kSwizzleAtomBytes.
+constexpr int kSmemAlignSlack = kSwizzleAtomBytes;
+static_assert(kBlockK == 128, "one K block must be exactly one 128-byte swizzle row");
+static_assert(kBlockM == 64, "one wgmma m64 covers the row block");
 
-template <int kNumGroups>
+template <int kWgN>
 struct TileShape {
-  static constexpr int kBRows = kNumGroups * kGroupRows;
-  static constexpr int kNTiles = kNumGroups * kWarpGroupNTiles;  // n8 tiles per warp
-  // One stage: A [64][128], B [kBRows][128] (both XOR-swizzled), A scales [64], B scales [G].
+  static_assert(kWgN == 64 || kWgN == 128, "warpgroup N must be a wgmma shape we instantiate");
+  static constexpr int kBRows = kNumWarpGroups * kWgN;
+  // One stage: A [64][128], B [kBRows][128] (both 128B-swizzled, 1024-aligned), then in a
+  // separate region A scales [64] and B scales [kNumWarpGroups].
   static constexpr int kABytes = kBlockM * kBlockK;
+  static constexpr int kBWgBytes = kWgN * kBlockK;
   static constexpr int kBBytes = kBRows * kBlockK;
-  static constexpr int kScaleBytes = ((kBlockM + kNumGroups) * 4 + 127) / 128 * 128;
-  static constexpr int kStageBytes = kABytes + kBBytes + kScaleBytes;
+  static constexpr int kOperandBytes = kABytes + kBBytes;
+  static constexpr int kScaleBytes = ((kBlockM + kNumWarpGroups) * 4 + 127) / 128 * 128;
+  static constexpr int kStageBytes = kOperandBytes + kScaleBytes;
+  static constexpr int kAccRegs = kWgN / 2;  // m64nN f32 accumulator per thread
+  static constexpr int kNTiles = kWgN / 8;   // n8 tiles per warpgroup
+  static_assert(kABytes % kSwizzleAtomBytes == 0 && kBWgBytes % kSwizzleAtomBytes == 0,
+                "every operand tile must start on a swizzle atom");
   static_assert(kBlockM * kBlockK / 16 % kNumThreads == 0, "A chunks must split evenly");
   static_assert(kBRows * kBlockK / 16 % kNumThreads == 0, "B chunks must split evenly");
-  static_assert(kBlockM + kNumGroups <= kNumThreads, "one thread per scale copy");
+  static_assert(kBlockM + kNumWarpGroups <= kNumThreads, "one thread per scale copy");
 };
 
-// Master accumulator of one thread: [m16 tile][n8 tile][mma D fragment].
-template <int kNumGroups>
-using Accum = float[kWarpMTiles][TileShape<kNumGroups>::kNTiles][4];
+// Master accumulator of one thread, in the wgmma m64nN D layout (ptx/wgmma.cuh).
+template <int kWgN>
+using Accum = float[TileShape<kWgN>::kAccRegs];
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][128] tile. XOR-ing the chunk with
-// row % 8 spreads the 8 rows an ldmatrix phase reads over all 32 banks (it is also the TMA
-// 128B-swizzle pattern, so a later TMA producer keeps the consumer unchanged).
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][128] tile: the 128-byte swizzle
+// wgmma's descriptors (layout 1) expect of a 1024-aligned tile (also the TMA 128B pattern).
 __device__ __forceinline__ uint32_t swizzle_128(int row, int chunk) {
   return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
+}
+
+__device__ __forceinline__ uint8_t* align_smem(uint8_t* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  return reinterpret_cast<uint8_t*>((a + kSwizzleAtomBytes - 1) &
+                                    ~static_cast<uintptr_t>(kSwizzleAtomBytes - 1));
 }
 
 struct GemmOperands {
@@ -70,7 +81,7 @@ struct GemmOperands {
   const int32_t* block_expert;  // [max_blocks]
   int k;
   int b_rows;
-  // B row of group g of N tile n: n * b_tile_stride + g * b_group_stride.
+  // B row of warpgroup g of N tile n: n * b_tile_stride + g * b_group_stride.
   int b_tile_stride;
   int b_group_stride;
   int n_tiles;  // N tiles per row block
@@ -112,12 +123,14 @@ class TileScheduler {
   int num_tiles_;
 };
 
-template <int kNumGroups, int kStages>
+template <int kWgN, int kStages>
 class GroupedFp8Mainloop {
-  using Shape = TileShape<kNumGroups>;
+  using Shape = TileShape<kWgN>;
+  using Mma = ptx::WgmmaE4m3<kWgN>;
   static_assert(kStages >= 2, "the ring needs one stage in flight while another is consumed");
 
  public:
+  // `smem` must be kSwizzleAtomBytes-aligned (align_smem).
   static constexpr int kSmemBytes = kStages * Shape::kStageBytes;
 
   __device__ GroupedFp8Mainloop(uint8_t* smem, const GemmOperands& op, int num_blocks)
@@ -132,21 +145,24 @@ class GroupedFp8Mainloop {
 
     int slot = 0;
     for (Tile tile = sched_.first(); !sched_.done(tile); tile = sched_.next(tile)) {
-      Accum<kNumGroups> acc;
+      Accum<kWgN> acc;
 #pragma unroll
-      for (int mt = 0; mt < kWarpMTiles; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < Shape::kNTiles; ++nt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+      for (int i = 0; i < Shape::kAccRegs; ++i) acc[i] = 0.f;
 
       for (int kb = 0; kb < num_kb_; ++kb) {
         ptx::cp_async_wait<kStages - 2>();
+        // This thread's copies into `slot` are complete; make them visible to the async proxy
+        // (wgmma reads operands through it) before the barrier publishes them to all warps.
+        ptx::fence_proxy_async_shared();
         // Makes stage `slot` visible to all warps, and retires every read of the slot the
-        // producer refills next (it was consumed in the previous step).
+        // producer refills next (its wgmma were waited for in the previous step).
         __syncthreads();
+        float part[Shape::kAccRegs];
+        issue_mma(slot, part);
         produce(producer, slot == 0 ? kStages - 1 : slot - 1);
-        math(slot, acc);
+        ptx::wgmma_wait<0>();
+        ptx::fence_operands(part);
+        promote(slot, part, acc);
         slot = slot == kStages - 1 ? 0 : slot + 1;
       }
       epilogue(tile, acc);
@@ -159,10 +175,11 @@ class GroupedFp8Mainloop {
     int kb;
   };
 
-  __device__ uint8_t* stage_a(int slot) const { return smem_ + slot * Shape::kStageBytes; }
+  __device__ uint8_t* stage_a(int slot) const { return smem_ + slot * Shape::kOperandBytes; }
   __device__ uint8_t* stage_b(int slot) const { return stage_a(slot) + Shape::kABytes; }
   __device__ float* stage_a_scale(int slot) const {
-    return reinterpret_cast<float*>(stage_b(slot) + Shape::kBBytes);
+    return reinterpret_cast<float*>(smem_ + kStages * Shape::kOperandBytes +
+                                    slot * Shape::kScaleBytes);
   }
   __device__ float* stage_b_scale(int slot) const { return stage_a_scale(slot) + kBlockM; }
 
@@ -191,8 +208,8 @@ class GroupedFp8Mainloop {
       for (int i = 0; i < Shape::kBBytes / 16 / kNumThreads; ++i) {
         const int idx = tid + i * kNumThreads;
         const int row = idx / 8, chunk = idx % 8;
-        const int group = row / kGroupRows;
-        const int b_row = b_row0 + group * op_.b_group_stride + row % kGroupRows;
+        const int group = row / kWgN;
+        const int b_row = b_row0 + group * op_.b_group_stride + row % kWgN;
         ptx::cp_async_16(b_smem + swizzle_128(row, chunk),
                          b_expert + static_cast<size_t>(b_row) * op_.k + k0 + chunk * 16);
       }
@@ -200,7 +217,7 @@ class GroupedFp8Mainloop {
       if (tid < kBlockM) {
         ptx::cp_async_4(ptx::smem_addr(stage_a_scale(slot) + tid),
                         op_.a_scale + (row0 + tid) * kq + pr.kb);
-      } else if (tid < kBlockM + kNumGroups) {
+      } else if (tid < kBlockM + kNumWarpGroups) {
         const int group = tid - kBlockM;
         const int b_row = b_row0 + group * op_.b_group_stride;
         const size_t scale_row =
@@ -217,70 +234,38 @@ class GroupedFp8Mainloop {
     ptx::cp_async_commit();
   }
 
-  // Math role: the K block in `slot` into a fresh f32 accumulator, then promotion into `acc`.
-  __device__ __forceinline__ void math(int slot, Accum<kNumGroups>& acc) const {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int wm = warp / kWarpsN, wn = warp % kWarpsN;
-    // ldmatrix.x4 row-address lanes: A matrices are (rows 0-7 | 8-15) x (k 0-15 | 16-31) in the
-    // order a0..a3; B matrices are (k 0-15 | 16-31) x (n tile 2p | 2p+1) in the order
-    // b[2p][0], b[2p][1], b[2p+1][0], b[2p+1][1].
-    const int a_row = wm * kWarpRows + lane % 8 + ((lane / 8) % 2) * 8;
-    const int a_khalf = lane / 16;
-    const int b_row = wn * kWarpGroupCols + lane % 8 + (lane / 16) * 8;
-    const int b_khalf = (lane / 8) % 2;
+  // Math role, issue: the K block in `slot` into `part` (overwritten by the first k32 step) as
+  // one committed wgmma group of this warpgroup.
+  __device__ __forceinline__ void issue_mma(int slot, float (&part)[Shape::kAccRegs]) const {
+    const int wg = threadIdx.x / kWarpGroupThreads;
     const uint32_t a_smem = ptx::smem_addr(stage_a(slot));
-    const uint32_t b_smem = ptx::smem_addr(stage_b(slot));
+    const uint32_t b_smem = ptx::smem_addr(stage_b(slot)) + wg * Shape::kBWgBytes;
+    ptx::fence_operands(part);
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBlockK / kWgmmaK; ++ks)
+      Mma::mma(part, ptx::smem_desc_sw128(a_smem + ks * kWgmmaK),
+               ptx::smem_desc_sw128(b_smem + ks * kWgmmaK), ks > 0);
+    ptx::wgmma_commit();
+    ptx::fence_operands(part);
+  }
 
-    float part[kWarpMTiles][Shape::kNTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < kWarpMTiles; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < Shape::kNTiles; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) part[mt][nt][i] = 0.f;
-
-#pragma unroll
-    for (int ks = 0; ks < kBlockK / 32; ++ks) {
-      uint32_t a[kWarpMTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kWarpMTiles; ++mt)
-        ptx::ldmatrix_x4(a_smem + swizzle_128(a_row + mt * 16, ks * 2 + a_khalf), a[mt]);
-      uint32_t b[Shape::kNTiles][2];
-#pragma unroll
-      for (int p = 0; p < Shape::kNTiles / 2; ++p) {
-        const int row = (2 * p / kWarpGroupNTiles) * kGroupRows + (2 * p % kWarpGroupNTiles) * 8;
-        uint32_t r[4];
-        ptx::ldmatrix_x4(b_smem + swizzle_128(b_row + row, ks * 2 + b_khalf), r);
-        b[2 * p][0] = r[0];
-        b[2 * p][1] = r[1];
-        b[2 * p + 1][0] = r[2];
-        b[2 * p + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int mt = 0; mt < kWarpMTiles; ++mt) {
-        const ptx::E4m3FragA fa(a[mt]);
-#pragma unroll
-        for (int nt = 0; nt < Shape::kNTiles; ++nt)
-          ptx::mma_k32_e4m3(part[mt][nt], fa, ptx::E4m3FragB(b[nt]));
-      }
-    }
-
+  // Math role, promotion: acc += part * (a_scale[row] * b_scale[warpgroup]).
+  __device__ __forceinline__ void promote(int slot, const float (&part)[Shape::kAccRegs],
+                                          Accum<kWgN>& acc) const {
+    const int t = threadIdx.x % kWarpGroupThreads;
+    const int wg = threadIdx.x / kWarpGroupThreads;
     const float* sa = stage_a_scale(slot);
-    const float* sb = stage_b_scale(slot);
-    float b_scale[kNumGroups];
+    const float b_scale = stage_b_scale(slot)[wg];
 #pragma unroll
-    for (int g = 0; g < kNumGroups; ++g) b_scale[g] = sb[g];
+    for (int half = 0; half < 2; ++half) {
+      const float s = sa[(t / 32) * 16 + half * 8 + (t % 32) / 4] * b_scale;
 #pragma unroll
-    for (int mt = 0; mt < kWarpMTiles; ++mt) {
+      for (int j = 0; j < Shape::kNTiles; ++j) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float a_scale = sa[wm * kWarpRows + mt * 16 + half * 8 + lane / 4];
-#pragma unroll
-        for (int nt = 0; nt < Shape::kNTiles; ++nt) {
-          const float s = a_scale * b_scale[nt / kWarpGroupNTiles];
-          acc[mt][nt][half * 2] = fmaf(part[mt][nt][half * 2], s, acc[mt][nt][half * 2]);
-          acc[mt][nt][half * 2 + 1] =
-              fmaf(part[mt][nt][half * 2 + 1], s, acc[mt][nt][half * 2 + 1]);
+        for (int c = 0; c < 2; ++c) {
+          const int r = 4 * j + 2 * half + c;
+          acc[r] = fmaf(part[r], s, acc[r]);
         }
       }
     }
@@ -292,18 +277,17 @@ class GroupedFp8Mainloop {
   int num_kb_;
 };
 
-// Coordinates of a thread's accumulator elements: acc[mt][nt][half * 2 + i] is CTA row
-// row(mt, half) and, within group nt / kWarpGroupNTiles, column col(nt, i).
+// Coordinates of a thread's accumulator elements: acc[4 * j + 2 * half + c] is CTA row
+// row(half) and, within the warpgroup's kWgN B rows, column col(j, c).
 struct FragCoords {
-  int lane, wm, wn;
+  int wg, t, lane, warp;
   __device__ FragCoords()
-      : lane(threadIdx.x % 32), wm(threadIdx.x / 32 / kWarpsN), wn(threadIdx.x / 32 % kWarpsN) {}
-  __device__ int row(int mt, int half) const {
-    return wm * kWarpRows + mt * 16 + half * 8 + lane / 4;
-  }
-  __device__ int col(int nt, int i) const {
-    return wn * kWarpGroupCols + (nt % kWarpGroupNTiles) * 8 + (lane % 4) * 2 + i;
-  }
+      : wg(threadIdx.x / kWarpGroupThreads),
+        t(threadIdx.x % kWarpGroupThreads),
+        lane(threadIdx.x % 32),
+        warp(threadIdx.x % kWarpGroupThreads / 32) {}
+  __device__ int row(int half) const { return warp * 16 + half * 8 + lane / 4; }
+  __device__ int col(int j, int c) const { return j * 8 + (lane % 4) * 2 + c; }
 };
 
 }  // namespace jax_megamoe::sm90

@@ -1,7 +1,7 @@
 // L1 of the MegaMoE layer: per row block, act = quant_1x128(swiglu(A x W1[e]^T) * row_weight).
-// A CTA tile covers 128 output columns j in [n0, n0 + 128): group 0 of the B tile is W1 gate rows
-// [n0, +128), group 1 the up rows [I + n0, +128), so gate and up of a column meet in one thread
-// without re-laying out the weights, and a tile is exactly one 1x128 requant group.
+// A CTA tile covers 128 output columns j in [n0, n0 + 128): warpgroup 0 multiplies the W1 gate
+// rows [n0, +128), warpgroup 1 the up rows [I + n0, +128), so both hold the same (row, column) in
+// the same register of the same thread index, and a tile is exactly one 1x128 requant group.
 #pragma once
 
 #include <cstdint>
@@ -13,65 +13,59 @@
 
 namespace jax_megamoe::sm90 {
 
-constexpr int kL1Groups = 2;  // gate, up
+constexpr int kL1WgN = kQuantBlock;  // 128 columns per warpgroup: gate or up
 
 struct L1Epilogue {
+  using Shape = TileShape<kL1WgN>;
+  // Up accumulators handed from warpgroup 1 to warpgroup 0, [register][thread] (conflict-free).
+  static constexpr int kUpBytes = Shape::kAccRegs * kWarpGroupThreads * 4;
   // [kBlockM][128] e4m3 tile, swizzled like the operand tiles, staged for 16-byte row stores.
   static constexpr int kStageBytes = kBlockM * kQuantBlock;
-  // Per row, the amax of each N warp's 32 columns.
-  static constexpr int kAmaxBytes = kBlockM * kWarpsN * 4;
-  static constexpr int kSmemBytes = kStageBytes + kAmaxBytes;
+  static constexpr int kSmemBytes = kUpBytes + kStageBytes;
 
   const L1Params& p;
+  float* up;
   uint8_t* stage;
-  float* amax;
 
-  __device__ __forceinline__ void operator()(const Tile& tile, Accum<kL1Groups>& acc) const {
-    constexpr int kNT = kWarpGroupNTiles;
+  __device__ __forceinline__ void operator()(const Tile& tile, Accum<kL1WgN>& acc) const {
+    constexpr int kNT = Shape::kNTiles;
     const FragCoords fc;
     const int row0 = tile.block * kBlockM;
 
-    float act[kWarpMTiles][2][kNT * 2];
+    if (fc.wg == 1) {
 #pragma unroll
-    for (int mt = 0; mt < kWarpMTiles; ++mt) {
+      for (int r = 0; r < Shape::kAccRegs; ++r) up[r * kWarpGroupThreads + fc.t] = acc[r];
+    }
+    __syncthreads();
+
+    if (fc.wg == 0) {
+      // One row's 128 columns live in the four lanes of one quad: the amax needs no smem.
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int row = fc.row(mt, half);
+        const int row = fc.row(half);
         const float weight = p.row_weight[row0 + row];
+        float act[kNT * 2];
         float row_amax = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
+        for (int j = 0; j < kNT; ++j) {
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const float a = epilogue::swiglu(acc[mt][nt][half * 2 + i],
-                                             acc[mt][kNT + nt][half * 2 + i], p.clamp) *
-                            weight;
-            act[mt][half][nt * 2 + i] = a;
+          for (int c = 0; c < 2; ++c) {
+            const int r = 4 * j + 2 * half + c;
+            const float a =
+                epilogue::swiglu(acc[r], up[r * kWarpGroupThreads + fc.t], p.clamp) * weight;
+            act[j * 2 + c] = a;
             row_amax = fmaxf(row_amax, fabsf(a));
           }
         }
         row_amax = epilogue::quad_max(row_amax);
-        if (fc.lane % 4 == 0) amax[row * kWarpsN + fc.wn] = row_amax;
-      }
-    }
-    __syncthreads();
-
-#pragma unroll
-    for (int mt = 0; mt < kWarpMTiles; ++mt) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = fc.row(mt, half);
-        float row_amax = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarpsN; ++w) row_amax = fmaxf(row_amax, amax[row * kWarpsN + w]);
         const float scale = epilogue::e4m3_scale(row_amax);
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-          const int col = fc.col(nt, 0);
+        for (int j = 0; j < kNT; ++j) {
+          const int col = fc.col(j, 0);
           *reinterpret_cast<uint16_t*>(stage + swizzle_128(row, col / 16) + col % 16) =
-              epilogue::quantize_e4m3x2(act[mt][half][nt * 2], act[mt][half][nt * 2 + 1], scale);
+              epilogue::quantize_e4m3x2(act[j * 2], act[j * 2 + 1], scale);
         }
-        if (fc.wn == 0 && fc.lane % 4 == 0 && p.row_src[row0 + row] >= 0)
+        if (fc.lane % 4 == 0 && p.row_src[row0 + row] >= 0)
           p.act_scale[static_cast<size_t>(row0 + row) * (p.intermediate / kQuantBlock) + tile.n] =
               scale;
       }
@@ -88,16 +82,17 @@ struct L1Epilogue {
                                 tile.n * kQuantBlock + chunk * 16) =
           *reinterpret_cast<const uint4*>(stage + swizzle_128(row, chunk));
     }
-    // No trailing barrier: the next epilogue writes `stage`/`amax` only after the next tile's
-    // K loop, whose __syncthreads (at least one, K >= 128) orders it after these reads.
+    // No trailing barrier: the next epilogue writes `up`/`stage` only after the next tile's K
+    // loop, whose __syncthreads (at least one, K >= 128) orders it after these reads.
   }
 };
 
 template <int kStages>
 __global__ void __launch_bounds__(kNumThreads, 1)
     sm90_fp8_mega_moe_l1(const __grid_constant__ L1Params p) {
-  using Mainloop = GroupedFp8Mainloop<kL1Groups, kStages>;
-  extern __shared__ __align__(128) uint8_t smem[];
+  using Mainloop = GroupedFp8Mainloop<kL1WgN, kStages>;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* smem = align_smem(smem_raw);
 
   const GemmOperands op{
       p.a,
@@ -108,19 +103,18 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       /*k=*/p.hidden,
       /*b_rows=*/2 * p.intermediate,
       /*b_tile_stride=*/kQuantBlock,
-      /*b_group_stride=*/p.intermediate,  // group 1: the up rows of the same columns
+      /*b_group_stride=*/p.intermediate,  // warpgroup 1: the up rows of the same columns
       /*n_tiles=*/p.intermediate / kQuantBlock,
   };
   const int num_blocks = min(*p.num_blocks, p.max_blocks);
   Mainloop mainloop(smem, op, num_blocks);
   uint8_t* epi_smem = smem + Mainloop::kSmemBytes;
-  mainloop.run(
-      L1Epilogue{p, epi_smem, reinterpret_cast<float*>(epi_smem + L1Epilogue::kStageBytes)});
+  mainloop.run(L1Epilogue{p, reinterpret_cast<float*>(epi_smem), epi_smem + L1Epilogue::kUpBytes});
 }
 
 template <int kStages>
 constexpr int l1_smem_bytes() {
-  return GroupedFp8Mainloop<kL1Groups, kStages>::kSmemBytes + L1Epilogue::kSmemBytes;
+  return kSmemAlignSlack + GroupedFp8Mainloop<kL1WgN, kStages>::kSmemBytes + L1Epilogue::kSmemBytes;
 }
 
 }  // namespace jax_megamoe::sm90

@@ -1,4 +1,4 @@
-// Packed conversions: f32 -> e4m3 / bf16 (round to nearest even) and e4m3 -> f16 (exact).
+// Packed conversions: f32 -> e4m3 / bf16 (round to nearest even).
 #pragma once
 
 #include <cstdint>
@@ -17,18 +17,6 @@ __device__ __forceinline__ uint32_t cvt_bf16x2(float lo, float hi) {
   uint32_t r;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
-}
-
-// Four e4m3 (bytes 0..3) -> f16x2 {byte 0, byte 1} and f16x2 {byte 2, byte 3}; exact.
-__device__ __forceinline__ void cvt_e4m3x4_to_f16x4(uint32_t x, uint32_t& lo, uint32_t& hi) {
-  asm("{\n"
-      ".reg .b16 l, h;\n"
-      "mov.b32 {l, h}, %2;\n"
-      "cvt.rn.f16x2.e4m3x2 %0, l;\n"
-      "cvt.rn.f16x2.e4m3x2 %1, h;\n"
-      "}\n"
-      : "=r"(lo), "=r"(hi)
-      : "r"(x));
 }
 
 }  // namespace jax_megamoe::ptx
