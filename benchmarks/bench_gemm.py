@@ -10,7 +10,7 @@ The pool is what one rank of an R-rank expert-parallel layer sees (DeepSeek-V3 b
 7168, I 2048, E 256, K 8, R 4, so E_l = 64 local experts): for tokens per rank M, R·M tokens
 each pick K experts (``shapes.make_ids``), and local expert e of rank 0 receives the exact
 count of slots routed to it (about M·K rows in all). Each expert's rows start on a 64-row
-block (``jax_megamoe._ffi.pool_layout``); padding rows are not stored.
+block (``jax_megamoe.pool.pool_layout``); padding rows are not stored.
 
 Per M, in the same process on the same device:
 
@@ -48,6 +48,7 @@ import shapes  # noqa: E402
 import timing  # noqa: E402
 
 from jax_megamoe import _ffi, quantize_per_token  # noqa: E402
+from jax_megamoe.pool import pool_layout, pool_rows  # noqa: E402
 
 DEFAULT_TOKENS = (128, 512, 2048, 8192)
 SMOKE = dict(hidden=512, intermediate=256, experts=16, topk=4, ranks=4, tokens=[64, 256])
@@ -175,8 +176,8 @@ def one_point(args, m: int, fns: dict, weights) -> dict:
     seed = args.seed * 1_000_003 + m
     counts = expert_counts(args, m, seed)
     n = int(counts.sum())
-    rows = _ffi.pool_rows(counts)
-    layout = _ffi.pool_layout(counts, rows)
+    rows = pool_rows(counts)
+    layout = pool_layout(counts, rows)
     keys = jax.random.split(jax.random.key(seed), args.sets)
     sets = [make_set(args, layout, rows, k) for k in keys]
     # Dense operands of the same FLOPs: the real rows, rounded up for cuBLASLt FP8 (16).

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .pool import pool_layout
 from .quant import dequantize, quantize_per_token
 from .weights import MoEWeights
 
@@ -63,19 +64,16 @@ def expert_slot_outputs(
     order = jnp.argsort(key, stable=True)
     sorted_key = key[order]
     counts = jnp.zeros(num_local + 1, jnp.int32).at[key].add(1)[:num_local]
-    padded = (counts + t - 1) // t * t
-    padded_end = jnp.cumsum(padded)
-    padded_start = padded_end - padded
     start = jnp.cumsum(counts) - counts
 
     # At most cdiv(slots, t) full blocks plus one partial block per non-empty expert.
     num_blocks = -(-num_slots // t) + min(num_local, num_slots)
+    layout = pool_layout(counts, num_blocks * t, block_m=t)
     group = jnp.minimum(sorted_key, num_local - 1)
-    row = padded_start[group] + jnp.arange(num_slots) - start[group]
+    row = layout.starts[group] + jnp.arange(num_slots) - start[group]
     row = jnp.where(sorted_key < num_local, row, num_blocks * t)
     table = jnp.full(num_blocks * t, -1, jnp.int32).at[row].set(order, mode="drop")
-    block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * t, side="right")
-    block_expert = jnp.where(block_expert < num_local, block_expert, -1).astype(jnp.int32)
+    block_expert = layout.block_expert
 
     slot_weight = topk_weights.reshape(num_slots).astype(jnp.float32)
     clamp = activation_clamp

@@ -15,13 +15,8 @@ import pytest
 from inputs import make_weights_on_device
 
 from jax_megamoe import calc_diff, dequantize, quantize_per_token
-from jax_megamoe._ffi import (
-    BLOCK_M,
-    grouped_gemm_l1,
-    grouped_gemm_l2,
-    pool_layout,
-    pool_rows,
-)
+from jax_megamoe._ffi import grouped_gemm_l1, grouped_gemm_l2
+from jax_megamoe.pool import BLOCK_M, pool_layout, pool_rows
 from jax_megamoe.reference import _swiglu
 
 pytestmark = pytest.mark.gpu

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_megamoe._ffi import BLOCK_M, pool_layout, pool_rows
+from jax_megamoe.pool import BLOCK_M, pool_layout, pool_rows
 
 
 def test_pool_layout_uneven_counts():

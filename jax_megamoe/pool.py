@@ -1,0 +1,64 @@
+"""Grouped-GEMM pool layout: each expert's rows start on a ``BLOCK_M``-row block, so a GEMM row
+block never straddles two experts (the layout the fused kernels' routing builds on device)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK_M = 64  # rows of one GEMM row block (kBlockM in csrc/include/jax_megamoe/launch.h)
+
+
+class PoolLayout(NamedTuple):
+    """Where each expert's rows sit in a grouped-GEMM pool (see :func:`pool_layout`)."""
+
+    starts: jax.Array  # [E] int32 first pool row of each expert (a multiple of block_m)
+    block_expert: jax.Array  # [P/block_m] int32 expert of each row block, -1 past num_blocks
+    num_blocks: jax.Array  # [1] int32 row blocks in use
+    row_expert: jax.Array  # [P] int32 expert of each row, -1 on padding rows
+    row_valid: jax.Array  # [P] bool: a real row (row_expert >= 0)
+
+
+def pool_rows(expert_counts, block_m: int = BLOCK_M) -> int:
+    """Smallest pool (rows, a multiple of ``block_m``) that holds these concrete counts."""
+    counts = np.asarray(expert_counts, np.int64)
+    return int(np.sum(-(-counts // block_m)) * block_m) or block_m
+
+
+def pool_layout(expert_counts, num_rows: int | None = None, block_m: int = BLOCK_M) -> PoolLayout:
+    """Pure-JAX pool layout: expert ``e`` owns ``expert_counts[e]`` rows starting at
+    ``starts[e]``; every expert starts on a ``block_m``-row block, experts in order, the rest of
+    its last block is padding.
+
+    ``expert_counts`` ([E] ints) may be traced; ``num_rows`` (static, a multiple of
+    ``block_m``) defaults to :func:`pool_rows` of concrete counts. Rows that do not fit in
+    ``num_rows`` are dropped (``num_blocks`` is capped at ``num_rows / block_m``).
+    """
+    if num_rows is None:
+        num_rows = pool_rows(expert_counts, block_m)
+    if num_rows <= 0 or num_rows % block_m:
+        raise ValueError(
+            f"pool_layout: num_rows ({num_rows}) must be a positive multiple of {block_m}"
+        )
+    counts = jnp.asarray(expert_counts, jnp.int32)
+    num_experts = counts.shape[0]
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = jnp.cumsum(padded)
+    starts = ends - padded
+    used = jnp.minimum(ends[-1], num_rows)
+    blocks = jnp.arange(num_rows // block_m, dtype=jnp.int32)
+    block_expert = jnp.searchsorted(ends, blocks * block_m, side="right").astype(jnp.int32)
+    block_expert = jnp.where(blocks * block_m < used, block_expert, -1)
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    expert = jnp.clip(jnp.searchsorted(ends, rows, side="right"), 0, num_experts - 1)
+    valid = (rows < used) & (rows - starts[expert] < counts[expert])
+    return PoolLayout(
+        starts=starts.astype(jnp.int32),
+        block_expert=block_expert,
+        num_blocks=jnp.reshape(used // block_m, (1,)).astype(jnp.int32),
+        row_expert=jnp.where(valid, expert, -1).astype(jnp.int32),
+        row_valid=valid,
+    )
