@@ -25,7 +25,8 @@ Per M, in the same process on the same device:
 Times are device kernel time from the JAX profiler (``timing.py``; the L2 call includes its
 one-thread pointer-table store), median over calls, with wall-clock per call as a cross-check.
 "floor" is the larger of the FLOPs at the measured cuBLAS 8192³ peak and streaming every
-touched expert's weights once from HBM (``shapes.PEAK_FP8_FLOPS``, ``shapes.HBM_BYTES_PER_S``).
+touched expert's weights once from HBM (``shapes.PEAK_FP8_FLOPS``; the card's
+``shapes.hbm_bytes_per_s``).
 Writes ``results.json`` and ``results.md`` into ``--out``.
 """
 
@@ -200,9 +201,10 @@ def one_point(args, m: int, fns: dict, weights) -> dict:
         "cublas_l2": 2.0 * dense_rows * h * i,
     }
     weight_bytes = {"l1": 2 * i * h, "l2": h * i}
+    hbm = shapes.hbm_bytes_per_s(jax.devices()[0].device_kind)
     for kind in ("l1", "l2"):
         compute = flops[kind] / shapes.PEAK_FP8_FLOPS
-        stream = touched * weight_bytes[kind] / shapes.HBM_BYTES_PER_S
+        stream = touched * weight_bytes[kind] / hbm
         row[f"{kind}_floor_us"] = max(compute, stream) * 1e6
 
     arg_sets = {
@@ -279,16 +281,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "iters": args.iters,
             "sets": args.sets,
             "peak_fp8_flops": shapes.PEAK_FP8_FLOPS,
-            "hbm_bytes_per_s": shapes.HBM_BYTES_PER_S,
+            "hbm_bytes_per_s": shapes.hbm_bytes_per_s(device.device_kind),
         },
         "rows": rows,
     }
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    table = markdown_table(result)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
-    print(table)
+    timing.write_results(result, args.out, markdown_table(result))
     return result
 
 

@@ -217,12 +217,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         },
         "rows": rows,
     }
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    table = markdown_table(result)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
-    print(table)
+    timing.write_results(result, args.out, markdown_table(result))
     if not args.no_plot:
         plot(result, args.out)
     return result

@@ -24,6 +24,7 @@ says so in ``source`` and the wall-clock times stand in.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import statistics
 import tempfile
@@ -309,3 +310,13 @@ def failure(e: BaseException) -> str:
         return "OOM"
     first = msg.strip().splitlines()[0] if msg.strip() else ""
     return f"error: {type(e).__name__}: {first[:240]}"
+
+
+def write_results(result: dict, out: str, table: str) -> None:
+    """``results.json`` (every number) and ``results.md`` (``table``) into ``out``; prints the
+    table, which is what a device call's output tail shows."""
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
