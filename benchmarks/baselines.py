@@ -82,6 +82,18 @@ def _excl_cumsum(v: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.cumsum(v, axis=axis) - v
 
 
+def _slots_by_expert(topk_ids: jax.Array, num_experts: int):
+    """Flattened slots grouped by global expert: ``(valid, key, order, counts)`` — ``key`` is
+    the expert, or ``num_experts`` for a masked slot (sorted last); ``order`` sorts slots by
+    key (stable); ``counts`` has ``num_experts + 1`` entries, the masked slots last."""
+    flat = topk_ids.reshape(-1)
+    valid = (flat >= 0) & (flat < num_experts)
+    key = jnp.where(valid, flat, num_experts)
+    order = jnp.argsort(key, stable=True)
+    counts = jnp.zeros(num_experts + 1, jnp.int32).at[key].add(1)
+    return valid, key, order, counts
+
+
 def ragged_moe(
     x: jax.Array,
     topk_ids: jax.Array,
@@ -110,12 +122,9 @@ def ragged_moe(
     slots = m * k
 
     # --- sender: slots sorted by global expert (hence by destination rank) ----------------
-    flat = topk_ids.reshape(slots)
-    valid = (flat >= 0) & (flat < num_experts)
-    key = jnp.where(valid, flat, num_experts)
-    order = jnp.argsort(key, stable=True)
+    valid, key, order, counts = _slots_by_expert(topk_ids, num_experts)
     send = x[order // k]
-    counts = jnp.zeros(num_experts + 1, jnp.int32).at[key].add(1)[:num_experts]
+    counts = counts[:num_experts]
     all_counts = lax.all_gather(counts, axis_name)  # [R src, E]
     per_pair = all_counts.reshape(num_ranks, num_ranks, num_local)  # [src, dst, e_l]
     sizes = per_pair.sum(-1)  # [src, dst]
@@ -193,11 +202,7 @@ def dense_moe(
     num_experts = num_local * num_ranks
     slots = m * k
 
-    flat = topk_ids.reshape(slots)
-    valid = (flat >= 0) & (flat < num_experts)
-    key = jnp.where(valid, flat, num_experts)
-    order = jnp.argsort(key, stable=True)
-    counts = jnp.zeros(num_experts + 1, jnp.int32).at[key].add(1)
+    valid, key, order, counts = _slots_by_expert(topk_ids, num_experts)
     start = _excl_cumsum(counts)
     pos_sorted = jnp.arange(slots) - start[key[order]]
     pos = jnp.zeros(slots, jnp.int32).at[order].set(pos_sorted)
