@@ -15,8 +15,10 @@ block (``jax_megamoe.pool.pool_layout``); padding rows are not stored.
 Per M, in the same process on the same device:
 
 - ``L1``: ``grouped_gemm_l1`` (pool x W1[e]^T with 128x128 block scales, SwiGLU, routing
-  weight, 1x128 FP8 requant), FLOPs 2·rows·2I·H;
-- ``L2``: ``grouped_gemm_l2`` (act x W2[e]^T, bf16 out), FLOPs 2·rows·H·I;
+  weight, 1x128 FP8 requant), FLOPs 2·rows·2I·H, on the warp-specialized TMA main loop;
+- ``L2``: ``grouped_gemm_l2`` (act x W2[e]^T, bf16 out), FLOPs 2·rows·H·I, same main loop;
+- ``L1 cp.async`` / ``L2 cp.async``: the same kernels on the earlier cp.async main loop (the
+  baseline of the TMA rewrite), same inputs;
 - ``cuBLAS L1`` / ``cuBLAS L2``: ``lax.dot_general`` of e4m3 operands, f32 out, times a
   per-tensor scale (XLA's cuBLASLt FP8 GEMM): ``[rows, H] x [2I, H]^T`` and ``[rows, I] x
   [H, I]^T`` with rows = the pool's real rows rounded up to 16, one weight matrix. Same FLOPs,
@@ -24,9 +26,9 @@ Per M, in the same process on the same device:
 
 Times are device kernel time from the JAX profiler (``timing.py``; the L2 call includes its
 one-thread pointer-table store), median over calls, with wall-clock per call as a cross-check.
-"floor" is the larger of the FLOPs at the measured cuBLAS 8192³ peak and streaming every
-touched expert's weights once from HBM (``shapes.PEAK_FP8_FLOPS``; the card's
-``shapes.hbm_bytes_per_s``).
+"floor" is the larger of the FLOPs at the measured cuBLAS 8192³ peak (``shapes.PEAK_FP8_FLOPS``)
+and streaming every touched expert's weights once at the HBM copy rate measured in the same run
+(a 2 GiB device-to-device copy, bytes read + written).
 Writes ``results.json`` and ``results.md`` into ``--out``.
 """
 
@@ -53,14 +55,17 @@ from jax_megamoe.pool import pool_layout, pool_rows  # noqa: E402
 
 DEFAULT_TOKENS = (128, 512, 2048, 8192)
 SMOKE = dict(hidden=512, intermediate=256, experts=16, topk=4, ranks=4, tokens=[64, 256])
-KERNELS = ("l1", "cublas_l1", "l2", "cublas_l2")
+KERNELS = ("l1", "l1_cp_async", "cublas_l1", "l2", "l2_cp_async", "cublas_l2")
 # The jitted function's HLO module name selects its kernels in the profile.
 MODULES = {
     "l1": "jit_megamoe_l1",
+    "l1_cp_async": "jit_megamoe_l1_cp_async",
     "l2": "jit_megamoe_l2",
+    "l2_cp_async": "jit_megamoe_l2_cp_async",
     "cublas_l1": "jit_cublas_l1",
     "cublas_l2": "jit_cublas_l2",
 }
+COPY_BYTES = 2 << 30  # the HBM copy-rate probe
 
 
 def _csv_ints(s: str) -> list[int]:
@@ -115,11 +120,17 @@ def _named_jit(fn, name: str):
 
 
 def make_functions(num_ctas: int) -> dict:
-    def l1(a, a_scale, rw, src, be, nb, w1, w1s):
-        return _ffi.grouped_gemm_l1(a, a_scale, rw, src, be, nb, w1, w1s, num_ctas=num_ctas)
+    def l1(*operands, mainloop="tma"):
+        return _ffi.grouped_gemm_l1(*operands, num_ctas=num_ctas, mainloop=mainloop)
 
-    def l2(act, act_scale, src, be, nb, w2, w2s):
-        return _ffi.grouped_gemm_l2(act, act_scale, src, be, nb, w2, w2s, num_ctas=num_ctas)
+    def l2(*operands, mainloop="tma"):
+        return _ffi.grouped_gemm_l2(*operands, num_ctas=num_ctas, mainloop=mainloop)
+
+    def l1_cp_async(*operands):
+        return l1(*operands, mainloop="cp_async")
+
+    def l2_cp_async(*operands):
+        return l2(*operands, mainloop="cp_async")
 
     def cublas_l1(a, w, scale):
         return _dense_fp8(a, w, scale)
@@ -130,6 +141,8 @@ def make_functions(num_ctas: int) -> dict:
     return {
         "l1": _named_jit(l1, "megamoe_l1"),
         "l2": _named_jit(l2, "megamoe_l2"),
+        "l1_cp_async": _named_jit(l1_cp_async, "megamoe_l1_cp_async"),
+        "l2_cp_async": _named_jit(l2_cp_async, "megamoe_l2_cp_async"),
         "cublas_l1": jax.jit(cublas_l1),
         "cublas_l2": jax.jit(cublas_l2),
     }
@@ -172,7 +185,16 @@ def make_set(args, layout, rows: int, key):
     return gen(key, layout.row_valid)
 
 
-def one_point(args, m: int, fns: dict, weights) -> dict:
+def hbm_copy_rate(args) -> float:
+    """Bytes per second (read + written) of a COPY_BYTES device-to-device copy, timed like the
+    kernels; the weight-stream floor uses it."""
+    copy = _named_jit(lambda x: x + jnp.uint8(1), "hbm_copy")
+    xs = [jnp.full((COPY_BYTES,), j, jnp.uint8) for j in range(2)]
+    r, _ = timing.measure(copy, [(x,) for x in xs], args, "jit_hbm_copy")
+    return 2 * COPY_BYTES / (r["max_us"] * 1e-6)
+
+
+def one_point(args, m: int, fns: dict, weights, hbm: float) -> dict:
     h, i = args.hidden, args.intermediate
     seed = args.seed * 1_000_003 + m
     counts = expert_counts(args, m, seed)
@@ -197,11 +219,12 @@ def one_point(args, m: int, fns: dict, weights) -> dict:
     flops = {
         "l1": 2.0 * n * 2 * i * h,
         "l2": 2.0 * n * h * i,
+        "l1_cp_async": 2.0 * n * 2 * i * h,
+        "l2_cp_async": 2.0 * n * h * i,
         "cublas_l1": 2.0 * dense_rows * 2 * i * h,
         "cublas_l2": 2.0 * dense_rows * h * i,
     }
     weight_bytes = {"l1": 2 * i * h, "l2": h * i}
-    hbm = shapes.hbm_bytes_per_s(jax.devices()[0].device_kind)
     for kind in ("l1", "l2"):
         compute = flops[kind] / shapes.PEAK_FP8_FLOPS
         stream = touched * weight_bytes[kind] / hbm
@@ -215,6 +238,7 @@ def one_point(args, m: int, fns: dict, weights) -> dict:
         "cublas_l1": [(s[0][:dense_rows], w1[0], scale) for s in sets],
         "cublas_l2": [(s[4][:dense_rows], w2[0], scale) for s in sets],
     }
+    arg_sets["l1_cp_async"], arg_sets["l2_cp_async"] = arg_sets["l1"], arg_sets["l2"]
     for kind in KERNELS:
         try:
             args_k = [jax.block_until_ready(a) for a in arg_sets[kind]]
@@ -225,10 +249,11 @@ def one_point(args, m: int, fns: dict, weights) -> dict:
             r = {"status": timing.failure(e), "flops": flops[kind]}
         row[kind] = r
         print(_progress(m, kind, r), flush=True)
-    for kind in ("l1", "l2"):
-        ours, base = row[kind], row["cublas_" + kind]
+    for kind in ("l1", "l2", "l1_cp_async", "l2_cp_async"):
+        gemm = kind[:2]
+        ours, base = row[kind], row["cublas_" + gemm]
         if ours.get("status") == "ok":
-            ours["floor_ratio"] = ours["max_us"] / row[f"{kind}_floor_us"]
+            ours["floor_ratio"] = ours["max_us"] / row[f"{gemm}_floor_us"]
             if base.get("status") == "ok":
                 ours["tflops_vs_cublas"] = ours["tflops"] / base["tflops"]
     del sets, arg_sets
@@ -258,9 +283,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     num_local = args.experts // args.ranks
     weights = jax.block_until_ready(make_weights(args, num_local))
     fns = make_functions(args.num_ctas)
+    hbm = hbm_copy_rate(args)
+    print(f"HBM copy rate: {hbm / 1e12:.2f} TB/s (read + write)", flush=True)
     rows = []
     for m in args.tokens:
-        rows.append(one_point(args, m, fns, weights))
+        rows.append(one_point(args, m, fns, weights, hbm))
         with open(os.path.join(args.out, "results_partial.json"), "w") as f:
             json.dump(rows, f, indent=1, default=str)
         gc.collect()
@@ -281,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "iters": args.iters,
             "sets": args.sets,
             "peak_fp8_flops": shapes.PEAK_FP8_FLOPS,
-            "hbm_bytes_per_s": shapes.hbm_bytes_per_s(device.device_kind),
+            "hbm_bytes_per_s": hbm,
         },
         "rows": rows,
     }
@@ -303,16 +330,19 @@ def markdown_table(result: dict) -> str:
         f"R {meta['ranks']} (E_l {meta['local_experts']}), {meta['routing']} routing, "
         f"{meta['date']}, jax {meta['jax_version']}",
         "",
-        "| M | rows (pool) | experts | L1 µs | L1 TF | cuBLAS µs | cuBLAS TF | L1/cuBLAS | "
-        "L1 ×floor | L2 µs | L2 TF | cuBLAS µs | cuBLAS TF | L2/cuBLAS | L2 ×floor |",
-        "|---:|---:|---:|" + "---:|" * 12,
+        f"HBM copy rate measured in this run: {meta['hbm_bytes_per_s'] / 1e12:.2f} TB/s",
+        "",
+        "| M | rows (pool) | experts | L1 µs | L1 TF | cp.async µs | cp.async TF | cuBLAS µs | "
+        "cuBLAS TF | L1/cuBLAS | L1 ×floor | L2 µs | L2 TF | cp.async µs | cp.async TF | "
+        "cuBLAS µs | cuBLAS TF | L2/cuBLAS | L2 ×floor |",
+        "|---:|---:|---:|" + "---:|" * 16,
     ]
     for row in result["rows"]:
         cells = [str(row["tokens"]), f"{row['rows']} ({row['pool_rows']})"]
         cells.append(str(row["touched_experts"]))
         for kind in ("l1", "l2"):
             ours = row[kind]
-            cells += _cells(ours) + _cells(row["cublas_" + kind])
+            cells += _cells(ours) + _cells(row[kind + "_cp_async"]) + _cells(row["cublas_" + kind])
             ratio = ours.get("tflops_vs_cublas")
             cells.append(f"{ratio:.2f}" if ratio is not None else "-")
             fr = ours.get("floor_ratio")
@@ -322,8 +352,9 @@ def markdown_table(result: dict) -> str:
     lines += [
         "",
         "TF = TFLOPS on the real rows (the grouped kernels also compute the padding rows of each "
-        "expert's last block); L·/cuBLAS = TFLOPS ratio; ×floor = time / max(FLOPs at peak, "
-        "touched experts' weights at HBM bandwidth).",
+        "expert's last block); L1, L2 = TMA main loop, cp.async = the earlier main loop; "
+        "L·/cuBLAS = TFLOPS ratio of the TMA main loop; ×floor = time / max(FLOPs at peak, "
+        "touched experts' weights at the measured HBM copy rate).",
         f"timing source: {'; '.join(sorted(sources)) or '-'}",
         "",
         "kernels per call (µs), last M:",

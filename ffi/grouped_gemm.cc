@@ -105,7 +105,7 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
                          ffi::Buffer<ffi::S32> num_blocks, ffi::AnyBuffer w1,
                          ffi::Buffer<ffi::F32> w1_scale, ffi::Result<ffi::AnyBuffer> act,
                          ffi::Result<ffi::Buffer<ffi::F32>> act_scale, float activation_clamp,
-                         int64_t num_ctas) {
+                         int64_t num_ctas, int32_t mainloop) {
   const int64_t P = dim(a.dimensions(), 0), H = dim(a.dimensions(), 1);
   const int64_t E = dim(w1.dimensions(), 0), I = dim(w1.dimensions(), 1) / 2;
   const int64_t q = kQuantBlock;
@@ -131,6 +131,9 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
       !aligned16(act->untyped_data())) {
     return ffi::Error::Internal(std::string(kL1) + ": a, w1 or act is not 16-byte aligned");
   }
+  s.require(mainloop >= 0 && mainloop <= 2,
+            "mainloop must be 0 (default), 1 (cp.async) or 2 (TMA)");
+  if (s.failed()) return s.error();
   int grid = 0;
   if (ffi::Error err = grid_size(kL1, device_ordinal, num_ctas, &grid); err.failure()) return err;
 
@@ -145,11 +148,13 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   p.w1_scale = w1_scale.typed_data();
   p.act = static_cast<uint8_t*>(act->untyped_data());
   p.act_scale = act_scale->typed_data();
+  p.num_experts = static_cast<int>(E);
   p.hidden = static_cast<int>(H);
   p.intermediate = static_cast<int>(I);
   p.max_blocks = static_cast<int>(P / kBlockM);
   p.clamp = activation_clamp;
   p.num_ctas = grid;
+  p.mainloop = static_cast<GemmMainloop>(mainloop);
   if (cudaError_t err = launch_l1(p, stream); err != cudaSuccess) {
     return launch_error(kL1, device_ordinal, err);
   }
@@ -161,7 +166,8 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
                          ffi::Buffer<ffi::S32> block_expert, ffi::Buffer<ffi::S32> num_blocks,
                          ffi::AnyBuffer w2, ffi::Buffer<ffi::F32> w2_scale,
                          ffi::Result<ffi::Buffer<ffi::BF16>> y,
-                         ffi::Result<ffi::Buffer<ffi::S64>> table, int64_t num_ctas) {
+                         ffi::Result<ffi::Buffer<ffi::S64>> table, int64_t num_ctas,
+                         int32_t mainloop) {
   const int64_t P = dim(act.dimensions(), 0), I = dim(act.dimensions(), 1);
   const int64_t E = dim(w2.dimensions(), 0), H = dim(w2.dimensions(), 1);
   const int64_t Y = dim(y->dimensions(), 0);
@@ -189,6 +195,9 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
       !aligned16(y->untyped_data())) {
     return ffi::Error::Internal(std::string(kL2) + ": act, w2 or y is not 16-byte aligned");
   }
+  s.require(mainloop >= 0 && mainloop <= 2,
+            "mainloop must be 0 (default), 1 (cp.async) or 2 (TMA)");
+  if (s.failed()) return s.error();
   int grid = 0;
   if (ffi::Error err = grid_size(kL2, device_ordinal, num_ctas, &grid); err.failure()) return err;
 
@@ -208,12 +217,14 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   p.w2 = static_cast<const uint8_t*>(w2.untyped_data());
   p.w2_scale = w2_scale.typed_data();
   p.combine = reinterpret_cast<uint16_t* const*>(slot);
+  p.num_experts = static_cast<int>(E);
   p.hidden = static_cast<int>(H);
   p.intermediate = static_cast<int>(I);
   p.topk = 1;
   p.max_tokens = static_cast<int>(Y);
   p.max_blocks = static_cast<int>(P / kBlockM);
   p.num_ctas = grid;
+  p.mainloop = static_cast<GemmMainloop>(mainloop);
   if (cudaError_t err = launch_l2(p, stream); err != cudaSuccess) {
     return launch_error(kL2, device_ordinal, err);
   }
@@ -274,7 +285,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL1Gemm, jax_megamoe::L1GemmExecute,
                                   .Ret<ffi::AnyBuffer>()         // act
                                   .Ret<ffi::Buffer<ffi::F32>>()  // act_scale
                                   .Attr<float>("activation_clamp")
-                                  .Attr<int64_t>("num_ctas"),
+                                  .Attr<int64_t>("num_ctas")
+                                  .Attr<int32_t>("mainloop"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL2Gemm, jax_megamoe::L2GemmExecute,
@@ -290,5 +302,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL2Gemm, jax_megamoe::L2GemmExecute,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w2_scale
                                   .Ret<ffi::Buffer<ffi::BF16>>()  // y
                                   .Ret<ffi::Buffer<ffi::S64>>()   // table (scratch)
-                                  .Attr<int64_t>("num_ctas"),
+                                  .Attr<int64_t>("num_ctas")
+                                  .Attr<int32_t>("mainloop"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

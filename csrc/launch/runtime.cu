@@ -397,6 +397,7 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   p1.w1_scale = args.w1_scale;
   p1.act = at<uint8_t>(ws, l.act);
   p1.act_scale = at<float>(ws, l.act_scale);
+  p1.num_experts = l.local_experts;
   p1.hidden = c.hidden;
   p1.intermediate = c.intermediate;
   p1.max_blocks = l.max_blocks;
@@ -413,6 +414,7 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   p2.w2 = static_cast<const uint8_t*>(args.w2);
   p2.w2_scale = args.w2_scale;
   p2.combine = at<uint16_t*>(ws, l.combine_base);
+  p2.num_experts = l.local_experts;
   p2.hidden = c.hidden;
   p2.intermediate = c.intermediate;
   p2.topk = c.topk;

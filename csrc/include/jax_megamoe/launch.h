@@ -14,6 +14,11 @@ constexpr int kBlockM = 64;
 // Quantization group along K for activations (1x128) and weights (128x128).
 constexpr int kQuantBlock = 128;
 
+// Which grouped GEMM main loop runs (impls/sm90_fp8_grouped_*mainloop.cuh). kDefault resolves to
+// the environment variable JAX_MEGAMOE_MAINLOOP ("tma" or "cp_async"), read once per process,
+// else to the TMA main loop.
+enum class GemmMainloop : int32_t { kDefault = 0, kCpAsync = 1, kTma = 2 };
+
 // L1: pool tokens x W1[e]^T with per-128 scale promotion, SwiGLU (optional clamp), x routing
 // weight, 1x128 e4m3 requant. Persistent over (row block, N tile) pairs; blocks at or past
 // *num_blocks are skipped.
@@ -28,11 +33,13 @@ struct L1Params {
   const float* w1_scale;  // [local_experts, 2 * intermediate / 128, hidden / 128]
   uint8_t* act;           // [pool_rows, intermediate] e4m3
   float* act_scale;       // [pool_rows, intermediate / 128]
+  int num_experts;        // local experts: w1's dimension 0
   int hidden;
   int intermediate;
   int max_blocks;
   float clamp;   // +inf disables the clamp
   int num_ctas;  // persistent grid size (SM budget x CTAs per SM)
+  GemmMainloop mainloop;
 };
 
 // L2: act x W2[e]^T with per-128 scale promotion; each valid row is rounded to bf16 and stored
@@ -46,12 +53,14 @@ struct L2Params {
   const uint8_t* w2;            // [local_experts, hidden, intermediate] e4m3
   const float* w2_scale;        // [local_experts, hidden / 128, intermediate / 128]
   uint16_t* const* combine;     // device array [num_ranks] of bf16 combine bases (peer pointers)
+  int num_experts;              // local experts: w2's dimension 0
   int hidden;
   int intermediate;
   int topk;
   int max_tokens;
   int max_blocks;
   int num_ctas;
+  GemmMainloop mainloop;
 };
 
 cudaError_t launch_l1(const L1Params& p, cudaStream_t stream);

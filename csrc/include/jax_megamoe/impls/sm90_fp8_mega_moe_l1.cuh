@@ -9,6 +9,7 @@
 #include "jax_megamoe/epilogue/fp8_quant.cuh"
 #include "jax_megamoe/epilogue/swiglu.cuh"
 #include "jax_megamoe/impls/sm90_fp8_grouped_mainloop.cuh"
+#include "jax_megamoe/impls/sm90_fp8_grouped_tma_mainloop.cuh"
 #include "jax_megamoe/launch.h"
 
 namespace jax_megamoe::sm90 {
@@ -27,16 +28,17 @@ struct L1Epilogue {
   float* up;
   uint8_t* stage;
 
-  __device__ __forceinline__ void operator()(const Tile& tile, Accum<kL1WgN>& acc) const {
+  __device__ __forceinline__ void operator()(const Tile& tile, Accum<kL1WgN>& acc,
+                                             int math_thread) const {
     constexpr int kNT = Shape::kNTiles;
-    const FragCoords fc;
+    const FragCoords fc(math_thread);
     const int row0 = tile.block * kBlockM;
 
     if (fc.wg == 1) {
 #pragma unroll
       for (int r = 0; r < Shape::kAccRegs; ++r) up[r * kWarpGroupThreads + fc.t] = acc[r];
     }
-    __syncthreads();
+    math_sync();
 
     if (fc.wg == 0) {
       // One row's 128 columns live in the four lanes of one quad: the amax needs no smem.
@@ -70,31 +72,26 @@ struct L1Epilogue {
               scale;
       }
     }
-    __syncthreads();
+    math_sync();
 
     // Whole 128-byte row segments per 8 threads. Padding rows are never written.
 #pragma unroll
-    for (int i = 0; i < kStageBytes / 16 / kNumThreads; ++i) {
-      const int idx = threadIdx.x + i * kNumThreads;
+    for (int i = 0; i < kStageBytes / 16 / kNumMathThreads; ++i) {
+      const int idx = math_thread + i * kNumMathThreads;
       const int row = idx / 8, chunk = idx % 8;
       if (p.row_src[row0 + row] < 0) continue;
       *reinterpret_cast<uint4*>(p.act + static_cast<size_t>(row0 + row) * p.intermediate +
                                 tile.n * kQuantBlock + chunk * 16) =
           *reinterpret_cast<const uint4*>(stage + swizzle_128(row, chunk));
     }
-    // No trailing barrier: the next epilogue writes `up`/`stage` only after the next tile's K
-    // loop, whose __syncthreads (at least one, K >= 128) orders it after these reads.
+    // The next tile's epilogue rewrites `up` and `stage`; with the TMA main loop one warpgroup
+    // can finish that tile's K loop before the other has read them here.
+    math_sync();
   }
 };
 
-template <int kStages>
-__global__ void __launch_bounds__(kNumThreads, 1)
-    sm90_fp8_mega_moe_l1(const __grid_constant__ L1Params p) {
-  using Mainloop = GroupedFp8Mainloop<kL1WgN, kStages>;
-  extern __shared__ __align__(1024) uint8_t smem_raw[];
-  uint8_t* smem = align_smem(smem_raw);
-
-  const GemmOperands op{
+__device__ __forceinline__ GemmOperands l1_operands(const L1Params& p) {
+  return GemmOperands{
       p.a,
       p.a_scale,
       p.w1,
@@ -106,15 +103,42 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       /*b_group_stride=*/p.intermediate,  // warpgroup 1: the up rows of the same columns
       /*n_tiles=*/p.intermediate / kQuantBlock,
   };
-  const int num_blocks = min(*p.num_blocks, p.max_blocks);
-  Mainloop mainloop(smem, op, num_blocks);
+}
+
+// L1 on the cp.async main loop.
+template <int kStages>
+__global__ void __launch_bounds__(kNumThreads, 1)
+    sm90_fp8_mega_moe_l1(const __grid_constant__ L1Params p) {
+  using Mainloop = GroupedFp8Mainloop<kL1WgN, kStages>;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* smem = align_smem(smem_raw);
+  Mainloop mainloop(smem, l1_operands(p), min(*p.num_blocks, p.max_blocks));
   uint8_t* epi_smem = smem + Mainloop::kSmemBytes;
   mainloop.run(L1Epilogue{p, reinterpret_cast<float*>(epi_smem), epi_smem + L1Epilogue::kUpBytes});
 }
 
+// L1 on the TMA main loop: tensor maps of the pool (a) and of w1 viewed as [E * 2I, H].
+struct L1TmaParams {
+  L1Params p;
+  CUtensorMap a;
+  CUtensorMap b;
+};
+
 template <int kStages>
+__global__ void __launch_bounds__(kTmaNumThreads, 1)
+    sm90_fp8_mega_moe_l1_tma(const __grid_constant__ L1TmaParams k) {
+  using Mainloop = GroupedFp8TmaMainloop<kL1WgN, kStages>;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* smem = align_smem(smem_raw);
+  const L1Params& p = k.p;
+  Mainloop mainloop(smem, l1_operands(p), min(*p.num_blocks, p.max_blocks), &k.a, &k.b);
+  uint8_t* epi_smem = smem + Mainloop::kSmemBytes;
+  mainloop.run(L1Epilogue{p, reinterpret_cast<float*>(epi_smem), epi_smem + L1Epilogue::kUpBytes});
+}
+
+template <class Mainloop>
 constexpr int l1_smem_bytes() {
-  return kSmemAlignSlack + GroupedFp8Mainloop<kL1WgN, kStages>::kSmemBytes + L1Epilogue::kSmemBytes;
+  return kSmemAlignSlack + Mainloop::kSmemBytes + L1Epilogue::kSmemBytes;
 }
 
 }  // namespace jax_megamoe::sm90

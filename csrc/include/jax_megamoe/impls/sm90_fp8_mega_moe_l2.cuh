@@ -7,6 +7,7 @@
 
 #include "jax_megamoe/epilogue/quad_transpose.cuh"
 #include "jax_megamoe/impls/sm90_fp8_grouped_mainloop.cuh"
+#include "jax_megamoe/impls/sm90_fp8_grouped_tma_mainloop.cuh"
 #include "jax_megamoe/launch.h"
 #include "jax_megamoe/ptx/convert.cuh"
 #include "jax_megamoe/ptx/store.cuh"
@@ -23,11 +24,12 @@ struct L2Epilogue {
 
   // Each quad writes 8 rows x 64 contiguous bytes per 32 columns with 16-byte stores; no shared
   // memory, so nothing here waits on other warps.
-  __device__ __forceinline__ void operator()(const Tile& tile, Accum<kWgN>& acc) const {
-    const FragCoords fc;
+  __device__ __forceinline__ void operator()(const Tile& tile, Accum<kWgN>& acc,
+                                             int math_thread) const {
+    const FragCoords fc(math_thread);
     const int row0 = tile.block * kBlockM;
     const int slots_per_rank = p.max_tokens * p.topk;
-    const int col0 = (tile.n * kNumWarpGroups + fc.wg) * kWgN;
+    const int col0 = (tile.n * kNumMathWarpGroups + fc.wg) * kWgN;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int src = p.row_src[row0 + fc.row(half)];
@@ -53,14 +55,9 @@ struct L2Epilogue {
   }
 };
 
-template <int kWgN, int kStages>
-__global__ void __launch_bounds__(kNumThreads, 1)
-    sm90_fp8_mega_moe_l2(const __grid_constant__ L2Params p) {
-  using Mainloop = GroupedFp8Mainloop<kWgN, kStages>;
-  extern __shared__ __align__(1024) uint8_t smem_raw[];
-  uint8_t* smem = align_smem(smem_raw);
-
-  const GemmOperands op{
+template <int kWgN>
+__device__ __forceinline__ GemmOperands l2_operands(const L2Params& p) {
+  return GemmOperands{
       p.act,
       p.act_scale,
       p.w2,
@@ -68,20 +65,46 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       p.block_expert,
       /*k=*/p.intermediate,
       /*b_rows=*/p.hidden,
-      /*b_tile_stride=*/kNumWarpGroups * kWgN,
+      /*b_tile_stride=*/kNumMathWarpGroups * kWgN,
       /*b_group_stride=*/kWgN,
-      /*n_tiles=*/p.hidden / (kNumWarpGroups * kWgN),
+      /*n_tiles=*/p.hidden / (kNumMathWarpGroups * kWgN),
   };
-  const int num_blocks = min(*p.num_blocks, p.max_blocks);
-  Mainloop mainloop(smem, op, num_blocks);
+}
+
+// L2 on the cp.async main loop.
+template <int kWgN, int kStages>
+__global__ void __launch_bounds__(kNumThreads, 1)
+    sm90_fp8_mega_moe_l2(const __grid_constant__ L2Params p) {
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  GroupedFp8Mainloop<kWgN, kStages> mainloop(align_smem(smem_raw), l2_operands<kWgN>(p),
+                                             min(*p.num_blocks, p.max_blocks));
   mainloop.run(L2Epilogue<kWgN>{p});
   // The runtime's release flag (written after this kernel) must order these peer stores.
   __threadfence_system();
 }
 
+// L2 on the TMA main loop: tensor maps of act (a) and of w2 viewed as [E * H, I].
+struct L2TmaParams {
+  L2Params p;
+  CUtensorMap a;
+  CUtensorMap b;
+};
+
 template <int kWgN, int kStages>
+__global__ void __launch_bounds__(kTmaNumThreads, 1)
+    sm90_fp8_mega_moe_l2_tma(const __grid_constant__ L2TmaParams k) {
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const L2Params& p = k.p;
+  GroupedFp8TmaMainloop<kWgN, kStages> mainloop(align_smem(smem_raw), l2_operands<kWgN>(p),
+                                                min(*p.num_blocks, p.max_blocks), &k.a, &k.b);
+  mainloop.run(L2Epilogue<kWgN>{p});
+  // The runtime's release flag (written after this kernel) must order these peer stores.
+  __threadfence_system();
+}
+
+template <class Mainloop>
 constexpr int l2_smem_bytes() {
-  return kSmemAlignSlack + GroupedFp8Mainloop<kWgN, kStages>::kSmemBytes;
+  return kSmemAlignSlack + Mainloop::kSmemBytes;
 }
 
 }  // namespace jax_megamoe::sm90

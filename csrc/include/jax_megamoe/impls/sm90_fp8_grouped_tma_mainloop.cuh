@@ -1,0 +1,173 @@
+// Warp-specialized grouped FP8 GEMM main loop: TMA loads into a shared-memory ring guarded by
+// full/empty mbarriers, two math warpgroups that never meet at a CTA-wide barrier inside the K
+// loop. Same tiles, schedule and numerics as the cp.async main loop
+// (impls/sm90_fp8_grouped_mainloop.cuh); tile layout in layout/sm90_gemm_tile.cuh.
+//
+// Roles (384 threads):
+//   warpgroup 0, producer   setmaxnreg down to kProducerRegs; warp 0 walks the CTA's tiles and
+//                           K blocks: waits until the slot is empty, then lane 0 announces the
+//                           stage's bytes and issues the TMA loads of A (64 pool rows) and of
+//                           the two warpgroups' B rows, while the 32 lanes cp.async the 64
+//                           activation scales and 2 weight scales and arrive on the slot's full
+//                           barrier when those land. Warps 1-3 exit.
+//   warpgroups 1-2, math    setmaxnreg up to kMathRegs; per K block: wait for the full barrier,
+//                           four wgmma into a partial, wait for them, read the scales, release
+//                           the slot (one arrival per warp), promote into the master
+//                           accumulator; the epilogue after a tile's last K block. The two
+//                           warpgroups drift independently, so one's promotion overlaps the
+//                           other's wgmma.
+//
+// Barrier counts: full[s] completes on 1 (expect_tx arrival) + 32 (cp.async arrivals) arrivals
+// and the stage's TMA bytes; empty[s] on one arrival per math warp. Phases alternate per pass
+// over the ring; the producer's first pass waits on parity 1, which a fresh barrier reports as
+// complete.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+
+#include "jax_megamoe/impls/sm90_fp8_grouped_math.cuh"
+#include "jax_megamoe/layout/sm90_gemm_tile.cuh"
+#include "jax_megamoe/ptx/cp_async.cuh"
+#include "jax_megamoe/ptx/mbarrier.cuh"
+#include "jax_megamoe/ptx/warpgroup.cuh"
+#include "jax_megamoe/scheduler/sm90_grouped_tiles.cuh"
+
+namespace jax_megamoe::sm90 {
+
+constexpr int kTmaNumThreads = kWarpGroupThreads + kNumMathThreads;
+// 384 threads at one CTA per SM start at 168 registers; the producer gives up 128 each so the
+// math threads can take 232 (128 x 40 + 256 x 232 <= 65536).
+constexpr int kProducerRegs = 40;
+constexpr int kMathRegs = 232;
+constexpr int kMathWarps = kNumMathThreads / 32;
+constexpr int kFullArrivals = 1 + 32;
+
+template <int kWgN, int kStages>
+class GroupedFp8TmaMainloop {
+  using Shape = TileShape<kWgN>;
+  using Ring = StageRing<kWgN, kStages>;
+  static_assert(kStages >= 2, "the ring needs one stage in flight while another is consumed");
+  static_assert(kBlockM == 64, "the producer warp copies two activation scales per lane");
+
+ public:
+  static constexpr int kBarrierBytes = 2 * kStages * static_cast<int>(sizeof(uint64_t));
+  static constexpr int kSmemBytes = Ring::kBytes + (kBarrierBytes + 127) / 128 * 128;
+
+  // `smem` must be kSwizzleAtomBytes-aligned (align_smem). The tensor maps view `op.a` as
+  // [pool rows, k] with a box of 64 x 128 and `op.b` as [experts * b_rows, k] with a box of
+  // kWgN x 128, both 128B-swizzled; they live in kernel parameter space (__grid_constant__).
+  __device__ GroupedFp8TmaMainloop(uint8_t* smem, const GemmOperands& op, int num_blocks,
+                                   const CUtensorMap* tma_a, const CUtensorMap* tma_b)
+      : ring_{smem},
+        full_(reinterpret_cast<uint64_t*>(smem + Ring::kBytes)),
+        empty_(full_ + kStages),
+        op_(op),
+        sched_(op, num_blocks),
+        num_kb_(op.k / kBlockK),
+        tma_a_(tma_a),
+        tma_b_(tma_b) {}
+
+  // Called by every thread of the CTA. epilogue(tile, acc, math_thread) runs on the math
+  // warpgroups only (math_thread in [0, 256)); it may synchronise them with math_sync().
+  template <class Epilogue>
+  __device__ __forceinline__ void run(Epilogue&& epilogue) {
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < kStages; ++s) {
+        ptx::mbarrier_init(&full_[s], kFullArrivals);
+        ptx::mbarrier_init(&empty_[s], kMathWarps);
+      }
+      ptx::fence_barrier_init();
+    }
+    __syncthreads();
+    if (threadIdx.x < kWarpGroupThreads) {
+      ptx::setmaxnreg_dec<kProducerRegs>();
+      if (threadIdx.x < 32) produce();
+    } else {
+      ptx::setmaxnreg_inc<kMathRegs>();
+      consume(epilogue, static_cast<int>(threadIdx.x) - kWarpGroupThreads);
+    }
+  }
+
+ private:
+  // Producer warp.
+  __device__ __forceinline__ void produce() {
+    const int lane = threadIdx.x % 32;
+    int slot = 0;
+    uint32_t phase = 0;
+    for (Tile tile = sched_.first(); !sched_.done(tile); tile = sched_.next(tile)) {
+      const int row0 = tile.block * kBlockM;
+      for (int kb = 0; kb < num_kb_; ++kb) {
+        ptx::mbarrier_wait(&empty_[slot], phase ^ 1);
+        uint64_t* full = &full_[slot];
+        if (lane == 0) {
+          ptx::mbarrier_arrive_expect_tx(full, Shape::kOperandBytes);
+          ptx::tma_load_2d(ring_.a(slot), tma_a_, kb * kBlockK, row0, full);
+#pragma unroll
+          for (int g = 0; g < kNumMathWarpGroups; ++g)
+            ptx::tma_load_2d(ring_.b(slot) + g * Shape::kBWgBytes, tma_b_, kb * kBlockK,
+                             op_.b_row(tile.expert, tile.n, g), full);
+        }
+        float* a_scale = ring_.a_scale(slot);
+#pragma unroll
+        for (int i = 0; i < kBlockM / 32; ++i)
+          ptx::cp_async_4(ptx::smem_addr(a_scale + lane + 32 * i),
+                          op_.a_scale_at(size_t(row0) + lane + 32 * i, kb));
+        if (lane < kNumMathWarpGroups)
+          ptx::cp_async_4(ptx::smem_addr(ring_.b_scale(slot) + lane),
+                          op_.b_scale_at(tile.expert, tile.n, lane, kb));
+        ptx::cp_async_mbarrier_arrive(full);
+        if (++slot == kStages) {
+          slot = 0;
+          phase ^= 1;
+        }
+      }
+    }
+  }
+
+  // Math warpgroups.
+  template <class Epilogue>
+  __device__ __forceinline__ void consume(Epilogue& epilogue, int math_thread) {
+    const int wg = math_thread / kWarpGroupThreads;
+    const int t = math_thread % kWarpGroupThreads;
+    const bool warp_leader = math_thread % 32 == 0;
+    int slot = 0;
+    uint32_t phase = 0;
+    for (Tile tile = sched_.first(); !sched_.done(tile); tile = sched_.next(tile)) {
+      Accum<kWgN> acc;
+#pragma unroll
+      for (int i = 0; i < Shape::kAccRegs; ++i) acc[i] = 0.f;
+
+      for (int kb = 0; kb < num_kb_; ++kb) {
+        ptx::mbarrier_wait(&full_[slot], phase);
+        float part[Shape::kAccRegs];
+        issue_block_mma<kWgN>(ptx::smem_addr(ring_.a(slot)),
+                              ptx::smem_addr(ring_.b(slot)) + wg * Shape::kBWgBytes, part);
+        ptx::wgmma_wait<0>();
+        ptx::fence_operands(part);
+        const RowScales scales = load_row_scales(ring_.a_scale(slot), ring_.b_scale(slot)[wg], t);
+        // The warp's wgmma reads and scale reads of the slot are done: hand it back.
+        __syncwarp();
+        if (warp_leader) ptx::mbarrier_arrive(&empty_[slot]);
+        promote<kWgN>(scales, part, acc);
+        if (++slot == kStages) {
+          slot = 0;
+          phase ^= 1;
+        }
+      }
+      epilogue(tile, acc, math_thread);
+    }
+  }
+
+  Ring ring_;
+  uint64_t* full_;
+  uint64_t* empty_;
+  GemmOperands op_;
+  TileScheduler sched_;
+  int num_kb_;
+  const CUtensorMap* tma_a_;
+  const CUtensorMap* tma_b_;
+};
+
+}  // namespace jax_megamoe::sm90

@@ -1,0 +1,63 @@
+// Shared-memory mbarriers and TMA tile loads (SM90), on CCCL's cuda::ptx wrappers (they ship with
+// nvcc), plus a bounded wait: a barrier that never completes (a bad tensor map, a protocol bug)
+// ends in a trap instead of a silent hang.
+#pragma once
+
+#include <cstdint>
+#include <cuda/ptx>
+
+namespace jax_megamoe::ptx {
+
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+  cuda::ptx::mbarrier_init(bar, arrivals);
+}
+
+// Makes initialised barriers visible to the async proxy (TMA completes on them) and to the other
+// threads of the CTA; follow it with a CTA-wide barrier.
+__device__ __forceinline__ void fence_barrier_init() {
+  cuda::ptx::fence_mbarrier_init(cuda::ptx::sem_release, cuda::ptx::scope_cluster);
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) { cuda::ptx::mbarrier_arrive(bar); }
+
+// One arrival that also announces `bytes` of asynchronous (TMA) writes the phase must wait for.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  cuda::ptx::mbarrier_arrive_expect_tx(cuda::ptx::sem_release, cuda::ptx::scope_cta,
+                                       cuda::ptx::space_shared, bar, bytes);
+}
+
+// One arrival, made when every cp.async this thread issued before it has landed.
+__device__ __forceinline__ void cp_async_mbarrier_arrive(uint64_t* bar) {
+  cuda::ptx::cp_async_mbarrier_arrive_noinc(bar);
+}
+
+// Bound of every mbarrier wait. A GEMM stage completes within microseconds; past this the kernel
+// traps (the launch fails with an error instead of hanging). No printf here: a call inside the
+// math warpgroups' loop would make ptxas serialize their wgmma.
+constexpr uint64_t kBarrierTimeoutNs = 10ull * 1000 * 1000 * 1000;
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Waits until the phase with parity `parity` of `bar` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  if (cuda::ptx::mbarrier_try_wait_parity(bar, parity)) return;
+  const uint64_t start = globaltimer_ns();
+  while (!cuda::ptx::mbarrier_try_wait_parity(bar, parity)) {
+    if (globaltimer_ns() - start > kBarrierTimeoutNs) __trap();
+  }
+}
+
+// 2-D TMA tile load of the box at (inner, outer) of `tensor_map` into shared memory, completing
+// `bytes` on `bar` (counted by the arrive_expect_tx of the stage).
+__device__ __forceinline__ void tma_load_2d(void* smem_dst, const void* tensor_map, int inner,
+                                            int outer, uint64_t* bar) {
+  const int32_t coords[2] = {inner, outer};
+  cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_cluster, cuda::ptx::space_global, smem_dst,
+                                  tensor_map, coords, bar);
+}
+
+}  // namespace jax_megamoe::ptx

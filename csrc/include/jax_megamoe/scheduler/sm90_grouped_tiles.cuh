@@ -1,0 +1,78 @@
+// Work decomposition shared by the grouped FP8 GEMM main loops: the operands of one grouped GEMM
+// and the persistent static schedule over (row block, N tile) pairs. Every role of a CTA (the
+// producer and each math warpgroup) walks the same sequence, so they agree without talking.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "jax_megamoe/launch.h"
+
+namespace jax_megamoe::sm90 {
+
+struct GemmOperands {
+  const uint8_t* a;             // [pool_rows, k]
+  const float* a_scale;         // [pool_rows, k / 128]
+  const uint8_t* b;             // [experts, b_rows, k]
+  const float* b_scale;         // [experts, b_rows / 128, k / 128]
+  const int32_t* block_expert;  // [max_blocks]
+  int k;
+  int b_rows;
+  // B row of warpgroup g of N tile n: n * b_tile_stride + g * b_group_stride.
+  int b_tile_stride;
+  int b_group_stride;
+  int n_tiles;  // N tiles per row block
+
+  // Row of `b` (viewed as [experts * b_rows, k]) where warpgroup `group`'s rows of N tile `n`
+  // of `expert` start; one kQuantBlock-row scale block holds all of them.
+  __device__ int b_row(int expert, int n, int group) const {
+    return expert * b_rows + n * b_tile_stride + group * b_group_stride;
+  }
+  // The weight scale of those rows for K block kb.
+  __device__ const float* b_scale_at(int expert, int n, int group, int kb) const {
+    return b_scale +
+           static_cast<size_t>(b_row(expert, n, group) / kQuantBlock) * (k / kQuantBlock) + kb;
+  }
+  // The activation scale of pool row `row` for K block kb.
+  __device__ const float* a_scale_at(size_t row, int kb) const {
+    return a_scale + row * (k / kQuantBlock) + kb;
+  }
+};
+
+struct Tile {
+  int index;  // >= num_tiles: this CTA is done
+  int block;
+  int n;
+  int expert;
+};
+
+// Static round-robin over (row block, N tile), row-block-major so CTAs running side by side share
+// the A tile and one expert's weights in L2. A block whose expert is negative (never produced by
+// a correct dispatch) is skipped rather than read out of bounds.
+class TileScheduler {
+ public:
+  __device__ TileScheduler(const GemmOperands& op, int num_blocks)
+      : block_expert_(op.block_expert), n_tiles_(op.n_tiles), num_tiles_(num_blocks * op.n_tiles) {}
+
+  __device__ Tile first() const { return resolve(static_cast<int>(blockIdx.x)); }
+  __device__ Tile next(const Tile& t) const {
+    return resolve(t.index + static_cast<int>(gridDim.x));
+  }
+  __device__ bool done(const Tile& t) const { return t.index >= num_tiles_; }
+
+ private:
+  __device__ Tile resolve(int index) const {
+    for (; index < num_tiles_; index += gridDim.x) {
+      const int block = index / n_tiles_;
+      const int expert = block_expert_[block];
+      if (expert >= 0) return {index, block, index - block * n_tiles_, expert};
+    }
+    return {num_tiles_, 0, 0, 0};
+  }
+
+  const int32_t* block_expert_;
+  int n_tiles_;
+  int num_tiles_;
+};
+
+}  // namespace jax_megamoe::sm90
