@@ -6,13 +6,9 @@
 
 #include <cstdint>
 
-namespace jax_megamoe {
+#include "jax_megamoe/constants.h"
 
-// Rows of one GEMM row block. A block never straddles two experts: each local expert's pool
-// segment starts on a multiple of kBlockM (padding rows have row_src == -1).
-constexpr int kBlockM = 64;
-// Quantization group along K for activations (1x128) and weights (128x128).
-constexpr int kQuantBlock = 128;
+namespace jax_megamoe {
 
 // L1: pool tokens x W1[e]^T with per-128 scale promotion, SwiGLU (optional clamp), x routing
 // weight, 1x128 e4m3 requant. Persistent over (row block, N tile) pairs; blocks at or past

@@ -20,7 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "jax_megamoe/launch.h"
+#include "jax_megamoe/constants.h"
 
 #if defined(__CUDACC__)
 #define JMM_HOST_DEVICE __host__ __device__
