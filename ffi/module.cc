@@ -9,11 +9,10 @@
 #include <string>
 #include <vector>
 
+#include "ffi_common.h"
 #include "grouped_gemm.h"
+#include "mega_moe.h"
 #include "symm_buffer.h"
-#include "xla/ffi/api/api.h"
-
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMegamoeFp8MegaMoe);
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -37,10 +36,9 @@ NB_MODULE(_C, m) {
       "registrations",
       [] {
         nb::dict targets;
-        targets["jax_megamoe_fp8_mega_moe"] =
-            nb::capsule(reinterpret_cast<void*>(JaxMegamoeFp8MegaMoe));
-        targets["jax_megamoe_l1_gemm"] = nb::capsule(reinterpret_cast<void*>(JaxMegamoeL1Gemm));
-        targets["jax_megamoe_l2_gemm"] = nb::capsule(reinterpret_cast<void*>(JaxMegamoeL2Gemm));
+        targets[kFp8MegaMoeTarget] = nb::capsule(reinterpret_cast<void*>(JaxMegamoeFp8MegaMoe));
+        targets[kL1GemmTarget] = nb::capsule(reinterpret_cast<void*>(JaxMegamoeL1Gemm));
+        targets[kL2GemmTarget] = nb::capsule(reinterpret_cast<void*>(JaxMegamoeL2Gemm));
         return targets;
       },
       "XLA FFI targets by name, as capsules for jax.ffi.register_ffi_target(platform='CUDA').");
