@@ -1,6 +1,6 @@
 // XLA FFI handlers that run the fused layer's grouped FP8 GEMMs alone, on a caller-built pool:
-//   jax_megamoe_l1_gemm: act = quant_1x128(swiglu(a x W1[e]^T) * row_weight)   (launch_l1)
-//   jax_megamoe_l2_gemm: y[row_src[r]] = bf16(act[r] x W2[e]^T)                 (launch_l2)
+//   kL1GemmTarget: act = quant_1x128(swiglu(a x W1[e]^T) * row_weight)   (launch_l1)
+//   kL2GemmTarget: y[row_src[r]] = bf16(act[r] x W2[e]^T)                 (launch_l2)
 // Row block b (kBlockM rows) belongs to local expert block_expert[b] (< 0: skipped); blocks at
 // or past num_blocks[0] are skipped; rows with row_src < 0 are padding and never stored.
 // Execute only validates shapes and enqueues kernels (no sync, allocation or module loading), so
@@ -13,14 +13,12 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
-#include <initializer_list>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 
+#include "ffi_common.h"
 #include "jax_megamoe/launch.h"
 #include "jax_megamoe/standalone.h"
-#include "symm_buffer.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -31,44 +29,6 @@ namespace {
 constexpr int kMaxDevices = 64;
 // SM count of each prepared device; 0 = prepare_standalone has not run there.
 std::array<std::atomic<int>, kMaxDevices> g_num_sms{};
-
-// Checks operand shapes in order; the first mismatch becomes an InvalidArgument error.
-class Shapes {
- public:
-  explicit Shapes(const char* target) : target_(target) {}
-
-  void expect(const char* name, ffi::AnyBuffer::Dimensions dims,
-              std::initializer_list<int64_t> want) {
-    if (!error_.empty()) return;
-    bool ok = dims.size() == want.size();
-    size_t i = 0;
-    for (int64_t w : want) ok = ok && dims[i++] == w;
-    if (ok) return;
-    std::ostringstream s;
-    s << target_ << ": " << name << " has shape [";
-    for (size_t j = 0; j < dims.size(); ++j) s << (j ? ", " : "") << dims[j];
-    s << "], expected [";
-    i = 0;
-    for (int64_t w : want) s << (i++ ? ", " : "") << w;
-    s << "]";
-    error_ = s.str();
-  }
-  void require(bool ok, const std::string& message) {
-    if (error_.empty() && !ok) error_ = std::string(target_) + ": " + message;
-  }
-  bool failed() const { return !error_.empty(); }
-  ffi::Error error() const { return ffi::Error::InvalidArgument(error_); }
-
- private:
-  const char* target_;
-  std::string error_;
-};
-
-int64_t dim(ffi::AnyBuffer::Dimensions dims, size_t i) { return i < dims.size() ? dims[i] : -1; }
-
-bool is_e4m3(const ffi::AnyBuffer& b) { return b.element_type() == ffi::DataType::F8E4M3FN; }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Persistent grid size: `num_ctas`, or every SM of the device x gemm_ctas_per_sm() for 0.
 ffi::Error grid_size(const char* target, int32_t device_ordinal, int64_t num_ctas, int* out) {
@@ -91,14 +51,6 @@ ffi::Error grid_size(const char* target, int32_t device_ordinal, int64_t num_cta
   return ffi::Error::Success();
 }
 
-ffi::Error launch_error(const char* target, int32_t device_ordinal, cudaError_t err) {
-  return ffi::Error::Internal(std::string(target) + ": kernel launch failed on device " +
-                              std::to_string(device_ordinal) + ": " + cudaGetErrorString(err));
-}
-
-constexpr const char* kL1 = "jax_megamoe_l1_gemm";
-constexpr const char* kL2 = "jax_megamoe_l2_gemm";
-
 ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer a,
                          ffi::Buffer<ffi::F32> a_scale, ffi::Buffer<ffi::F32> row_weight,
                          ffi::Buffer<ffi::S32> row_src, ffi::Buffer<ffi::S32> block_expert,
@@ -109,7 +61,7 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   const int64_t P = dim(a.dimensions(), 0), H = dim(a.dimensions(), 1);
   const int64_t E = dim(w1.dimensions(), 0), I = dim(w1.dimensions(), 1) / 2;
   const int64_t q = kQuantBlock;
-  Shapes s(kL1);
+  OperandCheck s(kL1GemmTarget);
   s.require(is_e4m3(a) && is_e4m3(w1) && is_e4m3(*act), "a, w1 and act must be float8_e4m3fn");
   s.require(a.dimensions().size() == 2 && P > 0 && P % kBlockM == 0 && P <= INT_MAX,
             "a must be [P, H] with P a positive multiple of " + std::to_string(kBlockM));
@@ -126,16 +78,18 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   s.expect("act", act->dimensions(), {P, I});
   s.expect("act_scale", act_scale->dimensions(), {P, I / q});
   if (s.failed()) return s.error();
-  // The kernel moves 16-byte vectors; XLA's buffers are at least this aligned.
-  if (!aligned16(a.untyped_data()) || !aligned16(w1.untyped_data()) ||
-      !aligned16(act->untyped_data())) {
-    return ffi::Error::Internal(std::string(kL1) + ": a, w1 or act is not 16-byte aligned");
+  if (ffi::Error err = check_aligned16(kL1GemmTarget, "a, w1 or act",
+                                       {a.untyped_data(), w1.untyped_data(), act->untyped_data()});
+      err.failure()) {
+    return err;
   }
   s.require(mainloop >= 0 && mainloop <= 2,
             "mainloop must be 0 (default), 1 (cp.async) or 2 (TMA)");
   if (s.failed()) return s.error();
   int grid = 0;
-  if (ffi::Error err = grid_size(kL1, device_ordinal, num_ctas, &grid); err.failure()) return err;
+  if (ffi::Error err = grid_size(kL1GemmTarget, device_ordinal, num_ctas, &grid); err.failure()) {
+    return err;
+  }
 
   L1Params p{};
   p.a = static_cast<const uint8_t*>(a.untyped_data());
@@ -156,7 +110,7 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   p.num_ctas = grid;
   p.mainloop = static_cast<GemmMainloop>(mainloop);
   if (cudaError_t err = launch_l1(p, stream); err != cudaSuccess) {
-    return launch_error(kL1, device_ordinal, err);
+    return launch_error(kL1GemmTarget, device_ordinal, err);
   }
   return ffi::Error::Success();
 }
@@ -172,7 +126,7 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   const int64_t E = dim(w2.dimensions(), 0), H = dim(w2.dimensions(), 1);
   const int64_t Y = dim(y->dimensions(), 0);
   const int64_t q = kQuantBlock;
-  Shapes s(kL2);
+  OperandCheck s(kL2GemmTarget);
   s.require(is_e4m3(act) && is_e4m3(w2), "act and w2 must be float8_e4m3fn");
   s.require(act.dimensions().size() == 2 && P > 0 && P % kBlockM == 0 && P <= INT_MAX,
             "act must be [P, I] with P a positive multiple of " + std::to_string(kBlockM));
@@ -191,22 +145,25 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   s.expect("y", y->dimensions(), {Y, H});
   s.expect("table", table->dimensions(), {1});
   if (s.failed()) return s.error();
-  if (!aligned16(act.untyped_data()) || !aligned16(w2.untyped_data()) ||
-      !aligned16(y->untyped_data())) {
-    return ffi::Error::Internal(std::string(kL2) + ": act, w2 or y is not 16-byte aligned");
+  if (ffi::Error err = check_aligned16(kL2GemmTarget, "act, w2 or y",
+                                       {act.untyped_data(), w2.untyped_data(), y->untyped_data()});
+      err.failure()) {
+    return err;
   }
   s.require(mainloop >= 0 && mainloop <= 2,
             "mainloop must be 0 (default), 1 (cp.async) or 2 (TMA)");
   if (s.failed()) return s.error();
   int grid = 0;
-  if (ffi::Error err = grid_size(kL2, device_ordinal, num_ctas, &grid); err.failure()) return err;
+  if (ffi::Error err = grid_size(kL2GemmTarget, device_ordinal, num_ctas, &grid); err.failure()) {
+    return err;
+  }
 
   // The kernel stores row r at combine[rank] + (k * max_tokens + token) * H for the slot code
   // row_src[r] = (rank * max_tokens + token) * topk + k. With one rank, topk 1 and max_tokens Y,
   // that is y + row_src[r] * H: a one-entry table holding y's address.
   void** slot = reinterpret_cast<void**>(table->typed_data());
   if (cudaError_t err = launch_store_pointer(slot, y->untyped_data(), stream); err != cudaSuccess) {
-    return launch_error(kL2, device_ordinal, err);
+    return launch_error(kL2GemmTarget, device_ordinal, err);
   }
   L2Params p{};
   p.act = static_cast<const uint8_t*>(act.untyped_data());
@@ -226,54 +183,34 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   p.num_ctas = grid;
   p.mainloop = static_cast<GemmMainloop>(mainloop);
   if (cudaError_t err = launch_l2(p, stream); err != cudaSuccess) {
-    return launch_error(kL2, device_ordinal, err);
+    return launch_error(kL2GemmTarget, device_ordinal, err);
   }
   return ffi::Error::Success();
-}
-
-void check_cuda(cudaError_t err, const std::string& what) {
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error("jax_megamoe: " + what + ": " + cudaGetErrorString(err));
-  }
 }
 
 }  // namespace
 
 void prepare_standalone(int device_ordinal) {
-  const int count = device_count();
-  if (device_ordinal < 0 || device_ordinal >= count || device_ordinal >= kMaxDevices) {
+  if (device_ordinal >= kMaxDevices) {
     throw std::invalid_argument("jax_megamoe: device ordinal " + std::to_string(device_ordinal) +
-                                " is out of range; " + std::to_string(count) +
-                                " CUDA devices are visible");
+                                " is out of range; the standalone GEMMs support " +
+                                std::to_string(kMaxDevices) + " devices");
   }
-  if (g_num_sms[device_ordinal].load(std::memory_order_acquire) != 0) return;
-  const auto [major, minor] = device_capability(device_ordinal);
-  if (major != 9) {
-    throw std::runtime_error("jax_megamoe: device " + std::to_string(device_ordinal) +
-                             " has compute capability " + std::to_string(major) + "." +
-                             std::to_string(minor) +
-                             "; the grouped GEMM kernels are built for SM90 (Hopper) only");
+  if (device_ordinal >= 0 && g_num_sms[device_ordinal].load(std::memory_order_acquire) != 0) {
+    return;
   }
-  int previous = 0;
-  check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
-  check_cuda(cudaSetDevice(device_ordinal),
-             "cudaSetDevice(" + std::to_string(device_ordinal) + ")");
-  int num_sms = 0;
-  cudaError_t err =
-      cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device_ordinal);
-  if (err == cudaSuccess) err = prepare_standalone_kernels();
-  cudaSetDevice(previous);
-  check_cuda(err, "loading the grouped GEMM kernels on device " + std::to_string(device_ordinal));
+  DeviceGuard guard(device_ordinal);
+  require_sm90(device_ordinal, "grouped GEMM kernels");
+  const int num_sms = device_sm_count(device_ordinal);
+  check_cuda(prepare_standalone_kernels(),
+             "loading the grouped GEMM kernels on device " + std::to_string(device_ordinal));
   g_num_sms[device_ordinal].store(num_sms, std::memory_order_release);
 }
 
 }  // namespace jax_megamoe
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL1Gemm, jax_megamoe::L1GemmExecute,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              jax_megamoe::bind_cuda_handler()
                                   .Arg<ffi::AnyBuffer>()         // a
                                   .Arg<ffi::Buffer<ffi::F32>>()  // a_scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // row_weight
@@ -290,9 +227,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL1Gemm, jax_megamoe::L1GemmExecute,
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL2Gemm, jax_megamoe::L2GemmExecute,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              jax_megamoe::bind_cuda_handler()
                                   .Arg<ffi::AnyBuffer>()          // act
                                   .Arg<ffi::Buffer<ffi::F32>>()   // act_scale
                                   .Arg<ffi::Buffer<ffi::S32>>()   // row_src

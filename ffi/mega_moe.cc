@@ -1,13 +1,15 @@
-// XLA FFI handler "jax_megamoe_fp8_mega_moe": validates shapes against the workspace the
-// buffer_id attribute names on this device, then enqueues the runtime's kernels on XLA's stream.
-// Execute never syncs, allocates or loads modules, so the handler is command-buffer compatible.
+// XLA FFI handler of the fused layer (kFp8MegaMoeTarget, mega_moe.h): validates shapes against the
+// workspace the buffer_id attribute names on this device, then enqueues the runtime's kernels on
+// XLA's stream. Execute never syncs, allocates or loads modules, so the handler is command-buffer
+// compatible.
+#include "mega_moe.h"
+
 #include <cuda_runtime_api.h>
 
-#include <cmath>
 #include <cstdint>
-#include <sstream>
 #include <string>
 
+#include "ffi_common.h"
 #include "jax_megamoe/runtime.h"
 #include "symm_buffer.h"
 #include "xla/ffi/api/ffi.h"
@@ -16,39 +18,6 @@ namespace ffi = xla::ffi;
 
 namespace jax_megamoe {
 namespace {
-
-std::string shape_str(ffi::AnyBuffer::Dimensions dims) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
-  s << "]";
-  return s.str();
-}
-
-// Checks one operand's shape; the first mismatch becomes the handler's InvalidArgument error.
-class ShapeCheck {
- public:
-  void expect(const char* name, ffi::AnyBuffer::Dimensions dims,
-              std::initializer_list<int64_t> want) {
-    if (!error_.empty()) return;
-    bool ok = dims.size() == want.size();
-    size_t i = 0;
-    for (int64_t w : want) ok = ok && dims[i++] == w;
-    if (ok) return;
-    std::ostringstream s;
-    s << "jax_megamoe: " << name << " has shape " << shape_str(dims) << ", expected [";
-    i = 0;
-    for (int64_t w : want) s << (i++ ? ", " : "") << w;
-    s << "] from the workspace configuration";
-    error_ = s.str();
-  }
-  const std::string& error() const { return error_; }
-
- private:
-  std::string error_;
-};
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer x,
                           ffi::Buffer<ffi::F32> x_scale, ffi::Buffer<ffi::S32> topk_ids,
@@ -59,32 +28,28 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
   const std::optional<WorkspaceState> state = find_workspace(buffer_id, device_ordinal);
   if (!state) {
     return ffi::Error::InvalidArgument(
-        "jax_megamoe: no workspace with buffer_id " + std::to_string(buffer_id) + " on device " +
-        std::to_string(device_ordinal) + "; create the SymmBuffer on this device's mesh first");
+        std::string(kFp8MegaMoeTarget) + ": no workspace with buffer_id " +
+        std::to_string(buffer_id) + " on device " + std::to_string(device_ordinal) +
+        "; create the SymmBuffer on this device's mesh first");
   }
   if (!state->connected) {
-    return ffi::Error::InvalidArgument("jax_megamoe: workspace " + std::to_string(buffer_id) +
-                                       " on device " + std::to_string(device_ordinal) +
+    return ffi::Error::InvalidArgument(std::string(kFp8MegaMoeTarget) + ": workspace " +
+                                       std::to_string(buffer_id) + " on device " +
+                                       std::to_string(device_ordinal) +
                                        " was created but its peers were never connected");
   }
-  for (auto [name, buffer] : {std::pair{"x", &x}, {"w1", &w1}, {"w2", &w2}}) {
-    if (buffer->element_type() != ffi::DataType::F8E4M3FN) {
-      return ffi::Error::InvalidArgument(std::string("jax_megamoe: ") + name +
-                                         " must be float8_e4m3fn");
-    }
-  }
-
   const WorkspaceConfig& c = state->config;
-  const int64_t m = x.dimensions().size() == 2 ? x.dimensions()[0] : -1;
-  if (m < 0 || m > c.max_tokens) {
-    return ffi::Error::InvalidArgument(
-        "jax_megamoe: x has shape " + shape_str(x.dimensions()) + "; expected [M, " +
-        std::to_string(c.hidden) +
-        "] with M <= max_tokens_per_rank = " + std::to_string(c.max_tokens) + " of the workspace");
+  const int64_t m = dim(x.dimensions(), 0);
+  OperandCheck check(kFp8MegaMoeTarget, " from the workspace configuration");
+  for (auto [name, buffer] : {std::pair{"x", &x}, {"w1", &w1}, {"w2", &w2}}) {
+    check.require(is_e4m3(*buffer), std::string(name) + " must be float8_e4m3fn");
   }
+  check.require(x.dimensions().size() == 2 && m <= c.max_tokens,
+                "x has shape " + shape_str(x.dimensions()) + "; expected [M, " +
+                    std::to_string(c.hidden) + "] with M <= max_tokens_per_rank = " +
+                    std::to_string(c.max_tokens) + " of the workspace");
   const int64_t H = c.hidden, I = c.intermediate, K = c.topk, E_l = c.num_experts / c.num_ranks;
   const int64_t q = kQuantBlock;
-  ShapeCheck check;
   check.expect("x", x.dimensions(), {m, H});
   check.expect("x_scale", x_scale.dimensions(), {m, H / q});
   check.expect("topk_ids", topk_ids.dimensions(), {m, K});
@@ -94,12 +59,13 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
   check.expect("w2", w2.dimensions(), {E_l, H, I});
   check.expect("w2_scale", w2_scale.dimensions(), {E_l, H / q, I / q});
   check.expect("y", y->dimensions(), {m, H});
-  if (!check.error().empty()) return ffi::Error::InvalidArgument(check.error());
-
-  // The staging and combine copies move 16-byte vectors; XLA's buffers are at least this aligned.
-  if (!aligned16(x.untyped_data()) || !aligned16(y->untyped_data()) ||
-      !aligned16(w1.untyped_data()) || !aligned16(w2.untyped_data())) {
-    return ffi::Error::Internal("jax_megamoe: an x, y, w1 or w2 buffer is not 16-byte aligned");
+  if (check.failed()) return check.error();
+  // The staging and combine copies move 16-byte vectors.
+  if (ffi::Error err = check_aligned16(
+          kFp8MegaMoeTarget, "an x, y, w1 or w2 buffer",
+          {x.untyped_data(), y->untyped_data(), w1.untyped_data(), w2.untyped_data()});
+      err.failure()) {
+    return err;
   }
 
   MegaMoeArgs args{};
@@ -119,8 +85,7 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
   args.y = y->untyped_data();
   args.activation_clamp = activation_clamp;
   if (cudaError_t err = launch_mega_moe(args, stream); err != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_megamoe: kernel launch failed on device ") +
-                                std::to_string(device_ordinal) + ": " + cudaGetErrorString(err));
+    return launch_error(kFp8MegaMoeTarget, device_ordinal, err);
   }
   return ffi::Error::Success();
 }
@@ -129,9 +94,7 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
 }  // namespace jax_megamoe
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeFp8MegaMoe, jax_megamoe::MegaMoeExecute,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
+                              jax_megamoe::bind_cuda_handler()
                                   .Arg<ffi::AnyBuffer>()          // x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x_scale
                                   .Arg<ffi::Buffer<ffi::S32>>()   // topk_ids

@@ -1,5 +1,6 @@
-// nanobind module jax_megamoe._C: FFI handler capsules for jax.ffi.register_ffi_target, device
-// queries, and the symmetric workspace lifecycle used by jax_megamoe.SymmBuffer.
+// nanobind module jax_megamoe._C: FFI handler capsules for jax.ffi.register_ffi_target and their
+// target names, the constants Python shares with the kernels, device queries, and the symmetric
+// workspace lifecycle used by jax_megamoe.SymmBuffer.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
@@ -9,11 +10,11 @@
 #include <string>
 #include <vector>
 
+#include "ffi_common.h"
 #include "grouped_gemm.h"
+#include "jax_megamoe/constants.h"
+#include "mega_moe.h"
 #include "symm_buffer.h"
-#include "xla/ffi/api/api.h"
-
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMegamoeFp8MegaMoe);
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -33,17 +34,31 @@ NB_MODULE(_C, m) {
   using namespace jax_megamoe;
   m.doc() = "CUDA runtime of jax_megamoe (SM90 fused FP8 MoE)";
 
+  m.attr("FP8_MEGA_MOE_TARGET") = nb::str(kFp8MegaMoeTarget);
+  m.attr("L1_GEMM_TARGET") = nb::str(kL1GemmTarget);
+  m.attr("L2_GEMM_TARGET") = nb::str(kL2GemmTarget);
   m.def(
       "registrations",
       [] {
         nb::dict targets;
-        targets["jax_megamoe_fp8_mega_moe"] =
-            nb::capsule(reinterpret_cast<void*>(JaxMegamoeFp8MegaMoe));
-        targets["jax_megamoe_l1_gemm"] = nb::capsule(reinterpret_cast<void*>(JaxMegamoeL1Gemm));
-        targets["jax_megamoe_l2_gemm"] = nb::capsule(reinterpret_cast<void*>(JaxMegamoeL2Gemm));
+        targets[kFp8MegaMoeTarget] = nb::capsule(reinterpret_cast<void*>(JaxMegamoeFp8MegaMoe));
+        targets[kL1GemmTarget] = nb::capsule(reinterpret_cast<void*>(JaxMegamoeL1Gemm));
+        targets[kL2GemmTarget] = nb::capsule(reinterpret_cast<void*>(JaxMegamoeL2Gemm));
         return targets;
       },
       "XLA FFI targets by name, as capsules for jax.ffi.register_ffi_target(platform='CUDA').");
+
+  m.def(
+      "constants",
+      [] {
+        nb::dict constants;
+        constants["BLOCK_M"] = kBlockM;
+        constants["QUANT_BLOCK"] = kQuantBlock;
+        constants["MAX_TOPK"] = kMaxTopk;
+        constants["MAX_LOCAL_EXPERTS"] = kMaxLocalExperts;
+        return constants;
+      },
+      "The limits and block sizes the kernels are built with (jax_megamoe/constants.h).");
 
   m.def(
       "workspace_nbytes",

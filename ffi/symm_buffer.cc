@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "ffi_common.h"
 #include "jax_megamoe/runtime.h"
 
 namespace jax_megamoe {
@@ -46,34 +47,6 @@ static_assert(sizeof(cudaIpcMemHandle_t) == kIpcHandleBytes, "cudaIpcMemHandle_t
 std::string key_str(int64_t buffer_id, int device_ordinal) {
   return "workspace " + std::to_string(buffer_id) + " on device " + std::to_string(device_ordinal);
 }
-
-void check_cuda(cudaError_t err, const std::string& what) {
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear a non-sticky error so later calls on this thread are not blamed
-    throw std::runtime_error("jax_megamoe: " + what + ": " + cudaGetErrorString(err));
-  }
-}
-
-// Makes `ordinal` current for one setup call and restores the caller's device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int ordinal) {
-    int count = device_count();
-    if (ordinal < 0 || ordinal >= count) {
-      throw std::invalid_argument("jax_megamoe: device ordinal " + std::to_string(ordinal) +
-                                  " is out of range; " + std::to_string(count) +
-                                  " CUDA devices are visible");
-    }
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    check_cuda(cudaSetDevice(ordinal), "cudaSetDevice(" + std::to_string(ordinal) + ")");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
 
 // Setup copies run on a private non-blocking stream: the legacy default stream would also wait
 // for XLA's streams on this device.
@@ -145,16 +118,8 @@ uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
   const uint64_t timeout_ns = timeout_ns_from_env();
 
   DeviceGuard guard(device_ordinal);
-  const auto [major, minor] = device_capability(device_ordinal);
-  if (major != 9) {
-    throw std::runtime_error("jax_megamoe: device " + std::to_string(device_ordinal) +
-                             " has compute capability " + std::to_string(major) + "." +
-                             std::to_string(minor) +
-                             "; the fused kernels are built for SM90 (Hopper) only");
-  }
-  int num_sms = 0;
-  check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device_ordinal),
-             "querying the SM count");
+  require_sm90(device_ordinal, "fused kernels");
+  const int num_sms = device_sm_count(device_ordinal);
   require(sm_budget <= num_sms, "sm_budget " + std::to_string(sm_budget) + " exceeds the " +
                                     std::to_string(num_sms) + " SMs of device " +
                                     std::to_string(device_ordinal));
@@ -358,25 +323,6 @@ std::optional<WorkspaceState> find_workspace(int64_t buffer_id, int device_ordin
   auto it = registry().find({buffer_id, device_ordinal});
   if (it == registry().end()) return std::nullopt;
   return it->second;
-}
-
-int device_count() {
-  int count = 0;
-  // No driver or no device means "no GPU here", not an error: callers fall back to the reference.
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return count;
-}
-
-std::pair<int, int> device_capability(int ordinal) {
-  int major = 0, minor = 0;
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ordinal),
-             "querying the compute capability of device " + std::to_string(ordinal));
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ordinal),
-             "querying the compute capability of device " + std::to_string(ordinal));
-  return {major, minor};
 }
 
 bool can_access_peer(int ordinal, int peer_ordinal) {

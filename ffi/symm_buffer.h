@@ -7,7 +7,6 @@
 #include <cstdint>
 #include <optional>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "jax_megamoe/layout/workspace.h"
@@ -52,8 +51,6 @@ void close_ipc_handles(int64_t buffer_id, int device_ordinal);
 // A copy, so a concurrent destroy on another thread cannot invalidate what the caller holds.
 std::optional<WorkspaceState> find_workspace(int64_t buffer_id, int device_ordinal);
 
-int device_count();
-std::pair<int, int> device_capability(int ordinal);
 bool can_access_peer(int ordinal, int peer_ordinal);
 size_t device_free_bytes(int ordinal);
 // PCI bus id ("0000:1b:00.0") of a device, and the ordinal of a bus id in this process (-1 when

@@ -1,13 +1,9 @@
-// Device helpers of the standalone grouped GEMM calls (ffi/grouped_gemm.cc).
+// Host launchers of the standalone grouped GEMM calls' helpers (ffi/grouped_gemm.cc).
+#include "jax_megamoe/impls/store_pointer.cuh"
 #include "jax_megamoe/launch.h"
 #include "jax_megamoe/standalone.h"
 
 namespace jax_megamoe {
-namespace {
-
-__global__ void store_pointer_kernel(void** slot, void* value) { *slot = value; }
-
-}  // namespace
 
 cudaError_t launch_store_pointer(void** slot, void* value, cudaStream_t stream) {
   store_pointer_kernel<<<1, 1, 0, stream>>>(slot, value);

@@ -6,13 +6,9 @@
 
 #include <cstdint>
 
-namespace jax_megamoe {
+#include "jax_megamoe/constants.h"
 
-// Rows of one GEMM row block. A block never straddles two experts: each local expert's pool
-// segment starts on a multiple of kBlockM (padding rows have row_src == -1).
-constexpr int kBlockM = 64;
-// Quantization group along K for activations (1x128) and weights (128x128).
-constexpr int kQuantBlock = 128;
+namespace jax_megamoe {
 
 // Which grouped GEMM main loop runs (impls/sm90_fp8_grouped_*mainloop.cuh). kDefault resolves to
 // the environment variable JAX_MEGAMOE_MAINLOOP ("tma" or "cp_async"), read once per process,

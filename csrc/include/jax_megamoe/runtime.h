@@ -6,15 +6,10 @@
 
 #include <cstdint>
 
+#include "jax_megamoe/constants.h"
 #include "jax_megamoe/layout/workspace.h"
 
 namespace jax_megamoe {
-
-// Largest top-k: the dispatch gives each slot of a token its own warp lane.
-constexpr int kMaxTopk = 32;
-// Largest experts per rank: the route scan keeps two ints per local expert in static-limit
-// (48 KiB) shared memory.
-constexpr int kMaxLocalExperts = 4096;
 
 struct MegaMoeArgs {
   WorkspaceConfig config;

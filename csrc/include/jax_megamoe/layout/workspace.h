@@ -20,7 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "jax_megamoe/launch.h"
+#include "jax_megamoe/constants.h"
 
 #if defined(__CUDACC__)
 #define JMM_HOST_DEVICE __host__ __device__
@@ -139,5 +139,16 @@ struct WorkspaceLayout {
     return at;
   }
 };
+
+// Typed pointer to the region at `offset` of a workspace based at `base` (this rank's or, through
+// the peer table, a peer's: every rank has the same layout).
+template <typename T>
+JMM_HOST_DEVICE inline T* at(uint8_t* base, size_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+JMM_HOST_DEVICE inline HeaderFixed* header_of(uint8_t* base, const WorkspaceLayout& l) {
+  return at<HeaderFixed>(base, l.header);
+}
 
 }  // namespace jax_megamoe

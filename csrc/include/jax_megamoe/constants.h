@@ -1,0 +1,18 @@
+// Constants shared by the kernels, the workspace layout and the FFI checks; the extension exports
+// them to Python as jax_megamoe._C.constants(). Plain C++ (host and device compilers).
+#pragma once
+
+namespace jax_megamoe {
+
+// Rows of one GEMM row block. A block never straddles two experts: each local expert's pool
+// segment starts on a multiple of kBlockM (padding rows have row_src == -1).
+constexpr int kBlockM = 64;
+// Quantization group along K for activations (1x128) and weights (128x128).
+constexpr int kQuantBlock = 128;
+// Largest top-k: the dispatch gives each slot of a token its own warp lane.
+constexpr int kMaxTopk = 32;
+// Largest experts per rank: the route scan keeps two ints per local expert in static-limit
+// (48 KiB) shared memory.
+constexpr int kMaxLocalExperts = 4096;
+
+}  // namespace jax_megamoe

@@ -1,0 +1,170 @@
+// Dispatch steps 3 and 4, run by each rank over every rank's staging once the dispatch sync has
+// passed: route_count lays out this rank's kBlockM-aligned expert segments of the pool,
+// route_fill claims one pool row per slot routed here and pulls the token's fp8 row and scales
+// from the source rank's staging into it.
+#pragma once
+
+#include <cstdint>
+#include <cub/block/block_scan.cuh>
+
+#include "jax_megamoe/constants.h"
+#include "jax_megamoe/impls/runtime_args.cuh"
+
+namespace jax_megamoe::sm90 {
+
+// 16-byte vectors each lane keeps in flight while pulling a token row from a peer.
+constexpr int kPullUnroll = 4;
+
+// Counts slots routed to this rank per local expert; the last block to finish turns the counts
+// into kBlockM-aligned segments. Dynamic shared memory: 2 * local_experts ints.
+__global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
+  using BlockScan = cub::BlockScan<int, kThreads>;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+  __shared__ bool is_last_block;
+  extern __shared__ int32_t smem[];
+  int32_t* counts = smem;                         // per-block histogram, then the global counts
+  int32_t* first_block = smem + a.local_experts;  // first row block of each expert's segment
+
+  const WorkspaceLayout& l = a.layout;
+  const int num_local = a.local_experts;
+  const int first_expert = a.rank * num_local;
+  for (int e = threadIdx.x; e < num_local; e += kThreads) counts[e] = 0;
+  __syncthreads();
+
+  for (int s = 0; s < a.num_ranks; ++s) {
+    uint8_t* src = peer_base(a, s);
+    const int num_slots = header_of(src, l)->staged_tokens * a.topk;
+    const int32_t* ids = at<int32_t>(src, l.topk_ids);
+    for (int i = blockIdx.x * kThreads + threadIdx.x; i < num_slots; i += gridDim.x * kThreads) {
+      const unsigned e = unsigned(ids[i] - first_expert);
+      if (e < unsigned(num_local)) atomicAdd(&counts[e], 1);
+    }
+  }
+  __syncthreads();
+
+  int32_t* expert_count = at<int32_t>(a.ws, l.expert_count);
+  for (int e = threadIdx.x; e < num_local; e += kThreads) {
+    if (counts[e] != 0) atomicAdd(&expert_count[e], counts[e]);
+  }
+  __threadfence();
+  __syncthreads();
+  RouteScalars* scalars = at<RouteScalars>(a.ws, l.route_scalars);
+  if (threadIdx.x == 0) is_last_block = atomicAdd(&scalars->count_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last_block) return;
+
+  int32_t* expert_offset = at<int32_t>(a.ws, l.expert_offset);
+  int total_blocks = 0;
+  for (int base = 0; base < num_local; base += kThreads) {
+    const int e = base + threadIdx.x;
+    // L2 reads: the other blocks' atomics never went through this SM's L1.
+    const int count = e < num_local ? __ldcg(expert_count + e) : 0;
+    int first, chunk_blocks;
+    BlockScan(scan_storage).ExclusiveSum((count + kBlockM - 1) / kBlockM, first, chunk_blocks);
+    if (e < num_local) {
+      counts[e] = count;
+      first_block[e] = total_blocks + first;
+      expert_offset[e] = (total_blocks + first) * kBlockM;
+    }
+    total_blocks += chunk_blocks;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) scalars->num_blocks = total_blocks;
+
+  int32_t* block_expert = at<int32_t>(a.ws, l.block_expert);
+  for (int b = threadIdx.x; b < total_blocks; b += kThreads) {
+    // The last expert whose segment starts at or before b owns b (empty segments share their
+    // start with the next expert, which is later, so they are never picked).
+    int lo = 0, hi = num_local - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (first_block[mid] <= b) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    block_expert[b] = lo;
+  }
+
+  int32_t* row_src = at<int32_t>(a.ws, l.row_src);
+  for (int i = threadIdx.x; i < num_local * kBlockM; i += kThreads) {
+    const int e = i / kBlockM;
+    const int row = counts[e] + i % kBlockM;  // within the expert's segment
+    if (row < (counts[e] + kBlockM - 1) / kBlockM * kBlockM) {
+      row_src[first_block[e] * kBlockM + row] = -1;
+    }
+  }
+}
+
+// One warp per (source rank, token): row claims are atomic, so row order within a segment
+// varies run to run; results do not, since GEMM rows never mix and each row has one output slot.
+__global__ void __launch_bounds__(kThreads) route_fill_kernel(KernelArgs a) {
+  __shared__ int32_t claimed_rows[kWarps][kMaxTopk];
+  const WorkspaceLayout& l = a.layout;
+  const int lane = threadIdx.x % 32;
+  int32_t* rows = claimed_rows[threadIdx.x / 32];
+  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
+  const int num_warps = gridDim.x * kWarps;
+  const int num_local = a.local_experts;
+  const int first_expert = a.rank * num_local;
+  const int vecs = a.hidden / 16;
+  const int scales = a.hidden / kQuantBlock;
+
+  const int32_t* expert_offset = at<int32_t>(a.ws, l.expert_offset);
+  int32_t* expert_fill = at<int32_t>(a.ws, l.expert_fill);
+  int32_t* row_src = at<int32_t>(a.ws, l.row_src);
+  float* row_weight = at<float>(a.ws, l.row_weight);
+  uint4* pool = at<uint4>(a.ws, l.pool_a);
+  float* pool_scale = at<float>(a.ws, l.pool_a_scale);
+
+  for (int s = 0; s < a.num_ranks; ++s) {
+    uint8_t* src = peer_base(a, s);
+    const int num_tokens = header_of(src, l)->staged_tokens;
+    const int32_t* ids = at<int32_t>(src, l.topk_ids);
+    const float* weights = at<float>(src, l.topk_weights);
+    const uint4* x = at<uint4>(src, l.x);
+    const float* x_scale = at<float>(src, l.x_scale);
+
+    for (int t = warp; t < num_tokens; t += num_warps) {
+      const size_t slot = size_t(t) * a.topk + lane;
+      const int32_t id = lane < a.topk ? ids[slot] : -1;
+      const unsigned e = unsigned(id - first_expert);
+      const bool mine = e < unsigned(num_local);
+      const unsigned mask = __ballot_sync(~0u, mine);
+      if (mask == 0) continue;
+      if (mine) {
+        const int row = expert_offset[e] + atomicAdd(&expert_fill[e], 1);
+        row_src[row] = (s * a.max_tokens + t) * a.topk + lane;
+        row_weight[row] = weights[slot];
+        rows[__popc(mask & ((1u << lane) - 1))] = row;
+      }
+      __syncwarp();
+      const int n = __popc(mask);
+
+      // One pull of the token over NVLink, however many of its slots landed on this rank.
+      const uint4* x_row = x + size_t(t) * vecs;
+      for (int c0 = lane; c0 < vecs; c0 += 32 * kPullUnroll) {
+        uint4 v[kPullUnroll];
+#pragma unroll
+        for (int u = 0; u < kPullUnroll; ++u) {
+          if (c0 + u * 32 < vecs) v[u] = x_row[c0 + u * 32];
+        }
+        for (int j = 0; j < n; ++j) {
+          uint4* dst = pool + size_t(rows[j]) * vecs;
+#pragma unroll
+          for (int u = 0; u < kPullUnroll; ++u) {
+            if (c0 + u * 32 < vecs) dst[c0 + u * 32] = v[u];
+          }
+        }
+      }
+      for (int c = lane; c < scales; c += 32) {
+        const float v = x_scale[size_t(t) * scales + c];
+        for (int j = 0; j < n; ++j) pool_scale[size_t(rows[j]) * scales + c] = v;
+      }
+      __syncwarp();
+    }
+  }
+}
+
+}  // namespace jax_megamoe::sm90

@@ -1,0 +1,109 @@
+#include "ffi_common.h"
+
+#include <sstream>
+#include <stdexcept>
+
+namespace jax_megamoe {
+
+std::string shape_str(ffi::AnyBuffer::Dimensions dims) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
+  s << "]";
+  return s.str();
+}
+
+int64_t dim(ffi::AnyBuffer::Dimensions dims, size_t i) { return i < dims.size() ? dims[i] : -1; }
+
+bool is_e4m3(const ffi::AnyBuffer& buffer) {
+  return buffer.element_type() == ffi::DataType::F8E4M3FN;
+}
+
+void OperandCheck::expect(const char* name, ffi::AnyBuffer::Dimensions dims,
+                          std::initializer_list<int64_t> want) {
+  if (failed()) return;
+  bool ok = dims.size() == want.size();
+  size_t i = 0;
+  for (int64_t w : want) ok = ok && dims[i++] == w;
+  if (ok) return;
+  std::ostringstream s;
+  s << target_ << ": " << name << " has shape " << shape_str(dims) << ", expected [";
+  i = 0;
+  for (int64_t w : want) s << (i++ ? ", " : "") << w;
+  s << "]" << expected_from_;
+  error_ = s.str();
+}
+
+void OperandCheck::require(bool ok, const std::string& message) {
+  if (!failed() && !ok) error_ = std::string(target_) + ": " + message;
+}
+
+ffi::Error check_aligned16(const char* target, const char* names,
+                           std::initializer_list<const void*> buffers) {
+  for (const void* p : buffers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+      return ffi::Error::Internal(std::string(target) + ": " + names + " is not 16-byte aligned");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error launch_error(const char* target, int device_ordinal, cudaError_t err) {
+  return ffi::Error::Internal(std::string(target) + ": kernel launch failed on device " +
+                              std::to_string(device_ordinal) + ": " + cudaGetErrorString(err));
+}
+
+void check_cuda(cudaError_t err, const std::string& what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so later calls on this thread are not blamed
+    throw std::runtime_error("jax_megamoe: " + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+int device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+std::pair<int, int> device_capability(int ordinal) {
+  int major = 0, minor = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ordinal),
+             "querying the compute capability of device " + std::to_string(ordinal));
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ordinal),
+             "querying the compute capability of device " + std::to_string(ordinal));
+  return {major, minor};
+}
+
+int device_sm_count(int ordinal) {
+  int num_sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, ordinal),
+             "querying the SM count of device " + std::to_string(ordinal));
+  return num_sms;
+}
+
+void require_sm90(int ordinal, const char* kernels) {
+  const auto [major, minor] = device_capability(ordinal);
+  if (major != 9) {
+    throw std::runtime_error("jax_megamoe: device " + std::to_string(ordinal) +
+                             " has compute capability " + std::to_string(major) + "." +
+                             std::to_string(minor) + "; the " + kernels +
+                             " are built for SM90 (Hopper) only");
+  }
+}
+
+DeviceGuard::DeviceGuard(int ordinal) {
+  const int count = device_count();
+  if (ordinal < 0 || ordinal >= count) {
+    throw std::invalid_argument("jax_megamoe: device ordinal " + std::to_string(ordinal) +
+                                " is out of range; " + std::to_string(count) +
+                                " CUDA devices are visible");
+  }
+  check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+  check_cuda(cudaSetDevice(ordinal), "cudaSetDevice(" + std::to_string(ordinal) + ")");
+}
+
+}  // namespace jax_megamoe

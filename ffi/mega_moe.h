@@ -1,0 +1,13 @@
+// The fused layer's XLA FFI handler (mega_moe.cc) and the target name it is registered under;
+// Python reads the name as jax_megamoe._C.FP8_MEGA_MOE_TARGET.
+#pragma once
+
+#include "xla/ffi/api/api.h"
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMegamoeFp8MegaMoe);
+
+namespace jax_megamoe {
+
+inline constexpr char kFp8MegaMoeTarget[] = "jax_megamoe_fp8_mega_moe";
+
+}  // namespace jax_megamoe
