@@ -188,8 +188,8 @@ def make_set(args, layout, rows: int, key):
 def hbm_copy_rate(args) -> float:
     """Bytes per second (read + written) of a COPY_BYTES device-to-device copy, timed like the
     kernels; the weight-stream floor uses it."""
-    copy = _named_jit(lambda x: x + jnp.uint8(1), "hbm_copy")
-    xs = [jnp.full((COPY_BYTES,), j, jnp.uint8) for j in range(2)]
+    copy = _named_jit(lambda x: x + 1.0, "hbm_copy")
+    xs = [jnp.full((COPY_BYTES // 4,), j, jnp.float32) for j in range(2)]
     r, _ = timing.measure(copy, [(x,) for x in xs], args, "jit_hbm_copy")
     return 2 * COPY_BYTES / (r["max_us"] * 1e-6)
 

@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <initializer_list>
 #include <string>
 #include <utility>
@@ -21,6 +22,20 @@ namespace ffi = xla::ffi;
 inline auto bind_cuda_handler() {
   return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>();
 }
+
+// A handler as XLA calls it: the same execute function, but a failure's message also goes to
+// stderr before it is returned. On jax 0.11.2 (GPU) a handler that returns an error has been seen
+// to crash the process, so the message must not depend on XLA reporting it.
+template <auto kExecute>
+struct Reporting;
+template <class... Args, ffi::Error (*kExecute)(Args...)>
+struct Reporting<kExecute> {
+  static ffi::Error execute(Args... args) {
+    ffi::Error err = kExecute(std::move(args)...);
+    if (err.failure()) std::fprintf(stderr, "%s\n", err.message().c_str());
+    return err;
+  }
+};
 
 // "[2, 128]"
 std::string shape_str(ffi::AnyBuffer::Dimensions dims);

@@ -209,7 +209,8 @@ void prepare_standalone(int device_ordinal) {
 
 }  // namespace jax_megamoe
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL1Gemm, jax_megamoe::L1GemmExecute,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL1Gemm,
+                              jax_megamoe::Reporting<jax_megamoe::L1GemmExecute>::execute,
                               jax_megamoe::bind_cuda_handler()
                                   .Arg<ffi::AnyBuffer>()         // a
                                   .Arg<ffi::Buffer<ffi::F32>>()  // a_scale
@@ -226,7 +227,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL1Gemm, jax_megamoe::L1GemmExecute,
                                   .Attr<int32_t>("mainloop"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL2Gemm, jax_megamoe::L2GemmExecute,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL2Gemm,
+                              jax_megamoe::Reporting<jax_megamoe::L2GemmExecute>::execute,
                               jax_megamoe::bind_cuda_handler()
                                   .Arg<ffi::AnyBuffer>()          // act
                                   .Arg<ffi::Buffer<ffi::F32>>()   // act_scale

@@ -93,7 +93,8 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
 }  // namespace
 }  // namespace jax_megamoe
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeFp8MegaMoe, jax_megamoe::MegaMoeExecute,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeFp8MegaMoe,
+                              jax_megamoe::Reporting<jax_megamoe::MegaMoeExecute>::execute,
                               jax_megamoe::bind_cuda_handler()
                                   .Arg<ffi::AnyBuffer>()          // x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x_scale
