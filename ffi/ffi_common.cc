@@ -1,17 +1,24 @@
 #include "ffi_common.h"
 
-#include <sstream>
 #include <stdexcept>
 
 namespace jax_megamoe {
 
-std::string shape_str(ffi::AnyBuffer::Dimensions dims) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
-  s << "]";
-  return s.str();
+namespace {
+
+// "[a, b, c]". std::to_string, not an ostringstream: formatting a number through iostreams inside
+// an FFI execute call crashed the process on jax 0.11.2 (GPU), in the stream's locale code.
+template <class Range>
+std::string bracketed(const Range& values) {
+  std::string s = "[";
+  size_t i = 0;
+  for (int64_t v : values) s += (i++ ? ", " : "") + std::to_string(v);
+  return s + "]";
 }
+
+}  // namespace
+
+std::string shape_str(ffi::AnyBuffer::Dimensions dims) { return bracketed(dims); }
 
 int64_t dim(ffi::AnyBuffer::Dimensions dims, size_t i) { return i < dims.size() ? dims[i] : -1; }
 
@@ -26,12 +33,8 @@ void OperandCheck::expect(const char* name, ffi::AnyBuffer::Dimensions dims,
   size_t i = 0;
   for (int64_t w : want) ok = ok && dims[i++] == w;
   if (ok) return;
-  std::ostringstream s;
-  s << target_ << ": " << name << " has shape " << shape_str(dims) << ", expected [";
-  i = 0;
-  for (int64_t w : want) s << (i++ ? ", " : "") << w;
-  s << "]" << expected_from_;
-  error_ = s.str();
+  error_ = std::string(target_) + ": " + name + " has shape " + shape_str(dims) + ", expected " +
+           bracketed(want) + expected_from_;
 }
 
 void OperandCheck::require(bool ok, const std::string& message) {

@@ -44,10 +44,11 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
   for (auto [name, buffer] : {std::pair{"x", &x}, {"w1", &w1}, {"w2", &w2}}) {
     check.require(is_e4m3(*buffer), std::string(name) + " must be float8_e4m3fn");
   }
-  check.require(x.dimensions().size() == 2 && m <= c.max_tokens,
-                "x has shape " + shape_str(x.dimensions()) + "; expected [M, " +
-                    std::to_string(c.hidden) + "] with M <= max_tokens_per_rank = " +
-                    std::to_string(c.max_tokens) + " of the workspace");
+  if (x.dimensions().size() != 2 || m > c.max_tokens) {  // the message is built only on failure
+    check.require(false, "x has shape " + shape_str(x.dimensions()) + "; expected [M, " +
+                             std::to_string(c.hidden) + "] with M <= max_tokens_per_rank = " +
+                             std::to_string(c.max_tokens) + " of the workspace");
+  }
   const int64_t H = c.hidden, I = c.intermediate, K = c.topk, E_l = c.num_experts / c.num_ranks;
   const int64_t q = kQuantBlock;
   check.expect("x", x.dimensions(), {m, H});
