@@ -24,9 +24,8 @@ Per M, in the same process on the same device:
 
 Times are device kernel time from the JAX profiler (``timing.py``; the L2 call includes its
 one-thread pointer-table store), median over calls, with wall-clock per call as a cross-check.
-"floor" is the larger of the FLOPs at the measured cuBLAS 8192³ peak and streaming every
-touched expert's weights once from HBM (``shapes.PEAK_FP8_FLOPS``; the card's
-``shapes.hbm_bytes_per_s``).
+"floor" is the larger of the FLOPs at the card's measured cuBLAS FP8 rate and streaming every
+touched expert's weights once from HBM at its measured rate (``shapes.ceilings``).
 Writes ``results.json`` and ``results.md`` into ``--out``.
 """
 
@@ -45,9 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling module
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
 import shapes  # noqa: E402
 import timing  # noqa: E402
-
 from jax_megamoe import _ffi, quantize_per_token  # noqa: E402
 from jax_megamoe.pool import pool_layout, pool_rows  # noqa: E402
 
@@ -201,10 +200,10 @@ def one_point(args, m: int, fns: dict, weights) -> dict:
         "cublas_l2": 2.0 * dense_rows * h * i,
     }
     weight_bytes = {"l1": 2 * i * h, "l2": h * i}
-    hbm = shapes.hbm_bytes_per_s(jax.devices()[0].device_kind)
+    rates = shapes.ceilings(jax.devices()[0].device_kind)
     for kind in ("l1", "l2"):
-        compute = flops[kind] / shapes.PEAK_FP8_FLOPS
-        stream = touched * weight_bytes[kind] / hbm
+        compute = flops[kind] / rates.fp8_flops
+        stream = touched * weight_bytes[kind] / rates.hbm_bytes_per_s
         row[f"{kind}_floor_us"] = max(compute, stream) * 1e6
 
     arg_sets = {
@@ -280,8 +279,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "num_ctas": args.num_ctas,
             "iters": args.iters,
             "sets": args.sets,
-            "peak_fp8_flops": shapes.PEAK_FP8_FLOPS,
-            "hbm_bytes_per_s": shapes.hbm_bytes_per_s(device.device_kind),
+            "peak_fp8_flops": shapes.ceilings(device.device_kind).fp8_flops,
+            "hbm_bytes_per_s": shapes.ceilings(device.device_kind).hbm_bytes_per_s,
         },
         "rows": rows,
     }
