@@ -89,7 +89,9 @@ def param_specs(params):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--small", action="store_true", help="tiny shapes (L=2 S=8 H=I=128 K=2): seconds on CPU")
+    p.add_argument(
+        "--small", action="store_true", help="tiny shapes (L=2 S=8 H=I=128 K=2): seconds on CPU"
+    )
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default: 4)")
     p.add_argument("--batch", type=int, default=None, help="sequences (default: 2 per device)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: 128)")
