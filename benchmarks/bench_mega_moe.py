@@ -236,14 +236,17 @@ def _one_point(args, mesh, shape, routing, m, fused_fn, weights, w_bf16, skip, i
         np.mean([shapes.floor_seconds(m, s.ids_host, shape, num_ranks, rates) for s in sets])
     )
     flops = shapes.flops_per_rank(m, shape)
+    # Per input set, the most experts any rank must stream: plot.py redraws the floor from it.
+    touched = [
+        int(shapes.touched_experts(s.ids_host, shape.experts, num_ranks).max()) for s in sets
+    ]
     row: dict = {
         "routing": routing,
         "tokens": m,
         "flops_per_rank": flops,
         "floor_us": floor_s * 1e6,
-        "touched_experts_max": int(
-            max(shapes.touched_experts(s.ids_host, shape.experts, num_ranks).max() for s in sets)
-        ),
+        "touched_experts_max": max(touched),
+        "touched_experts_per_set": touched,
     }
     try:
         r = _measure(

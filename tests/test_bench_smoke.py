@@ -46,6 +46,8 @@ def test_bench_main_writes_rows(tmp_path):
         assert r["fused"]["min_us"] > 0 and r["fused"]["max_us"] >= r["fused"]["min_us"]
         assert r["fused"]["wall_us"] > 0 and r["fused"]["tflops_per_gpu"] > 0
         assert r["floor_us"] > 0
+        # plot.py redraws the floor from the recorded counts: the same value as the bench's.
+        np.testing.assert_allclose(plot.floor_us(r, result["meta"]), r["floor_us"], rtol=1e-12)
         dense = r["baselines"]["dense"]
         assert dense["status"] == "ok", dense
         assert dense["max_us"] > 0 and dense["speedup"] > 0
