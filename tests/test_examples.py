@@ -43,3 +43,14 @@ def test_decoder_step_runs_as_the_readme_says():
     rows = dict(line.split(None, 1) for line in done.stdout.strip().splitlines())
     assert rows["devices"].startswith("1 x ")
     assert float(rows["calc_diff"]) <= 1e-4
+
+
+def test_readme_example_runs(capsys):
+    """The README's "A complete example" block, executed as written."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme.split("## A complete example", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[0] in ("fused", "reference") and "bfloat16" in lines[0]
+    assert lines[1].startswith("calc_diff ") and float(lines[1].split()[1]) <= 1e-4
