@@ -126,8 +126,8 @@ def test_tiny_run_reports_impl_time_and_calc_diff(capsys):
     rows = table(captured.out)
     assert rows["devices"] == f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
     assert rows["shape"] == "M=8/rank H=128 I=128 E=8 K=4"
-    if ON_CPU:  # the buffer allocates nothing on CPU: what ran is the reference
-        assert rows["impl"].split()[0] == "reference"
+    if ON_CPU:  # the buffer allocates nothing on CPU: what ran is the reference, and why
+        assert re.fullmatch(r"reference \((no CUDA extension|no Hopper GPU: .*)\)", rows["impl"])
     assert float(rows["calc_diff vs f64"]) <= 1e-5
     assert float(rows["time/call"].split()[0]) > 0
     for step in ("init weights", r"compile \(\w+\)", "warm-up call", "time 2 calls", "oracle"):
@@ -135,8 +135,10 @@ def test_tiny_run_reports_impl_time_and_calc_diff(capsys):
 
 
 def test_sampled_check(capsys):
-    out = run(["--tokens", "4", "--check", "sample", "--sample-tokens", "5", *TINY], capsys).out
-    value = table(out)["calc_diff vs f64"]
+    argv = ["--tokens", "4", "--check", "sample", "--sample-tokens", "5", "--impl", "reference"]
+    rows = table(run([*argv, *TINY], capsys).out)
+    assert rows["impl"] == "reference (--impl reference)"
+    value = rows["calc_diff vs f64"]
     assert value.endswith(f"(5 random tokens of {4 * len(jax.devices())})")
     assert float(value.split()[0]) <= 1e-5
 

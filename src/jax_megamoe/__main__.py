@@ -272,11 +272,18 @@ def main(argv=None) -> None:
             check += f" ({plan.tokens} random tokens of {num_ranks * m}"
             check += f": {plan.reason})" if plan.reason else ")"
 
-    no_ext = "" if _ffi.extension_available() else " (no CUDA extension)"
+    if impl == "fused":
+        why = ""
+    elif args.impl == "reference":
+        why = " (--impl reference)"
+    elif not _ffi.extension_available():
+        why = " (no CUDA extension)"
+    else:
+        why = " (no Hopper GPU: the fused kernels need SM90)"
     rows = [
         ("devices", f"{num_ranks} x {devices[0].device_kind}"),
         ("shape", f"M={m}/rank H={h} I={i} E={experts} K={k}"),
-        ("impl", impl + (no_ext if impl == "reference" else "")),
+        ("impl", impl + why),
         ("workspace", "-" if workspace is None else f"{workspace:,} B"),
         ("time/call", f"{ms:.3f} ms (wall clock, {args.iters} calls)"),
         ("calc_diff vs f64", check),
