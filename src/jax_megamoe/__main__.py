@@ -116,40 +116,24 @@ def _parser(on_gpu: bool) -> argparse.ArgumentParser:
         "the shape, devices, implementation, time per call and calc_diff against a float64 "
         "oracle. Progress goes to stderr, the table to stdout.",
     )
-    size = dict(type=_positive_int, metavar="N")
-    p.add_argument(
-        "--tokens",
-        default=128 if on_gpu else 32,
-        help="tokens per device (rank) (default: %(default)s)",
-        **size,
-    )
-    p.add_argument(
-        "--hidden",
-        default=2048 if on_gpu else 256,
-        help="model width H, a multiple of 128 (default: %(default)s)",
-        **size,
-    )
-    p.add_argument(
-        "--intermediate",
-        default=512 if on_gpu else 128,
-        help="expert FFN width I, a multiple of 128 (default: %(default)s)",
-        **size,
-    )
-    p.add_argument(
-        "--experts",
-        default=None,
-        help="number of experts E, divisible by the device count (default: 8 per device)",
-        **size,
-    )
-    p.add_argument(
-        "--topk", default=4, help="experts per token K, at most E (default: %(default)s)", **size
-    )
-    p.add_argument(
-        "--iters",
-        default=10,
-        help="timed calls after the warm-up call (default: %(default)s)",
-        **size,
-    )
+    sizes = [  # (flag, default, help): positive integers
+        ("--tokens", 128 if on_gpu else 32, "tokens per device (rank)"),
+        ("--hidden", 2048 if on_gpu else 256, "model width H, a multiple of 128"),
+        ("--intermediate", 512 if on_gpu else 128, "expert FFN width I, a multiple of 128"),
+        ("--experts", None, "number of experts E, divisible by the device count"),
+        ("--topk", 4, "experts per token K, at most E"),
+        ("--iters", 10, "timed calls after the warm-up call"),
+        ("--sample-tokens", 128, "random tokens checked when the float64 check samples"),
+    ]
+    for flag, default, text in sizes:
+        shown = "8 per device" if flag == "--experts" else "%(default)s"
+        p.add_argument(
+            flag,
+            type=_positive_int,
+            metavar="N",
+            default=default,
+            help=f"{text} (default: {shown})",
+        )
     p.add_argument(
         "--impl",
         default="auto",
@@ -170,12 +154,6 @@ def _parser(on_gpu: bool) -> argparse.ArgumentParser:
         help="float64 oracle check: every token (full), --sample-tokens random tokens (sample), "
         "none, or auto (default): full when it fits in the available memory and takes about a "
         "minute at most, else a sample",
-    )
-    p.add_argument(
-        "--sample-tokens",
-        default=128,
-        help="random tokens checked when the check samples (default: %(default)s)",
-        **size,
     )
     return p
 
