@@ -26,7 +26,7 @@ Per M, in the same process on the same device:
 
 Times are device kernel time from the JAX profiler (``timing.py``; the L2 call includes its
 one-thread pointer-table store), median over calls, with wall-clock per call as a cross-check.
-"floor" is the larger of the FLOPs at the measured cuBLAS 8192³ peak (``shapes.PEAK_FP8_FLOPS``)
+"floor" is the larger of the FLOPs at the card's measured cuBLAS FP8 rate (``shapes.ceilings``)
 and streaming every touched expert's weights once at the HBM copy rate measured in the same run
 (a 2 GiB device-to-device copy, bytes read + written).
 Writes ``results.json`` and ``results.md`` into ``--out``.
@@ -225,8 +225,9 @@ def one_point(args, m: int, fns: dict, weights, hbm: float) -> dict:
         "cublas_l2": 2.0 * dense_rows * h * i,
     }
     weight_bytes = {"l1": 2 * i * h, "l2": h * i}
+    rates = shapes.ceilings(jax.devices()[0].device_kind)
     for kind in ("l1", "l2"):
-        compute = flops[kind] / shapes.PEAK_FP8_FLOPS
+        compute = flops[kind] / rates.fp8_flops
         stream = touched * weight_bytes[kind] / hbm
         row[f"{kind}_floor_us"] = max(compute, stream) * 1e6
 
@@ -307,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "num_ctas": args.num_ctas,
             "iters": args.iters,
             "sets": args.sets,
-            "peak_fp8_flops": shapes.PEAK_FP8_FLOPS,
+            "peak_fp8_flops": shapes.ceilings(device.device_kind).fp8_flops,
             "hbm_bytes_per_s": hbm,
         },
         "rows": rows,

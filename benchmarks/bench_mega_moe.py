@@ -20,7 +20,7 @@ E/R experts and M tokens. Per M and routing it times the fused layer (``fp8_mega
 
 Times are device kernel time from the JAX profiler (see ``timing.py``), median over calls,
 min/max over ranks, wall-clock per call as a cross-check. Writes ``results.json``,
-``results.md`` and ``bench_<routing>.png`` into ``--out``.
+``results.md`` and ``bench_<routing>.png`` (``plot.py``) into ``--out``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 import shapes  # noqa: E402
 import timing  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
+from plot import plot  # noqa: E402
 
 from jax_megamoe import SymmBuffer, fp8_mega_moe  # noqa: E402
 
@@ -210,8 +211,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "workspace_bytes_per_rank": buffer.nbytes_per_rank,
             "iters": args.iters,
             "sets": args.sets,
-            "peak_fp8_flops": shapes.PEAK_FP8_FLOPS,
-            "hbm_bytes_per_s": shapes.hbm_bytes_per_s(devices[0].device_kind),
+            "peak_fp8_flops": shapes.ceilings(devices[0].device_kind).fp8_flops,
+            "hbm_bytes_per_s": shapes.ceilings(devices[0].device_kind).hbm_bytes_per_s,
             "baselines": {b: BASELINE_LABELS[b] for b in args.baselines},
             "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         },
@@ -230,19 +231,22 @@ def _one_point(args, mesh, shape, routing, m, fused_fn, weights, w_bf16, skip, i
         shapes.make_input_set(mesh, shape, m, routing, base_seed + 7919 * j)
         for j in range(args.sets)
     ]
-    hbm = shapes.hbm_bytes_per_s(mesh.devices.flat[0].device_kind)
+    rates = shapes.ceilings(mesh.devices.flat[0].device_kind)
     floor_s = float(
-        np.mean([shapes.floor_seconds(m, s.ids_host, shape, num_ranks, hbm) for s in sets])
+        np.mean([shapes.floor_seconds(m, s.ids_host, shape, num_ranks, rates) for s in sets])
     )
     flops = shapes.flops_per_rank(m, shape)
+    # Per input set, the most experts any rank must stream: plot.py redraws the floor from it.
+    touched = [
+        int(shapes.touched_experts(s.ids_host, shape.experts, num_ranks).max()) for s in sets
+    ]
     row: dict = {
         "routing": routing,
         "tokens": m,
         "flops_per_rank": flops,
         "floor_us": floor_s * 1e6,
-        "touched_experts_max": int(
-            max(shapes.touched_experts(s.ids_host, shape.experts, num_ranks).max() for s in sets)
-        ),
+        "touched_experts_max": max(touched),
+        "touched_experts_per_set": touched,
     }
     try:
         r = _measure(
@@ -386,58 +390,6 @@ def markdown_table(result: dict) -> str:
         lines += ["", "fused, per phase (kernel names grouped by substring, mean over ranks):"]
         lines += phase_lines
     return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, out: str) -> list[str]:
-    """Latency and TFLOPS vs M per routing, ours vs baselines; skipped without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return []
-    meta = result["meta"]
-    paths = []
-    for routing in dict.fromkeys(r["routing"] for r in result["rows"]):
-        rows = [r for r in result["rows"] if r["routing"] == routing]
-        fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
-        series = {"fused (" + meta["impl"] + ")": [r["fused"] for r in rows]}
-        for n in meta["baselines"]:
-            series[n] = [r["baselines"].get(n, {}) for r in rows]
-        for label, pts in series.items():
-            xs = [r["tokens"] for r, p in zip(rows, pts, strict=True) if p.get("status") == "ok"]
-            ts = [p["max_us"] for p in pts if p.get("status") == "ok"]
-            if not xs:
-                continue
-            fl = [
-                r["flops_per_rank"]
-                for r, p in zip(rows, pts, strict=True)
-                if p.get("status") == "ok"
-            ]
-            ax_t.plot(xs, ts, marker="o", label=label)
-            ax_f.plot(xs, [f / (t * 1e-6) / 1e12 for f, t in zip(fl, ts, strict=True)], marker="o")
-        ax_t.plot([r["tokens"] for r in rows], [r["floor_us"] for r in rows], "k--", label="floor")
-        for ax in (ax_t, ax_f):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("tokens per rank (M)")
-            ax.grid(True, which="both", alpha=0.3)
-        ax_t.set_ylabel("µs per call (slowest rank)")
-        ax_f.set_ylabel("TFLOPS per GPU")
-        ax_t.legend(fontsize=7)
-        fig.suptitle(
-            f"{meta['num_ranks']} × {meta['device_kind']}, {routing} routing, "
-            f"H{meta['shape']['hidden']} I{meta['shape']['intermediate']} "
-            f"E{meta['shape']['experts']} K{meta['shape']['topk']}"
-        )
-        fig.tight_layout()
-        path = os.path.join(out, f"bench_{routing}.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark shapes, hardware ceilings, routings and input generation, in one place.
 
-Everything the sweep needs to agree on (the DeepSeek-V3 layer shape, the token sweep, the H100
+Everything the sweep needs to agree on (the DeepSeek-V3 layer shape, the token sweep, the cards'
 ceilings behind the floor, how routings and weights are made) lives here so that the fused layer
 and every baseline are measured on the same inputs.
 """
@@ -23,19 +23,30 @@ DSV3 = dict(hidden=7168, intermediate=2048, experts=256, topk=8)
 TOKENS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 ROUTINGS = ("uniform", "skewed", "hot")
 
-# Ceilings measured on the lent H100 (DESIGN §6): cuBLAS FP8 8192^3 and an HBM copy.
-PEAK_FP8_FLOPS = 1417e12
-HBM_BYTES_PER_S = 3.0e12
-# The H200 copy rate measured on the lent machines (device KINDS.md): same SMs, faster HBM.
-HBM_BYTES_PER_S_BY_KIND = {"H200": 4.3e12}
+
+@dataclass(frozen=True)
+class Ceilings:
+    """A card's measured rates, behind the floor: FP8 GEMM FLOP/s and HBM bytes/s."""
+
+    fp8_flops: float
+    hbm_bytes_per_s: float
 
 
-def hbm_bytes_per_s(device_kind: str) -> float:
-    """The measured HBM rate for a device kind (the H100 figure where none is known)."""
-    for name, rate in HBM_BYTES_PER_S_BY_KIND.items():
+# Measured on the cards we benchmark on: cuBLAS FP8 (H100: 8192^3; H200: the best rate at the
+# layer's GEMM shapes, 1460-1580 TFLOPS) and an HBM device-to-device copy. H100 and H200 have
+# the same SMs; the H200's HBM is faster. Other cards get the H100 figures.
+CEILINGS = {
+    "H100": Ceilings(fp8_flops=1417e12, hbm_bytes_per_s=3.0e12),
+    "H200": Ceilings(fp8_flops=1580e12, hbm_bytes_per_s=4.3e12),
+}
+
+
+def ceilings(device_kind: str) -> Ceilings:
+    """The measured rates of a device kind (e.g. "NVIDIA H200"); the H100's where unknown."""
+    for name, rates in CEILINGS.items():
         if name in device_kind:
-            return rate
-    return HBM_BYTES_PER_S
+            return rates
+    return CEILINGS["H100"]
 
 
 AXIS = "ep"
@@ -68,14 +79,17 @@ def touched_experts(ids: np.ndarray, num_experts: int, num_ranks: int) -> np.nda
 
 
 def floor_seconds(
-    m: int, ids: np.ndarray, shape: Shape, num_ranks: int, hbm: float = HBM_BYTES_PER_S
+    m: int, ids: np.ndarray, shape: Shape, num_ranks: int, rates: Ceilings = CEILINGS["H100"]
 ) -> float:
-    """Lower bound of the slowest rank: the FP8 compute at peak, or streaming each touched
-    expert's weights once from HBM, whichever is larger."""
-    compute = flops_per_rank(m, shape) / PEAK_FP8_FLOPS
-    touched = touched_experts(ids, shape.experts, num_ranks)
-    stream = touched.max() * shape.expert_bytes() / hbm
-    return max(compute, float(stream))
+    """Lower bound of the slowest rank for the routing ``ids``."""
+    touched = int(touched_experts(ids, shape.experts, num_ranks).max())
+    return floor_from(flops_per_rank(m, shape), touched, shape, rates)
+
+
+def floor_from(flops: float, touched: int, shape: Shape, rates: Ceilings) -> float:
+    """The FP8 compute at the card's GEMM rate, or streaming each of the ``touched`` experts'
+    weights once from HBM, whichever takes longer (seconds)."""
+    return max(flops / rates.fp8_flops, touched * shape.expert_bytes() / rates.hbm_bytes_per_s)
 
 
 def make_ids(

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "ben
 
 import baselines  # noqa: E402
 import bench_mega_moe  # noqa: E402
+import plot  # noqa: E402
 import shapes  # noqa: E402
 
 from jax_megamoe import calc_diff, fp8_mega_moe  # noqa: E402
@@ -46,6 +47,8 @@ def test_bench_main_writes_rows(tmp_path):
         assert r["fused"]["min_us"] > 0 and r["fused"]["max_us"] >= r["fused"]["min_us"]
         assert r["fused"]["wall_us"] > 0 and r["fused"]["tflops_per_gpu"] > 0
         assert r["floor_us"] > 0
+        # plot.py redraws the floor from the recorded counts: the same value as the bench's.
+        np.testing.assert_allclose(plot.floor_us(r, result["meta"]), r["floor_us"], rtol=1e-12)
         dense = r["baselines"]["dense"]
         assert dense["status"] == "ok", dense
         assert dense["max_us"] > 0 and dense["speedup"] > 0
@@ -130,3 +133,72 @@ def test_routings_and_floor():
     # M=8192 at R=4: every expert is touched and compute (4.1 ms at 1417 TF) bounds the floor.
     assert shapes.touched_experts(ids, 256, 4).tolist() == [64] * 4
     assert abs(shapes.floor_seconds(8192, ids, shape, 4) - 4.07e-3) < 0.05e-3
+    # The H200's own rates: the same compute bound at its faster FP8 GEMMs.
+    h200 = shapes.ceilings("NVIDIA H200")
+    assert abs(shapes.floor_seconds(8192, ids, shape, 4, h200) - 3.65e-3) < 0.05e-3
+    assert shapes.ceilings("NVIDIA H100 80GB HBM3") == shapes.CEILINGS["H100"]
+
+
+def _result(device_kind: str, baselines: list[str], seed: int) -> dict:
+    """A whole-layer result as bench_mega_moe.py writes it, with made-up times."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for m in (8, 128, 2048):
+        point = lambda: {"status": "ok", "max_us": float(rng.uniform(500, 5000))}  # noqa: E731
+        rows.append(
+            {
+                "routing": "uniform",
+                "tokens": m,
+                "flops_per_rank": float(m * 8 * 6 * 7168 * 2048),
+                "floor_us": 1.0,  # as recorded with the wrong ceilings: must not be drawn
+                "touched_experts_max": min(64, m * 2),
+                "fused": point(),
+                "baselines": {b: point() for b in baselines},
+            }
+        )
+    return {
+        "meta": {
+            "device_kind": device_kind,
+            "num_ranks": 4,
+            "impl": "fused",
+            "date": "2026-11-26T11:30:01+00:00",
+            "shape": dict(shapes.DSV3),
+            "baselines": {b: bench_mega_moe.BASELINE_LABELS[b] for b in baselines},
+        },
+        "rows": rows,
+    }
+
+
+def test_plot_colours_labels_and_floor(tmp_path):
+    import matplotlib.pyplot as plt
+
+    colours = {}
+    for seed, names in enumerate(
+        [["ragged", "dense"], ["dense"], ["pallas", "pallas_fp8", "dense"]]
+    ):
+        result = _result("NVIDIA H200", names, seed)
+        fig = plot.figure(result["rows"], result["meta"], "uniform")
+        lines = fig.axes[0].get_lines()
+        labels = [line.get_label() for line in lines]
+        assert labels[0] == "jax_megamoe fused" and "(fused)" not in " ".join(labels)
+        for line in lines[:-1]:  # each implementation keeps its colour from figure to figure
+            name = line.get_label().split(":")[0]
+            assert colours.setdefault(name, line.get_color()) == line.get_color(), name
+        floor = lines[-1]
+        assert floor.get_label().startswith("floor: FLOPs at 1580 TFLOPS or weights at 4.3 TB/s")
+        shape = shapes.Shape(**shapes.DSV3)
+        want = [
+            1e6
+            * max(
+                r["flops_per_rank"] / 1580e12,
+                r["touched_experts_max"] * shape.expert_bytes() / 4.3e12,
+            )
+            for r in result["rows"]
+        ]
+        np.testing.assert_allclose(floor.get_ydata(), want)
+        plt.close(fig)
+    assert len(set(colours.values())) == len(colours)  # and no two share one
+    path = tmp_path / "2026-11-26_4xH200_skewed_uniform.json"
+    path.write_text(json.dumps(_result("NVIDIA H200", ["dense"], 9)))
+    assert plot.main([str(path)]) == [str(tmp_path / "2026-11-26_4xH200_uniform.png")]
+    assert (tmp_path / "2026-11-26_4xH200_uniform.png").stat().st_size > 10_000

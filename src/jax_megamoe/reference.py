@@ -155,7 +155,10 @@ def reference_mega_moe(
 
 
 def numpy_mega_moe_f64(x, x_scale, topk_ids, topk_weights, weights, *, requant=True, clamp=None):
-    """A float64 NumPy oracle of the whole layer (all experts on one host), for the CLI."""
+    """A float64 NumPy oracle of the whole layer (all experts on one host), for the CLI.
+
+    Experts are dequantized one at a time, so the memory it needs is the FP8 weights on the host
+    plus one expert in float64 (``f64_oracle_nbytes``), not every expert in float64."""
     f64 = np.float64
 
     def deq(q, s):
@@ -167,15 +170,14 @@ def numpy_mega_moe_f64(x, x_scale, topk_ids, topk_weights, weights, *, requant=T
     xf = deq(x, x_scale)
     ids = np.asarray(topk_ids)
     tw = np.asarray(topk_weights, f64)
-    w1 = deq(weights.w1, weights.w1_scale)
-    w2 = deq(weights.w2, weights.w2_scale)
-    num_experts, inter = w1.shape[0], w2.shape[2]
+    w1q, w1s, w2q, w2s = (np.asarray(leaf) for leaf in weights)
+    num_experts, inter = w1q.shape[0], w2q.shape[2]
     y = np.zeros(xf.shape, f64)
     for e in range(num_experts):
         tok, slot = np.nonzero(ids == e)
         if tok.size == 0:
             continue
-        h = xf[tok] @ w1[e].T
+        h = xf[tok] @ deq(w1q[e], w1s[e]).T
         g, u = h[:, :inter], h[:, inter:]
         if clamp is not None:
             g, u = np.minimum(g, clamp), np.clip(u, -clamp, clamp)
@@ -185,5 +187,15 @@ def numpy_mega_moe_f64(x, x_scale, topk_ids, topk_weights, weights, *, requant=T
             s = np.maximum(np.abs(blocks).max(-1, keepdims=True), 1e-4) / 448.0
             q = np.clip(blocks / s, -448, 448).astype(np.float32).astype(jnp.float8_e4m3fn)
             a = (q.astype(f64) * s).reshape(a.shape)
-        np.add.at(y, tok, a @ w2[e].T)
+        np.add.at(y, tok, a @ deq(w2q[e], w2s[e]).T)
     return y
+
+
+def f64_oracle_nbytes(tokens: int, hidden: int, intermediate: int, experts: int) -> int:
+    """An upper bound of the host memory ``numpy_mega_moe_f64`` needs for these shapes: the FP8
+    weights and their scales, float64 tokens and output with their temporaries, and one expert's
+    weights in float64 while they are dequantized (about three float64 copies at once)."""
+    fp8_weights = 3 * experts * hidden * intermediate * (1 + 4 / 128**2)
+    f64_tokens = 8 * tokens * (4 * hidden + 4 * intermediate)
+    f64_expert = 8 * 3 * (3 * hidden * intermediate)
+    return int(fp8_weights + f64_tokens + f64_expert)

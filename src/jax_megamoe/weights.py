@@ -78,3 +78,9 @@ def transform_weights(
     weights = MoEWeights(w1, w1_scale, w2, w2_scale)
     check_weights(weights)
     return weights
+
+
+# jax.export writes a program's pytree into its serialized form by name; without this,
+# exporting a program that takes or returns MoEWeights fails. The name is part of the
+# serialization format: keep it when the class moves.
+jax.export.register_namedtuple_serialization(MoEWeights, serialized_name="jax_megamoe.MoEWeights")
