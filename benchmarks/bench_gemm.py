@@ -15,10 +15,8 @@ block (``jax_megamoe.pool.pool_layout``); padding rows are not stored.
 Per M, in the same process on the same device:
 
 - ``L1``: ``grouped_gemm_l1`` (pool x W1[e]^T with 128x128 block scales, SwiGLU, routing
-  weight, 1x128 FP8 requant), FLOPs 2·rows·2I·H, on the warp-specialized TMA main loop;
-- ``L2``: ``grouped_gemm_l2`` (act x W2[e]^T, bf16 out), FLOPs 2·rows·H·I, same main loop;
-- ``L1 cp.async`` / ``L2 cp.async``: the same kernels on the earlier cp.async main loop (the
-  baseline of the TMA rewrite), same inputs;
+  weight, 1x128 FP8 requant), FLOPs 2·rows·2I·H;
+- ``L2``: ``grouped_gemm_l2`` (act x W2[e]^T, bf16 out), FLOPs 2·rows·H·I;
 - ``cuBLAS L1`` / ``cuBLAS L2``: ``lax.dot_general`` of e4m3 operands, f32 out, times a
   per-tensor scale (XLA's cuBLASLt FP8 GEMM): ``[rows, H] x [2I, H]^T`` and ``[rows, I] x
   [H, I]^T`` with rows = the pool's real rows rounded up to 16, one weight matrix. Same FLOPs,
@@ -55,13 +53,11 @@ from jax_megamoe.pool import pool_layout, pool_rows  # noqa: E402
 
 DEFAULT_TOKENS = (128, 512, 2048, 8192)
 SMOKE = dict(hidden=512, intermediate=256, experts=16, topk=4, ranks=4, tokens=[64, 256])
-KERNELS = ("l1", "l1_cp_async", "cublas_l1", "l2", "l2_cp_async", "cublas_l2")
+KERNELS = ("l1", "cublas_l1", "l2", "cublas_l2")
 # The jitted function's HLO module name selects its kernels in the profile.
 MODULES = {
     "l1": "jit_megamoe_l1",
-    "l1_cp_async": "jit_megamoe_l1_cp_async",
     "l2": "jit_megamoe_l2",
-    "l2_cp_async": "jit_megamoe_l2_cp_async",
     "cublas_l1": "jit_cublas_l1",
     "cublas_l2": "jit_cublas_l2",
 }
@@ -120,17 +116,11 @@ def _named_jit(fn, name: str):
 
 
 def make_functions(num_ctas: int) -> dict:
-    def l1(*operands, mainloop="tma"):
-        return _ffi.grouped_gemm_l1(*operands, num_ctas=num_ctas, mainloop=mainloop)
+    def l1(*operands):
+        return _ffi.grouped_gemm_l1(*operands, num_ctas=num_ctas)
 
-    def l2(*operands, mainloop="tma"):
-        return _ffi.grouped_gemm_l2(*operands, num_ctas=num_ctas, mainloop=mainloop)
-
-    def l1_cp_async(*operands):
-        return l1(*operands, mainloop="cp_async")
-
-    def l2_cp_async(*operands):
-        return l2(*operands, mainloop="cp_async")
+    def l2(*operands):
+        return _ffi.grouped_gemm_l2(*operands, num_ctas=num_ctas)
 
     def cublas_l1(a, w, scale):
         return _dense_fp8(a, w, scale)
@@ -141,8 +131,6 @@ def make_functions(num_ctas: int) -> dict:
     return {
         "l1": _named_jit(l1, "megamoe_l1"),
         "l2": _named_jit(l2, "megamoe_l2"),
-        "l1_cp_async": _named_jit(l1_cp_async, "megamoe_l1_cp_async"),
-        "l2_cp_async": _named_jit(l2_cp_async, "megamoe_l2_cp_async"),
         "cublas_l1": jax.jit(cublas_l1),
         "cublas_l2": jax.jit(cublas_l2),
     }
@@ -219,8 +207,6 @@ def one_point(args, m: int, fns: dict, weights, hbm: float) -> dict:
     flops = {
         "l1": 2.0 * n * 2 * i * h,
         "l2": 2.0 * n * h * i,
-        "l1_cp_async": 2.0 * n * 2 * i * h,
-        "l2_cp_async": 2.0 * n * h * i,
         "cublas_l1": 2.0 * dense_rows * 2 * i * h,
         "cublas_l2": 2.0 * dense_rows * h * i,
     }
@@ -239,7 +225,6 @@ def one_point(args, m: int, fns: dict, weights, hbm: float) -> dict:
         "cublas_l1": [(s[0][:dense_rows], w1[0], scale) for s in sets],
         "cublas_l2": [(s[4][:dense_rows], w2[0], scale) for s in sets],
     }
-    arg_sets["l1_cp_async"], arg_sets["l2_cp_async"] = arg_sets["l1"], arg_sets["l2"]
     for kind in KERNELS:
         try:
             args_k = [jax.block_until_ready(a) for a in arg_sets[kind]]
@@ -250,11 +235,10 @@ def one_point(args, m: int, fns: dict, weights, hbm: float) -> dict:
             r = {"status": timing.failure(e), "flops": flops[kind]}
         row[kind] = r
         print(_progress(m, kind, r), flush=True)
-    for kind in ("l1", "l2", "l1_cp_async", "l2_cp_async"):
-        gemm = kind[:2]
-        ours, base = row[kind], row["cublas_" + gemm]
+    for kind in ("l1", "l2"):
+        ours, base = row[kind], row["cublas_" + kind]
         if ours.get("status") == "ok":
-            ours["floor_ratio"] = ours["max_us"] / row[f"{gemm}_floor_us"]
+            ours["floor_ratio"] = ours["max_us"] / row[f"{kind}_floor_us"]
             if base.get("status") == "ok":
                 ours["tflops_vs_cublas"] = ours["tflops"] / base["tflops"]
     del sets, arg_sets
@@ -333,17 +317,16 @@ def markdown_table(result: dict) -> str:
         "",
         f"HBM copy rate measured in this run: {meta['hbm_bytes_per_s'] / 1e12:.2f} TB/s",
         "",
-        "| M | rows (pool) | experts | L1 µs | L1 TF | cp.async µs | cp.async TF | cuBLAS µs | "
-        "cuBLAS TF | L1/cuBLAS | L1 ×floor | L2 µs | L2 TF | cp.async µs | cp.async TF | "
-        "cuBLAS µs | cuBLAS TF | L2/cuBLAS | L2 ×floor |",
-        "|---:|---:|---:|" + "---:|" * 16,
+        "| M | rows (pool) | experts | L1 µs | L1 TF | cuBLAS µs | cuBLAS TF | L1/cuBLAS | "
+        "L1 ×floor | L2 µs | L2 TF | cuBLAS µs | cuBLAS TF | L2/cuBLAS | L2 ×floor |",
+        "|---:|---:|---:|" + "---:|" * 12,
     ]
     for row in result["rows"]:
         cells = [str(row["tokens"]), f"{row['rows']} ({row['pool_rows']})"]
         cells.append(str(row["touched_experts"]))
         for kind in ("l1", "l2"):
             ours = row[kind]
-            cells += _cells(ours) + _cells(row[kind + "_cp_async"]) + _cells(row["cublas_" + kind])
+            cells += _cells(ours) + _cells(row["cublas_" + kind])
             ratio = ours.get("tflops_vs_cublas")
             cells.append(f"{ratio:.2f}" if ratio is not None else "-")
             fr = ours.get("floor_ratio")
@@ -353,8 +336,7 @@ def markdown_table(result: dict) -> str:
     lines += [
         "",
         "TF = TFLOPS on the real rows (the grouped kernels also compute the padding rows of each "
-        "expert's last block); L1, L2 = TMA main loop, cp.async = the earlier main loop; "
-        "L·/cuBLAS = TFLOPS ratio of the TMA main loop; ×floor = time / max(FLOPs at peak, "
+        "expert's last block); L·/cuBLAS = TFLOPS ratio; ×floor = time / max(FLOPs at peak, "
         "touched experts' weights at the measured HBM copy rate).",
         f"timing source: {'; '.join(sorted(sources)) or '-'}",
         "",

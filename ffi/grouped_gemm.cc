@@ -57,7 +57,7 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
                          ffi::Buffer<ffi::S32> num_blocks, ffi::AnyBuffer w1,
                          ffi::Buffer<ffi::F32> w1_scale, ffi::Result<ffi::AnyBuffer> act,
                          ffi::Result<ffi::Buffer<ffi::F32>> act_scale, float activation_clamp,
-                         int64_t num_ctas, int32_t mainloop) {
+                         int64_t num_ctas) {
   const int64_t P = dim(a.dimensions(), 0), H = dim(a.dimensions(), 1);
   const int64_t E = dim(w1.dimensions(), 0), I = dim(w1.dimensions(), 1) / 2;
   const int64_t q = kQuantBlock;
@@ -83,9 +83,6 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
       err.failure()) {
     return err;
   }
-  s.require(mainloop >= 0 && mainloop <= 2,
-            "mainloop must be 0 (default), 1 (cp.async) or 2 (TMA)");
-  if (s.failed()) return s.error();
   int grid = 0;
   if (ffi::Error err = grid_size(kL1GemmTarget, device_ordinal, num_ctas, &grid); err.failure()) {
     return err;
@@ -108,7 +105,6 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   p.max_blocks = static_cast<int>(P / kBlockM);
   p.clamp = activation_clamp;
   p.num_ctas = grid;
-  p.mainloop = static_cast<GemmMainloop>(mainloop);
   if (cudaError_t err = launch_l1(p, stream); err != cudaSuccess) {
     return launch_error(kL1GemmTarget, device_ordinal, err);
   }
@@ -120,8 +116,7 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
                          ffi::Buffer<ffi::S32> block_expert, ffi::Buffer<ffi::S32> num_blocks,
                          ffi::AnyBuffer w2, ffi::Buffer<ffi::F32> w2_scale,
                          ffi::Result<ffi::Buffer<ffi::BF16>> y,
-                         ffi::Result<ffi::Buffer<ffi::S64>> table, int64_t num_ctas,
-                         int32_t mainloop) {
+                         ffi::Result<ffi::Buffer<ffi::S64>> table, int64_t num_ctas) {
   const int64_t P = dim(act.dimensions(), 0), I = dim(act.dimensions(), 1);
   const int64_t E = dim(w2.dimensions(), 0), H = dim(w2.dimensions(), 1);
   const int64_t Y = dim(y->dimensions(), 0);
@@ -150,9 +145,6 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
       err.failure()) {
     return err;
   }
-  s.require(mainloop >= 0 && mainloop <= 2,
-            "mainloop must be 0 (default), 1 (cp.async) or 2 (TMA)");
-  if (s.failed()) return s.error();
   int grid = 0;
   if (ffi::Error err = grid_size(kL2GemmTarget, device_ordinal, num_ctas, &grid); err.failure()) {
     return err;
@@ -181,7 +173,6 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   p.max_tokens = static_cast<int>(Y);
   p.max_blocks = static_cast<int>(P / kBlockM);
   p.num_ctas = grid;
-  p.mainloop = static_cast<GemmMainloop>(mainloop);
   if (cudaError_t err = launch_l2(p, stream); err != cudaSuccess) {
     return launch_error(kL2GemmTarget, device_ordinal, err);
   }
@@ -223,8 +214,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL1Gemm,
                                   .Ret<ffi::AnyBuffer>()         // act
                                   .Ret<ffi::Buffer<ffi::F32>>()  // act_scale
                                   .Attr<float>("activation_clamp")
-                                  .Attr<int64_t>("num_ctas")
-                                  .Attr<int32_t>("mainloop"),
+                                  .Attr<int64_t>("num_ctas"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL2Gemm,
@@ -239,6 +229,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL2Gemm,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w2_scale
                                   .Ret<ffi::Buffer<ffi::BF16>>()  // y
                                   .Ret<ffi::Buffer<ffi::S64>>()   // table (scratch)
-                                  .Attr<int64_t>("num_ctas")
-                                  .Attr<int32_t>("mainloop"),
+                                  .Attr<int64_t>("num_ctas"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -30,8 +30,6 @@ SHAPES = {
     "dsv3": (7168, 2048, (0, 64, 65, 200, 1, 130, 7, 300)),
 }
 EXTRA_BLOCKS = 2  # poisoned row blocks past num_blocks
-# Both grouped GEMM main loops: warp-specialized TMA (the default) and the cp.async one.
-MAINLOOPS = ("tma", "cp_async")
 
 
 @functools.cache
@@ -78,7 +76,7 @@ class Pool:
         self.block_expert = put(block_expert.astype(np.int32))
         self.num_blocks = put(np.asarray(layout.num_blocks))
 
-    def l1(self, w, clamp=None, num_ctas=0, mainloop="default"):
+    def l1(self, w, clamp=None, num_ctas=0):
         return grouped_gemm_l1(
             self.a,
             self.a_scale,
@@ -90,10 +88,9 @@ class Pool:
             w.w1_scale,
             activation_clamp=clamp,
             num_ctas=num_ctas,
-            mainloop=mainloop,
         )
 
-    def l2(self, w, act, act_scale, num_ctas=0, mainloop="default"):
+    def l2(self, w, act, act_scale, num_ctas=0):
         return grouped_gemm_l2(
             act,
             act_scale,
@@ -104,7 +101,6 @@ class Pool:
             w.w2_scale,
             out_rows=self.n,
             num_ctas=num_ctas,
-            mainloop=mainloop,
         )
 
     def segments(self):
@@ -152,8 +148,8 @@ def valid_act(pool, act, act_scale):
     return np.asarray(dequantize(act, act_scale))[pool.valid_idx]
 
 
-def check_l1(pool, w, clamp=None, label="", mainloop="default"):
-    act, act_scale = pool.l1(w, clamp, mainloop=mainloop)
+def check_l1(pool, w, clamp=None, label=""):
+    act, act_scale = pool.l1(w, clamp)
     assert act.dtype == jnp.float8_e4m3fn and act_scale.dtype == jnp.float32
     got = valid_act(pool, act, act_scale)
     want = np.asarray(reference_l1(pool, w, clamp))
@@ -161,31 +157,30 @@ def check_l1(pool, w, clamp=None, label="", mainloop="default"):
     assert (np.asarray(act_scale)[pool.valid_idx] > 0).all()
     assert np.abs(want).max() > 0
     diff = calc_diff(got, want)
-    print(f"L1 {label} {mainloop}: calc_diff {diff:.2e} over {pool.n} rows")
+    print(f"L1 {label}: calc_diff {diff:.2e} over {pool.n} rows")
     assert diff <= 1e-4, (label, diff)
     return act, act_scale
 
 
-def check_l2(pool, w, act, act_scale, label="", mainloop="default"):
-    y = pool.l2(w, act, act_scale, mainloop=mainloop)
+def check_l2(pool, w, act, act_scale, label=""):
+    y = pool.l2(w, act, act_scale)
     assert y.shape == (pool.n, w.w2.shape[1]) and y.dtype == jnp.bfloat16
     got = np.asarray(y, np.float32)
     want = reference_l2(pool, w, act, act_scale)
     assert np.isfinite(got).all()
     assert np.abs(want).max() > 0
     diff = calc_diff(got, want)
-    print(f"L2 {label} {mainloop}: calc_diff {diff:.2e} over {pool.n} rows")
+    print(f"L2 {label}: calc_diff {diff:.2e} over {pool.n} rows")
     assert diff <= 1e-4, (label, diff)
     return y
 
 
-@pytest.mark.parametrize("mainloop", MAINLOOPS)
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_l1_matches_reference(name, mainloop):
+def test_l1_matches_reference(name):
     h, i, counts = SHAPES[name]
     w = weights_for(h, i, len(counts))
     pool = Pool(11, counts, h, i)
-    check_l1(pool, w, label=name, mainloop=mainloop)
+    check_l1(pool, w, label=name)
 
 
 def test_l1_activation_clamp():
@@ -194,45 +189,22 @@ def test_l1_activation_clamp():
     check_l1(pool, weights_for(h, i, len(counts)), clamp=1.5, label="small clamp 1.5")
 
 
-@pytest.mark.parametrize("mainloop", MAINLOOPS)
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_l2_matches_reference(name, mainloop):
+def test_l2_matches_reference(name):
     h, i, counts = SHAPES[name]
     w = weights_for(h, i, len(counts))
     pool = Pool(13, counts, h, i)
-    check_l2(pool, w, pool.act_in, pool.act_in_scale, label=name, mainloop=mainloop)
+    check_l2(pool, w, pool.act_in, pool.act_in_scale, label=name)
 
 
-@pytest.mark.parametrize("mainloop", MAINLOOPS)
 @pytest.mark.parametrize("name", ["small", "dsv3"])
-def test_l1_then_l2(name, mainloop):
+def test_l1_then_l2(name):
     """L2 on L1's real output (the fused layer's data path, without dispatch/combine)."""
     h, i, counts = SHAPES[name]
     w = weights_for(h, i, len(counts))
     pool = Pool(14, counts, h, i)
-    act, act_scale = check_l1(pool, w, label=f"{name} chained", mainloop=mainloop)
-    check_l2(pool, w, act, act_scale, label=f"{name} chained", mainloop=mainloop)
-
-
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_mainloops_agree_bitwise(name):
-    """The TMA and cp.async main loops run the same wgmma and promotions in the same order on
-    the same tiles: their outputs must be identical bit for bit, for L1 and for L2."""
-    h, i, counts = SHAPES[name]
-    w = weights_for(h, i, len(counts))
-    pool = Pool(19, counts, h, i)
-    v = pool.valid_idx
-    outs = {m: pool.l1(w, mainloop=m) for m in MAINLOOPS}
-    for m in MAINLOOPS[1:]:
-        np.testing.assert_array_equal(
-            np.asarray(outs[m][0]).view(np.uint8)[v], np.asarray(outs["tma"][0]).view(np.uint8)[v]
-        )
-        np.testing.assert_array_equal(np.asarray(outs[m][1])[v], np.asarray(outs["tma"][1])[v])
-    ys = {m: pool.l2(w, pool.act_in, pool.act_in_scale, mainloop=m) for m in MAINLOOPS}
-    for m in MAINLOOPS[1:]:
-        np.testing.assert_array_equal(
-            np.asarray(ys[m]).view(np.uint16), np.asarray(ys["tma"]).view(np.uint16)
-        )
+    act, act_scale = check_l1(pool, w, label=f"{name} chained")
+    check_l2(pool, w, act, act_scale, label=f"{name} chained")
 
 
 def test_jit_layout_grid_size_and_determinism():

@@ -86,16 +86,6 @@ def prepare_standalone() -> None:
             c.prepare_standalone(d.local_hardware_id)
 
 
-# Main loop of the grouped GEMM kernels (GemmMainloop in csrc/include/jax_megamoe/launch.h).
-MAINLOOPS = {"default": 0, "cp_async": 1, "tma": 2}
-
-
-def _mainloop_attr(mainloop: str) -> np.int32:
-    if mainloop not in MAINLOOPS:
-        raise ValueError(f"mainloop must be one of {tuple(MAINLOOPS)}, got {mainloop!r}")
-    return np.int32(MAINLOOPS[mainloop])
-
-
 def _num_blocks_operand(num_blocks) -> jax.Array:
     return jnp.reshape(jnp.asarray(num_blocks, jnp.int32), (1,))
 
@@ -122,7 +112,6 @@ def grouped_gemm_l1(
     *,
     activation_clamp: float | None = None,
     num_ctas: int = 0,
-    mainloop: str = "default",
 ):
     """The fused layer's first grouped GEMM alone (CUDA target ``jax_megamoe_l1_gemm``).
 
@@ -147,8 +136,6 @@ def grouped_gemm_l1(
         ``[E, 2I/128, H/128]`` float32.
       activation_clamp: ``None`` or a float: gate is clamped from above, up to ``±clamp``.
       num_ctas: persistent grid size; 0 = every SM of the device.
-      mainloop: ``"tma"`` (warp-specialized TMA/mbarrier), ``"cp_async"`` (the first wgmma
-        version), or ``"default"`` (``JAX_MEGAMOE_MAINLOOP``, else TMA).
 
     Returns:
       ``(act, act_scale)``: ``[P, I]`` float8_e4m3fn and ``[P, I/128]`` float32. Rows that were
@@ -187,7 +174,6 @@ def grouped_gemm_l1(
         w1_scale,
         activation_clamp=np.float32(np.inf if activation_clamp is None else activation_clamp),
         num_ctas=np.int64(num_ctas),
-        mainloop=_mainloop_attr(mainloop),
     )
 
 
@@ -202,7 +188,6 @@ def grouped_gemm_l2(
     *,
     out_rows: int | None = None,
     num_ctas: int = 0,
-    mainloop: str = "default",
 ):
     """The fused layer's second grouped GEMM alone (CUDA target ``jax_megamoe_l2_gemm``).
 
@@ -219,7 +204,6 @@ def grouped_gemm_l2(
       w2: ``[E, H, I]`` float8_e4m3fn; ``w2_scale`` ``[E, H/128, I/128]`` float32.
       out_rows: rows of ``y`` (default ``P``).
       num_ctas: persistent grid size; 0 = every SM of the device.
-      mainloop: as in :func:`grouped_gemm_l1`.
 
     Returns:
       ``y`` ``[out_rows, H]`` bfloat16. Rows no pool row names hold unspecified values.
@@ -257,6 +241,5 @@ def grouped_gemm_l2(
         w2,
         w2_scale,
         num_ctas=np.int64(num_ctas),
-        mainloop=_mainloop_attr(mainloop),
     )
     return y

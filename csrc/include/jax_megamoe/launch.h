@@ -10,11 +10,6 @@
 
 namespace jax_megamoe {
 
-// Which grouped GEMM main loop runs (impls/sm90_fp8_grouped_*mainloop.cuh). kDefault resolves to
-// the environment variable JAX_MEGAMOE_MAINLOOP ("tma" or "cp_async"), read once per process,
-// else to the TMA main loop.
-enum class GemmMainloop : int32_t { kDefault = 0, kCpAsync = 1, kTma = 2 };
-
 // L1: pool tokens x W1[e]^T with per-128 scale promotion, SwiGLU (optional clamp), x routing
 // weight, 1x128 e4m3 requant. Persistent over (row block, N tile) pairs; blocks at or past
 // *num_blocks are skipped.
@@ -35,7 +30,6 @@ struct L1Params {
   int max_blocks;
   float clamp;   // +inf disables the clamp
   int num_ctas;  // persistent grid size (SM budget x CTAs per SM)
-  GemmMainloop mainloop;
 };
 
 // L2: act x W2[e]^T with per-128 scale promotion; each valid row is rounded to bf16 and stored
@@ -56,7 +50,6 @@ struct L2Params {
   int max_tokens;
   int max_blocks;
   int num_ctas;
-  GemmMainloop mainloop;
 };
 
 cudaError_t launch_l1(const L1Params& p, cudaStream_t stream);

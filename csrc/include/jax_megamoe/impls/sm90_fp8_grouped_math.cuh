@@ -1,4 +1,4 @@
-// The math warpgroups' work per K block of 128, shared by both grouped GEMM main loops: four
+// The math warpgroups' work per K block of 128 in the grouped GEMM main loop: four
 // wgmma k32 steps into a per-block f32 partial, then its promotion into the master accumulator
 // with a_scale[row] x b_scale (FP8 block scaling changes the scales every 128 K, and the tensor
 // cores accumulate only in limited precision, so each block is scaled and summed in f32).

@@ -1,7 +1,7 @@
 // Warp-specialized grouped FP8 GEMM main loop: TMA loads into a shared-memory ring guarded by
 // full/empty mbarriers, two math warpgroups that never meet at a CTA-wide barrier inside the K
-// loop. Same tiles, schedule and numerics as the cp.async main loop
-// (impls/sm90_fp8_grouped_mainloop.cuh); tile layout in layout/sm90_gemm_tile.cuh.
+// loop. Tile layout in layout/sm90_gemm_tile.cuh, schedule in scheduler/sm90_grouped_tiles.cuh,
+// the per-K-block math in impls/sm90_fp8_grouped_math.cuh.
 //
 // Roles (384 threads):
 //   warpgroup 0, producer   setmaxnreg down to kProducerRegs; warp 0 walks the CTA's tiles and
@@ -36,7 +36,7 @@
 
 namespace jax_megamoe::sm90 {
 
-constexpr int kTmaNumThreads = kWarpGroupThreads + kNumMathThreads;
+constexpr int kNumThreads = kWarpGroupThreads + kNumMathThreads;
 // 384 threads at one CTA per SM start at 168 registers; the producer gives up 128 each so the
 // math threads can take 232 (128 x 40 + 256 x 232 <= 65536).
 constexpr int kProducerRegs = 40;

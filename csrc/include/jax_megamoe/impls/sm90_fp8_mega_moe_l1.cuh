@@ -8,7 +8,6 @@
 
 #include "jax_megamoe/epilogue/fp8_quant.cuh"
 #include "jax_megamoe/epilogue/swiglu.cuh"
-#include "jax_megamoe/impls/sm90_fp8_grouped_mainloop.cuh"
 #include "jax_megamoe/impls/sm90_fp8_grouped_tma_mainloop.cuh"
 #include "jax_megamoe/launch.h"
 
@@ -105,28 +104,17 @@ __device__ __forceinline__ GemmOperands l1_operands(const L1Params& p) {
   };
 }
 
-// L1 on the cp.async main loop.
-template <int kStages>
-__global__ void __launch_bounds__(kNumThreads, 1)
-    sm90_fp8_mega_moe_l1(const __grid_constant__ L1Params p) {
-  using Mainloop = GroupedFp8Mainloop<kL1WgN, kStages>;
-  extern __shared__ __align__(1024) uint8_t smem_raw[];
-  uint8_t* smem = align_smem(smem_raw);
-  Mainloop mainloop(smem, l1_operands(p), min(*p.num_blocks, p.max_blocks));
-  uint8_t* epi_smem = smem + Mainloop::kSmemBytes;
-  mainloop.run(L1Epilogue{p, reinterpret_cast<float*>(epi_smem), epi_smem + L1Epilogue::kUpBytes});
-}
-
-// L1 on the TMA main loop: tensor maps of the pool (a) and of w1 viewed as [E * 2I, H].
-struct L1TmaParams {
+// Kernel parameters: the launch contract plus the TMA tensor maps of the pool (a) and of w1
+// viewed as [E * 2I, H].
+struct L1KernelParams {
   L1Params p;
   CUtensorMap a;
   CUtensorMap b;
 };
 
 template <int kStages>
-__global__ void __launch_bounds__(kTmaNumThreads, 1)
-    sm90_fp8_mega_moe_l1_tma(const __grid_constant__ L1TmaParams k) {
+__global__ void __launch_bounds__(kNumThreads, 1)
+    sm90_fp8_mega_moe_l1(const __grid_constant__ L1KernelParams k) {
   using Mainloop = GroupedFp8TmaMainloop<kL1WgN, kStages>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
@@ -136,9 +124,10 @@ __global__ void __launch_bounds__(kTmaNumThreads, 1)
   mainloop.run(L1Epilogue{p, reinterpret_cast<float*>(epi_smem), epi_smem + L1Epilogue::kUpBytes});
 }
 
-template <class Mainloop>
+template <int kStages>
 constexpr int l1_smem_bytes() {
-  return kSmemAlignSlack + Mainloop::kSmemBytes + L1Epilogue::kSmemBytes;
+  return kSmemAlignSlack + GroupedFp8TmaMainloop<kL1WgN, kStages>::kSmemBytes +
+         L1Epilogue::kSmemBytes;
 }
 
 }  // namespace jax_megamoe::sm90

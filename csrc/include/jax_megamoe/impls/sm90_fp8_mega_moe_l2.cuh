@@ -6,7 +6,6 @@
 #include <cstdint>
 
 #include "jax_megamoe/epilogue/quad_transpose.cuh"
-#include "jax_megamoe/impls/sm90_fp8_grouped_mainloop.cuh"
 #include "jax_megamoe/impls/sm90_fp8_grouped_tma_mainloop.cuh"
 #include "jax_megamoe/launch.h"
 #include "jax_megamoe/ptx/convert.cuh"
@@ -71,28 +70,17 @@ __device__ __forceinline__ GemmOperands l2_operands(const L2Params& p) {
   };
 }
 
-// L2 on the cp.async main loop.
-template <int kWgN, int kStages>
-__global__ void __launch_bounds__(kNumThreads, 1)
-    sm90_fp8_mega_moe_l2(const __grid_constant__ L2Params p) {
-  extern __shared__ __align__(1024) uint8_t smem_raw[];
-  GroupedFp8Mainloop<kWgN, kStages> mainloop(align_smem(smem_raw), l2_operands<kWgN>(p),
-                                             min(*p.num_blocks, p.max_blocks));
-  mainloop.run(L2Epilogue<kWgN>{p});
-  // The runtime's release flag (written after this kernel) must order these peer stores.
-  __threadfence_system();
-}
-
-// L2 on the TMA main loop: tensor maps of act (a) and of w2 viewed as [E * H, I].
-struct L2TmaParams {
+// Kernel parameters: the launch contract plus the TMA tensor maps of act (a) and of w2 viewed as
+// [E * H, I].
+struct L2KernelParams {
   L2Params p;
   CUtensorMap a;
   CUtensorMap b;
 };
 
 template <int kWgN, int kStages>
-__global__ void __launch_bounds__(kTmaNumThreads, 1)
-    sm90_fp8_mega_moe_l2_tma(const __grid_constant__ L2TmaParams k) {
+__global__ void __launch_bounds__(kNumThreads, 1)
+    sm90_fp8_mega_moe_l2(const __grid_constant__ L2KernelParams k) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const L2Params& p = k.p;
   GroupedFp8TmaMainloop<kWgN, kStages> mainloop(align_smem(smem_raw), l2_operands<kWgN>(p),
@@ -102,9 +90,9 @@ __global__ void __launch_bounds__(kTmaNumThreads, 1)
   __threadfence_system();
 }
 
-template <class Mainloop>
+template <int kWgN, int kStages>
 constexpr int l2_smem_bytes() {
-  return kSmemAlignSlack + Mainloop::kSmemBytes;
+  return kSmemAlignSlack + GroupedFp8TmaMainloop<kWgN, kStages>::kSmemBytes;
 }
 
 }  // namespace jax_megamoe::sm90

@@ -1,5 +1,5 @@
 // Shared-memory tile layout of the grouped FP8 GEMMs and the accumulator fragment map of their
-// math warpgroups, common to both main loops (impls/sm90_fp8_grouped_*mainloop.cuh).
+// math warpgroups (impls/sm90_fp8_grouped_tma_mainloop.cuh).
 //
 // CTA tile: kBlockM (64) rows x 2 * kWgN B rows. Two math warpgroups; warpgroup g owns all 64
 // rows and B rows [g * kWgN, +kWgN) of the tile, one wgmma m64nNk32 per k32 step. Each

@@ -47,12 +47,6 @@ __device__ __forceinline__ void fence_operands(float (&d)[kRegs]) {
   for (int i = 0; i < kRegs; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// Makes this thread's completed generic-proxy shared-memory writes (st.shared, cp.async)
-// visible to async-proxy reads (wgmma operands).
-__device__ __forceinline__ void fence_proxy_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 // D(64 x N) (+)= A(64 x 32) x B(N x 32)^T, e4m3 inputs, f32 accumulate; accumulate = false
 // overwrites D. Both operands K-major in shared memory (the only layout e4m3 allows).
 template <int N>
