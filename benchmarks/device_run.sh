@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# One device call: build the extension, then the steps named in MODES (comma-separated), logs
-# under $OUT:
-#   test   single-process GPU tests (command buffers on, then a subset with them off) + the CLI
-#   mp     multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs)
-#   gemm   standalone grouped GEMM tests + benchmarks/bench_gemm.py (one GPU)
-#   bench  benchmarks/bench_mega_moe.py with $BENCH_ARGS
+# Build the extension on a Hopper machine, then run the steps named in MODES (comma-separated),
+# writing logs under $OUT (default /tmp/megamoe_out):
+#   readme    the README quickstart in a fresh clone of this checkout, from its root: install
+#             (--no-build-isolation --no-deps: such machines often reach no package index),
+#             `python -m jax_megamoe`, then `pytest -m gpu` (the GPU half of the test command)
+#   test      single-process GPU tests (command buffers on, then a subset with them off) + CLI
+#   sanitize  compute-sanitizer memcheck and racecheck on the small standalone GEMM tests
+#   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs)
+#   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
+#   bench     benchmarks/bench_mega_moe.py with $BENCH_ARGS
 # Usage: bash benchmarks/device_run.sh MODES [extra pytest args for "test"...]
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -15,12 +19,13 @@ mkdir -p "$OUT"
 modes=",${1:-test},"
 shift || true
 repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+install() { python3 -m pip install --no-build-isolation --no-deps -Cbuild-dir=/tmp/skb "$@"; }
 
 nvidia-smi -L | tee "$OUT/devices.txt"
 date -u | tee -a "$OUT/devices.txt"
 t0=$(date +%s)
-if ! python3 -m pip install --no-build-isolation --no-deps -Cbuild-dir=/tmp/skb "$repo" \
-    >"$OUT/build.log" 2>&1; then
+if ! install . >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
   exit 1
 fi
@@ -28,32 +33,46 @@ echo "build: $(($(date +%s) - t0)) s"
 
 status=0
 summary() { grep -E "calc_diff|passed|failed|Error|skipped" | tail -60; }
-# Run from tests/ so the installed package (with _C) is imported, not the source tree.
-cd "$repo/tests"
+if [[ $modes == *,readme,* ]]; then
+  fresh=$(mktemp -d)
+  git clone -q "$repo" "$fresh" 2>/dev/null || cp -r "$repo/." "$fresh"
+  (cd "$fresh" && install . >"$OUT/readme_install.log" 2>&1 && python3 -m jax_megamoe &&
+    python3 -m pytest -m gpu -q 2>&1 | tail -15) 2>&1 | tee "$OUT/readme.log"
+  status=$((status | PIPESTATUS[0]))
+fi
 if [[ $modes == *,test,* ]]; then
-  python3 -m pytest -m gpu -q -s --ignore=test_gpu_multiprocess.py "$@" 2>&1 |
+  python3 -m pytest -m gpu -q -s --ignore=tests/test_gpu_multiprocess.py "$@" 2>&1 |
     tee "$OUT/gpu_tests.log" | summary
   status=$((status | PIPESTATUS[0]))
-  XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 -m pytest -m gpu -q test_gpu.py \
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 -m pytest -m gpu -q tests/test_gpu.py \
     -k "small_shape and (uniform or hot) or scan or two_layers" 2>&1 |
     tee "$OUT/gpu_tests_no_cmdbuf.log" | tail -3
   status=$((status | PIPESTATUS[0]))
-  (cd /tmp && python3 -m jax_megamoe) 2>&1 | tee "$OUT/cli.txt"
+  python3 -m jax_megamoe 2>&1 | tee "$OUT/cli.txt"
+fi
+if [[ $modes == *,sanitize,* ]]; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --target-processes all --print-limit 20 \
+      python3 -m pytest -m gpu -q -x tests/test_gpu_gemm.py -k "small and (l1_then_l2 or clamp)" \
+      >"$OUT/sanitize_$tool.log" 2>&1
+    status=$((status | $?))
+    echo "$tool: $(grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tr '\n' ' ')"
+  done
 fi
 if [[ $modes == *,mp,* ]]; then
-  timeout 420 python3 -m pytest -m gpu -q -s -rA test_gpu_multiprocess.py 2>&1 |
+  timeout 420 python3 -m pytest -m gpu -q -s -rA tests/test_gpu_multiprocess.py 2>&1 |
     tee "$OUT/gpu_mp_tests.log" | tail -40
   status=$((status | PIPESTATUS[0]))
 fi
 if [[ $modes == *,gemm,* ]]; then
-  python3 -m pytest -m gpu -q -s test_gpu_gemm.py 2>&1 | tee "$OUT/gpu_gemm_tests.log" | summary
-  status=$((status | PIPESTATUS[0]))
-  (cd "$repo" && python3 benchmarks/bench_gemm.py --out "$OUT/gemm" 2>&1) |
-    tee "$OUT/bench_gemm.log" | tail -30
+  bash tools/check_sass.sh 2>&1 | tee "$OUT/sass.txt" | grep -E "QGMMA|spill|FAIL"
+  # shellcheck disable=SC2086  # GEMM_ARGS is a list of flags
+  python3 benchmarks/bench_gemm.py --out "$OUT/gemm" ${GEMM_ARGS:-} 2>&1 |
+    tee "$OUT/bench_gemm.log" | grep -E "^\[M|HBM|^\|" | tail -30
 fi
 if [[ $modes == *,bench,* ]]; then
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-  (cd "$repo" && python3 benchmarks/bench_mega_moe.py --out "$OUT" ${BENCH_ARGS:-} 2>&1) |
+  python3 benchmarks/bench_mega_moe.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 |
     tee "$OUT/bench.log" | grep -v -i warn | tail -40
 fi
 exit "$status"
