@@ -45,10 +45,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling module
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
 import shapes  # noqa: E402
 import timing  # noqa: E402
-
 from jax_megamoe import _ffi, quantize_per_token  # noqa: E402
+from jax_megamoe.grouped_gemm import grouped_gemm_l1, grouped_gemm_l2  # noqa: E402
 from jax_megamoe.pool import pool_layout, pool_rows  # noqa: E402
 
 DEFAULT_TOKENS = (128, 512, 2048, 8192)
@@ -116,10 +117,10 @@ def _named_jit(fn, name: str):
 
 def make_functions(num_ctas: int) -> dict:
     def l1(a, a_scale, rw, src, be, nb, w1, w1s):
-        return _ffi.grouped_gemm_l1(a, a_scale, rw, src, be, nb, w1, w1s, num_ctas=num_ctas)
+        return grouped_gemm_l1(a, a_scale, rw, src, be, nb, w1, w1s, num_ctas=num_ctas)
 
     def l2(act, act_scale, src, be, nb, w2, w2s):
-        return _ffi.grouped_gemm_l2(act, act_scale, src, be, nb, w2, w2s, num_ctas=num_ctas)
+        return grouped_gemm_l2(act, act_scale, src, be, nb, w2, w2s, num_ctas=num_ctas)
 
     def cublas_l1(a, w, scale):
         return _dense_fp8(a, w, scale)

@@ -40,14 +40,14 @@ from collections.abc import Callable, Sequence  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules
 
-import baselines  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import shapes  # noqa: E402
-import timing  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+import baselines  # noqa: E402
+import shapes  # noqa: E402
+import timing  # noqa: E402
 from jax_megamoe import SymmBuffer, fp8_mega_moe  # noqa: E402
 
 BASELINES = ("ragged", "pallas", "pallas_fp8", "dense")

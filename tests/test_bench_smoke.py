@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "ben
 import baselines  # noqa: E402
 import bench_mega_moe  # noqa: E402
 import shapes  # noqa: E402
-
 from jax_megamoe import calc_diff, fp8_mega_moe  # noqa: E402
 
 

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from inputs import make_activations, make_weights_on_device
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from inputs import make_activations, make_weights_on_device
 from jax_megamoe import SymmBuffer, calc_diff, fp8_mega_moe, quantize_per_token
 
 pytestmark = pytest.mark.gpu

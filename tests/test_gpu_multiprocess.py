@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 import pytest
+
 from launcher import describe, launch
 from mp_worker import MESHES, WORKER, load_rows, summaries
 

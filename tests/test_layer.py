@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from oracle import moe_f64
 
 from jax_megamoe import MegaMoE, calc_diff, init_weights, quantize_per_token, route
 from jax_megamoe.__main__ import main
+from oracle import moe_f64
 
 
 def test_route_softmax_and_sigmoid():

@@ -2,9 +2,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from oracle import quantize_rows
 
 from jax_megamoe import calc_diff, dequantize, quantize_blockwise, quantize_per_token
+from oracle import quantize_rows
 
 
 @pytest.mark.parametrize("seed", [0, 1])
