@@ -61,6 +61,19 @@ def fp8_mega_moe(
     Call it per rank inside ``shard_map`` over the expert axis ``axis_name`` (size R), or on one
     device with ``axis_name=None``. ``topk_ids`` are global expert ids; ``-1`` and any id outside
     ``[0, E)`` mark a masked slot, which adds nothing. Inference only: differentiating raises.
+
+    Semantics beyond the formula (tested in ``tests/test_semantics.py``):
+
+    * Duplicate expert ids in one row are not merged: each slot adds its own contribution
+      (with its own routing weight), exactly as if the slots named different experts.
+    * A NaN or Inf in one token's ``x_scale`` or ``topk_weights`` stays in that token's row
+      of ``y``; every other row is bitwise the same as without it.
+
+    Operands must be arrays (JAX or NumPy); Python lists are refused, as ``jax.numpy`` does.
+    Inside ``shard_map`` over a mesh axis of size > 1, ``axis_name`` is required, the weights
+    must be sharded over it (``P(axis_name)``), and a ``buffer`` must have been created for the
+    same devices in the same order (checked where the trace shows the concrete mesh, i.e. under
+    ``jax.sharding.set_mesh``; the axis sizes are always checked). A closed buffer raises.
     """
     x, x_scale, topk_ids, topk_weights = (
         jnp.asarray(checks.check_array(name, v))
