@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inputs import make_weights_on_device
 from jax_megamoe import calc_diff, dequantize, quantize_per_token
 from jax_megamoe.constants import BLOCK_M
 from jax_megamoe.grouped_gemm import grouped_gemm_l1, grouped_gemm_l2
 from jax_megamoe.pool import pool_layout, pool_rows
 from jax_megamoe.reference import _swiglu
+from jax_megamoe.testing import make_weights
 
 pytestmark = pytest.mark.gpu
 
@@ -35,7 +35,7 @@ EXTRA_BLOCKS = 2  # poisoned row blocks past num_blocks
 
 @functools.cache
 def weights_for(h, i, e, device_index=0, seed=0):
-    w = make_weights_on_device(jax.random.key(seed), e=e, h=h, i=i)
+    w = make_weights(jax.random.key(seed), num_experts=e, hidden=h, intermediate=i)
     return jax.device_put(w, jax.devices("gpu")[device_index])
 
 

@@ -11,9 +11,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from inputs import make_inputs
 from jax_megamoe import MegaMoE, SymmBuffer, fp8_mega_moe, init_weights, transform_weights
 from jax_megamoe.symm_buffer import workspace_nbytes
+from jax_megamoe.testing import make_inputs
 
 DIMS = dict(h=256, i=128, e=8, k=2)
 BUF = dict(num_experts=8, hidden=256, intermediate=128, topk=2, max_tokens_per_rank=16)

@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from inputs import ROUTINGS, make_inputs
 from jax_megamoe import calc_diff, fp8_mega_moe, reference_mega_moe
+from jax_megamoe.testing import ROUTINGS, make_inputs
 from oracle import moe_f64
 
 SMALL = dict(h=256, i=128, e=16, k=4)
