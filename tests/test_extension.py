@@ -57,7 +57,7 @@ class WorkspaceSizeTest(parameterized.TestCase):
         r, e, h, i, k, m = config
         want = _ffi.extension().workspace_nbytes(r, e, h, i, k, m)
         got = workspace_nbytes(
-            num_ranks=r, num_experts=e, hidden=h, intermediate=i, topk=k, max_tokens=m
+            num_ranks=r, num_experts=e, hidden=h, intermediate=i, topk=k, max_tokens_per_rank=m
         )
         self.assertEqual(got, want)
 
@@ -75,7 +75,7 @@ def test_size_of_the_smallest_workspace_by_hand():
     + 3 x 128 (expert counters) + 128 (route scalars) + 128 (block_expert) + 2 x 256 (row_src,
     row_weight over a 64-row pool) + 2 x (8192 + 256) (pool, act) + 256 (combine)."""
     assert workspace_nbytes(
-        num_ranks=1, num_experts=1, hidden=128, intermediate=128, topk=1, max_tokens=1
+        num_ranks=1, num_experts=1, hidden=128, intermediate=128, topk=1, max_tokens_per_rank=1
     ) == (128 + 512 + 512 + 384 + 128 + 128 + 512 + 2 * (8192 + 256) + 256)
 
 

@@ -69,7 +69,7 @@ def test_size_reported_on_cpu_and_numpy_ints_accepted():
     buf = SymmBuffer.create(MESH, "ep", **{**BUF, "max_tokens_per_rank": np.int64(16)})
     assert not buf.allocated and not buf.closed
     want = workspace_nbytes(
-        num_ranks=4, num_experts=8, hidden=256, intermediate=128, topk=2, max_tokens=16
+        num_ranks=4, num_experts=8, hidden=256, intermediate=128, topk=2, max_tokens_per_rank=16
     )
     assert buf.nbytes_per_rank == want and want > 16 * 256
     assert type(buf.max_tokens_per_rank) is int

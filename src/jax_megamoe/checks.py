@@ -89,38 +89,23 @@ def pool_rows_bound(*, num_ranks: int, num_experts: int, topk: int, max_tokens: 
     return -(-worst // BLOCK_M) * BLOCK_M
 
 
-def check_workspace_args(
-    *,
-    num_ranks: int,
-    num_experts,
-    hidden,
-    intermediate,
-    topk,
-    max_tokens_per_rank,
-    sm_budget,
-) -> None:
-    """``SymmBuffer.create``'s arguments, by the rules of ``workspace_nbytes`` in C++."""
-    num_experts = check_int("num_experts", num_experts, minimum=1)
-    hidden = check_int("hidden", hidden, minimum=1)
-    intermediate = check_int("intermediate", intermediate, minimum=1)
-    topk = check_int("topk", topk, minimum=1)
-    max_tokens = check_int("max_tokens_per_rank", max_tokens_per_rank, minimum=1)
+def check_workspace_args(*, num_ranks: int, sm_budget, **dims) -> dict[str, int]:
+    """``SymmBuffer.create``'s arguments by the rules of ``workspace_nbytes`` in C++; returns
+    the dimensions (``num_experts``, ``hidden``, ``intermediate``, ``topk``,
+    ``max_tokens_per_rank``) as Python ints."""
     check_int("sm_budget", sm_budget, minimum=0)
+    d = {name: check_int(name, value, minimum=1) for name, value in dims.items()}
     check_moe_dims(
-        num_experts=num_experts,
-        hidden=hidden,
-        intermediate=intermediate,
-        topk=topk,
-        num_ranks=num_ranks,
+        num_ranks=num_ranks, **{n: d[n] for n in ("num_experts", "hidden", "intermediate", "topk")}
     )
-    rows = pool_rows_bound(
-        num_ranks=num_ranks, num_experts=num_experts, topk=topk, max_tokens=max_tokens
-    )
+    m, k = d["max_tokens_per_rank"], d["topk"]
+    rows = pool_rows_bound(num_ranks=num_ranks, num_experts=d["num_experts"], topk=k, max_tokens=m)
     if rows > INT32_MAX:
         raise ValueError(
-            f"num_ranks * max_tokens_per_rank * topk ({num_ranks} * {max_tokens} * {topk}) is "
-            "too large: pool row indices are int32 on the device; lower max_tokens_per_rank"
+            f"num_ranks * max_tokens_per_rank * topk ({num_ranks} * {m} * {k}) is too large: "
+            "pool row indices are int32 on the device; lower max_tokens_per_rank"
         )
+    return d
 
 
 def check_weights(weights) -> tuple[int, int, int]:
@@ -171,37 +156,45 @@ def check_pool(name: str, rows: int, block_expert) -> None:
         )
 
 
+def _check_grouped(op: str, block_expert, table) -> None:
+    """A grouped GEMM's pool (the first operand's rows) and its ``(name, array, shape, dtype)``
+    operand table."""
+    check_pool(op, table[0][1].shape[0], block_expert)
+    for name, arr, shape, dtype in table:
+        expect(f"{op}: {name}", arr, shape, dtype)
+
+
 def check_l1_operands(a, a_scale, row_weight, row_src, block_expert, w1, w1_scale) -> None:
     """``grouped_gemm_l1``'s operands (see its docstring for the shapes)."""
-    rows, hidden = a.shape
-    check_pool("grouped_gemm_l1", rows, block_expert)
-    experts, two_inter = w1.shape[0], w1.shape[1]
-    b = QUANT_BLOCK
-    for name, arr, shape, dtype in (
-        ("a", a, (rows, hidden), jnp.float8_e4m3fn),
-        ("a_scale", a_scale, (rows, hidden // b), jnp.float32),
-        ("row_weight", row_weight, (rows,), jnp.float32),
-        ("row_src", row_src, (rows,), jnp.int32),
-        ("w1", w1, (experts, two_inter // 2 * 2, hidden), jnp.float8_e4m3fn),
-        ("w1_scale", w1_scale, (experts, two_inter // b, hidden // b), jnp.float32),
-    ):
-        expect(f"grouped_gemm_l1: {name}", arr, shape, dtype)
+    (rows, h), (e, two_i), b, f8 = a.shape, w1.shape[:2], QUANT_BLOCK, jnp.float8_e4m3fn
+    _check_grouped(
+        "grouped_gemm_l1",
+        block_expert,
+        [
+            ("a", a, (rows, h), f8),
+            ("a_scale", a_scale, (rows, h // b), jnp.float32),
+            ("row_weight", row_weight, (rows,), jnp.float32),
+            ("row_src", row_src, (rows,), jnp.int32),
+            ("w1", w1, (e, two_i // 2 * 2, h), f8),
+            ("w1_scale", w1_scale, (e, two_i // b, h // b), jnp.float32),
+        ],
+    )
 
 
 def check_l2_operands(act, act_scale, row_src, block_expert, w2, w2_scale, out_rows) -> None:
     """``grouped_gemm_l2``'s operands (see its docstring for the shapes)."""
-    rows, inter = act.shape
-    check_pool("grouped_gemm_l2", rows, block_expert)
-    experts, hidden = w2.shape[0], w2.shape[1]
-    b = QUANT_BLOCK
-    for name, arr, shape, dtype in (
-        ("act", act, (rows, inter), jnp.float8_e4m3fn),
-        ("act_scale", act_scale, (rows, inter // b), jnp.float32),
-        ("row_src", row_src, (rows,), jnp.int32),
-        ("w2", w2, (experts, hidden, inter), jnp.float8_e4m3fn),
-        ("w2_scale", w2_scale, (experts, hidden // b, inter // b), jnp.float32),
-    ):
-        expect(f"grouped_gemm_l2: {name}", arr, shape, dtype)
+    (rows, i), (e, h), b, f8 = act.shape, w2.shape[:2], QUANT_BLOCK, jnp.float8_e4m3fn
+    _check_grouped(
+        "grouped_gemm_l2",
+        block_expert,
+        [
+            ("act", act, (rows, i), f8),
+            ("act_scale", act_scale, (rows, i // b), jnp.float32),
+            ("row_src", row_src, (rows,), jnp.int32),
+            ("w2", w2, (e, h, i), f8),
+            ("w2_scale", w2_scale, (e, h // b, i // b), jnp.float32),
+        ],
+    )
     if out_rows <= 0:
         raise ValueError(f"grouped_gemm_l2: out_rows ({out_rows}) must be positive")
 

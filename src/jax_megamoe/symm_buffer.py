@@ -30,13 +30,19 @@ _REGION_ALIGN = 128  # kRegionAlign in layout/workspace.h
 
 
 def workspace_nbytes(
-    *, num_ranks: int, num_experts: int, hidden: int, intermediate: int, topk: int, max_tokens: int
+    *,
+    num_ranks: int,
+    num_experts: int,
+    hidden: int,
+    intermediate: int,
+    topk: int,
+    max_tokens_per_rank: int,
 ) -> int:
     """Exact bytes of one rank's workspace, as a GPU allocates it: the Python mirror of
     ``WorkspaceLayout::make`` (``csrc/include/jax_megamoe/layout/workspace.h``), so the size is
     known on any backend. Regions in the header's order, each padded to 128 bytes; the two
     ``alignas(128)`` structs (``HeaderFixed``, ``RouteScalars``) take 128 bytes each."""
-    r, m, h, i, k = num_ranks, max_tokens, hidden, intermediate, topk
+    r, m, h, i, k = num_ranks, max_tokens_per_rank, hidden, intermediate, topk
     local = num_experts // num_ranks
     rows = checks.pool_rows_bound(num_ranks=r, num_experts=num_experts, topk=k, max_tokens=m)
     qb = QUANT_BLOCK
@@ -117,33 +123,19 @@ class SymmBuffer:
         if axis_name not in mesh.axis_names:
             raise ValueError(f"axis {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
         num_ranks = mesh.shape[axis_name]
-        checks.check_workspace_args(
+        dims = checks.check_workspace_args(
             num_ranks=num_ranks,
+            sm_budget=sm_budget,
             num_experts=num_experts,
             hidden=hidden,
             intermediate=intermediate,
             topk=topk,
             max_tokens_per_rank=max_tokens_per_rank,
-            sm_budget=sm_budget,
-        )
-        dims = dict(
-            num_experts=int(num_experts),
-            hidden=int(hidden),
-            intermediate=int(intermediate),
-            topk=int(topk),
         )
         with _lock:
             buffer_id = next(_ids)
-        buf = cls(
-            mesh=mesh,
-            axis_name=axis_name,
-            max_tokens_per_rank=int(max_tokens_per_rank),
-            buffer_id=buffer_id,
-            nbytes_per_rank=workspace_nbytes(
-                num_ranks=num_ranks, max_tokens=int(max_tokens_per_rank), **dims
-            ),
-            **dims,
-        )
+        nbytes = workspace_nbytes(num_ranks=num_ranks, **dims)
+        buf = cls(mesh, axis_name, buffer_id=buffer_id, nbytes_per_rank=nbytes, **dims)
         me = jax.process_index()
         processes = tuple(sorted({d.process_index for d in mesh.devices.flat}))
         if me in processes:  # else none of this process's devices is in the mesh
