@@ -1,7 +1,8 @@
 """Limits and block sizes the CUDA kernels, the workspace layout and Python agree on.
 
-The C++ header that defines them is the source; these mirror it so the package (its checks and
-the reference path) works where the extension was not built. ``tests/test_extension.py`` checks
+``csrc/include/jax_megamoe/constants.h`` defines them for the kernels and the workspace layout;
+these mirror it so the package (its checks and the reference path) works where the extension
+was not built. ``tests/test_extension.py`` checks
 they equal ``_C.constants()`` wherever the extension is importable.
 """
 
