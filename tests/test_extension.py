@@ -51,9 +51,10 @@ def _kwargs(config):
 
 class WorkspaceSizeTest(parameterized.TestCase):
     @parameterized.named_parameters(*CONFIGS.items())
-    def test_python_size_equals_extension(self, *config):
+    def test_python_size_equals_extension(self, config):
         if NO_EXTENSION:
             self.skipTest(f"needs the built extension: {NO_EXTENSION}")
+        checks.check_workspace_args(**_kwargs(config), sm_budget=0)  # accepted on both sides
         r, e, h, i, k, m = config
         want = _ffi.extension().workspace_nbytes(r, e, h, i, k, m)
         got = workspace_nbytes(
@@ -62,7 +63,7 @@ class WorkspaceSizeTest(parameterized.TestCase):
         self.assertEqual(got, want)
 
     @parameterized.named_parameters(*BAD_CONFIGS.items())
-    def test_python_rejects_what_extension_rejects(self, *config):
+    def test_python_rejects_what_extension_rejects(self, config):
         with self.assertRaises(ValueError):
             checks.check_workspace_args(**_kwargs(config), sm_budget=0)
         if not NO_EXTENSION:
