@@ -8,15 +8,14 @@ import jax
 import jax.numpy as jnp
 
 from . import _ffi, checks
-from .constants import QUANT_BLOCK
 from .mega_moe import fused_mega_moe
-from .quant import FP8_DTYPE
 from .reference import reference_mega_moe
 from .symm_buffer import SymmBuffer
 from .weights import MoEWeights
 
 Impl = Literal["auto", "fused", "reference"]
 IMPLS = ("auto", "fused", "reference")
+OPERANDS = ("x", "x_scale", "topk_ids", "topk_weights")
 
 
 def _pick_impl(impl: str, buffer: SymmBuffer | None) -> str:
@@ -75,36 +74,17 @@ def fp8_mega_moe(
     same devices in the same order (checked where the trace shows the concrete mesh, i.e. under
     ``jax.sharding.set_mesh``; the axis sizes are always checked). A closed buffer raises.
     """
+    operands = (x, x_scale, topk_ids, topk_weights)
     x, x_scale, topk_ids, topk_weights = (
-        jnp.asarray(checks.check_array(name, v))
-        for name, v in zip(
-            ("x", "x_scale", "topk_ids", "topk_weights"),
-            (x, x_scale, topk_ids, topk_weights),
-            strict=True,
-        )
+        jnp.asarray(checks.check_array(name, v)) for name, v in zip(OPERANDS, operands, strict=True)
     )
-    if x.ndim != 2:
-        raise ValueError(f"x must be [M, H], got shape {tuple(x.shape)}")
-    m, h = x.shape
-    if topk_ids.ndim != 2:
-        raise ValueError(f"topk_ids must be [M, K], got shape {tuple(topk_ids.shape)}")
-    k = topk_ids.shape[1]
-    num_local, wh, i = checks.check_weights(weights)
-    if wh != h:
-        raise ValueError(f"x has hidden {h} but the weights have hidden {wh}")
-    checks.expect("x", x, (m, h), FP8_DTYPE)
-    checks.expect("x_scale", x_scale, (m, h // QUANT_BLOCK), jnp.float32)
-    checks.expect("topk_ids", topk_ids, (m, k), jnp.int32)
-    checks.expect("topk_weights", topk_weights, (m, k), jnp.float32)
-    if m < 1:
-        raise ValueError("x must hold at least one token")
+    m, h, i, k, num_local = checks.check_moe_operands(x, x_scale, topk_ids, topk_weights, weights)
     num_ranks = checks.axis_size(axis_name, "fp8_mega_moe")
     num_experts = num_local * num_ranks
     checks.check_moe_dims(
         num_experts=num_experts, hidden=h, intermediate=i, topk=k, num_ranks=num_ranks
     )
-    if activation_clamp is not None and not activation_clamp > 0:
-        raise ValueError(f"activation_clamp must be positive, got {activation_clamp}")
+    checks.check_clamp(activation_clamp)
     if buffer is not None:
         checks.check_buffer(
             buffer,

@@ -141,6 +141,31 @@ def check_weights(weights) -> tuple[int, int, int]:
     return e, h, i
 
 
+def check_moe_operands(x, x_scale, topk_ids, topk_weights, weights):
+    """``fp8_mega_moe``'s operands; returns ``(m, hidden, intermediate, topk, num_local)``."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be [M, H], got shape {tuple(x.shape)}")
+    m, h = x.shape
+    if topk_ids.ndim != 2:
+        raise ValueError(f"topk_ids must be [M, K], got shape {tuple(topk_ids.shape)}")
+    k = topk_ids.shape[1]
+    num_local, wh, i = check_weights(weights)
+    if wh != h:
+        raise ValueError(f"x has hidden {h} but the weights have hidden {wh}")
+    expect("x", x, (m, h), jnp.float8_e4m3fn)
+    expect("x_scale", x_scale, (m, h // QUANT_BLOCK), jnp.float32)
+    expect("topk_ids", topk_ids, (m, k), jnp.int32)
+    expect("topk_weights", topk_weights, (m, k), jnp.float32)
+    if m < 1:
+        raise ValueError("x must hold at least one token")
+    return m, h, i, k, num_local
+
+
+def check_clamp(activation_clamp) -> None:
+    if activation_clamp is not None and not activation_clamp > 0:
+        raise ValueError(f"activation_clamp must be positive, got {activation_clamp}")
+
+
 def check_pool_rows(name: str, rows: int, block_m: int) -> None:
     if rows <= 0 or rows % block_m:
         raise ValueError(f"{name}: pool rows ({rows}) must be a positive multiple of {block_m}")
@@ -252,6 +277,25 @@ def check_local_experts(
     raise ValueError(
         f"{op}: {num_local} local experts x {num_ranks} ranks != {num_experts} experts"
     )
+
+
+def check_layer_inputs(hidden, router_weight, weights, axis_name):
+    """``MegaMoE``'s inputs: ``hidden`` [M, H], ``router_weight`` [H, E] over all ``E``
+    experts, and this rank's shard of them in ``weights``. Returns the two arrays."""
+    hidden = jnp.asarray(check_array("hidden", hidden))
+    router_weight = jnp.asarray(check_array("router_weight", router_weight))
+    if hidden.ndim != 2:
+        raise ValueError(f"hidden must be [M, H], got {tuple(hidden.shape)}")
+    if router_weight.ndim != 2:
+        raise ValueError(f"router_weight must be [H, E], got {tuple(router_weight.shape)}")
+    check_local_experts(
+        num_local=check_weights(weights)[0],
+        num_experts=router_weight.shape[1],
+        num_ranks=axis_size(axis_name, "MegaMoE"),
+        axis_name=axis_name,
+        op="MegaMoE",
+    )
+    return hidden, router_weight
 
 
 def _concrete_mesh():

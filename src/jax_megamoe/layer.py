@@ -67,19 +67,8 @@ class MegaMoE:
     def __call__(
         self, hidden: jax.Array, router_weight: jax.Array, weights: MoEWeights
     ) -> jax.Array:
-        hidden = jnp.asarray(checks.check_array("hidden", hidden))
-        router_weight = jnp.asarray(checks.check_array("router_weight", router_weight))
-        if hidden.ndim != 2:
-            raise ValueError(f"hidden must be [M, H], got {tuple(hidden.shape)}")
-        if router_weight.ndim != 2:
-            raise ValueError(f"router_weight must be [H, E], got {tuple(router_weight.shape)}")
-        num_local = checks.check_weights(weights)[0]
-        checks.check_local_experts(
-            num_local=num_local,
-            num_experts=router_weight.shape[1],
-            num_ranks=checks.axis_size(self.axis_name, "MegaMoE"),
-            axis_name=self.axis_name,
-            op="MegaMoE",
+        hidden, router_weight = checks.check_layer_inputs(
+            hidden, router_weight, weights, self.axis_name
         )
         ids, topk_weights = route(
             hidden,
