@@ -8,8 +8,8 @@ Usage (one Hopper GPU, the extension built)::
 
 The pool is what one rank of an R-rank expert-parallel layer sees (DeepSeek-V3 by default: H
 7168, I 2048, E 256, K 8, R 4, so E_l = 64 local experts): for tokens per rank M, R·M tokens
-each pick K experts (``shapes.make_ids``), and local expert e of rank 0 receives the exact
-count of slots routed to it (about M·K rows in all). Each expert's rows start on a 64-row
+each pick K experts (``jax_megamoe.testing.make_ids``), and local expert e of rank 0 receives
+the exact count of slots routed to it (about M·K rows in all). Each expert's rows start on a 64-row
 block (``jax_megamoe.pool.pool_layout``); padding rows are not stored.
 
 Per M, in the same process on the same device:
@@ -49,7 +49,9 @@ import shapes  # noqa: E402
 import timing  # noqa: E402
 
 from jax_megamoe import _ffi, quantize_per_token  # noqa: E402
+from jax_megamoe.grouped_gemm import grouped_gemm_l1, grouped_gemm_l2  # noqa: E402
 from jax_megamoe.pool import pool_layout, pool_rows  # noqa: E402
+from jax_megamoe.testing import make_ids  # noqa: E402
 
 DEFAULT_TOKENS = (128, 512, 2048, 8192)
 SMOKE = dict(hidden=512, intermediate=256, experts=16, topk=4, ranks=4, tokens=[64, 256])
@@ -116,11 +118,11 @@ def _named_jit(fn, name: str):
 
 
 def make_functions(num_ctas: int) -> dict:
-    def l1(*operands):
-        return _ffi.grouped_gemm_l1(*operands, num_ctas=num_ctas)
+    def l1(a, a_scale, rw, src, be, nb, w1, w1s):
+        return grouped_gemm_l1(a, a_scale, rw, src, be, nb, w1, w1s, num_ctas=num_ctas)
 
-    def l2(*operands):
-        return _ffi.grouped_gemm_l2(*operands, num_ctas=num_ctas)
+    def l2(act, act_scale, src, be, nb, w2, w2s):
+        return grouped_gemm_l2(act, act_scale, src, be, nb, w2, w2s, num_ctas=num_ctas)
 
     def cublas_l1(a, w, scale):
         return _dense_fp8(a, w, scale)
@@ -151,7 +153,7 @@ def make_weights(args, num_local: int):
 def expert_counts(args, m: int, seed: int) -> np.ndarray:
     """Slots routed to each of rank 0's experts when R·M tokens pick K of E experts."""
     rng = np.random.default_rng(seed)
-    ids = shapes.make_ids(rng, args.ranks * m, args.experts, args.topk, args.routing)
+    ids = make_ids(rng, args.ranks * m, args.experts, args.topk, args.routing)
     num_local = args.experts // args.ranks
     local = ids[(ids >= 0) & (ids < num_local)]
     return np.bincount(local, minlength=num_local).astype(np.int32)

@@ -1,4 +1,5 @@
-"""Benchmark shapes, hardware ceilings, routings and input generation, in one place.
+"""Benchmark shapes, hardware ceilings and routings, in one place; inputs come from
+``jax_megamoe.testing``, the generator the tests use.
 
 Everything the sweep needs to agree on (the DeepSeek-V3 layer shape, the token sweep, the cards'
 ceilings behind the floor, how routings and weights are made) lives here so that the fused layer
@@ -15,13 +16,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe import MoEWeights, dequantize, quantize_blockwise, quantize_per_token
+from jax_megamoe import MoEWeights, dequantize
+from jax_megamoe.testing import expert_weights, make_activations, make_routing
 
 # DeepSeek-V3 MoE layer (DESIGN §6).
 DSV3 = dict(hidden=7168, intermediate=2048, experts=256, topk=8)
 # Tokens per rank.
 TOKENS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-ROUTINGS = ("uniform", "skewed", "hot")
+ROUTINGS = ("uniform", "skewed", "hot")  # the sweep's subset of jax_megamoe.testing.ROUTINGS
 
 
 @dataclass(frozen=True)
@@ -92,34 +94,6 @@ def floor_from(flops: float, touched: int, shape: Shape, rates: Ceilings) -> flo
     return max(flops / rates.fp8_flops, touched * shape.expert_bytes() / rates.hbm_bytes_per_s)
 
 
-def make_ids(
-    rng: np.random.Generator, m: int, num_experts: int, k: int, routing: str
-) -> np.ndarray:
-    """[m, k] int32 global expert ids, distinct within a token.
-
-    ``uniform``: k distinct experts uniformly at random. ``skewed``: Zipf-like popularity
-    (p ∝ 1/rank^1.2 over a random expert order), sampled without replacement by the Gumbel
-    top-k trick (vectorized: 32k tokens per set would be slow row by row). ``hot``: uniform,
-    but every token sends slot 0 to one expert.
-    """
-    if routing == "uniform":
-        return np.argsort(rng.random((m, num_experts)), axis=1)[:, :k].astype(np.int32)
-    if routing == "skewed":
-        p = 1.0 / np.arange(1, num_experts + 1) ** 1.2
-        logp = np.log(p / p.sum())[rng.permutation(num_experts)]
-        keys = logp[None, :] + rng.gumbel(size=(m, num_experts))
-        return np.argsort(-keys, axis=1)[:, :k].astype(np.int32)
-    if routing == "hot":
-        hot = int(rng.integers(num_experts))
-        ids = np.argsort(rng.random((m, num_experts)), axis=1)[:, :k].astype(np.int32)
-        # Where the hot expert already sits in another slot, swap it with slot 0.
-        rows, cols = np.nonzero(ids == hot)
-        ids[rows, cols] = ids[rows, 0]
-        ids[:, 0] = hot
-        return ids
-    raise ValueError(f"unknown routing {routing!r} (expected one of {ROUTINGS})")
-
-
 def make_mesh(num_ranks: int | None = None) -> Mesh:
     devices = jax.devices()
     if num_ranks is not None:
@@ -136,17 +110,9 @@ def make_weights(mesh: Mesh, shape: Shape, seed: int) -> MoEWeights:
     shard_map) and per expert (lax.map) means no device ever holds more than its own shard
     plus one expert's f32 copy.
     """
-    h, i = shape.hidden, shape.intermediate
-
-    def one(key):
-        k1, k2, k3 = jax.random.split(key, 3)
-        gain = jax.random.uniform(k3, (), minval=0.5, maxval=2.0)
-        w1 = jax.random.normal(k1, (2 * i, h), jnp.float32) * (gain * h**-0.5)
-        w2 = jax.random.normal(k2, (h, i), jnp.float32) * i**-0.5
-        return (*quantize_blockwise(w1), *quantize_blockwise(w2))
 
     def per_rank(keys):
-        return MoEWeights(*jax.lax.map(one, keys))
+        return expert_weights(keys, hidden=shape.hidden, intermediate=shape.intermediate)
 
     sharding = NamedSharding(mesh, P(AXIS))
     keys = jax.device_put(jax.random.split(jax.random.key(seed), shape.experts), sharding)
@@ -190,13 +156,11 @@ def make_input_set(mesh: Mesh, shape: Shape, m: int, routing: str, seed: int) ->
     """Fresh activations and routing for ``m`` tokens per rank."""
     num_ranks = mesh.shape[AXIS]
     rng = np.random.default_rng(seed)
-    ids = make_ids(rng, num_ranks * m, shape.experts, shape.topk, routing)
-    tw = rng.uniform(0.05, 1.0, ids.shape).astype(np.float32)
+    ids, tw = make_routing(rng, num_ranks * m, shape.experts, shape.topk, routing)
     sharding = NamedSharding(mesh, P(AXIS))
 
     def gen(key):
-        hidden = jax.random.normal(key, (num_ranks * m, shape.hidden), jnp.float32)
-        x, s = quantize_per_token(hidden)
+        x, s = make_activations(key, num_ranks * m, shape.hidden)
         return x, s, dequantize(x, s).astype(jnp.bfloat16)
 
     x, x_scale, x_bf16 = jax.jit(gen, out_shardings=(sharding,) * 3)(jax.random.key(seed))

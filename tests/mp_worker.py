@@ -92,11 +92,11 @@ def run(args):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from inputs import make_inputs
     from jax.sharding import PartitionSpec as P
 
     from jax_megamoe import SymmBuffer, calc_diff, fp8_mega_moe
-    from jax_megamoe.buffer import check_groups_on_one_host
+    from jax_megamoe.symm_buffer import check_groups_on_one_host
+    from jax_megamoe.testing import make_inputs
 
     me = jax.process_index()
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))

@@ -19,6 +19,7 @@ import plot  # noqa: E402
 import shapes  # noqa: E402
 
 from jax_megamoe import calc_diff, fp8_mega_moe  # noqa: E402
+from jax_megamoe.testing import make_ids  # noqa: E402
 
 
 def test_bench_main_writes_rows(tmp_path):
@@ -123,13 +124,13 @@ def test_baselines_match_reference(monkeypatch):
 def test_routings_and_floor():
     rng = np.random.default_rng(0)
     for routing in shapes.ROUTINGS:
-        ids = shapes.make_ids(rng, 64, 16, 4, routing)
+        ids = make_ids(rng, 64, 16, 4, routing)
         assert ids.shape == (64, 4) and ids.dtype == np.int32
         assert all(len(set(row)) == 4 for row in ids.tolist()), routing
-    hot = shapes.make_ids(rng, 64, 16, 4, "hot")
+    hot = make_ids(rng, 64, 16, 4, "hot")
     assert (hot[:, 0] == hot[0, 0]).all()
     shape = shapes.Shape(**shapes.DSV3)
-    ids = shapes.make_ids(rng, 4 * 8192, 256, 8, "uniform")
+    ids = make_ids(rng, 4 * 8192, 256, 8, "uniform")
     # M=8192 at R=4: every expert is touched and compute (4.1 ms at 1417 TF) bounds the floor.
     assert shapes.touched_experts(ids, 256, 4).tolist() == [64] * 4
     assert abs(shapes.floor_seconds(8192, ids, shape, 4) - 4.07e-3) < 0.05e-3

@@ -6,12 +6,12 @@ import functools
 import jax
 import numpy as np
 import pytest
-from inputs import make_inputs
 from jax import export
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_megamoe import MoEWeights, fp8_mega_moe
+from jax_megamoe.testing import make_inputs
 
 DIMS = dict(h=256, i=128, e=8, k=3)
 OPERANDS = ("x", "x_scale", "topk_ids", "topk_weights", "weights")

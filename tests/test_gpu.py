@@ -7,17 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from inputs import make_activations, make_weights_on_device
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_megamoe import SymmBuffer, calc_diff, fp8_mega_moe, quantize_per_token
+from jax_megamoe.testing import make_activations, make_routing, make_weights
 
 pytestmark = pytest.mark.gpu
 
 SMALL = dict(h=512, i=256, e=16, k=4)
 DSV3 = dict(h=7168, i=2048, e=256, k=8)
-NAMES = ("x", "x_scale", "topk_ids", "topk_weights")
 
 
 def gpus():
@@ -26,7 +25,7 @@ def gpus():
 
 @functools.cache
 def weights_for(h, i, e, seed=0):
-    return make_weights_on_device(jax.random.key(seed), e=e, h=h, i=i)
+    return make_weights(jax.random.key(seed), num_experts=e, hidden=h, intermediate=i)
 
 
 class Runner:
@@ -59,10 +58,11 @@ class Runner:
     def inputs(self, seed, m, routing="uniform"):
         r = self.mesh.size
         d = self.dims
-        act = make_activations(
-            seed, m=m * r, h=d["h"], e=d["e"], k=d["k"], routing=routing, num_ranks=r
-        )
-        return [jax.device_put(act[n], NamedSharding(self.mesh, P("ep"))) for n in NAMES]
+        x, x_scale = make_activations(jax.random.key(seed), m * r, d["h"])
+        rng = np.random.default_rng(seed)
+        ids, tw = make_routing(rng, m * r, d["e"], d["k"], routing, r)
+        sharding = NamedSharding(self.mesh, P("ep"))
+        return [jax.device_put(a, sharding) for a in (x, x_scale, ids, tw)]
 
     def __call__(self, impl, args):
         return self.step[impl](*args, self.weights)

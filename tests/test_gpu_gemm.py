@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from inputs import make_weights_on_device
 
 from jax_megamoe import calc_diff, dequantize, quantize_per_token
-from jax_megamoe._ffi import grouped_gemm_l1, grouped_gemm_l2
-from jax_megamoe.pool import BLOCK_M, pool_layout, pool_rows
+from jax_megamoe.constants import BLOCK_M
+from jax_megamoe.grouped_gemm import grouped_gemm_l1, grouped_gemm_l2
+from jax_megamoe.pool import pool_layout, pool_rows
 from jax_megamoe.reference import _swiglu
+from jax_megamoe.testing import make_weights
 
 pytestmark = pytest.mark.gpu
 
@@ -34,7 +35,7 @@ EXTRA_BLOCKS = 2  # poisoned row blocks past num_blocks
 
 @functools.cache
 def weights_for(h, i, e, device_index=0, seed=0):
-    w = make_weights_on_device(jax.random.key(seed), e=e, h=h, i=i)
+    w = make_weights(jax.random.key(seed), num_experts=e, hidden=h, intermediate=i)
     return jax.device_put(w, jax.devices("gpu")[device_index])
 
 
@@ -267,24 +268,26 @@ def test_jit_layout_grid_size_and_determinism():
 
 
 def test_no_blocks():
+    """num_blocks = 0: no block is read or written. Every block names an expert far past w1/w2
+    and every row a destination far past y, so touching any of them would fault; the next full
+    calls on the same GPU then give bitwise the output of the ones before."""
     h, i, counts = SHAPES["small"]
     w = weights_for(h, i, len(counts))
     pool = Pool(16, counts, h, i)
+    before = np.asarray(pool.l2(w, *pool.l1(w))).view(np.uint16)
+    far_experts = jnp.full(pool.block_expert.shape, 1 << 20, jnp.int32)
+    far_rows = jnp.full(pool.row_src.shape, 1 << 28, jnp.int32)
     zero = jnp.zeros((1,), jnp.int32)
     act, act_scale = grouped_gemm_l1(
-        pool.a,
-        pool.a_scale,
-        pool.row_weight,
-        pool.row_src,
-        pool.block_expert,
-        zero,
-        w.w1,
-        w.w1_scale,
+        pool.a, pool.a_scale, pool.row_weight, far_rows, far_experts, zero, w.w1, w.w1_scale
     )
     y = grouped_gemm_l2(
-        act, act_scale, pool.row_src, pool.block_expert, zero, w.w2, w.w2_scale, out_rows=pool.n
+        act, act_scale, far_rows, far_experts, zero, w.w2, w.w2_scale, out_rows=pool.n
     )
-    jax.block_until_ready(y)
+    assert y.shape == (pool.n, h)
+    jax.block_until_ready(y)  # a kernel that touched a block would fault here
+    after = np.asarray(pool.l2(w, *pool.l1(w))).view(np.uint16)
+    np.testing.assert_array_equal(after, before)
 
 
 def test_every_gpu():

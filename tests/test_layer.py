@@ -1,4 +1,5 @@
-"""The inference layer (router + quantize + MoE) and the `python -m jax_megamoe` job."""
+"""The inference layer (router + quantize + MoE); the `python -m jax_megamoe` job is in
+test_cli.py."""
 
 import jax
 import jax.numpy as jnp

@@ -11,7 +11,7 @@ import pytest
 from launcher import describe, launch
 from mp_worker import MESHES, WORKER, FakeExtension, load_rows, summaries
 
-from jax_megamoe.buffer import check_groups_on_one_host
+from jax_megamoe.symm_buffer import check_groups_on_one_host
 
 
 def assert_ok(results):
@@ -86,7 +86,7 @@ def test_two_processes_match_one_bitwise(tmp_path):
             # 1d and 2d_t put both processes in one expert group; 2d keeps each group in one.
             assert info["spans_hosts"] is (mesh != "2d"), (mesh, info)
     assert "spans 2 hosts" in found[0]["meshes"]["1d"]["host_error"]
-    assert summaries(one)[0]["meshes"]["1d"]["processes"] == []
+    assert summaries(one)[0]["meshes"]["1d"]["processes"] == [0]
 
 
 def test_setup_errors_reach_every_process(tmp_path):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_megamoe.pool import BLOCK_M, pool_layout, pool_rows
+from jax_megamoe.constants import BLOCK_M
+from jax_megamoe.pool import pool_layout, pool_rows
 
 
 def test_pool_layout_uneven_counts():

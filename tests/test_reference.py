@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from inputs import ROUTINGS, make_inputs
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from oracle import moe_f64
 
 from jax_megamoe import calc_diff, fp8_mega_moe, reference_mega_moe
+from jax_megamoe.testing import ROUTINGS, make_inputs
 
 SMALL = dict(h=256, i=128, e=16, k=4)
 

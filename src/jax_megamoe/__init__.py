@@ -1,10 +1,10 @@
 """jax_megamoe: a fused expert-parallel FP8 Mixture-of-Experts layer for JAX on Hopper GPUs."""
 
 from .api import fp8_mega_moe
-from .buffer import SymmBuffer
 from .layer import MegaMoE, init_weights, route
 from .quant import calc_diff, dequantize, quantize_blockwise, quantize_per_token
 from .reference import reference_mega_moe
+from .symm_buffer import SymmBuffer
 from .weights import MoEWeights, transform_weights
 
 __all__ = [

@@ -1,22 +1,24 @@
-"""Loads the CUDA extension (if it was built) and registers its XLA FFI handlers."""
+"""Loads the CUDA extension ``_C`` (if it was built) and registers its XLA FFI targets.
+
+The ops that call the targets live beside their handlers: ``mega_moe.py`` (``ffi/mega_moe.cc``)
+and ``grouped_gemm.py`` (``ffi/grouped_gemm.cc``). The extension owns the target names
+(``_C.FP8_MEGA_MOE_TARGET``, ...); Python only reads them.
+"""
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-
-from .checks import expect
-from .pool import BLOCK_M
 
 try:  # Built only where a CUDA toolkit was present at install time.
     from . import _C
-except ImportError:  # pragma: no cover - depends on the install
+except ImportError as e:  # pragma: no cover - depends on the install
     _C = None
-
-MEGA_MOE_TARGET = "jax_megamoe_fp8_mega_moe"
+    _LOAD_ERROR: ImportError | None = e
+else:
+    _LOAD_ERROR = None
 
 
 def extension_available() -> bool:
@@ -29,12 +31,47 @@ def is_sm90(device: jax.Device) -> bool:
     return device.platform == "gpu" and cc.startswith("9.")
 
 
-def extension() -> object:
-    if _C is None:
-        raise RuntimeError(
-            "jax_megamoe was installed without its CUDA extension (no CUDA compiler at build "
-            "time); reinstall on a machine with nvcc to use impl='fused'"
+def _source_checkout(package_dir: Path) -> Path | None:
+    """The project checkout ``package_dir`` sits in (a parent holding this project's
+    pyproject.toml), or None for an installed copy (site-packages)."""
+    for parent in package_dir.parents:
+        if parent.name in ("site-packages", "dist-packages"):
+            return None
+        pyproject = parent / "pyproject.toml"
+        if pyproject.is_file() and 'name = "jax-megamoe"' in pyproject.read_text():
+            return parent
+    return None
+
+
+def missing_extension_reason(package_dir: Path, error: BaseException | None) -> str:
+    """Why ``_C`` cannot be used, told apart by what lies in ``package_dir``: a ``_C`` library
+    that failed to load, a source checkout imported instead of the install, or an install
+    built without CUDA."""
+    built = sorted(p.name for p in package_dir.glob("_C*.so"))
+    if built:
+        return (
+            f"jax_megamoe's CUDA extension {package_dir / built[0]} exists but failed to load: "
+            f"{error}. Check that the CUDA runtime and driver it was built against are "
+            "installed and visible (LD_LIBRARY_PATH, nvidia-smi)"
         )
+    checkout = _source_checkout(package_dir)
+    if checkout is not None:
+        return (
+            f"jax_megamoe was imported from the source tree {package_dir} (via PYTHONPATH or "
+            "the current directory), which holds no built CUDA extension; an installed copy, "
+            f"if any, is shadowed. Install it (pip install --no-build-isolation {checkout}) "
+            "and drop the source tree from sys.path"
+        )
+    return (
+        f"jax_megamoe at {package_dir} was installed without its CUDA extension (no CUDA "
+        "compiler at build time); reinstall on a machine with nvcc to use impl='fused'"
+    )
+
+
+def extension() -> object:
+    """The loaded ``_C`` module; a RuntimeError that says why when it is not there."""
+    if _C is None:
+        raise RuntimeError(missing_extension_reason(Path(__file__).parent, _LOAD_ERROR))
     return _C
 
 
@@ -42,204 +79,3 @@ def extension() -> object:
 def register_targets() -> None:
     for name, capsule in extension().registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
-
-
-def fused_mega_moe(x, x_scale, topk_ids, topk_weights, weights, *, buffer_id, clamp):
-    register_targets()
-    call = jax.ffi.ffi_call(
-        MEGA_MOE_TARGET,
-        jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
-        # The call exchanges data with peer ranks through the workspace: never dedupe or drop it.
-        has_side_effect=True,
-    )
-    return call(
-        x,
-        x_scale,
-        topk_ids,
-        topk_weights,
-        *weights,
-        buffer_id=np.int64(buffer_id),
-        activation_clamp=np.float32(np.inf if clamp is None else clamp),
-    )
-
-
-# --- The grouped GEMM kernels on their own (GEMM benchmarks and GEMM-level tests) ------------
-
-L1_GEMM_TARGET = "jax_megamoe_l1_gemm"
-L2_GEMM_TARGET = "jax_megamoe_l2_gemm"
-
-
-@functools.cache
-def prepare_standalone() -> None:
-    """Loads the grouped GEMM kernels on every local Hopper GPU, once per process.
-
-    The FFI handlers never load modules themselves (see ``launch.h``), so this must run before
-    the first call executes; the ``grouped_gemm_*`` wrappers call it at trace time.
-    """
-    c = extension()
-    try:
-        gpus = jax.local_devices(backend="gpu")
-    except RuntimeError:  # no GPU backend: the CUDA targets cannot run anyway
-        return
-    for d in gpus:
-        if is_sm90(d):
-            c.prepare_standalone(d.local_hardware_id)
-
-
-def _num_blocks_operand(num_blocks) -> jax.Array:
-    return jnp.reshape(jnp.asarray(num_blocks, jnp.int32), (1,))
-
-
-def _check_pool(name: str, rows: int, block_expert) -> None:
-    if rows <= 0 or rows % BLOCK_M:
-        raise ValueError(f"{name}: pool rows ({rows}) must be a positive multiple of {BLOCK_M}")
-    if tuple(block_expert.shape) != (rows // BLOCK_M,):
-        raise ValueError(
-            f"{name}: block_expert has shape {tuple(block_expert.shape)}, expected "
-            f"({rows // BLOCK_M},) (one expert per {BLOCK_M}-row block)"
-        )
-
-
-def grouped_gemm_l1(
-    a,
-    a_scale,
-    row_weight,
-    row_src,
-    block_expert,
-    num_blocks,
-    w1,
-    w1_scale,
-    *,
-    activation_clamp: float | None = None,
-    num_ctas: int = 0,
-):
-    """The fused layer's first grouped GEMM alone (CUDA target ``jax_megamoe_l1_gemm``).
-
-    For each pool row ``r`` of a valid row block ``b = r // 64`` (``b < num_blocks`` and
-    ``e = block_expert[b] >= 0``) whose ``row_src[r] >= 0``::
-
-        h = dequant(a[r]) @ dequant(w1[e]).T                     # [2I], f32 accumulation
-        v = swiglu(h[:I], h[I:], clamp) * row_weight[r]          # silu(gate) * up
-        act[r], act_scale[r] = quantize_per_token(v)             # 1x128 e4m3
-
-    Args:
-      a: ``[P, H]`` float8_e4m3fn pool rows, ``P`` a multiple of 64; each expert's rows start
-        on a 64-row block (see :func:`pool_layout`).
-      a_scale: ``[P, H/128]`` float32 per-row, per-128-channel scales.
-      row_weight: ``[P]`` float32 routing weight of each row.
-      row_src: ``[P]`` int32; ``-1`` marks a padding row (never stored), any value ``>= 0`` a
-        real row (L1 stores it at the same pool row).
-      block_expert: ``[P/64]`` int32 local expert of each row block, in ``[0, E)``; ``< 0``
-        skips the block. Values ``>= E`` are not checked on the device.
-      num_blocks: int32 scalar or ``[1]``: blocks at or past it are skipped.
-      w1: ``[E, 2I, H]`` float8_e4m3fn (gate rows, then up rows); ``w1_scale``
-        ``[E, 2I/128, H/128]`` float32.
-      activation_clamp: ``None`` or a float: gate is clamped from above, up to ``±clamp``.
-      num_ctas: persistent grid size; 0 = every SM of the device.
-
-    Returns:
-      ``(act, act_scale)``: ``[P, I]`` float8_e4m3fn and ``[P, I/128]`` float32. Rows that were
-      not stored (padding rows, skipped blocks) hold unspecified values.
-    """
-    prepare_standalone()
-    register_targets()
-    rows, hidden = a.shape
-    _check_pool("grouped_gemm_l1", rows, block_expert)
-    experts, two_inter = w1.shape[0], w1.shape[1]
-    inter = two_inter // 2
-    for name, arr, shape, dtype in (
-        ("a", a, (rows, hidden), jnp.float8_e4m3fn),
-        ("a_scale", a_scale, (rows, hidden // 128), jnp.float32),
-        ("row_weight", row_weight, (rows,), jnp.float32),
-        ("row_src", row_src, (rows,), jnp.int32),
-        ("w1", w1, (experts, 2 * inter, hidden), jnp.float8_e4m3fn),
-        ("w1_scale", w1_scale, (experts, two_inter // 128, hidden // 128), jnp.float32),
-    ):
-        expect(f"grouped_gemm_l1: {name}", arr, shape, dtype)
-    call = jax.ffi.ffi_call(
-        L1_GEMM_TARGET,
-        (
-            jax.ShapeDtypeStruct((rows, inter), jnp.float8_e4m3fn),
-            jax.ShapeDtypeStruct((rows, inter // 128), jnp.float32),
-        ),
-    )
-    return call(
-        a,
-        a_scale,
-        row_weight,
-        row_src,
-        block_expert,
-        _num_blocks_operand(num_blocks),
-        w1,
-        w1_scale,
-        activation_clamp=np.float32(np.inf if activation_clamp is None else activation_clamp),
-        num_ctas=np.int64(num_ctas),
-    )
-
-
-def grouped_gemm_l2(
-    act,
-    act_scale,
-    row_src,
-    block_expert,
-    num_blocks,
-    w2,
-    w2_scale,
-    *,
-    out_rows: int | None = None,
-    num_ctas: int = 0,
-):
-    """The fused layer's second grouped GEMM alone (CUDA target ``jax_megamoe_l2_gemm``).
-
-    For each pool row ``r`` of a valid row block (as in :func:`grouped_gemm_l1`) whose
-    ``row_src[r] >= 0``: ``y[row_src[r]] = bf16(dequant(act[r]) @ dequant(w2[e]).T)``.
-
-    Args:
-      act: ``[P, I]`` float8_e4m3fn, ``act_scale`` ``[P, I/128]`` float32.
-      row_src: ``[P]`` int32 destination row of each pool row in ``y``, in ``[0, out_rows)``,
-        or ``-1`` (padding: not stored). ``arange(P)`` with ``-1`` on padding keeps pool order.
-        Two rows with the same destination race; values ``>= out_rows`` are not checked on
-        the device (they would address memory past ``y``).
-      block_expert, num_blocks: as in :func:`grouped_gemm_l1`.
-      w2: ``[E, H, I]`` float8_e4m3fn; ``w2_scale`` ``[E, H/128, I/128]`` float32.
-      out_rows: rows of ``y`` (default ``P``).
-      num_ctas: persistent grid size; 0 = every SM of the device.
-
-    Returns:
-      ``y`` ``[out_rows, H]`` bfloat16. Rows no pool row names hold unspecified values.
-    """
-    prepare_standalone()
-    register_targets()
-    rows, inter = act.shape
-    _check_pool("grouped_gemm_l2", rows, block_expert)
-    experts, hidden = w2.shape[0], w2.shape[1]
-    for name, arr, shape, dtype in (
-        ("act", act, (rows, inter), jnp.float8_e4m3fn),
-        ("act_scale", act_scale, (rows, inter // 128), jnp.float32),
-        ("row_src", row_src, (rows,), jnp.int32),
-        ("w2", w2, (experts, hidden, inter), jnp.float8_e4m3fn),
-        ("w2_scale", w2_scale, (experts, hidden // 128, inter // 128), jnp.float32),
-    ):
-        expect(f"grouped_gemm_l2: {name}", arr, shape, dtype)
-    out_rows = rows if out_rows is None else int(out_rows)
-    if out_rows <= 0:
-        raise ValueError(f"grouped_gemm_l2: out_rows ({out_rows}) must be positive")
-    call = jax.ffi.ffi_call(
-        L2_GEMM_TARGET,
-        (
-            jax.ShapeDtypeStruct((out_rows, hidden), jnp.bfloat16),
-            # Device scratch: the kernel's one-entry table of combine bases (y's address).
-            jax.ShapeDtypeStruct((1,), jnp.int64),
-        ),
-    )
-    y, _ = call(
-        act,
-        act_scale,
-        row_src,
-        block_expert,
-        _num_blocks_operand(num_blocks),
-        w2,
-        w2_scale,
-        num_ctas=np.int64(num_ctas),
-    )
-    return y

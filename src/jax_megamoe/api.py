@@ -6,47 +6,16 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from . import _ffi
-from .buffer import SymmBuffer, check_moe_dims
-from .checks import expect
-from .quant import BLOCK, FP8_DTYPE
+from . import _ffi, checks
+from .mega_moe import fused_mega_moe
 from .reference import reference_mega_moe
-from .weights import MoEWeights, check_weights
+from .symm_buffer import SymmBuffer
+from .weights import MoEWeights
 
 Impl = Literal["auto", "fused", "reference"]
 IMPLS = ("auto", "fused", "reference")
-
-
-def _axis_size(axis_name: str | None) -> int:
-    if axis_name is None:
-        return 1
-    try:
-        return lax.axis_size(axis_name)
-    except NameError as e:
-        raise ValueError(
-            f"axis_name {axis_name!r} is not bound here: call fp8_mega_moe inside a shard_map "
-            "over that mesh axis, or pass axis_name=None on one device"
-        ) from e
-
-
-def _check_buffer(buffer: SymmBuffer, *, m, h, i, k, num_experts, num_ranks, axis_name) -> None:
-    if axis_name is not None and buffer.axis_name != axis_name:
-        raise ValueError(
-            f"buffer was made for axis {buffer.axis_name!r}, the call runs over {axis_name!r}"
-        )
-    if buffer.num_ranks != num_ranks:
-        raise ValueError(f"buffer has {buffer.num_ranks} ranks, the call runs over {num_ranks}")
-    got = dict(num_experts=num_experts, hidden=h, intermediate=i, topk=k)
-    for name, value in got.items():
-        if getattr(buffer, name) != value:
-            raise ValueError(f"buffer was made for {name}={getattr(buffer, name)}, got {value}")
-    if m > buffer.max_tokens_per_rank:
-        raise ValueError(
-            f"{m} tokens per rank exceed the buffer's capacity of {buffer.max_tokens_per_rank} "
-            "(SymmBuffer.create(max_tokens_per_rank=...))"
-        )
+OPERANDS = ("x", "x_scale", "topk_ids", "topk_weights")
 
 
 def _pick_impl(impl: str, buffer: SymmBuffer | None) -> str:
@@ -54,9 +23,13 @@ def _pick_impl(impl: str, buffer: SymmBuffer | None) -> str:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
         return impl
-    usable = buffer is not None and buffer.allocated
+    if buffer is not None and buffer.closed:
+        raise ValueError(
+            f"buffer {buffer.buffer_id} was closed: create a new SymmBuffer, or pass "
+            "impl='reference' to run without one"
+        )
     if impl == "auto":
-        return "fused" if usable else "reference"
+        return "fused" if buffer is not None and buffer.allocated else "reference"
     _ffi.extension()  # raises with the reason when the extension is missing
     if buffer is None:
         raise ValueError(
@@ -65,7 +38,7 @@ def _pick_impl(impl: str, buffer: SymmBuffer | None) -> str:
     if not buffer.allocated:
         raise ValueError(
             "impl='fused' needs Hopper (SM90) GPUs; this buffer's devices cannot run the fused "
-            "kernels (or it was closed)"
+            "kernels"
         )
     return "fused"
 
@@ -87,37 +60,39 @@ def fp8_mega_moe(
     Call it per rank inside ``shard_map`` over the expert axis ``axis_name`` (size R), or on one
     device with ``axis_name=None``. ``topk_ids`` are global expert ids; ``-1`` and any id outside
     ``[0, E)`` mark a masked slot, which adds nothing. Inference only: differentiating raises.
+
+    Semantics beyond the formula (tested in ``tests/test_semantics.py``):
+
+    * Duplicate expert ids in one row are not merged: each slot adds its own contribution
+      (with its own routing weight), exactly as if the slots named different experts.
+    * A NaN or Inf in one token's ``x_scale`` or ``topk_weights`` stays in that token's row
+      of ``y``; every other row is bitwise the same as without it.
+
+    Operands must be arrays (JAX or NumPy); Python lists are refused, as ``jax.numpy`` does.
+    Inside ``shard_map`` over a mesh axis of size > 1, ``axis_name`` is required, the weights
+    must be sharded over it (``P(axis_name)``), and a ``buffer`` must have been created for the
+    same devices in the same order (checked where the trace shows the concrete mesh, i.e. under
+    ``jax.sharding.set_mesh``; the axis sizes are always checked). A closed buffer raises.
     """
-    if x.ndim != 2:
-        raise ValueError(f"x must be [M, H], got shape {tuple(x.shape)}")
-    m, h = x.shape
-    if topk_ids.ndim != 2:
-        raise ValueError(f"topk_ids must be [M, K], got shape {tuple(topk_ids.shape)}")
-    k = topk_ids.shape[1]
-    num_local, wh, i = check_weights(weights)
-    if h % BLOCK:
-        raise ValueError(f"hidden ({h}) must be a multiple of {BLOCK}")
-    if wh != h:
-        raise ValueError(f"x has hidden {h} but the weights have hidden {wh}")
-    expect("x", x, (m, h), FP8_DTYPE)
-    expect("x_scale", x_scale, (m, h // BLOCK), jnp.float32)
-    expect("topk_ids", topk_ids, (m, k), jnp.int32)
-    expect("topk_weights", topk_weights, (m, k), jnp.float32)
-    if m < 1:
-        raise ValueError("x must hold at least one token")
-    num_ranks = _axis_size(axis_name)
+    operands = (x, x_scale, topk_ids, topk_weights)
+    x, x_scale, topk_ids, topk_weights = (
+        jnp.asarray(checks.check_array(name, v)) for name, v in zip(OPERANDS, operands, strict=True)
+    )
+    m, h, i, k, num_local = checks.check_moe_operands(x, x_scale, topk_ids, topk_weights, weights)
+    num_ranks = checks.axis_size(axis_name, "fp8_mega_moe")
     num_experts = num_local * num_ranks
-    check_moe_dims(num_experts=num_experts, hidden=h, intermediate=i, topk=k, num_ranks=num_ranks)
-    if activation_clamp is not None and not activation_clamp > 0:
-        raise ValueError(f"activation_clamp must be positive, got {activation_clamp}")
+    checks.check_moe_dims(
+        num_experts=num_experts, hidden=h, intermediate=i, topk=k, num_ranks=num_ranks
+    )
+    checks.check_clamp(activation_clamp)
     if buffer is not None:
-        _check_buffer(
+        checks.check_buffer(
             buffer,
             m=m,
             h=h,
             i=i,
             k=k,
-            num_experts=num_experts,
+            num_local=num_local,
             num_ranks=num_ranks,
             axis_name=axis_name,
         )
@@ -127,7 +102,7 @@ def fp8_mega_moe(
     if chosen == "fused":
 
         def run(x, x_scale, topk_ids, topk_weights, weights):
-            return _ffi.fused_mega_moe(
+            return fused_mega_moe(
                 x,
                 x_scale,
                 topk_ids,

@@ -1,8 +1,22 @@
-"""Trace-time operand checks shared by the public op, the weights and the standalone GEMMs."""
+"""Every trace-time check of the package, in one place: operand shapes and dtypes, the MoE
+dimension rules (including the limits only the CUDA kernels impose), the workspace arguments,
+the grouped-GEMM pool, and how a call sits inside ``shard_map``.
+
+Each error names the operand or argument and says what to pass instead.
+"""
 
 from __future__ import annotations
 
+import numbers
+
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+from . import weights as _weights
+from .constants import BLOCK_M, MAX_LOCAL_EXPERTS, MAX_TOPK, QUANT_BLOCK
+
+INT32_MAX = 2**31 - 1
 
 
 def expect(name: str, arr, shape: tuple[int, ...], dtype) -> None:
@@ -11,3 +25,332 @@ def expect(name: str, arr, shape: tuple[int, ...], dtype) -> None:
         raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
     if arr.dtype != jnp.dtype(dtype):
         raise TypeError(f"{name} has dtype {arr.dtype}, expected {jnp.dtype(dtype).name}")
+
+
+def check_array(name: str, value):
+    """Returns ``value`` if it is an array (JAX, NumPy or a tracer); refuses Python lists and
+    other objects by name, as ``jax.numpy`` functions do (a list is a pytree of scalars, not an
+    array, and converting it silently would hide a slow host round trip)."""
+    if isinstance(value, jax.Array | np.ndarray):
+        return value
+    hint = " (wrap it with jnp.asarray)" if isinstance(value, list | tuple) else ""
+    raise TypeError(f"{name} must be a jax or numpy array, got {type(value).__name__}{hint}")
+
+
+def check_int(name: str, value, *, minimum: int) -> int:
+    """A Python/NumPy integer (not bool, not float) in ``[minimum, INT32_MAX]`` (the C++ side
+    takes these as int32)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if not minimum <= value <= INT32_MAX:
+        raise ValueError(f"{name} must be in [{minimum}, {INT32_MAX}], got {value}")
+    return int(value)
+
+
+def check_divisible(name: str, shape: tuple[int, ...], dims: tuple[int, ...]) -> None:
+    """Dimensions ``dims`` of ``shape`` must be multiples of the FP8 scale block."""
+    for d in dims:
+        if shape[d] % QUANT_BLOCK:
+            raise ValueError(
+                f"{name}: dimension {d} of shape {shape} must be a multiple of {QUANT_BLOCK} "
+                "(the FP8 quantization block)"
+            )
+
+
+def check_moe_dims(
+    *, num_experts: int, hidden: int, intermediate: int, topk: int, num_ranks: int
+) -> None:
+    """The shape rules shared by the workspace, the op and the CUDA kernels."""
+    for name, value in (("hidden", hidden), ("intermediate", intermediate)):
+        if value <= 0 or value % QUANT_BLOCK:
+            raise ValueError(
+                f"{name} ({value}) must be a positive multiple of {QUANT_BLOCK} "
+                "(the FP8 scale block)"
+            )
+    if num_experts < 1 or num_experts % num_ranks:
+        raise ValueError(
+            f"num_experts ({num_experts}) must be divisible by the expert-axis size ({num_ranks})"
+        )
+    if num_experts // num_ranks > MAX_LOCAL_EXPERTS:
+        raise ValueError(
+            f"{num_experts // num_ranks} experts per rank exceed the kernels' limit of "
+            f"{MAX_LOCAL_EXPERTS}: spread the experts over more ranks"
+        )
+    if not 1 <= topk <= min(num_experts, MAX_TOPK):
+        raise ValueError(
+            f"topk ({topk}) must be in [1, min(num_experts={num_experts}, {MAX_TOPK})]"
+        )
+
+
+def pool_rows_bound(*, num_ranks: int, num_experts: int, topk: int, max_tokens: int) -> int:
+    """Rows of the worst-case pool a workspace holds: every slot of every rank routed to this
+    rank, every local expert's segment padded to a row block (``layout/workspace.h``)."""
+    worst = num_ranks * max_tokens * topk + (num_experts // num_ranks) * (BLOCK_M - 1)
+    return -(-worst // BLOCK_M) * BLOCK_M
+
+
+def check_workspace_args(*, num_ranks: int, sm_budget, **dims) -> dict[str, int]:
+    """``SymmBuffer.create``'s arguments by the rules of ``workspace_nbytes`` in C++; returns
+    the dimensions (``num_experts``, ``hidden``, ``intermediate``, ``topk``,
+    ``max_tokens_per_rank``) as Python ints."""
+    check_int("sm_budget", sm_budget, minimum=0)
+    d = {name: check_int(name, value, minimum=1) for name, value in dims.items()}
+    check_moe_dims(
+        num_ranks=num_ranks, **{n: d[n] for n in ("num_experts", "hidden", "intermediate", "topk")}
+    )
+    m, k = d["max_tokens_per_rank"], d["topk"]
+    rows = pool_rows_bound(num_ranks=num_ranks, num_experts=d["num_experts"], topk=k, max_tokens=m)
+    if rows > INT32_MAX:
+        raise ValueError(
+            f"num_ranks * max_tokens_per_rank * topk ({num_ranks} * {m} * {k}) is too large: "
+            "pool row indices are int32 on the device; lower max_tokens_per_rank"
+        )
+    return d
+
+
+def check_weights(weights) -> tuple[int, int, int]:
+    """Validates shapes and dtypes; returns ``(num_local_experts, hidden, intermediate)``."""
+    if not isinstance(weights, _weights.MoEWeights):
+        raise TypeError(
+            f"weights must be the MoEWeights made by transform_weights, got {type(weights)}"
+        )
+    w1, w1s, w2, w2s = weights
+    if w1.ndim != 3 or w2.ndim != 3:
+        raise ValueError(f"w1 {w1.shape} and w2 {w2.shape} must be [experts, rows, cols]")
+    e, two_i, h = w1.shape
+    if e < 1:
+        raise ValueError(f"w1 {w1.shape}: the weights hold no expert")
+    if two_i % 2:
+        raise ValueError(f"w1 {w1.shape}: dimension 1 must be 2*intermediate (gate then up)")
+    i = two_i // 2
+    if h <= 0 or i <= 0 or h % QUANT_BLOCK or i % QUANT_BLOCK:
+        raise ValueError(
+            f"hidden ({h}) and intermediate ({i}) must be positive multiples of {QUANT_BLOCK} "
+            "(the FP8 scale block)"
+        )
+    b = QUANT_BLOCK
+    fp8 = jnp.float8_e4m3fn
+    expected = {
+        "w1": (w1, (e, 2 * i, h), fp8),
+        "w1_scale": (w1s, (e, 2 * i // b, h // b), jnp.float32),
+        "w2": (w2, (e, h, i), fp8),
+        "w2_scale": (w2s, (e, h // b, i // b), jnp.float32),
+    }
+    for name, (arr, shape, dtype) in expected.items():
+        expect(name, arr, shape, dtype)
+    return e, h, i
+
+
+def check_moe_operands(x, x_scale, topk_ids, topk_weights, weights):
+    """``fp8_mega_moe``'s operands; returns ``(m, hidden, intermediate, topk, num_local)``."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be [M, H], got shape {tuple(x.shape)}")
+    m, h = x.shape
+    if topk_ids.ndim != 2:
+        raise ValueError(f"topk_ids must be [M, K], got shape {tuple(topk_ids.shape)}")
+    k = topk_ids.shape[1]
+    num_local, wh, i = check_weights(weights)
+    if wh != h:
+        raise ValueError(f"x has hidden {h} but the weights have hidden {wh}")
+    expect("x", x, (m, h), jnp.float8_e4m3fn)
+    expect("x_scale", x_scale, (m, h // QUANT_BLOCK), jnp.float32)
+    expect("topk_ids", topk_ids, (m, k), jnp.int32)
+    expect("topk_weights", topk_weights, (m, k), jnp.float32)
+    if m < 1:
+        raise ValueError("x must hold at least one token")
+    return m, h, i, k, num_local
+
+
+def check_clamp(activation_clamp) -> None:
+    if activation_clamp is not None and not activation_clamp > 0:
+        raise ValueError(f"activation_clamp must be positive, got {activation_clamp}")
+
+
+def check_pool_rows(name: str, rows: int, block_m: int) -> None:
+    if rows <= 0 or rows % block_m:
+        raise ValueError(f"{name}: pool rows ({rows}) must be a positive multiple of {block_m}")
+
+
+def check_pool(name: str, rows: int, block_expert) -> None:
+    """A grouped-GEMM pool: whole ``BLOCK_M``-row blocks, one expert id per block."""
+    check_pool_rows(name, rows, BLOCK_M)
+    if tuple(block_expert.shape) != (rows // BLOCK_M,):
+        raise ValueError(
+            f"{name}: block_expert has shape {tuple(block_expert.shape)}, expected "
+            f"({rows // BLOCK_M},) (one expert per {BLOCK_M}-row block)"
+        )
+
+
+def _check_grouped(op: str, block_expert, table) -> None:
+    """A grouped GEMM's pool (the first operand's rows) and its ``(name, array, shape, dtype)``
+    operand table."""
+    check_pool(op, table[0][1].shape[0], block_expert)
+    for name, arr, shape, dtype in table:
+        expect(f"{op}: {name}", arr, shape, dtype)
+
+
+def check_l1_operands(a, a_scale, row_weight, row_src, block_expert, w1, w1_scale) -> None:
+    """``grouped_gemm_l1``'s operands (see its docstring for the shapes)."""
+    (rows, h), (e, two_i), b, f8 = a.shape, w1.shape[:2], QUANT_BLOCK, jnp.float8_e4m3fn
+    _check_grouped(
+        "grouped_gemm_l1",
+        block_expert,
+        [
+            ("a", a, (rows, h), f8),
+            ("a_scale", a_scale, (rows, h // b), jnp.float32),
+            ("row_weight", row_weight, (rows,), jnp.float32),
+            ("row_src", row_src, (rows,), jnp.int32),
+            ("w1", w1, (e, two_i // 2 * 2, h), f8),
+            ("w1_scale", w1_scale, (e, two_i // b, h // b), jnp.float32),
+        ],
+    )
+
+
+def check_l2_operands(act, act_scale, row_src, block_expert, w2, w2_scale, out_rows) -> None:
+    """``grouped_gemm_l2``'s operands (see its docstring for the shapes)."""
+    (rows, i), (e, h), b, f8 = act.shape, w2.shape[:2], QUANT_BLOCK, jnp.float8_e4m3fn
+    _check_grouped(
+        "grouped_gemm_l2",
+        block_expert,
+        [
+            ("act", act, (rows, i), f8),
+            ("act_scale", act_scale, (rows, i // b), jnp.float32),
+            ("row_src", row_src, (rows,), jnp.int32),
+            ("w2", w2, (e, h, i), f8),
+            ("w2_scale", w2_scale, (e, h // b, i // b), jnp.float32),
+        ],
+    )
+    if out_rows <= 0:
+        raise ValueError(f"grouped_gemm_l2: out_rows ({out_rows}) must be positive")
+
+
+# --- Where the call runs: shard_map axes and the mesh --------------------------------------
+
+
+def manual_axes() -> dict[str, int]:
+    """The mesh axes that are manual at this point of the trace (inside ``shard_map``), with
+    their sizes; ``{}`` outside ``shard_map``. Read from ``jax.sharding.get_abstract_mesh()``
+    (JAX >= 0.7); a JAX without it reports none, so the checks that use this are skipped."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = get() if get is not None else None
+    names = getattr(mesh, "manual_axes", ())
+    return {a: int(mesh.shape[a]) for a in names}
+
+
+def axis_size(axis_name: str | None, op: str) -> int:
+    """Ranks of the expert axis. ``axis_name=None`` inside ``shard_map`` over a manual axis of
+    size > 1 is refused: each rank would then treat its own weight shard as every expert and
+    silently compute a wrong layer."""
+    if axis_name is None:
+        sharded = {a: s for a, s in manual_axes().items() if s > 1}
+        if sharded:
+            axis = next(iter(sharded))
+            raise ValueError(
+                f"{op} is called inside shard_map over {sorted(sharded)} with axis_name=None: "
+                f"pass axis_name={axis!r} (the mesh axis the experts are sharded over). Without "
+                "it each rank routes only to its own experts. If every device really holds all "
+                "experts, call it outside the shard_map"
+            )
+        return 1
+    try:
+        return jax.lax.axis_size(axis_name)
+    except NameError as e:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not bound here: call {op} inside a shard_map over that "
+            "mesh axis, or pass axis_name=None on one device"
+        ) from e
+
+
+def check_local_experts(
+    *, num_local: int, num_experts: int | None, num_ranks: int, axis_name, op: str
+) -> None:
+    """The weights inside ``shard_map`` must be this rank's shard. ``num_experts`` (the global
+    count, when the caller knows it: the buffer or the router) equal to ``num_local`` with
+    ``num_ranks > 1`` means the weights were replicated instead of sharded."""
+    if num_experts is None or num_local * num_ranks == num_experts:
+        return
+    if num_ranks > 1 and num_local == num_experts:
+        raise ValueError(
+            f"{op}: every rank holds all {num_experts} experts (weights replicated over "
+            f"{axis_name!r}): shard the weights with P({axis_name!r}) in the shard_map's in_specs"
+        )
+    raise ValueError(
+        f"{op}: {num_local} local experts x {num_ranks} ranks != {num_experts} experts"
+    )
+
+
+def check_layer_inputs(hidden, router_weight, weights, axis_name):
+    """``MegaMoE``'s inputs: ``hidden`` [M, H], ``router_weight`` [H, E] over all ``E``
+    experts, and this rank's shard of them in ``weights``. Returns the two arrays."""
+    hidden = jnp.asarray(check_array("hidden", hidden))
+    router_weight = jnp.asarray(check_array("router_weight", router_weight))
+    if hidden.ndim != 2:
+        raise ValueError(f"hidden must be [M, H], got {tuple(hidden.shape)}")
+    if router_weight.ndim != 2:
+        raise ValueError(f"router_weight must be [H, E], got {tuple(router_weight.shape)}")
+    check_local_experts(
+        num_local=check_weights(weights)[0],
+        num_experts=router_weight.shape[1],
+        num_ranks=axis_size(axis_name, "MegaMoE"),
+        axis_name=axis_name,
+        op="MegaMoE",
+    )
+    return hidden, router_weight
+
+
+def _concrete_mesh():
+    """The concrete mesh set with ``jax.sharding.set_mesh`` around this trace, or None. JAX
+    exposes it at trace time only through ``jax._src.mesh.get_concrete_mesh`` (0.10-0.12); a
+    ``shard_map(mesh=...)`` without ``set_mesh`` leaves only the abstract mesh visible."""
+    from jax._src import mesh as mesh_lib
+
+    get = getattr(mesh_lib, "get_concrete_mesh", None)
+    mesh = get() if get is not None else None
+    return None if mesh is None or getattr(mesh, "empty", True) else mesh
+
+
+def rank_groups(mesh, axis_name: str) -> list[list[jax.Device]]:
+    """Devices grouped by expert group (one per index of the other axes), in rank order."""
+    grid = np.moveaxis(mesh.devices, mesh.axis_names.index(axis_name), -1)
+    return [list(row) for row in grid.reshape(-1, grid.shape[-1])]
+
+
+def check_buffer(
+    buffer, *, m, h, i, k, num_local, num_ranks, axis_name, op: str = "fp8_mega_moe"
+) -> None:
+    """A workspace fits the call: same axis, rank count, dimensions, enough token capacity,
+    weights sharded as the buffer expects, and, where the trace shows the concrete mesh (under
+    ``jax.sharding.set_mesh``), the same devices in the same rank order along the axis. Inside
+    ``shard_map`` the axis sizes are always compared; the device order only when visible."""
+    if axis_name is not None and buffer.axis_name != axis_name:
+        raise ValueError(
+            f"buffer was made for axis {buffer.axis_name!r}, the call runs over {axis_name!r}"
+        )
+    if buffer.num_ranks != num_ranks:
+        raise ValueError(f"buffer has {buffer.num_ranks} ranks, the call runs over {num_ranks}")
+    check_local_experts(
+        num_local=num_local,
+        num_experts=buffer.num_experts,
+        num_ranks=num_ranks,
+        axis_name=axis_name,
+        op=op,
+    )
+    for name, value in dict(hidden=h, intermediate=i, topk=k).items():
+        if getattr(buffer, name) != value:
+            raise ValueError(f"buffer was made for {name}={getattr(buffer, name)}, got {value}")
+    if m > buffer.max_tokens_per_rank:
+        raise ValueError(
+            f"{m} tokens per rank exceed the buffer's capacity of {buffer.max_tokens_per_rank} "
+            "(SymmBuffer.create(max_tokens_per_rank=...))"
+        )
+    mesh = _concrete_mesh()
+    if mesh is None or buffer.axis_name not in mesh.axis_names:
+        return
+    ours = [[d.id for d in g] for g in rank_groups(buffer.mesh, buffer.axis_name)]
+    theirs = [[d.id for d in g] for g in rank_groups(mesh, buffer.axis_name)]
+    if sorted(ours) != sorted(theirs):
+        raise ValueError(
+            f"the buffer orders the devices along {buffer.axis_name!r} as {ours} (device ids "
+            f"by rank), the mesh this call runs under as {theirs}: a rank would exchange tokens "
+            "with the wrong peers. Create the buffer with the mesh the call runs under"
+        )

@@ -104,8 +104,11 @@ def all_gather(
 
     With ``error`` set it publishes the error and returns ``{}`` at once (the caller raises its
     own exception; the others learn of it here). Raises :class:`SetupError` naming the processes
-    that published an error, or the first that did not publish within the timeout."""
+    that published an error, or the first that did not publish within the timeout. A process
+    alone in ``processes`` needs no store (nor ``jax.distributed``): it gets its own value."""
     me = jax.process_index()
+    if list(processes) == [me]:
+        return {} if error is not None else {me: value}
     c = client()
     payload = {"error": error} if error is not None else {"value": value}
     _set(c, key(buffer_id, phase, me), json.dumps(payload))
@@ -138,8 +141,9 @@ def all_gather(
 def exchange(
     buffer_id: int, phase: str, processes: Sequence[int], compute: Callable[[], Any]
 ) -> dict[int, Any]:
-    """Runs ``compute()`` here and all-gathers its result; if it raises, the peers are told
-    (so they fail at once instead of at the timeout) and the exception propagates here."""
+    """Runs ``compute()`` here and all-gathers its result (``{me: result}`` for a process alone
+    in ``processes``); if it raises, the peers are told (so they fail at once instead of at
+    the timeout) and the exception propagates here."""
     try:
         value = compute()
     except Exception as e:
@@ -151,10 +155,13 @@ def exchange(
     return all_gather(buffer_id, phase, processes, value)
 
 
-def forget(buffer_id: int, *phases: str) -> None:
-    """Deletes this process's keys of ``phases`` (call once every peer has read them)."""
-    c = client()
+def forget(buffer_id: int, processes: Sequence[int], *phases: str) -> None:
+    """Deletes this process's keys of ``phases`` (call once every peer has read them); a
+    process alone in ``processes`` published none."""
     me = jax.process_index()
+    if list(processes) == [me]:
+        return
+    c = client()
     for phase in phases:
         try:
             c.key_value_delete(key(buffer_id, phase, me))

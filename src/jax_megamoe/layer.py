@@ -8,9 +8,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from . import checks
 from .api import Impl, fp8_mega_moe
-from .buffer import SymmBuffer
 from .quant import quantize_blockwise, quantize_per_token
+from .symm_buffer import SymmBuffer
 from .weights import MoEWeights, transform_weights
 
 Scoring = Literal["softmax", "sigmoid"]
@@ -66,8 +67,9 @@ class MegaMoE:
     def __call__(
         self, hidden: jax.Array, router_weight: jax.Array, weights: MoEWeights
     ) -> jax.Array:
-        if hidden.ndim != 2:
-            raise ValueError(f"hidden must be [M, H], got {tuple(hidden.shape)}")
+        hidden, router_weight = checks.check_layer_inputs(
+            hidden, router_weight, weights, self.axis_name
+        )
         ids, topk_weights = route(
             hidden,
             router_weight,

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BLOCK_M = 64  # rows of one GEMM row block (kBlockM in csrc/include/jax_megamoe/launch.h)
+from .checks import check_pool_rows
+from .constants import BLOCK_M
 
 
 class PoolLayout(NamedTuple):
@@ -39,10 +40,7 @@ def pool_layout(expert_counts, num_rows: int | None = None, block_m: int = BLOCK
     """
     if num_rows is None:
         num_rows = pool_rows(expert_counts, block_m)
-    if num_rows <= 0 or num_rows % block_m:
-        raise ValueError(
-            f"pool_layout: num_rows ({num_rows}) must be a positive multiple of {block_m}"
-        )
+    check_pool_rows("pool_layout", num_rows, block_m)
     counts = jnp.asarray(expert_counts, jnp.int32)
     num_experts = counts.shape[0]
     padded = (counts + block_m - 1) // block_m * block_m

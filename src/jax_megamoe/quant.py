@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BLOCK = 128
+from .checks import check_divisible
+from .constants import QUANT_BLOCK
+
 FP8_MAX = 448.0
 SCALE_FLOOR = 1e-4
 FP8_DTYPE = jnp.float8_e4m3fn
@@ -30,15 +32,6 @@ def _quantize_blocks(v: jax.Array, amax: jax.Array) -> tuple[jax.Array, jax.Arra
     return q, scale
 
 
-def _check_divisible(name: str, shape: tuple[int, ...], dims: tuple[int, ...]) -> None:
-    for d in dims:
-        if shape[d] % BLOCK:
-            raise ValueError(
-                f"{name}: dimension {d} of shape {shape} must be a multiple of {BLOCK} "
-                "(the FP8 quantization block)"
-            )
-
-
 def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Quantizes ``x[..., H]`` per token per 128 channels.
 
@@ -48,8 +41,8 @@ def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     x = jnp.asarray(x)
     if x.ndim < 1:
         raise ValueError("quantize_per_token: x must have at least one dimension")
-    _check_divisible("quantize_per_token", x.shape, (x.ndim - 1,))
-    blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    check_divisible("quantize_per_token", x.shape, (x.ndim - 1,))
+    blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // QUANT_BLOCK, QUANT_BLOCK)
     amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
     q, scale = _quantize_blocks(blocks, amax)
     return q.reshape(x.shape), scale[..., 0]
@@ -64,9 +57,10 @@ def quantize_blockwise(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     w = jnp.asarray(w)
     if w.ndim < 2:
         raise ValueError("quantize_blockwise: w must have at least two dimensions")
-    _check_divisible("quantize_blockwise", w.shape, (w.ndim - 2, w.ndim - 1))
+    check_divisible("quantize_blockwise", w.shape, (w.ndim - 2, w.ndim - 1))
     *lead, n, k = w.shape
-    blocks = w.astype(jnp.float32).reshape(*lead, n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+    b = QUANT_BLOCK
+    blocks = w.astype(jnp.float32).reshape(*lead, n // b, b, k // b, b)
     amax = jnp.max(jnp.abs(blocks), axis=(-3, -1), keepdims=True)
     q, scale = _quantize_blocks(blocks, amax)
     return q.reshape(w.shape), scale[..., 0, :, 0]

@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 
-from .checks import expect
-from .quant import BLOCK, FP8_DTYPE
+from . import checks
 
 
 class MoEWeights(NamedTuple):
@@ -37,35 +35,6 @@ class MoEWeights(NamedTuple):
         return self.w2.shape[2]
 
 
-def check_weights(weights: MoEWeights) -> tuple[int, int, int]:
-    """Validates shapes and dtypes; returns ``(num_local_experts, hidden, intermediate)``."""
-    if not isinstance(weights, MoEWeights):
-        raise TypeError(
-            f"weights must be the MoEWeights made by transform_weights, got {type(weights)}"
-        )
-    w1, w1s, w2, w2s = weights
-    if w1.ndim != 3 or w2.ndim != 3:
-        raise ValueError(f"w1 {w1.shape} and w2 {w2.shape} must be [experts, rows, cols]")
-    e, two_i, h = w1.shape
-    if two_i % 2:
-        raise ValueError(f"w1 {w1.shape}: dimension 1 must be 2*intermediate (gate then up)")
-    i = two_i // 2
-    if h % BLOCK or i % BLOCK:
-        raise ValueError(
-            f"hidden ({h}) and intermediate ({i}) must be multiples of {BLOCK} "
-            "(the FP8 scale block)"
-        )
-    expected = {
-        "w1": (w1, (e, 2 * i, h), FP8_DTYPE),
-        "w1_scale": (w1s, (e, 2 * i // BLOCK, h // BLOCK), jnp.float32),
-        "w2": (w2, (e, h, i), FP8_DTYPE),
-        "w2_scale": (w2s, (e, h // BLOCK, i // BLOCK), jnp.float32),
-    }
-    for name, (arr, shape, dtype) in expected.items():
-        expect(name, arr, shape, dtype)
-    return e, h, i
-
-
 def transform_weights(
     w1: jax.Array, w1_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array
 ) -> MoEWeights:
@@ -75,8 +44,9 @@ def transform_weights(
     tiles per CTA), so no re-layout is needed: the pytree holds the weights as given, which keeps
     them shardable with ``P(axis)`` and readable by the reference path.
     """
-    weights = MoEWeights(w1, w1_scale, w2, w2_scale)
-    check_weights(weights)
+    leaves = (w1, w1_scale, w2, w2_scale)
+    weights = MoEWeights(*map(checks.check_array, MoEWeights._fields, leaves))
+    checks.check_weights(weights)
     return weights
 
 

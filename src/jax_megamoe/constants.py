@@ -1,0 +1,12 @@
+"""Limits and block sizes the CUDA kernels, the workspace layout and Python agree on.
+
+``csrc/include/jax_megamoe/constants.h`` defines them for the kernels and the workspace layout;
+these mirror it so the package (its checks and the reference path) works where the extension
+was not built. ``tests/test_extension.py`` checks
+they equal ``_C.constants()`` wherever the extension is importable.
+"""
+
+BLOCK_M = 64  # rows of one grouped-GEMM row block; every expert's pool rows start on one
+QUANT_BLOCK = 128  # FP8 scale block: 1x128 for activations, 128x128 for weights
+MAX_TOPK = 32  # slots per token the routing kernels hold in shared memory
+MAX_LOCAL_EXPERTS = 4096  # experts per rank the routing kernels count in shared memory

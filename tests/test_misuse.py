@@ -1,0 +1,193 @@
+"""Misuse that used to pass silently or fail late: SymmBuffer arguments on CPU, a missing
+axis_name inside shard_map, replicated weights, a closed buffer, a buffer made for another device
+order, degenerate weights and Python lists as operands."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_megamoe import MegaMoE, SymmBuffer, fp8_mega_moe, init_weights, transform_weights
+from jax_megamoe.symm_buffer import workspace_nbytes
+from jax_megamoe.testing import make_inputs
+
+DIMS = dict(h=256, i=128, e=8, k=2)
+BUF = dict(num_experts=8, hidden=256, intermediate=128, topk=2, max_tokens_per_rank=16)
+MESH = Mesh(np.array(jax.devices()[:4]), ("ep",))
+NAMES = ("x", "x_scale", "topk_ids", "topk_weights", "weights")
+EXPERT_AXIS = P("ep")
+
+
+@pytest.fixture(scope="module")
+def inp():
+    return make_inputs(3, m=16, **DIMS)
+
+
+def sharded_call(inp, fn, *, mesh=MESH, weight_spec=EXPERT_AXIS):
+    step = jax.shard_map(fn, mesh=mesh, in_specs=(P("ep"),) * 4 + (weight_spec,), out_specs=P("ep"))
+    return jax.eval_shape(step, *(inp[n] for n in NAMES))
+
+
+# --- SymmBuffer.create validates on every backend and reports the GPU size ------------------
+
+
+@pytest.mark.parametrize(
+    "field, value, error, match",
+    [
+        ("hidden", 0, ValueError, r"hidden must be in \[1,"),
+        ("hidden", 300, ValueError, r"hidden \(300\) must be a positive multiple of 128"),
+        ("hidden", -128, ValueError, r"hidden must be in \[1,"),
+        ("intermediate", 0, ValueError, r"intermediate must be in \[1,"),
+        ("hidden", 256.0, TypeError, "hidden must be an int"),
+        ("topk", 2.5, TypeError, "topk must be an int"),
+        ("topk", True, TypeError, "topk must be an int"),
+        ("max_tokens_per_rank", 1e15, TypeError, "max_tokens_per_rank must be an int"),
+        ("max_tokens_per_rank", 10**15, ValueError, r"max_tokens_per_rank must be in \[1,"),
+        ("max_tokens_per_rank", 2**27, ValueError, "too large: pool row indices are int32"),
+        ("num_experts", 4 * 4097, ValueError, "4097 experts per rank exceed"),
+        ("sm_budget", -1, ValueError, r"sm_budget must be in \[0,"),
+        ("sm_budget", 0.5, TypeError, "sm_budget must be an int"),
+    ],
+)
+def test_create_validates_every_argument(field, value, error, match):
+    dims = {**BUF, "topk": 8, "num_experts": 64}
+    with pytest.raises(error, match=match):
+        SymmBuffer.create(MESH, "ep", **{**dims, field: value})
+
+
+def test_create_topk_limit_of_the_kernels():
+    match = r"topk \(33\) must be in \[1, min\(num_experts=64, 32\)\]"
+    with pytest.raises(ValueError, match=match):
+        SymmBuffer.create(MESH, "ep", **{**BUF, "num_experts": 64, "topk": 33})
+
+
+def test_size_reported_on_cpu_and_numpy_ints_accepted():
+    buf = SymmBuffer.create(MESH, "ep", **{**BUF, "max_tokens_per_rank": np.int64(16)})
+    assert not buf.allocated and not buf.closed
+    want = workspace_nbytes(
+        num_ranks=4, num_experts=8, hidden=256, intermediate=128, topk=2, max_tokens_per_rank=16
+    )
+    assert buf.nbytes_per_rank == want and want > 16 * 256
+    assert type(buf.max_tokens_per_rank) is int
+    buf.close()
+    assert buf.closed and buf.nbytes_per_rank == want  # the size stays; allocated is apart
+
+
+# --- axis_name inside shard_map --------------------------------------------------------------
+
+
+def test_missing_axis_name_inside_shard_map_names_the_axis(inp):
+    fn = functools.partial(fp8_mega_moe, impl="reference")
+    with pytest.raises(ValueError, match="pass axis_name='ep'"):
+        sharded_call(inp, fn)
+    sharded_call(inp, functools.partial(fn, axis_name="ep"))  # the fix traces
+
+
+def test_missing_axis_name_in_megamoe_names_the_axis():
+    router, weights = init_weights(jax.random.key(1), num_experts=8, hidden=256, intermediate=128)
+    hidden = jax.random.normal(jax.random.key(2), (16, 256))
+
+    def run(layer):
+        step = jax.shard_map(layer, mesh=MESH, in_specs=(P("ep"), P(), P("ep")), out_specs=P("ep"))
+        return jax.eval_shape(step, hidden, router, weights)
+
+    with pytest.raises(ValueError, match="MegaMoE is called inside shard_map.*axis_name='ep'"):
+        run(MegaMoE(topk=2))
+    assert run(MegaMoE(topk=2, axis_name="ep")).shape == (16, 256)
+
+
+def test_axis_of_size_one_needs_no_axis_name(inp):
+    one = Mesh(np.array(jax.devices()[:1]), ("ep",))
+    fn = functools.partial(fp8_mega_moe, impl="reference")
+    assert sharded_call(inp, fn, mesh=one).shape == (16, 256)
+
+
+# --- Weights sharded over the expert axis ------------------------------------------------------
+
+
+def test_replicated_weights_in_megamoe():
+    router, weights = init_weights(jax.random.key(1), num_experts=8, hidden=256, intermediate=128)
+    hidden = jax.random.normal(jax.random.key(2), (16, 256))
+    layer = MegaMoE(topk=2, axis_name="ep")
+    step = jax.shard_map(layer, mesh=MESH, in_specs=(P("ep"), P(), P()), out_specs=P("ep"))
+    with pytest.raises(ValueError, match=r"shard the weights with P\('ep'\)"):
+        jax.eval_shape(step, hidden, router, weights)
+
+
+def test_replicated_weights_with_a_buffer(inp):
+    buf = SymmBuffer.create(MESH, "ep", **BUF)
+    fn = functools.partial(fp8_mega_moe, axis_name="ep", buffer=buf)
+    with pytest.raises(ValueError, match=r"shard the weights with P\('ep'\)"):
+        sharded_call(inp, fn, weight_spec=P())
+    assert sharded_call(inp, fn).shape == (16, 256)
+
+
+@pytest.mark.parametrize(
+    "e, h, i, match",
+    [
+        (2, 256, 0, "intermediate .0. must be positive multiples of 128"),
+        (2, 0, 128, "hidden .0. and intermediate .128. must be positive"),
+        (0, 256, 128, "the weights hold no expert"),
+    ],
+)
+def test_degenerate_weights(e, h, i, match):
+    f8 = jnp.float8_e4m3fn
+    with pytest.raises(ValueError, match=match):
+        transform_weights(
+            jnp.zeros((e, 2 * i, h), f8),
+            jnp.ones((e, 2 * i // 128, h // 128)),
+            jnp.zeros((e, h, i), f8),
+            jnp.ones((e, h // 128, i // 128)),
+        )
+
+
+# --- Closed buffers and device order -----------------------------------------------------------
+
+
+def test_closed_buffer_raises_with_auto(inp):
+    buf = SymmBuffer.create(MESH, "ep", **BUF)
+    fn = functools.partial(fp8_mega_moe, axis_name="ep", buffer=buf)
+    assert sharded_call(inp, fn).shape == (16, 256)
+    buf.close()
+    with pytest.raises(ValueError, match="was closed"):
+        sharded_call(inp, fn)
+    sharded_call(inp, functools.partial(fn, impl="reference"))  # the reference needs no buffer
+
+
+def test_buffer_made_for_another_device_order(inp):
+    reversed_mesh = Mesh(np.array(jax.devices()[:4][::-1]), ("ep",))
+    buf = SymmBuffer.create(reversed_mesh, "ep", **BUF)
+    fn = functools.partial(fp8_mega_moe, axis_name="ep", buffer=buf, impl="reference")
+    with jax.sharding.set_mesh(MESH):
+        with pytest.raises(ValueError, match="a rank would exchange tokens with the wrong peers"):
+            sharded_call(inp, fn)
+    with jax.sharding.set_mesh(reversed_mesh):
+        assert sharded_call(inp, fn, mesh=reversed_mesh).shape == (16, 256)
+
+
+# --- Operands that are not arrays --------------------------------------------------------------
+
+
+def test_python_lists_are_refused_numpy_arrays_accepted(inp):
+    args = [inp[n] for n in NAMES]
+    with pytest.raises(TypeError, match=r"topk_ids must be a jax or numpy array, got list"):
+        fp8_mega_moe(*args[:2], np.asarray(args[2]).tolist(), *args[3:], impl="reference")
+    w = inp["weights"]
+    with pytest.raises(TypeError, match=r"w1_scale must be a jax or numpy array, got list"):
+        transform_weights(w.w1, np.asarray(w.w1_scale).tolist(), w.w2, w.w2_scale)
+    want = fp8_mega_moe(*args, impl="reference")
+    got = fp8_mega_moe(*(np.asarray(a) for a in args[:4]), args[4], impl="reference")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert np.abs(np.asarray(want, np.float32)).max() > 0
+
+
+def test_sharded_global_arrays_still_accepted(inp):
+    sharding = NamedSharding(MESH, P("ep"))
+    args = jax.device_put([inp[n] for n in NAMES], sharding)
+    fn = functools.partial(fp8_mega_moe, axis_name="ep", impl="reference")
+    step = jax.jit(jax.shard_map(fn, mesh=MESH, in_specs=P("ep"), out_specs=P("ep")))
+    assert step(*args).shape == (16, 256)
