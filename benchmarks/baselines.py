@@ -1,4 +1,4 @@
-"""JAX-native expert-parallel MoE baselines (DESIGN §6), written per rank for ``shard_map``.
+"""JAX-native expert-parallel MoE baselines (docs/design.md §6), written per rank for ``shard_map``.
 
 All take this rank's tokens ``x`` [M, H] bf16, ``topk_ids`` [M, K] (global ids), ``topk_weights``
 [M, K] and this rank's experts ``w1`` [E_l, 2I, H], ``w2`` [E_l, H, I] (the layout of

@@ -1,4 +1,4 @@
-"""Sweep of ``fp8_mega_moe`` against JAX-native MoE baselines (DESIGN §6).
+"""Sweep of ``fp8_mega_moe`` against JAX-native MoE baselines (docs/design.md §6).
 
 Usage (GPU; JAX preallocates a fraction of each GPU at first use, the fused workspace lives
 outside that pool, and the DSV3 weights are 11 GB of FP8 plus 22 GB in bf16 for the bf16

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jax_megamoe import MoEWeights, dequantize
 from jax_megamoe.testing import expert_weights, make_activations, make_routing
 
-# DeepSeek-V3 MoE layer (DESIGN §6).
+# DeepSeek-V3 MoE layer (docs/design.md §6).
 DSV3 = dict(hidden=7168, intermediate=2048, experts=256, topk=8)
 # Tokens per rank.
 TOKENS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -67,7 +67,7 @@ class Shape:
 
 
 def flops_per_rank(m: int, shape: Shape) -> float:
-    """FLOPs of one rank's tokens: M·K slots × (2·H·2I + 2·I·H) = M·K·6·H·I (DESIGN §6)."""
+    """FLOPs of one rank's tokens: M·K slots × (2·H·2I + 2·I·H) = M·K·6·H·I (docs/design.md §6)."""
     return float(m) * shape.topk * 6 * shape.hidden * shape.intermediate
 
 

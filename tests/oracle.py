@@ -1,4 +1,4 @@
-"""An independent float64 NumPy oracle of DESIGN §2, written token by token (not shared with
+"""An independent float64 NumPy oracle of docs/design.md §2, written token by token (not shared with
 the package), used to check the JAX reference."""
 
 import ml_dtypes
@@ -8,7 +8,8 @@ E4M3 = ml_dtypes.float8_e4m3fn
 
 
 def quantize_rows(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """1x128 quantization of a float64 [n, c] array, exactly as DESIGN §2 (f32 arithmetic)."""
+    """1x128 quantization of a float64 [n, c] array, exactly as docs/design.md §2 (f32
+    arithmetic)."""
     v32 = v.astype(np.float32)
     n, c = v32.shape
     blocks = v32.reshape(n, c // 128, 128)

@@ -1,4 +1,4 @@
-"""FP8 (e4m3) quantization with the numerics of DESIGN §2.
+"""FP8 (e4m3) quantization with the numerics of docs/design.md §2.
 
 Activations are scaled per token per 128 channels (1x128, the DeepEP convention), weights per
 128x128 block. For a block with absolute maximum `amax`:

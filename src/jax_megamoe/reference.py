@@ -1,6 +1,6 @@
 """Pure-JAX MegaMoE: the implementation on CPU and non-Hopper backends, and the test oracle.
 
-It follows DESIGN §2 formula by formula. Slots are grouped by expert into row blocks of
+It follows docs/design.md §2 formula by formula. Slots are grouped by expert into row blocks of
 ``block_rows`` (like the fused kernel's pools), so the work is proportional to the routed slots,
 never to ``M x E``. Expert parallelism uses collectives that run on every backend: the tokens of
 all ranks are all-gathered, each rank computes the slots routed to its experts, and a
@@ -129,7 +129,7 @@ def reference_mega_moe(
     requant: bool = True,
     block_rows: int = 16,
 ) -> jax.Array:
-    """The MoE of DESIGN §2 in pure JAX. ``requant=False`` gives the ideal f32 MoE (no
+    """The MoE of docs/design.md §2 in pure JAX. ``requant=False`` gives the ideal f32 MoE (no
     intermediate FP8 round trip). Inputs are assumed validated (see ``api.fp8_mega_moe``)."""
     num_local = weights.num_local_experts
     num_ranks = 1 if axis_name is None else lax.axis_size(axis_name)

@@ -1,5 +1,5 @@
 """The symmetric workspace: one persistent device allocation per rank, same layout on every
-rank, with each rank holding the base pointers of its peers (DESIGN §3).
+rank, with each rank holding the base pointers of its peers (docs/design.md §3).
 
 One process may drive all GPUs of an expert group (peers are raw pointers with peer access), or
 the group may span several processes of one host (``jax.distributed``; peers in other
