@@ -37,7 +37,8 @@ if [[ $modes == *,readme,* ]]; then
   fresh=$(mktemp -d)
   git clone -q "$repo" "$fresh" 2>/dev/null || cp -r "$repo/." "$fresh"
   (cd "$fresh" && install . >"$OUT/readme_install.log" 2>&1 && python3 -m jax_megamoe &&
-    python3 -m pytest -m gpu -q 2>&1 | tail -15) 2>&1 | tee "$OUT/readme.log"
+    python3 -m pytest -m gpu -q -s 2>&1 | tee "$OUT/readme_pytest.log" | summary) 2>&1 |
+    tee "$OUT/readme.log"
   status=$((status | PIPESTATUS[0]))
 fi
 if [[ $modes == *,test,* ]]; then
