@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the extension on a Hopper machine, then run the steps named in MODES (comma-separated),
 # writing logs under $OUT (default /tmp/megamoe_out):
-#   readme    the README quickstart in a fresh clone of this checkout, from its root: install
+#   readme    the README quickstart in a fresh copy of this checkout, from its root: install
 #             (--no-build-isolation --no-deps: such machines often reach no package index),
 #             `python -m jax_megamoe`, then `pytest -m gpu` (the GPU half of the test command)
 #   test      single-process GPU tests (command buffers on, then a subset with them off) + CLI
@@ -34,10 +34,12 @@ echo "build: $(($(date +%s) - t0)) s"
 status=0
 summary() { grep -E "calc_diff|passed|failed|Error|skipped" | tail -60; }
 if [[ $modes == *,readme,* ]]; then
+  # A copy of the working tree (a device copy's .git may lag behind it), built from scratch.
   fresh=$(mktemp -d)
-  git clone -q "$repo" "$fresh" 2>/dev/null || cp -r "$repo/." "$fresh"
-  (cd "$fresh" && install . >"$OUT/readme_install.log" 2>&1 && python3 -m jax_megamoe &&
-    python3 -m pytest -m gpu -q -s 2>&1 | tee "$OUT/readme_pytest.log" | summary) 2>&1 |
+  tar -C "$repo" --exclude=.git -cf - . | tar -C "$fresh" -xf -
+  (cd "$fresh" && python3 -m pip install --no-build-isolation --no-deps . \
+    >"$OUT/readme_install.log" 2>&1 && python3 -m jax_megamoe &&
+    pytest -m gpu -q -s 2>&1 | tee "$OUT/readme_pytest.log" | summary) 2>&1 |
     tee "$OUT/readme.log"
   status=$((status | PIPESTATUS[0]))
 fi
