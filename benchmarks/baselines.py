@@ -12,7 +12,10 @@ weights is ever made), and return ``y`` [M, H] bf16.
   Mosaic GPU ``ragged_dot`` from ``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu``).
 - ``dense_moe``: GShard-style capacity MoE: scatter slots into [E, C, H] (C = the most slots
   any (source rank, expert) pair gets, computed on host, so nothing is dropped),
-  ``all_to_all``, dense batched einsums per expert, ``all_to_all`` back, gather and sum.
+  ``all_to_all``, dense batched einsums per expert, ``all_to_all`` back, gather and sum. With
+  ``compute_dtype=float8_e4m3fn`` the einsums take e4m3 operands: activations with one
+  per-tensor scale each, the FP8 weights as they are (their block scales are not applied), so
+  that variant is a timing reference only, like the FP8 Pallas one.
 
 Receive buffers and capacities are static shapes sized exactly from the routing on host: the
 most favourable sizing a baseline can have (a real deployment would use a worst case).
@@ -180,6 +183,22 @@ def ragged_moe(
     return jnp.einsum("mkh,mk->mh", o, topk_weights).astype(jnp.bfloat16)
 
 
+def _per_tensor_e4m3(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``v`` as e4m3 with one f32 scale (``v ≈ q * scale``)."""
+    v = v.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(v)), 1e-4) / 448.0
+    return (v / scale).astype(jnp.float8_e4m3fn), scale
+
+
+def _expert_einsum(spec: str, act: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
+    """A per-expert batched GEMM in f32, on bf16 operands or, for e4m3, on a per-tensor scaled
+    e4m3 copy of ``act`` and the e4m3 weights as given."""
+    if jnp.dtype(compute_dtype) == jnp.float8_e4m3fn:
+        q, scale = _per_tensor_e4m3(act)
+        return jnp.einsum(spec, q, w.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    return jnp.einsum(spec, act, w, preferred_element_type=jnp.float32)
+
+
 def dense_moe(
     x: jax.Array,
     topk_ids: jax.Array,
@@ -189,11 +208,12 @@ def dense_moe(
     *,
     axis_name: str,
     capacity: int,
+    compute_dtype=jnp.bfloat16,
 ) -> jax.Array:
     """Capacity-based MoE with dense per-expert einsums (GShard style).
 
     ``capacity``: slots per (source rank, expert); with the host-computed maximum no token is
-    dropped.
+    dropped. ``compute_dtype``: bf16, or ``float8_e4m3fn`` for the timing-only FP8 twin.
     """
     m, k = topk_ids.shape
     h = x.shape[1]
@@ -218,9 +238,9 @@ def dense_moe(
     xe = buf.reshape(num_ranks, num_local, capacity, h).transpose(1, 0, 2, 3)
     xe = xe.reshape(num_local, num_ranks * capacity, h)
 
-    hid = jnp.einsum("ech,eih->eci", xe, w1, preferred_element_type=jnp.float32)
+    hid = _expert_einsum("ech,eih->eci", xe, w1, compute_dtype)
     a = _swiglu(hid)
-    out = jnp.einsum("eci,ehi->ech", a, w2, preferred_element_type=jnp.float32)
+    out = _expert_einsum("eci,ehi->ech", a, w2, compute_dtype)
     out = out.astype(x.dtype).reshape(num_local, num_ranks, capacity, h).transpose(1, 0, 2, 3)
     out = lax.all_to_all(
         out.reshape(num_ranks, num_local * capacity, h), axis_name, 0, 0, tiled=True

@@ -16,7 +16,9 @@ E/R experts and M tokens. Per M and routing it times the fused layer (``fp8_mega
 - ``ragged``: ``ragged_all_to_all`` dispatch + ``lax.ragged_dot`` grouped GEMMs, bf16;
 - ``pallas``: the same dispatch with JAX's Pallas Mosaic GPU grouped GEMM, bf16;
 - ``pallas_fp8``: the same in FP8 without block scales (timing only: no scales are applied);
-- ``dense``: capacity-based dense einsum MoE (capacity = the most slots any expert gets).
+- ``dense``: capacity-based dense einsum MoE (capacity = the most slots any expert gets);
+- ``dense_fp8``: the same on e4m3 operands (per-tensor activation scales, the FP8 weights
+  without their block scales: timing only).
 
 Times are device kernel time from the JAX profiler (see ``timing.py``), median over calls,
 min/max over ranks, wall-clock per call as a cross-check. Writes ``results.json``,
@@ -51,12 +53,13 @@ from plot import plot  # noqa: E402
 
 from jax_megamoe import SymmBuffer, fp8_mega_moe  # noqa: E402
 
-BASELINES = ("ragged", "pallas", "pallas_fp8", "dense")
+BASELINES = ("ragged", "pallas", "pallas_fp8", "dense", "dense_fp8")
 BASELINE_LABELS = {
     "ragged": "ragged_all_to_all + lax.ragged_dot (bf16)",
     "pallas": "ragged_all_to_all + Pallas Mosaic GPU ragged_dot (bf16)",
     "pallas_fp8": "ragged_all_to_all + Pallas Mosaic GPU ragged_dot (fp8, no block scales)",
     "dense": "capacity-based dense einsum (bf16)",
+    "dense_fp8": "capacity-based dense einsum (fp8, per-tensor scales, timing only)",
 }
 # Substrings that name the fused kernels' phases; kernels matching none count as "other".
 PHASES = ("stage", "route", "dispatch", "l1", "l2", "combine")
@@ -279,19 +282,37 @@ def _one_point(args, mesh, shape, routing, m, fused_fn, weights, w_bf16, skip, i
             b["speedup"] = b["max_us"] / r["max_us"]
         row["baselines"][name] = b
         print(_progress(row, name, b), flush=True)
+    row["best_native"] = best_native(row["baselines"])
     del sets
     return row
 
 
+def best_native(measured: dict) -> dict | None:
+    """The fastest JAX-native baseline of a point (the FP8 timing references included): its
+    name, time and our speedup over it; None when none ran."""
+    ok = {n: b for n, b in measured.items() if b.get("status") == "ok"}
+    if not ok:
+        return None
+    name = min(ok, key=lambda n: ok[n]["max_us"])
+    best = {"status": "ok", "name": name, "max_us": ok[name]["max_us"]}
+    if "speedup" in ok[name]:
+        best["speedup"] = ok[name]["speedup"]
+    return best
+
+
 def _baseline(name, mesh, shape, sets, weights, w_bf16) -> tuple[Callable, list[tuple]]:
     num_ranks = mesh.shape[shapes.AXIS]
-    if name == "dense":
+    if name in ("dense", "dense_fp8"):
         cap = max(baselines.dense_capacity(s.ids_host, shape.experts, num_ranks) for s in sets)
+        dtype = jnp.float8_e4m3fn if name == "dense_fp8" else jnp.bfloat16
 
         def per_rank(x, ids, tw, w1, w2):
-            return baselines.dense_moe(x, ids, tw, w1, w2, axis_name=shapes.AXIS, capacity=cap)
+            return baselines.dense_moe(
+                x, ids, tw, w1, w2, axis_name=shapes.AXIS, capacity=cap, compute_dtype=dtype
+            )
 
-        w1, w2 = w_bf16
+        # The FP8 twin streams the FP8 weights as they are (no scales); bf16 the bf16 copy.
+        w1, w2 = (weights.w1, weights.w2) if name == "dense_fp8" else w_bf16
         check_vma = True
     else:
         cap = max(baselines.recv_capacity(s.ids_host, shape.experts, num_ranks) for s in sets)
@@ -348,8 +369,9 @@ def markdown_table(result: dict) -> str:
         f"{meta['date']}, jax {meta['jax_version']}",
         "",
         "| routing | M | fused µs (min/max) | wall µs | TFLOPS/GPU | floor µs | ×floor |"
-        + "".join(f" vs {n} |" for n in names),
-        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(names),
+        + "".join(f" vs {n} |" for n in names)
+        + " vs best JAX-native |",
+        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(names) + "---|",
     ]
     for row in result["rows"]:
         f = row["fused"]
@@ -364,6 +386,8 @@ def markdown_table(result: dict) -> str:
         else:
             cells = [_cell(f), "-", "-", f"{row['floor_us']:.1f}", "-"]
         cells += [_cell(row["baselines"].get(n)) for n in names]
+        best = row.get("best_native")
+        cells.append(f"{_cell(best)} ({best['name']})" if best else "-")
         lines.append(f"| {row['routing']} | {row['tokens']} | " + " | ".join(cells) + " |")
     notes = {
         f"{n}: {b['status']}"

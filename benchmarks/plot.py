@@ -28,6 +28,7 @@ COLORS = {
     "pallas": "tab:green",
     "pallas_fp8": "tab:olive",
     "dense": "tab:red",
+    "dense_fp8": "tab:purple",
 }
 
 

@@ -34,7 +34,7 @@ def test_bench_main_writes_rows(tmp_path):
         "--sets=2",
         "--routing=uniform",
         "--impl=reference",
-        "--baselines=dense,ragged",
+        "--baselines=dense,dense_fp8,ragged",
         f"--out={tmp_path}",
     ]
     bench_mega_moe.main(argv)
@@ -50,11 +50,18 @@ def test_bench_main_writes_rows(tmp_path):
         assert r["floor_us"] > 0
         # plot.py redraws the floor from the recorded counts: the same value as the bench's.
         np.testing.assert_allclose(plot.floor_us(r, result["meta"]), r["floor_us"], rtol=1e-12)
-        dense = r["baselines"]["dense"]
-        assert dense["status"] == "ok", dense
-        assert dense["max_us"] > 0 and dense["speedup"] > 0
+        for name in ("dense", "dense_fp8"):
+            dense = r["baselines"][name]
+            assert dense["status"] == "ok", dense
+            assert dense["max_us"] > 0 and dense["speedup"] > 0
         assert r["baselines"]["ragged"]["status"].startswith("skipped")
-    assert "| uniform | 8 |" in (tmp_path / "results.md").read_text()
+        # The fastest baseline that ran, and our speedup over it.
+        best = r["best_native"]
+        ran = {n: b["max_us"] for n, b in r["baselines"].items() if b["status"] == "ok"}
+        assert best["name"] == min(ran, key=ran.get) and best["max_us"] == min(ran.values())
+        assert best["speedup"] == r["baselines"][best["name"]]["speedup"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| uniform | 8 |" in table and "vs best JAX-native" in table
 
 
 def _emulated_ragged_all_to_all(
