@@ -1,5 +1,5 @@
 """The fused SM90 path against the mirror reference on Hopper GPUs (``pytest -m gpu``; skipped
-elsewhere). Run through the device tool: benchmarks/device_run.sh."""
+elsewhere). On a GPU machine, benchmarks/device_run.sh builds and runs them in one command."""
 
 import functools
 
