@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -178,7 +179,8 @@ def _result(device_kind: str, baselines: list[str], seed: int) -> dict:
 
 
 def test_plot_colours_labels_and_floor(tmp_path):
-    import matplotlib.pyplot as plt
+    # matplotlib is the `bench` extra, not a test dependency: without it plots are skipped.
+    plt = pytest.importorskip("matplotlib.pyplot")
 
     colours = {}
     for seed, names in enumerate(
