@@ -61,8 +61,9 @@ BASELINE_LABELS = {
     "dense": "capacity-based dense einsum (bf16)",
     "dense_fp8": "capacity-based dense einsum (fp8, per-tensor scales, timing only)",
 }
-# Substrings that name the fused kernels' phases; kernels matching none count as "other".
-PHASES = ("stage", "route", "dispatch", "l1", "l2", "combine")
+# Substrings that name the fused kernels' phases (first match wins; "sync" is the epoch_sync
+# kernel of both the dispatch and the combine barrier); kernels matching none count as "other".
+PHASES = ("stage", "route", "sync", "l1", "l2", "combine")
 
 
 def _csv_ints(s: str) -> list[int]:

@@ -212,3 +212,24 @@ def test_plot_colours_labels_and_floor(tmp_path):
     path.write_text(json.dumps(_result("NVIDIA H200", ["dense"], 9)))
     assert plot.main([str(path)]) == [str(tmp_path / "2026-11-26_4xH200_uniform.png")]
     assert (tmp_path / "2026-11-26_4xH200_uniform.png").stat().st_size > 10_000
+
+
+def test_phases_name_every_fused_kernel():
+    """Each kernel of the fused layer lands in its own phase, the epoch sync included."""
+    totals = {
+        "jax_megamoe::sm90::stage_kernel(KernelArgs)": 1.0,
+        "jax_megamoe::sm90::epoch_sync_kernel(unsigned char*, WorkspaceLayout, int)": 2.0,
+        "jax_megamoe::sm90::route_count_kernel(KernelArgs)": 3.0,
+        "jax_megamoe::sm90::route_fill_kernel(KernelArgs)": 4.0,
+        "void jax_megamoe::sm90::sm90_fp8_mega_moe_l1<4>(L1KernelParams)": 5.0,
+        "void jax_megamoe::sm90::sm90_fp8_mega_moe_l2<128, 5>(L2KernelParams)": 6.0,
+        "jax_megamoe::sm90::combine_kernel(KernelArgs)": 7.0,
+    }
+    assert bench_mega_moe._phases(totals) == {
+        "stage": 1.0,
+        "sync": 2.0,
+        "route": 7.0,
+        "l1": 5.0,
+        "l2": 6.0,
+        "combine": 7.0,
+    }
