@@ -53,6 +53,7 @@ NB_MODULE(_C, m) {
       [] {
         nb::dict constants;
         constants["BLOCK_M"] = kBlockM;
+        constants["EXPERT_ALIGN_M"] = kExpertAlignM;
         constants["QUANT_BLOCK"] = kQuantBlock;
         constants["MAX_TOPK"] = kMaxTopk;
         constants["MAX_LOCAL_EXPERTS"] = kMaxLocalExperts;

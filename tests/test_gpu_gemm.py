@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jax_megamoe import calc_diff, dequantize, quantize_per_token
-from jax_megamoe.constants import BLOCK_M
+from jax_megamoe.constants import BLOCK_M, EXPERT_ALIGN_M
 from jax_megamoe.grouped_gemm import grouped_gemm_l1, grouped_gemm_l2
 from jax_megamoe.pool import pool_layout, pool_rows
 from jax_megamoe.reference import _swiglu
@@ -42,10 +42,10 @@ def weights_for(h, i, e, device_index=0, seed=0):
 class Pool:
     """One random pool in expert order, its layout, and each row's destination in ``y``."""
 
-    def __init__(self, seed, counts, h, i, device=None):
+    def __init__(self, seed, counts, h, i, device=None, align_m=EXPERT_ALIGN_M):
         self.counts = tuple(int(c) for c in counts)
-        rows = pool_rows(self.counts) + EXTRA_BLOCKS * BLOCK_M
-        layout = pool_layout(self.counts, rows)
+        rows = pool_rows(self.counts, align_m) + EXTRA_BLOCKS * BLOCK_M
+        layout = pool_layout(self.counts, rows, align_m=align_m)
         rng = np.random.default_rng(seed)
         valid = np.asarray(layout.row_valid)
         self.rows, self.n = rows, int(valid.sum())
@@ -206,6 +206,19 @@ def test_l1_then_l2(name):
     pool = Pool(14, counts, h, i)
     act, act_scale = check_l1(pool, w, label=f"{name} chained")
     check_l2(pool, w, act, act_scale, label=f"{name} chained")
+
+
+@pytest.mark.parametrize("name", ["small", "dsv3"])
+def test_pairs_straddling_two_experts(name):
+    """Experts on every 64-row block (not the dispatch's 128): a CTA's pair of row blocks may
+    name two experts and num_blocks may be odd; each block must still get its own expert."""
+    h, i, counts = SHAPES[name]
+    w = weights_for(h, i, len(counts))
+    pool = Pool(18, counts, h, i, align_m=BLOCK_M)
+    experts = np.asarray(pool.block_expert)[: int(np.asarray(pool.num_blocks)[0])]
+    assert (experts[0::2][: len(experts[1::2])] != experts[1::2]).any()
+    act, act_scale = check_l1(pool, w, label=f"{name} 64-aligned")
+    check_l2(pool, w, act, act_scale, label=f"{name} 64-aligned")
 
 
 def test_jit_layout_grid_size_and_determinism():

@@ -26,19 +26,18 @@ constexpr int stages_for(int stage_bytes, int reserved_bytes) {
   return std::min(kMaxStages, (kSm90MaxSmemBytes - reserved_bytes) / stage_bytes);
 }
 
-// L2 tiles cover 256 hidden columns (two wgmma m64n128) where H allows (half the A re-reads),
-// else 128 (two m64n64).
+// L2 tiles cover 256 hidden columns (two B groups of n128) where H allows (half the A re-reads),
+// else 128 (two of n64).
 constexpr int kL2WideWgN = 128;
 constexpr int kL2NarrowWgN = 64;
-bool l2_wide(int hidden) { return hidden % (sm90::kNumMathWarpGroups * kL2WideWgN) == 0; }
+bool l2_wide(int hidden) { return hidden % sm90::TileShape<kL2WideWgN>::kBRows == 0; }
 
 template <int kWgN>
 constexpr int kStageBytes = sm90::TileShape<kWgN>::kStageBytes;
 
 // The tile/stage table: every kernel instance, its ring depth and its shared memory.
 constexpr int kL1Stages =
-    stages_for(kStageBytes<sm90::kL1WgN>,
-               sm90::kSmemAlignSlack + sm90::L1Epilogue::kSmemBytes + kBarrierReserve);
+    stages_for(kStageBytes<sm90::kL1WgN>, sm90::kSmemAlignSlack + kBarrierReserve);
 constexpr int kL2WideStages =
     stages_for(kStageBytes<kL2WideWgN>, sm90::kSmemAlignSlack + kBarrierReserve);
 constexpr int kL2NarrowStages =
@@ -113,7 +112,7 @@ cudaError_t launch_l1(const L1Params& p, cudaStream_t stream) {
   k.p = p;
   const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
   const size_t w_rows = size_t(p.num_experts) * 2 * p.intermediate;
-  cudaError_t err = encode_rows(&k.a, p.a, pool_rows, p.hidden, kBlockM);
+  cudaError_t err = encode_rows(&k.a, p.a, pool_rows, p.hidden, sm90::kTileM);
   if (err == cudaSuccess) err = encode_rows(&k.b, p.w1, w_rows, p.hidden, sm90::kL1WgN);
   if (err != cudaSuccess) return err;
   kL1Kernel<<<p.num_ctas, sm90::kNumThreads, kL1SmemBytes, stream>>>(k);
@@ -128,7 +127,7 @@ cudaError_t launch_l2_as(Kernel kernel, int smem_bytes, const L2Params& p, cudaS
   k.p = p;
   const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
   const size_t w_rows = size_t(p.num_experts) * p.hidden;
-  cudaError_t err = encode_rows(&k.a, p.act, pool_rows, p.intermediate, kBlockM);
+  cudaError_t err = encode_rows(&k.a, p.act, pool_rows, p.intermediate, sm90::kTileM);
   if (err == cudaSuccess) err = encode_rows(&k.b, p.w2, w_rows, p.intermediate, kWgN);
   if (err != cudaSuccess) return err;
   kernel<<<p.num_ctas, sm90::kNumThreads, smem_bytes, stream>>>(k);

@@ -9,7 +9,7 @@
 //                      into every peer's header; then wait (acquire) for dispatch_flag[s] >= epoch
 //                      of every s in r's own header.
 //   3. route_count     count the slots of every rank's staged tokens that go to r's experts; the
-//                      last block lays out kBlockM-aligned expert segments (block_expert,
+//                      last block lays out kExpertAlignM-aligned expert segments (block_expert,
 //                      num_blocks, row_src = -1 on padding rows).
 //   4. route_fill      per (source rank, token): claim one pool row per slot routed here, record
 //                      row_src/row_weight, pull the token's fp8 row and scales from the source's

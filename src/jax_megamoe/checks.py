@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import weights as _weights
-from .constants import BLOCK_M, MAX_LOCAL_EXPERTS, MAX_TOPK, QUANT_BLOCK
+from .constants import BLOCK_M, EXPERT_ALIGN_M, MAX_LOCAL_EXPERTS, MAX_TOPK, QUANT_BLOCK
 
 INT32_MAX = 2**31 - 1
 
@@ -84,9 +84,10 @@ def check_moe_dims(
 
 def pool_rows_bound(*, num_ranks: int, num_experts: int, topk: int, max_tokens: int) -> int:
     """Rows of the worst-case pool a workspace holds: every slot of every rank routed to this
-    rank, every local expert's segment padded to a row block (``layout/workspace.h``)."""
-    worst = num_ranks * max_tokens * topk + (num_experts // num_ranks) * (BLOCK_M - 1)
-    return -(-worst // BLOCK_M) * BLOCK_M
+    rank, every local expert's segment padded to ``EXPERT_ALIGN_M`` rows
+    (``layout/workspace.h``)."""
+    worst = num_ranks * max_tokens * topk + (num_experts // num_ranks) * (EXPERT_ALIGN_M - 1)
+    return -(-worst // EXPERT_ALIGN_M) * EXPERT_ALIGN_M
 
 
 def check_workspace_args(*, num_ranks: int, sm_budget, **dims) -> dict[str, int]:

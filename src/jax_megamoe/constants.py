@@ -6,7 +6,8 @@ was not built. ``tests/test_extension.py`` checks
 they equal ``_C.constants()`` wherever the extension is importable.
 """
 
-BLOCK_M = 64  # rows of one grouped-GEMM row block; every expert's pool rows start on one
+BLOCK_M = 64  # rows of one grouped-GEMM row block (the unit of block_expert)
+EXPERT_ALIGN_M = 128  # every expert's pool rows start on a multiple of this (two row blocks)
 QUANT_BLOCK = 128  # FP8 scale block: 1x128 for activations, 128x128 for weights
 MAX_TOPK = 32  # slots per token the routing kernels hold in shared memory
 MAX_LOCAL_EXPERTS = 4096  # experts per rank the routing kernels count in shared memory

@@ -68,7 +68,7 @@ def expert_slot_outputs(
 
     # At most cdiv(slots, t) full blocks plus one partial block per non-empty expert.
     num_blocks = -(-num_slots // t) + min(num_local, num_slots)
-    layout = pool_layout(counts, num_blocks * t, block_m=t)
+    layout = pool_layout(counts, num_blocks * t, block_m=t, align_m=t)
     group = jnp.minimum(sorted_key, num_local - 1)
     row = layout.starts[group] + jnp.arange(num_slots) - start[group]
     row = jnp.where(sorted_key < num_local, row, num_blocks * t)

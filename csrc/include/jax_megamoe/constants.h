@@ -4,9 +4,12 @@
 
 namespace jax_megamoe {
 
-// Rows of one GEMM row block. A block never straddles two experts: each local expert's pool
-// segment starts on a multiple of kBlockM (padding rows have row_src == -1).
+// Rows of one GEMM row block (one wgmma m64): the unit of block_expert.
 constexpr int kBlockM = 64;
+// Each local expert's pool segment starts on a multiple of kExpertAlignM rows, so the GEMMs'
+// 128-row tiles (a pair of row blocks sharing one weight tile) never straddle two experts.
+// Padding rows have row_src == -1; a block holding only padding names expert -1.
+constexpr int kExpertAlignM = 2 * kBlockM;
 // Quantization group along K for activations (1x128) and weights (128x128).
 constexpr int kQuantBlock = 128;
 // Largest top-k: the dispatch gives each slot of a token its own warp lane.

@@ -1,4 +1,5 @@
-// Regroups mma accumulator words inside a quad so that one lane owns 8 consecutive columns.
+// Regroups mma accumulator words inside a quad so that one lane owns consecutive columns, for
+// 16-byte row stores straight from registers.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +22,25 @@ __device__ __forceinline__ uint4 quad_transpose(const uint32_t (&w)[4]) {
     for (int k = 0; k < 4; ++k) out[k] = k == j ? recv : out[k];
   }
   return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// The e4m3 form for one row of 128 columns. In: lane t of a quad holds w[j] = e4m3 columns
+// (8 j + 2 t, +1) for the 16 n8 tiles j. Out: lane t holds columns 32 t .. 32 t + 31 (tiles
+// 4 t .. 4 t + 3) as two 16-byte vectors. Two word transposes (tiles 4 g, 4 g + 1 paired in the
+// low words, 4 g + 2, 4 g + 3 in the high ones), then byte permutes put each tile's four lanes
+// in column order.
+__device__ __forceinline__ void quad_transpose_e4m3(const uint16_t (&w)[16], uint4 (&out)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint32_t words[4];
+#pragma unroll
+    for (int g = 0; g < 4; ++g)
+      words[g] = uint32_t(w[4 * g + 2 * h]) | (uint32_t(w[4 * g + 2 * h + 1]) << 16);
+    // v.k from lane k: tile 4 t + 2 h in its low half, tile 4 t + 2 h + 1 in its high half.
+    const uint4 v = quad_transpose(words);
+    out[h] = make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.z, v.w, 0x5410),
+                        __byte_perm(v.x, v.y, 0x7632), __byte_perm(v.z, v.w, 0x7632));
+  }
 }
 
 }  // namespace jax_megamoe::epilogue

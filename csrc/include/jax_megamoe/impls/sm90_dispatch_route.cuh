@@ -1,5 +1,5 @@
 // Dispatch steps 3 and 4, run by each rank over every rank's staging once the dispatch sync has
-// passed: route_count lays out this rank's kBlockM-aligned expert segments of the pool,
+// passed: route_count lays out this rank's kExpertAlignM-aligned expert segments of the pool,
 // route_fill claims one pool row per slot routed here and pulls the token's fp8 row and scales
 // from the source rank's staging into it.
 #pragma once
@@ -16,7 +16,7 @@ namespace jax_megamoe::sm90 {
 constexpr int kPullUnroll = 4;
 
 // Counts slots routed to this rank per local expert; the last block to finish turns the counts
-// into kBlockM-aligned segments. Dynamic shared memory: 2 * local_experts ints.
+// into kExpertAlignM-aligned segments. Dynamic shared memory: 2 * local_experts ints.
 __global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
   using BlockScan = cub::BlockScan<int, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
@@ -60,7 +60,9 @@ __global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
     // L2 reads: the other blocks' atomics never went through this SM's L1.
     const int count = e < num_local ? __ldcg(expert_count + e) : 0;
     int first, chunk_blocks;
-    BlockScan(scan_storage).ExclusiveSum((count + kBlockM - 1) / kBlockM, first, chunk_blocks);
+    constexpr int kAlignBlocks = kExpertAlignM / kBlockM;
+    const int segment_blocks = (count + kExpertAlignM - 1) / kExpertAlignM * kAlignBlocks;
+    BlockScan(scan_storage).ExclusiveSum(segment_blocks, first, chunk_blocks);
     if (e < num_local) {
       counts[e] = count;
       first_block[e] = total_blocks + first;
@@ -84,14 +86,16 @@ __global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
         hi = mid - 1;
       }
     }
-    block_expert[b] = lo;
+    // A block past the expert's rows holds only padding: no GEMM work, never stored.
+    const bool holds_rows = (b - first_block[lo]) * kBlockM < counts[lo];
+    block_expert[b] = holds_rows ? lo : -1;
   }
 
   int32_t* row_src = at<int32_t>(a.ws, l.row_src);
-  for (int i = threadIdx.x; i < num_local * kBlockM; i += kThreads) {
-    const int e = i / kBlockM;
-    const int row = counts[e] + i % kBlockM;  // within the expert's segment
-    if (row < (counts[e] + kBlockM - 1) / kBlockM * kBlockM) {
+  for (int i = threadIdx.x; i < num_local * kExpertAlignM; i += kThreads) {
+    const int e = i / kExpertAlignM;
+    const int row = counts[e] + i % kExpertAlignM;  // within the expert's segment
+    if (row < (counts[e] + kExpertAlignM - 1) / kExpertAlignM * kExpertAlignM) {
       row_src[first_block[e] * kBlockM + row] = -1;
     }
   }

@@ -7,14 +7,13 @@
 #include <cstdint>
 
 #include "jax_megamoe/layout/sm90_gemm_tile.cuh"
-#include "jax_megamoe/ptx/warpgroup.cuh"
 #include "jax_megamoe/ptx/wgmma.cuh"
 
 namespace jax_megamoe::sm90 {
 
-// Issues the K block whose A and B (this warpgroup's kWgN rows) tiles are at shared-memory
-// addresses a_smem / b_smem into `part` (overwritten by the first k32 step), as one committed
-// wgmma group of this warpgroup.
+// Issues the K block whose A (this warpgroup's 64 rows) and B (one group's kWgN rows) tiles are
+// at shared-memory addresses a_smem / b_smem into `part` (overwritten by the first k32 step), as
+// one committed wgmma group of this warpgroup.
 template <int kWgN>
 __device__ __forceinline__ void issue_block_mma(uint32_t a_smem, uint32_t b_smem,
                                                 float (&part)[TileShape<kWgN>::kAccRegs]) {
@@ -29,40 +28,35 @@ __device__ __forceinline__ void issue_block_mma(uint32_t a_smem, uint32_t b_smem
   ptx::fence_operands(part);
 }
 
-// The per-row scale factors a_scale[row] x b_scale of the two accumulator rows (half 0, 1) that
-// warpgroup thread t holds; a_scale points at the K block's 64 row scales.
+// The activation scales of the two accumulator rows (half 0, 1) that warpgroup thread t holds;
+// a_scale points at the K block's 64 row scales of the warpgroup's row block.
 struct RowScales {
   float s[2];
 };
-__device__ __forceinline__ RowScales load_row_scales(const float* a_scale, float b_scale, int t) {
+__device__ __forceinline__ RowScales load_row_scales(const float* a_scale, int t) {
   RowScales r;
 #pragma unroll
-  for (int half = 0; half < 2; ++half)
-    r.s[half] = a_scale[(t / 32) * 16 + half * 8 + (t % 32) / 4] * b_scale;
+  for (int half = 0; half < 2; ++half) r.s[half] = a_scale[(t / 32) * 16 + half * 8 + (t % 32) / 4];
   return r;
 }
 
-// acc += part * scale of the element's row.
+// acc += part * a_scale[row] * b_scale.
 template <int kWgN>
-__device__ __forceinline__ void promote(const RowScales& scales,
+__device__ __forceinline__ void promote(const RowScales& a_scales, float b_scale,
                                         const float (&part)[TileShape<kWgN>::kAccRegs],
                                         Accum<kWgN>& acc) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
+    const float scale = a_scales.s[half] * b_scale;
 #pragma unroll
     for (int j = 0; j < TileShape<kWgN>::kNTiles; ++j) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int r = 4 * j + 2 * half + c;
-        acc[r] = fmaf(part[r], scales.s[half], acc[r]);
+        acc[r] = fmaf(part[r], scale, acc[r]);
       }
     }
   }
-}
-
-// Barrier over the math threads only (the epilogues' shared-memory exchanges).
-__device__ __forceinline__ void math_sync() {
-  ptx::named_barrier_sync<kMathBarrierId, kNumMathThreads>();
 }
 
 }  // namespace jax_megamoe::sm90

@@ -6,21 +6,24 @@
 // Roles (384 threads):
 //   warpgroup 0, producer   setmaxnreg down to kProducerRegs; warp 0 walks the CTA's tiles and
 //                           K blocks: waits until the slot is empty, then lane 0 announces the
-//                           stage's bytes and issues the TMA loads of A (64 pool rows) and of
-//                           the two warpgroups' B rows, while the 32 lanes cp.async the 64
-//                           activation scales and 2 weight scales and arrive on the slot's full
-//                           barrier when those land. Warps 1-3 exit.
-//   warpgroups 1-2, math    setmaxnreg up to kMathRegs; per K block: wait for the full barrier,
-//                           four wgmma into a partial, wait for them, read the scales, release
-//                           the slot (one arrival per warp), promote into the master
-//                           accumulator; the epilogue after a tile's last K block. The two
-//                           warpgroups drift independently, so one's promotion overlaps the
-//                           other's wgmma.
+//                           stage's bytes and issues the TMA loads of A (the pair's 128 pool
+//                           rows) and of the two B groups, while the 32 lanes cp.async the
+//                           activation scales of the working row blocks and the 2 weight scales
+//                           and arrive on the slot's full barrier when those land. Warps 1-3 exit.
+//   warpgroups 1-2, math    setmaxnreg up to kMathRegs; warpgroup w takes row block w of the
+//                           pair. Per K block: wait for the full barrier; per B group, four wgmma
+//                           into a partial, wait for them, promote into the group's master
+//                           accumulator; release the slot (one arrival per warp) once its last
+//                           shared-memory read is done. A warpgroup whose block has no work in
+//                           this tile (padding, or another expert) only waits and releases. The
+//                           epilogue follows a tile's last K block. The two warpgroups drift
+//                           independently, so one's promotion overlaps the other's wgmma.
 //
 // Barrier counts: full[s] completes on 1 (expect_tx arrival) + 32 (cp.async arrivals) arrivals
 // and the stage's TMA bytes; empty[s] on one arrival per math warp. Phases alternate per pass
 // over the ring; the producer's first pass waits on parity 1, which a fresh barrier reports as
-// complete.
+// complete. A math warp arrives on empty[s] only after its wait on full[s] of the same pass, so
+// no warp can arrive twice in one phase.
 #pragma once
 
 #include <cuda.h>
@@ -37,10 +40,11 @@
 namespace jax_megamoe::sm90 {
 
 constexpr int kNumThreads = kWarpGroupThreads + kNumMathThreads;
-// 384 threads at one CTA per SM start at 168 registers; the producer gives up 128 each so the
-// math threads can take 232 (128 x 40 + 256 x 232 <= 65536).
-constexpr int kProducerRegs = 40;
-constexpr int kMathRegs = 232;
+// 384 threads at one CTA per SM start at 168 registers; the producer gives up 120 each so the
+// math threads can take 224 (128 x 48 + 256 x 224 <= 65536): enough for two 64-register master
+// accumulators and a partial, while the producer's address arithmetic still fits without spills.
+constexpr int kProducerRegs = 48;
+constexpr int kMathRegs = 224;
 constexpr int kMathWarps = kNumMathThreads / 32;
 constexpr int kFullArrivals = 1 + 32;
 
@@ -49,15 +53,16 @@ class GroupedFp8TmaMainloop {
   using Shape = TileShape<kWgN>;
   using Ring = StageRing<kWgN, kStages>;
   static_assert(kStages >= 2, "the ring needs one stage in flight while another is consumed");
-  static_assert(kBlockM == 64, "the producer warp copies two activation scales per lane");
+  static_assert(kBlockM % 32 == 0, "the producer warp copies whole rows of scales per lane");
 
  public:
   static constexpr int kBarrierBytes = 2 * kStages * static_cast<int>(sizeof(uint64_t));
   static constexpr int kSmemBytes = Ring::kBytes + (kBarrierBytes + 127) / 128 * 128;
 
   // `smem` must be kSwizzleAtomBytes-aligned (align_smem). The tensor maps view `op.a` as
-  // [pool rows, k] with a box of 64 x 128 and `op.b` as [experts * b_rows, k] with a box of
+  // [pool rows, k] with a box of kTileM x 128 and `op.b` as [experts * b_rows, k] with a box of
   // kWgN x 128, both 128B-swizzled; they live in kernel parameter space (__grid_constant__).
+  // A box reaching past the pool's last row is zero-filled by the TMA unit.
   __device__ GroupedFp8TmaMainloop(uint8_t* smem, const GemmOperands& op, int num_blocks,
                                    const CUtensorMap* tma_a, const CUtensorMap* tma_b)
       : ring_{smem},
@@ -65,12 +70,12 @@ class GroupedFp8TmaMainloop {
         empty_(full_ + kStages),
         op_(op),
         sched_(op, num_blocks),
-        num_kb_(op.k / kBlockK),
         tma_a_(tma_a),
         tma_b_(tma_b) {}
 
-  // Called by every thread of the CTA. epilogue(tile, acc, math_thread) runs on the math
-  // warpgroups only (math_thread in [0, 256)); it may synchronise them with math_sync().
+  // Called by every thread of the CTA. epilogue(tile, acc, math_thread) runs on a math
+  // warpgroup whose row block works in `tile` (math_thread in [0, 256)), on its own: the
+  // warpgroups never wait for each other.
   template <class Epilogue>
   __device__ __forceinline__ void run(Epilogue&& epilogue) {
     if (threadIdx.x == 0) {
@@ -97,24 +102,30 @@ class GroupedFp8TmaMainloop {
     int slot = 0;
     uint32_t phase = 0;
     for (Tile tile = sched_.first(); !sched_.done(tile); tile = sched_.next(tile)) {
-      const int row0 = tile.block * kBlockM;
-      for (int kb = 0; kb < num_kb_; ++kb) {
+      const int row0 = tile.pair * kTileM;
+      for (int kb = 0; kb < num_kb(); ++kb) {
         ptx::mbarrier_wait(&empty_[slot], phase ^ 1);
         uint64_t* full = &full_[slot];
         if (lane == 0) {
           ptx::mbarrier_arrive_expect_tx(full, Shape::kOperandBytes);
           ptx::tma_load_2d(ring_.a(slot), tma_a_, kb * kBlockK, row0, full);
 #pragma unroll
-          for (int g = 0; g < kNumMathWarpGroups; ++g)
-            ptx::tma_load_2d(ring_.b(slot) + g * Shape::kBWgBytes, tma_b_, kb * kBlockK,
+          for (int g = 0; g < kNumBGroups; ++g)
+            ptx::tma_load_2d(ring_.b(slot) + g * Shape::kBGroupBytes, tma_b_, kb * kBlockK,
                              op_.b_row(tile.expert, tile.n, g), full);
         }
+        // Only the working blocks' scales: a block past the pool's end has none to read.
         float* a_scale = ring_.a_scale(slot);
 #pragma unroll
-        for (int i = 0; i < kBlockM / 32; ++i)
-          ptx::cp_async_4(ptx::smem_addr(a_scale + lane + 32 * i),
-                          op_.a_scale_at(size_t(row0) + lane + 32 * i, kb));
-        if (lane < kNumMathWarpGroups)
+        for (int w = 0; w < kNumMathWarpGroups; ++w) {
+          if (!tile.has(w)) continue;
+#pragma unroll
+          for (int i = 0; i < kBlockM / 32; ++i) {
+            const int row = w * kBlockM + lane + 32 * i;
+            ptx::cp_async_4(ptx::smem_addr(a_scale + row), op_.a_scale_at(size_t(row0) + row, kb));
+          }
+        }
+        if (lane < kNumBGroups)
           ptx::cp_async_4(ptx::smem_addr(ring_.b_scale(slot) + lane),
                           op_.b_scale_at(tile.expert, tile.n, lane, kb));
         ptx::cp_async_mbarrier_arrive(full);
@@ -135,29 +146,52 @@ class GroupedFp8TmaMainloop {
     int slot = 0;
     uint32_t phase = 0;
     for (Tile tile = sched_.first(); !sched_.done(tile); tile = sched_.next(tile)) {
-      Accum<kWgN> acc;
+      const bool works = tile.has(wg);
+      TileAccum<kWgN> acc;
 #pragma unroll
-      for (int i = 0; i < Shape::kAccRegs; ++i) acc[i] = 0.f;
+      for (int g = 0; g < kNumBGroups; ++g) {
+#pragma unroll
+        for (int i = 0; i < Shape::kAccRegs; ++i) acc[g][i] = 0.f;
+      }
 
-      for (int kb = 0; kb < num_kb_; ++kb) {
+      for (int kb = 0; kb < num_kb(); ++kb) {
         ptx::mbarrier_wait(&full_[slot], phase);
-        float part[Shape::kAccRegs];
-        issue_block_mma<kWgN>(ptx::smem_addr(ring_.a(slot)),
-                              ptx::smem_addr(ring_.b(slot)) + wg * Shape::kBWgBytes, part);
-        ptx::wgmma_wait<0>();
-        ptx::fence_operands(part);
-        const RowScales scales = load_row_scales(ring_.a_scale(slot), ring_.b_scale(slot)[wg], t);
-        // The warp's wgmma reads and scale reads of the slot are done: hand it back.
-        __syncwarp();
-        if (warp_leader) ptx::mbarrier_arrive(&empty_[slot]);
-        promote<kWgN>(scales, part, acc);
+        if (works) {
+          const uint32_t a_smem = ptx::smem_addr(ring_.a(slot)) + wg * Shape::kAWgBytes;
+          const uint32_t b_smem = ptx::smem_addr(ring_.b(slot));
+          const RowScales a_scales = load_row_scales(ring_.a_scale(slot) + wg * kBlockM, t);
+          float b_scales[kNumBGroups];
+#pragma unroll
+          for (int g = 0; g < kNumBGroups; ++g) b_scales[g] = ring_.b_scale(slot)[g];
+          float part[Shape::kAccRegs];
+#pragma unroll
+          for (int g = 0; g < kNumBGroups; ++g) {
+            issue_block_mma<kWgN>(a_smem, b_smem + g * Shape::kBGroupBytes, part);
+            ptx::wgmma_wait<0>();
+            ptx::fence_operands(part);
+            // After the last group's wgmma the warp has read all of the slot: hand it back
+            // before the promotion.
+            if (g == kNumBGroups - 1) release(slot, warp_leader);
+            promote<kWgN>(a_scales, b_scales[g], part, acc[g]);
+          }
+        } else {
+          release(slot, warp_leader);
+        }
         if (++slot == kStages) {
           slot = 0;
           phase ^= 1;
         }
       }
-      epilogue(tile, acc, math_thread);
+      if (works) epilogue(tile, acc, math_thread);
     }
+  }
+
+  // Recomputed where used: a member would be held across the role split and spilled.
+  __device__ int num_kb() const { return op_.k / kBlockK; }
+
+  __device__ __forceinline__ void release(int slot, bool warp_leader) {
+    __syncwarp();
+    if (warp_leader) ptx::mbarrier_arrive(&empty_[slot]);
   }
 
   Ring ring_;
@@ -165,7 +199,6 @@ class GroupedFp8TmaMainloop {
   uint64_t* empty_;
   GemmOperands op_;
   TileScheduler sched_;
-  int num_kb_;
   const CUtensorMap* tma_a_;
   const CUtensorMap* tma_b_;
 };

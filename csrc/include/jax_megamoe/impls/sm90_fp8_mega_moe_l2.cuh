@@ -13,22 +13,24 @@
 
 namespace jax_megamoe::sm90 {
 
+// Runs on each working math warpgroup on its own: its row block's 64 rows x the tile's
+// kNumBGroups * kWgN hidden columns.
 template <int kWgN>
 struct L2Epilogue {
   using Shape = TileShape<kWgN>;
   static constexpr int kQuadTiles = 4;  // quad_transpose regroups exactly four n8 tiles
-  static_assert(Shape::kNTiles % kQuadTiles == 0, "warpgroup columns must split into 32s");
+  static_assert(Shape::kNTiles % kQuadTiles == 0, "group columns must split into 32s");
 
   const L2Params& p;
 
   // Each quad writes 8 rows x 64 contiguous bytes per 32 columns with 16-byte stores; no shared
   // memory, so nothing here waits on other warps.
-  __device__ __forceinline__ void operator()(const Tile& tile, Accum<kWgN>& acc,
+  __device__ __forceinline__ void operator()(const Tile& tile, TileAccum<kWgN>& acc,
                                              int math_thread) const {
     const FragCoords fc(math_thread);
-    const int row0 = tile.block * kBlockM;
+    const int row0 = (tile.pair * kNumMathWarpGroups + fc.wg) * kBlockM;
     const int slots_per_rank = p.max_tokens * p.topk;
-    const int col0 = (tile.n * kNumMathWarpGroups + fc.wg) * kWgN;
+    const int col0 = tile.n * Shape::kBRows;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int src = p.row_src[row0 + fc.row(half)];
@@ -39,16 +41,19 @@ struct L2Epilogue {
         dst = p.combine[rank] + (static_cast<size_t>(k) * p.max_tokens + token) * p.hidden + col0;
       }
 #pragma unroll
-      for (int q = 0; q < Shape::kNTiles / kQuadTiles; ++q) {
-        uint32_t words[kQuadTiles];
+      for (int g = 0; g < kNumBGroups; ++g) {
 #pragma unroll
-        for (int j = 0; j < kQuadTiles; ++j) {
-          const int r = 4 * (q * kQuadTiles + j) + 2 * half;
-          words[j] = ptx::cvt_bf16x2(acc[r], acc[r + 1]);
+        for (int q = 0; q < Shape::kNTiles / kQuadTiles; ++q) {
+          uint32_t words[kQuadTiles];
+#pragma unroll
+          for (int j = 0; j < kQuadTiles; ++j) {
+            const int r = 4 * (q * kQuadTiles + j) + 2 * half;
+            words[j] = ptx::cvt_bf16x2(acc[g][r], acc[g][r + 1]);
+          }
+          // All lanes shuffle; only rows with a destination store.
+          const uint4 v = epilogue::quad_transpose(words);
+          if (dst != nullptr) ptx::st_global_v4(dst + g * kWgN + q * 32 + (fc.lane % 4) * 8, v);
         }
-        // All lanes shuffle; only rows with a destination store.
-        const uint4 v = epilogue::quad_transpose(words);
-        if (dst != nullptr) ptx::st_global_v4(dst + q * 32 + (fc.lane % 4) * 8, v);
       }
     }
   }
@@ -64,9 +69,9 @@ __device__ __forceinline__ GemmOperands l2_operands(const L2Params& p) {
       p.block_expert,
       /*k=*/p.intermediate,
       /*b_rows=*/p.hidden,
-      /*b_tile_stride=*/kNumMathWarpGroups * kWgN,
+      /*b_tile_stride=*/TileShape<kWgN>::kBRows,
       /*b_group_stride=*/kWgN,
-      /*n_tiles=*/p.hidden / (kNumMathWarpGroups * kWgN),
+      /*n_tiles=*/p.hidden / TileShape<kWgN>::kBRows,
   };
 }
 

@@ -1,11 +1,13 @@
 // Shared-memory tile layout of the grouped FP8 GEMMs and the accumulator fragment map of their
 // math warpgroups (impls/sm90_fp8_grouped_tma_mainloop.cuh).
 //
-// CTA tile: kBlockM (64) rows x 2 * kWgN B rows. Two math warpgroups; warpgroup g owns all 64
-// rows and B rows [g * kWgN, +kWgN) of the tile, one wgmma m64nNk32 per k32 step. Each
-// warpgroup's B rows are contiguous in the expert's weight matrix and lie inside one 128x128
-// scale block, so they have one weight scale per K block. L1 uses warpgroup 0 = gate rows,
-// warpgroup 1 = up rows of the same 128 columns.
+// CTA tile: kTileM (128) pool rows = a pair of row blocks of one expert, x two B groups of kWgN
+// weight rows each. Two math warpgroups; warpgroup w owns row block w of the pair (64 rows) and
+// multiplies it by both B groups, one wgmma m64nNk32 per k32 step and group, so one weight tile
+// read from L2 feeds 128 rows. Each B group's rows are contiguous in the expert's weight matrix
+// and lie inside one 128x128 scale block, so they have one weight scale per K block. L1 uses
+// group 0 = gate rows, group 1 = up rows of the same 128 columns: the two values SwiGLU joins sit
+// in the same thread.
 #pragma once
 
 #include <cstdint>
@@ -15,8 +17,10 @@
 namespace jax_megamoe::sm90 {
 
 constexpr int kNumMathWarpGroups = 2;
+constexpr int kNumBGroups = 2;
 constexpr int kWarpGroupThreads = 128;
 constexpr int kNumMathThreads = kNumMathWarpGroups * kWarpGroupThreads;
+constexpr int kTileM = kNumMathWarpGroups * kBlockM;
 constexpr int kBlockK = kQuantBlock;
 constexpr int kWgmmaK = 32;
 // wgmma's 128-byte swizzle repeats every 8 rows x 128 B: operand tiles must start 1024-aligned.
@@ -24,29 +28,34 @@ constexpr int kSwizzleAtomBytes = 1024;
 // Slack for aligning the dynamic shared-memory base up to kSwizzleAtomBytes.
 constexpr int kSmemAlignSlack = kSwizzleAtomBytes;
 static_assert(kBlockK == 128, "one K block must be exactly one 128-byte swizzle row");
-static_assert(kBlockM == 64, "one wgmma m64 covers the row block");
+static_assert(kBlockM == 64, "one wgmma m64 covers a warpgroup's row block");
+static_assert(kTileM == kExpertAlignM, "a tile's row pair must never straddle two experts");
 
 template <int kWgN>
 struct TileShape {
-  static_assert(kWgN == 64 || kWgN == 128, "warpgroup N must be a wgmma shape we instantiate");
-  static constexpr int kBRows = kNumMathWarpGroups * kWgN;
-  // One stage: A [64][128], B [kBRows][128] (both 128B-swizzled, 1024-aligned), then in a
-  // separate region A scales [64] and B scales [kNumMathWarpGroups].
-  static constexpr int kABytes = kBlockM * kBlockK;
-  static constexpr int kBWgBytes = kWgN * kBlockK;
+  static_assert(kWgN == 64 || kWgN == 128, "B group N must be a wgmma shape we instantiate");
+  static constexpr int kBRows = kNumBGroups * kWgN;
+  // One stage: A [128][128], B [kBRows][128] (both 128B-swizzled, 1024-aligned), then in a
+  // separate region A scales [128] and B scales [kNumBGroups].
+  static constexpr int kABytes = kTileM * kBlockK;
+  static constexpr int kAWgBytes = kBlockM * kBlockK;  // one warpgroup's row block
+  static constexpr int kBGroupBytes = kWgN * kBlockK;
   static constexpr int kBBytes = kBRows * kBlockK;
   static constexpr int kOperandBytes = kABytes + kBBytes;
-  static constexpr int kScaleBytes = ((kBlockM + kNumMathWarpGroups) * 4 + 127) / 128 * 128;
+  static constexpr int kScaleBytes = ((kTileM + kNumBGroups) * 4 + 127) / 128 * 128;
   static constexpr int kStageBytes = kOperandBytes + kScaleBytes;
   static constexpr int kAccRegs = kWgN / 2;  // m64nN f32 accumulator per thread
-  static constexpr int kNTiles = kWgN / 8;   // n8 tiles per warpgroup
-  static_assert(kABytes % kSwizzleAtomBytes == 0 && kBWgBytes % kSwizzleAtomBytes == 0,
+  static constexpr int kNTiles = kWgN / 8;   // n8 tiles per B group
+  static_assert(kAWgBytes % kSwizzleAtomBytes == 0 && kBGroupBytes % kSwizzleAtomBytes == 0,
                 "every operand tile must start on a swizzle atom");
 };
 
-// Master accumulator of one thread, in the wgmma m64nN D layout (ptx/wgmma.cuh).
+// One B group's f32 accumulator of one thread, in the wgmma m64nN D layout (ptx/wgmma.cuh).
 template <int kWgN>
 using Accum = float[TileShape<kWgN>::kAccRegs];
+// A math thread's master accumulators: one per B group.
+template <int kWgN>
+using TileAccum = Accum<kWgN>[kNumBGroups];
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][128] tile: the 128-byte swizzle
 // wgmma's descriptors (layout 1) expect of a 1024-aligned tile (also the TMA 128B pattern).
@@ -61,7 +70,7 @@ __device__ __forceinline__ uint8_t* align_smem(uint8_t* p) {
 }
 
 // The stage ring in shared memory (base kSwizzleAtomBytes-aligned): kStages operand stages
-// (A then B, each 1024-aligned), then kStages scale stages (A scales [64], B scales [2]).
+// (A then B, each 1024-aligned), then kStages scale stages (A scales [128], B scales [2]).
 template <int kWgN, int kStages>
 struct StageRing {
   using Shape = TileShape<kWgN>;
@@ -75,12 +84,12 @@ struct StageRing {
     return reinterpret_cast<float*>(base + kStages * Shape::kOperandBytes +
                                     slot * Shape::kScaleBytes);
   }
-  __device__ float* b_scale(int slot) const { return a_scale(slot) + kBlockM; }
+  __device__ float* b_scale(int slot) const { return a_scale(slot) + kTileM; }
 };
 
 // Coordinates of a math thread's accumulator elements (math_thread in [0, kNumMathThreads)):
-// acc[4 * j + 2 * half + c] is CTA row row(half) and, within the warpgroup's kWgN B rows,
-// column col(j, c).
+// acc[g][4 * j + 2 * half + c] is row row(half) of the warpgroup's row block and, within B
+// group g's kWgN rows, column col(j, c).
 struct FragCoords {
   int wg, t, lane, warp;
   __device__ explicit FragCoords(int math_thread)
@@ -91,9 +100,5 @@ struct FragCoords {
   __device__ int row(int half) const { return warp * 16 + half * 8 + lane / 4; }
   __device__ int col(int j, int c) const { return j * 8 + (lane % 4) * 2 + c; }
 };
-
-// Hardware barrier 1 over the math warpgroups only (never the producer warp of the TMA main
-// loop): the epilogues' exchanges through shared memory.
-constexpr int kMathBarrierId = 1;
 
 }  // namespace jax_megamoe::sm90

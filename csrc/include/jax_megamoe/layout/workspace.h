@@ -12,9 +12,9 @@
 //   pool     a [P,H] e4m3, a_scale [P,H/128] f32
 //   act      act [P,I] e4m3, act_scale [P,I/128] f32
 //   combine  [K][Mmax][H] bf16, written by the destination ranks' L2
-// P = max_blocks * kBlockM, max_blocks = ceil((R*Mmax*K + E_l*(kBlockM-1)) / kBlockM): the pool
-// holds the worst case (every slot of every rank routed here, every expert segment padded), so no
-// token is ever dropped.
+// P = max_blocks * kBlockM = ceil((R*Mmax*K + E_l*(kExpertAlignM-1)) / kExpertAlignM) *
+// kExpertAlignM: the pool holds the worst case (every slot of every rank routed here, every
+// expert segment padded to kExpertAlignM rows), so no token is ever dropped.
 #pragma once
 
 #include <cstddef>
@@ -96,8 +96,9 @@ struct WorkspaceLayout {
     const size_t Mmax = c.max_tokens;
     WorkspaceLayout l{};
     l.local_experts = c.num_experts / c.num_ranks;
-    const size_t worst_rows = R * Mmax * K + size_t(l.local_experts) * (kBlockM - 1);
-    l.max_blocks = int((worst_rows + kBlockM - 1) / kBlockM);
+    const size_t worst_rows = R * Mmax * K + size_t(l.local_experts) * (kExpertAlignM - 1);
+    const size_t segments = (worst_rows + kExpertAlignM - 1) / kExpertAlignM;
+    l.max_blocks = int(segments * (kExpertAlignM / kBlockM));
     l.pool_rows = size_t(l.max_blocks) * kBlockM;
     const size_t P = l.pool_rows;
 

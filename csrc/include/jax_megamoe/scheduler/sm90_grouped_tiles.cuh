@@ -1,5 +1,5 @@
 // Work decomposition shared by the grouped FP8 GEMM main loops: the operands of one grouped GEMM
-// and the persistent static schedule over (row block, N tile) pairs. Every role of a CTA (the
+// and the persistent static schedule over (row-block pair, N tile). Every role of a CTA (the
 // producer and each math warpgroup) walks the same sequence, so they agree without talking.
 #pragma once
 
@@ -18,13 +18,13 @@ struct GemmOperands {
   const int32_t* block_expert;  // [max_blocks]
   int k;
   int b_rows;
-  // B row of warpgroup g of N tile n: n * b_tile_stride + g * b_group_stride.
+  // B row of group g of N tile n: n * b_tile_stride + g * b_group_stride.
   int b_tile_stride;
   int b_group_stride;
   int n_tiles;  // N tiles per row block
 
-  // Row of `b` (viewed as [experts * b_rows, k]) where warpgroup `group`'s rows of N tile `n`
-  // of `expert` start; one kQuantBlock-row scale block holds all of them.
+  // Row of `b` (viewed as [experts * b_rows, k]) where B group `group`'s rows of N tile `n` of
+  // `expert` start; one kQuantBlock-row scale block holds all of them.
   __device__ int b_row(int expert, int n, int group) const {
     return expert * b_rows + n * b_tile_stride + group * b_group_stride;
   }
@@ -41,37 +41,58 @@ struct GemmOperands {
 
 struct Tile {
   int index;  // >= num_tiles: this CTA is done
-  int block;
+  int pair;   // row blocks 2 * pair (math warpgroup 0) and 2 * pair + 1 (warpgroup 1)
   int n;
   int expert;
+  int mask;  // bit w: row block 2 * pair + w belongs to `expert` (warpgroup w works)
+
+  __device__ bool has(int wg) const { return (mask >> wg) & 1; }
 };
 
-// Static round-robin over (row block, N tile), row-block-major so CTAs running side by side share
-// the A tile and one expert's weights in L2. A block whose expert is negative (never produced by
-// a correct dispatch) is skipped rather than read out of bounds.
+// Static round-robin over (row-block pair, N tile), pair-major so CTAs running side by side
+// share the A tile and one expert's weights in L2. A pair whose blocks name one expert is one
+// tile; a block naming -1 (padding only, past num_blocks, or never produced by a correct
+// dispatch) is left out of the mask. Pools laid out by the dispatch never put two experts in one
+// pair (kExpertAlignM); a caller's pool may (the standalone GEMMs accept 64-row alignment), and
+// then the pair is two consecutive tiles of the same index, one per expert, each with one
+// warpgroup working.
 class TileScheduler {
  public:
   __device__ TileScheduler(const GemmOperands& op, int num_blocks)
-      : block_expert_(op.block_expert), n_tiles_(op.n_tiles), num_tiles_(num_blocks * op.n_tiles) {}
+      : block_expert_(op.block_expert),
+        n_tiles_(op.n_tiles),
+        num_blocks_(num_blocks),
+        num_tiles_((num_blocks + 1) / 2 * op.n_tiles) {}
 
   __device__ Tile first() const { return resolve(static_cast<int>(blockIdx.x)); }
   __device__ Tile next(const Tile& t) const {
+    if (t.mask == 1) {  // the second block of a pair that straddles two experts
+      const int e1 = expert_of(2 * t.pair + 1);
+      if (e1 >= 0 && e1 != t.expert) return {t.index, t.pair, t.n, e1, 2};
+    }
     return resolve(t.index + static_cast<int>(gridDim.x));
   }
   __device__ bool done(const Tile& t) const { return t.index >= num_tiles_; }
 
  private:
+  __device__ int expert_of(int block) const {
+    return block < num_blocks_ ? block_expert_[block] : -1;
+  }
+
   __device__ Tile resolve(int index) const {
     for (; index < num_tiles_; index += gridDim.x) {
-      const int block = index / n_tiles_;
-      const int expert = block_expert_[block];
-      if (expert >= 0) return {index, block, index - block * n_tiles_, expert};
+      const int pair = index / n_tiles_;
+      const int n = index - pair * n_tiles_;
+      const int e0 = expert_of(2 * pair), e1 = expert_of(2 * pair + 1);
+      if (e0 >= 0) return {index, pair, n, e0, 1 | (e1 == e0 ? 2 : 0)};
+      if (e1 >= 0) return {index, pair, n, e1, 2};
     }
-    return {num_tiles_, 0, 0, 0};
+    return {num_tiles_, 0, 0, 0, 0};
   }
 
   const int32_t* block_expert_;
   int n_tiles_;
+  int num_blocks_;
   int num_tiles_;
 };
 
