@@ -73,6 +73,21 @@ uint64_t timeout_ns_from_env() {
   return uint64_t(seconds * 1e9);
 }
 
+// The error record: pinned, mapped into every device's address space (portable), zeroed.
+ErrorRecord* allocate_error_record(ErrorRecord** device_ptr) {
+  void* host = nullptr;
+  check_cuda(cudaHostAlloc(&host, sizeof(ErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable),
+             "allocating the pinned error record");
+  std::memset(host, 0, sizeof(ErrorRecord));
+  void* device = nullptr;
+  if (cudaError_t err = cudaHostGetDevicePointer(&device, host, 0); err != cudaSuccess) {
+    cudaFreeHost(host);
+    check_cuda(err, "mapping the error record into the device");
+  }
+  *device_ptr = static_cast<ErrorRecord*>(device);
+  return static_cast<ErrorRecord*>(host);
+}
+
 void require(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument("jax_megamoe: " + message);
 }
@@ -138,9 +153,11 @@ uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
         "lower max_tokens_per_rank.");
   }
 
+  ErrorRecord* error = nullptr;
   try {
     const WorkspaceLayout layout = WorkspaceLayout::make(config);
     HeaderFixed header{};
+    error = allocate_error_record(&header.error);
     header.timeout_ns = timeout_ns;
     header.rank = rank;
     header.num_ranks = config.num_ranks;
@@ -155,6 +172,7 @@ uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
                "loading the kernels on device " + std::to_string(device_ordinal));
   } catch (...) {
     cudaFree(base);
+    if (error != nullptr) cudaFreeHost(error);
     throw;
   }
 
@@ -163,9 +181,10 @@ uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
   if (!registry()
            .emplace(Key{buffer_id, device_ordinal},
                     WorkspaceState{config, device_ordinal, rank, budget,
-                                   static_cast<uint8_t*>(base), nbytes, false})
+                                   static_cast<uint8_t*>(base), nbytes, false, error, timeout_ns})
            .second) {
     cudaFree(base);
+    cudaFreeHost(error);
     throw std::runtime_error("jax_megamoe: " + key_str(buffer_id, device_ordinal) +
                              " was created concurrently by another thread");
   }
@@ -254,7 +273,10 @@ void destroy_workspace(int64_t buffer_id, int device_ordinal) {
     registry().erase(it);
   }
   DeviceGuard guard(device_ordinal);
-  check_cuda(cudaFree(state.base), "freeing " + key_str(buffer_id, device_ordinal));
+  const cudaError_t freed = cudaFree(state.base);
+  const cudaError_t freed_record = cudaFreeHost(const_cast<ErrorRecord*>(state.error));
+  check_cuda(freed, "freeing " + key_str(buffer_id, device_ordinal));
+  check_cuda(freed_record, "freeing the error record of " + key_str(buffer_id, device_ordinal));
   if (unmap_error) std::rethrow_exception(unmap_error);
 }
 

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "jax_megamoe/comm/error_record.h"
 #include "jax_megamoe/layout/workspace.h"
 
 namespace jax_megamoe {
@@ -21,6 +22,10 @@ struct WorkspaceState {
   uint8_t* base;
   size_t nbytes;
   bool connected;  // peer table uploaded; execute refuses to run before
+  // Host-mapped pinned record the kernels write when a call fails (comm/error_record.h); the
+  // host reads it with plain loads. Allocated and freed with the workspace.
+  const ErrorRecord* error;
+  uint64_t timeout_ns;  // spin limit of the cross-rank waits, as stored in the header
 };
 
 // Exact workspace size for this configuration; throws std::invalid_argument naming the first
