@@ -77,7 +77,8 @@ std::string error_record_message(const ErrorRecord& r, int64_t buffer_id, int de
              "); its output is NaN. Every rank must issue the same sequence of "
              "fp8_mega_moe calls on a buffer; if rank " +
              peer +
-             " is only slow (compiling, loading), raise JAX_MEGAMOE_TIMEOUT_S. The ranks' epochs "
+             " is only slow (compiling, loading), raise the timeout with "
+             "SymmBuffer.create(..., timeout_s=...) or JAX_MEGAMOE_TIMEOUT_S. The ranks' epochs "
              "may now disagree." +
              kRecreate;
     case kErrorPeerAborted:

@@ -58,6 +58,7 @@ NB_MODULE(_C, m) {
         constants["QUANT_BLOCK"] = kQuantBlock;
         constants["MAX_TOPK"] = kMaxTopk;
         constants["MAX_LOCAL_EXPERTS"] = kMaxLocalExperts;
+        constants["DEFAULT_TIMEOUT_S"] = kDefaultTimeoutS;
         return constants;
       },
       "The limits and block sizes the kernels are built with (jax_megamoe/constants.h).");
@@ -80,16 +81,17 @@ NB_MODULE(_C, m) {
   m.def(
       "create_workspace",
       [](int64_t buffer_id, int device_ordinal, int rank, int num_ranks, int num_experts,
-         int hidden, int intermediate, int topk, int max_tokens, int sm_budget) {
+         int hidden, int intermediate, int topk, int max_tokens, int sm_budget, double timeout_s) {
         return create_workspace(
             buffer_id, device_ordinal, rank,
-            make_config(num_ranks, num_experts, hidden, intermediate, topk, max_tokens), sm_budget);
+            make_config(num_ranks, num_experts, hidden, intermediate, topk, max_tokens), sm_budget,
+            timeout_s);
       },
       "buffer_id"_a, "device_ordinal"_a, "rank"_a, "num_ranks"_a, "num_experts"_a, "hidden"_a,
-      "intermediate"_a, "topk"_a, "max_tokens"_a, "sm_budget"_a,
+      "intermediate"_a, "topk"_a, "max_tokens"_a, "sm_budget"_a, "timeout_s"_a,
       "Allocates and zero-fills this rank's workspace and its pinned error record on the device, "
-      "loads every kernel there, and returns the device base pointer. sm_budget 0 = every SM. "
-      "Reads JAX_MEGAMOE_TIMEOUT_S.");
+      "loads every kernel there, and returns the device base pointer. sm_budget 0 = every SM; "
+      "timeout_s 0 = JAX_MEGAMOE_TIMEOUT_S, else DEFAULT_TIMEOUT_S.");
 
   m.def(
       "buffer_error",

@@ -19,8 +19,6 @@
 namespace jax_megamoe {
 namespace {
 
-constexpr double kDefaultTimeoutS = 30.0;
-
 using Key = std::pair<int64_t, int>;  // (buffer_id, device_ordinal)
 
 // XLA runs each device's calls on its own thread, so lookups from execute and setup calls from
@@ -62,7 +60,7 @@ void run_sync(const std::string& what, Enqueue enqueue) {
 
 uint64_t timeout_ns_from_env() {
   const char* text = std::getenv("JAX_MEGAMOE_TIMEOUT_S");
-  if (text == nullptr || *text == '\0') return uint64_t(kDefaultTimeoutS * 1e9);
+  if (text == nullptr || *text == '\0') return uint64_t(kDefaultTimeoutS) * 1000000000u;
   char* end = nullptr;
   errno = 0;
   const double seconds = std::strtod(text, &end);
@@ -71,6 +69,15 @@ uint64_t timeout_ns_from_env() {
                                 "' must be a positive number of seconds");
   }
   return uint64_t(seconds * 1e9);
+}
+
+uint64_t timeout_ns_of(double timeout_s) {
+  if (timeout_s == 0) return timeout_ns_from_env();
+  if (!std::isfinite(timeout_s) || timeout_s < 0 || timeout_s > 1e9) {
+    throw std::invalid_argument("jax_megamoe: timeout_s (" + std::to_string(timeout_s) +
+                                ") must be a positive number of seconds, at most 1e9");
+  }
+  return uint64_t(timeout_s * 1e9);
 }
 
 // The error record: pinned, mapped into every device's address space (portable), zeroed.
@@ -117,7 +124,7 @@ size_t workspace_nbytes(const WorkspaceConfig& c) {
 }
 
 uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
-                           const WorkspaceConfig& config, int sm_budget) {
+                           const WorkspaceConfig& config, int sm_budget, double timeout_s) {
   const size_t nbytes = workspace_nbytes(config);
   require(rank >= 0 && rank < config.num_ranks,
           "rank " + std::to_string(rank) +
@@ -130,7 +137,7 @@ uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
                                " already exists; destroy it first");
     }
   }
-  const uint64_t timeout_ns = timeout_ns_from_env();
+  const uint64_t timeout_ns = timeout_ns_of(timeout_s);
 
   DeviceGuard guard(device_ordinal);
   require_sm90(device_ordinal, "fused kernels");

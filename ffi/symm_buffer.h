@@ -32,8 +32,10 @@ struct WorkspaceState {
 // unsupported parameter.
 size_t workspace_nbytes(const WorkspaceConfig& config);
 
+// `timeout_s` > 0 sets the cross-rank wait limit; 0 takes JAX_MEGAMOE_TIMEOUT_S, else
+// kDefaultTimeoutS.
 uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
-                           const WorkspaceConfig& config, int sm_budget);
+                           const WorkspaceConfig& config, int sm_budget, double timeout_s);
 // peer_ordinals[s] is rank s's device ordinal in this process, or -1 for a rank driven by another
 // process (its pointer then comes from open_ipc_handle, which enables peer access itself).
 void connect_workspace(int64_t buffer_id, int device_ordinal, const std::vector<int>& peer_ordinals,

@@ -82,7 +82,7 @@ def test_size_of_the_smallest_workspace_by_hand():
 
 @needs_extension
 def test_constants_equal_the_extension():
-    names = ("BLOCK_M", "QUANT_BLOCK", "MAX_TOPK", "MAX_LOCAL_EXPERTS")
+    names = ("BLOCK_M", "QUANT_BLOCK", "MAX_TOPK", "MAX_LOCAL_EXPERTS", "DEFAULT_TIMEOUT_S")
     assert _ffi.extension().constants() == {n: getattr(constants, n) for n in names}
 
 

@@ -61,6 +61,13 @@ def sharded_call(inp, fn, *, mesh=MESH, weight_spec=EXPERT_AXIS):
         ("num_experts", 4 * 4097, ValueError, "4097 experts per rank exceed"),
         ("sm_budget", -1, ValueError, r"sm_budget must be in \[0,"),
         ("sm_budget", 0.5, TypeError, "sm_budget must be an int"),
+        ("timeout_s", 0, ValueError, "timeout_s must be a positive number of seconds"),
+        ("timeout_s", -3.0, ValueError, "timeout_s must be a positive number of seconds"),
+        ("timeout_s", float("nan"), ValueError, r"at most 1e9\), got nan"),
+        ("timeout_s", float("inf"), ValueError, r"at most 1e9\), got inf"),
+        ("timeout_s", 2e9, ValueError, "timeout_s must be a positive number"),
+        ("timeout_s", "30", TypeError, "timeout_s must be a number of seconds or None"),
+        ("timeout_s", True, TypeError, "timeout_s must be a number of seconds or None"),
     ],
 )
 def test_create_validates_every_argument(field, value, error, match):
@@ -85,6 +92,15 @@ def test_size_reported_on_cpu_and_numpy_ints_accepted():
     assert type(buf.max_tokens_per_rank) is int
     buf.close()
     assert buf.closed and buf.nbytes_per_rank == want  # the size stays; allocated is apart
+
+
+def test_timeout_is_kept_as_given():
+    buf = SymmBuffer.create(MESH, "ep", **BUF, timeout_s=np.float32(2.5))
+    assert buf.timeout_s == 2.5 and type(buf.timeout_s) is float
+    assert SymmBuffer.create(MESH, "ep", **BUF, timeout_s=7).timeout_s == 7.0
+    # None: the extension reads JAX_MEGAMOE_TIMEOUT_S, else DEFAULT_TIMEOUT_S, when it allocates.
+    assert SymmBuffer.create(MESH, "ep", **BUF).timeout_s is None
+    assert jax_megamoe.constants.DEFAULT_TIMEOUT_S == 300
 
 
 # --- Errors the kernels record on the device ---------------------------------------------------

@@ -10,3 +10,4 @@ BLOCK_M = 64  # rows of one grouped-GEMM row block; every expert's pool rows sta
 QUANT_BLOCK = 128  # FP8 scale block: 1x128 for activations, 128x128 for weights
 MAX_TOPK = 32  # slots per token the routing kernels hold in shared memory
 MAX_LOCAL_EXPERTS = 4096  # experts per rank the routing kernels count in shared memory
+DEFAULT_TIMEOUT_S = 300  # seconds a cross-rank wait spins before the call fails

@@ -115,6 +115,8 @@ class SymmBuffer:
     nbytes_per_rank: int  # what each GPU of the mesh allocates (or would, on other backends)
     allocated: bool = False
     closed: bool = False
+    # Cross-rank wait limit in seconds; None: JAX_MEGAMOE_TIMEOUT_S, else DEFAULT_TIMEOUT_S.
+    timeout_s: float | None = None
     # Processes whose devices are in the mesh (the peers of create/close); () when this
     # process has none.
     processes: tuple[int, ...] = ()
@@ -139,11 +141,15 @@ class SymmBuffer:
         topk: int,
         max_tokens_per_rank: int,
         sm_budget: int = 0,
+        timeout_s: float | None = None,
     ) -> SymmBuffer:
         """Sizes the workspace exactly from the shapes and allocates it on every device of the
         mesh (each device's rank is its index along ``axis_name``). ``sm_budget`` caps the SMs
-        the persistent kernels take (0 = all), leaving room for XLA's concurrent work. Every
-        argument is checked on every backend by the rules the CUDA side applies.
+        the persistent kernels take (0 = all), leaving room for XLA's concurrent work.
+        ``timeout_s`` bounds each cross-rank wait of a call (None: ``JAX_MEGAMOE_TIMEOUT_S``,
+        else ``DEFAULT_TIMEOUT_S`` = 300 s); past it the call fails with NaN output and
+        :meth:`check` says why. Every argument is checked on every backend by the rules the CUDA
+        side applies.
 
         Each group of devices along ``axis_name`` (one per index of the other mesh axes) is an
         independent expert group with its own peers; its GPUs must be on one host. With several
@@ -162,6 +168,7 @@ class SymmBuffer:
             topk=topk,
             max_tokens_per_rank=max_tokens_per_rank,
         )
+        timeout_s = checks.check_timeout(timeout_s)
         with _lock:
             buffer_id = next(_ids)
         nbytes = workspace_nbytes(num_ranks=num_ranks, **dims)
@@ -170,6 +177,7 @@ class SymmBuffer:
             axis_name,
             buffer_id=buffer_id,
             nbytes_per_rank=nbytes,
+            timeout_s=timeout_s,
             **dims,
         )
         me = jax.process_index()
@@ -291,6 +299,7 @@ class SymmBuffer:
                 self.topk,
                 self.max_tokens_per_rank,
                 sm_budget,
+                0.0 if self.timeout_s is None else self.timeout_s,  # 0: the environment's
             )
             ordinals.append(ordinal)
         return {
