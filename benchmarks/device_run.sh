@@ -4,9 +4,11 @@
 #   readme    the README quickstart in a fresh copy of this checkout, from its root: install
 #             (--no-build-isolation --no-deps: such machines often reach no package index),
 #             `python -m jax_megamoe`, then `pytest -m gpu` (the GPU half of the test command)
-#   test      single-process GPU tests (command buffers on, then a subset with them off) + CLI
+#   test      single-process GPU tests (command buffers on, then a subset with them off, the
+#             device-error tests included) + CLI
 #   sanitize  compute-sanitizer memcheck and racecheck on the small standalone GEMM tests
-#   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs)
+#   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs, the two
+#             timeout cases also on one)
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
 #   bench     benchmarks/bench_mega_moe.py with $BENCH_ARGS
 # Usage: bash benchmarks/device_run.sh MODES [extra pytest args for "test"...]
@@ -48,8 +50,8 @@ if [[ $modes == *,test,* ]]; then
     tee "$OUT/gpu_tests.log" | summary
   status=$((status | PIPESTATUS[0]))
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 -m pytest -m gpu -q tests/test_gpu.py \
-    -k "small_shape and (uniform or hot) or scan or two_layers" 2>&1 |
-    tee "$OUT/gpu_tests_no_cmdbuf.log" | tail -3
+    tests/test_gpu_errors.py -k "small_shape and (uniform or hot) or scan or two_layers or errors" \
+    2>&1 | tee "$OUT/gpu_tests_no_cmdbuf.log" | tail -3
   status=$((status | PIPESTATUS[0]))
   python3 -m jax_megamoe 2>&1 | tee "$OUT/cli.txt"
 fi
@@ -63,7 +65,7 @@ if [[ $modes == *,sanitize,* ]]; then
   done
 fi
 if [[ $modes == *,mp,* ]]; then
-  timeout 420 python3 -m pytest -m gpu -q -s -rA tests/test_gpu_multiprocess.py 2>&1 |
+  timeout 600 python3 -m pytest -m gpu -q -s -rA tests/test_gpu_multiprocess.py 2>&1 |
     tee "$OUT/gpu_mp_tests.log" | tail -40
   status=$((status | PIPESTATUS[0]))
 fi

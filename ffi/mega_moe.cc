@@ -1,7 +1,7 @@
-// XLA FFI handler of the fused layer (kFp8MegaMoeTarget, mega_moe.h): validates shapes against the
-// workspace the buffer_id attribute names on this device, then enqueues the runtime's kernels on
-// XLA's stream. Execute never syncs, allocates or loads modules, so the handler is command-buffer
-// compatible.
+// XLA FFI handler of the fused layer (kFp8MegaMoeTarget, mega_moe.h): refuses a workspace whose
+// kernels recorded an error in an earlier call, validates shapes against the workspace the
+// buffer_id attribute names on this device, then enqueues the runtime's kernels on XLA's stream.
+// Execute never syncs, allocates or loads modules, so the handler is command-buffer compatible.
 #include "mega_moe.h"
 
 #include <cuda_runtime_api.h>
@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "error_record.h"
 #include "ffi_common.h"
 #include "jax_megamoe/runtime.h"
 #include "symm_buffer.h"
@@ -23,8 +24,9 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
                           ffi::Buffer<ffi::F32> x_scale, ffi::Buffer<ffi::S32> topk_ids,
                           ffi::Buffer<ffi::F32> topk_weights, ffi::AnyBuffer w1,
                           ffi::Buffer<ffi::F32> w1_scale, ffi::AnyBuffer w2,
-                          ffi::Buffer<ffi::F32> w2_scale, ffi::Result<ffi::Buffer<ffi::BF16>> y,
-                          int64_t buffer_id, float activation_clamp) {
+                          ffi::Buffer<ffi::F32> w2_scale, ffi::Buffer<ffi::S32> expected_rank,
+                          ffi::Result<ffi::Buffer<ffi::BF16>> y, int64_t buffer_id,
+                          float activation_clamp) {
   const std::optional<WorkspaceState> state = find_workspace(buffer_id, device_ordinal);
   if (!state) {
     return ffi::Error::InvalidArgument(
@@ -37,6 +39,15 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
                                        std::to_string(buffer_id) + " on device " +
                                        std::to_string(device_ordinal) +
                                        " was created but its peers were never connected");
+  }
+  // Sticky: after a failure the ranks' epochs may disagree, so no later call may run. The record
+  // shows what kernels that have finished wrote; calls enqueued before they finished are skipped
+  // on the device.
+  if (const ErrorRecord record = read_error_record(state->error); record.code != kErrorNone) {
+    return ffi::Error(
+        ffi::ErrorCode::kFailedPrecondition,
+        std::string(kFp8MegaMoeTarget) + ": refused, an earlier call failed. " +
+            error_record_message(record, buffer_id, device_ordinal, state->timeout_ns));
   }
   const WorkspaceConfig& c = state->config;
   const int64_t m = dim(x.dimensions(), 0);
@@ -59,6 +70,7 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
   check.expect("w1_scale", w1_scale.dimensions(), {E_l, 2 * I / q, H / q});
   check.expect("w2", w2.dimensions(), {E_l, H, I});
   check.expect("w2_scale", w2_scale.dimensions(), {E_l, H / q, I / q});
+  check.expect("expected_rank", expected_rank.dimensions(), std::initializer_list<int64_t>{});
   check.expect("y", y->dimensions(), {m, H});
   if (check.failed()) return check.error();
   // The staging and combine copies move 16-byte vectors.
@@ -85,6 +97,7 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
   args.w2_scale = w2_scale.typed_data();
   args.y = y->untyped_data();
   args.activation_clamp = activation_clamp;
+  args.expected_rank = expected_rank.typed_data();
   if (cudaError_t err = launch_mega_moe(args, stream); err != cudaSuccess) {
     return launch_error(kFp8MegaMoeTarget, device_ordinal, err);
   }
@@ -105,6 +118,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeFp8MegaMoe,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w1_scale
                                   .Arg<ffi::AnyBuffer>()          // w2
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w2_scale
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // expected_rank (scalar)
                                   .Ret<ffi::Buffer<ffi::BF16>>()  // y
                                   .Attr<int64_t>("buffer_id")
                                   .Attr<float>("activation_clamp"),

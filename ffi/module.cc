@@ -7,9 +7,11 @@
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "error_record.h"
 #include "ffi_common.h"
 #include "grouped_gemm.h"
 #include "jax_megamoe/constants.h"
@@ -57,6 +59,7 @@ NB_MODULE(_C, m) {
         constants["QUANT_BLOCK"] = kQuantBlock;
         constants["MAX_TOPK"] = kMaxTopk;
         constants["MAX_LOCAL_EXPERTS"] = kMaxLocalExperts;
+        constants["DEFAULT_TIMEOUT_S"] = kDefaultTimeoutS;
         return constants;
       },
       "The limits and block sizes the kernels are built with (jax_megamoe/constants.h).");
@@ -79,15 +82,41 @@ NB_MODULE(_C, m) {
   m.def(
       "create_workspace",
       [](int64_t buffer_id, int device_ordinal, int rank, int num_ranks, int num_experts,
-         int hidden, int intermediate, int topk, int max_tokens, int sm_budget) {
+         int hidden, int intermediate, int topk, int max_tokens, int sm_budget, double timeout_s) {
         return create_workspace(
             buffer_id, device_ordinal, rank,
-            make_config(num_ranks, num_experts, hidden, intermediate, topk, max_tokens), sm_budget);
+            make_config(num_ranks, num_experts, hidden, intermediate, topk, max_tokens), sm_budget,
+            timeout_s);
       },
       "buffer_id"_a, "device_ordinal"_a, "rank"_a, "num_ranks"_a, "num_experts"_a, "hidden"_a,
-      "intermediate"_a, "topk"_a, "max_tokens"_a, "sm_budget"_a,
-      "Allocates and zero-fills this rank's workspace on the device, loads every kernel there, "
-      "and returns the device base pointer. sm_budget 0 = every SM. Reads JAX_MEGAMOE_TIMEOUT_S.");
+      "intermediate"_a, "topk"_a, "max_tokens"_a, "sm_budget"_a, "timeout_s"_a,
+      "Allocates and zero-fills this rank's workspace and its pinned error record on the device, "
+      "loads every kernel there, and returns the device base pointer. sm_budget 0 = every SM; "
+      "timeout_s 0 = JAX_MEGAMOE_TIMEOUT_S, else DEFAULT_TIMEOUT_S.");
+
+  m.def(
+      "buffer_error",
+      [](int64_t buffer_id, int device_ordinal) -> nb::object {
+        const std::optional<WorkspaceState> state = find_workspace(buffer_id, device_ordinal);
+        if (!state) return nb::none();
+        const ErrorRecord r = read_error_record(state->error);
+        if (r.code == kErrorNone) return nb::none();
+        nb::dict d;
+        d["kind"] = error_kind(r.code);
+        d["code"] = r.code;
+        d["rank"] = r.rank;
+        d["phase"] = phase_name(r.phase);
+        d["peer"] = r.peer;
+        d["epoch"] = r.epoch;
+        d["seen"] = r.seen;
+        d["expected_rank"] = r.expected_rank;
+        d["message"] = error_record_message(r, buffer_id, device_ordinal, state->timeout_ns);
+        return d;
+      },
+      "buffer_id"_a, "device_ordinal"_a,
+      "The error the workspace's kernels recorded (a dict: kind, code, rank, phase, peer, epoch, "
+      "seen, expected_rank, message), or None: no error, or no such workspace. No sync: it "
+      "shows what kernels that have finished wrote.");
 
   m.def("connect_workspace", &connect_workspace, "buffer_id"_a, "device_ordinal"_a,
         "peer_ordinals"_a, "peer_ptrs"_a,

@@ -19,8 +19,6 @@
 namespace jax_megamoe {
 namespace {
 
-constexpr double kDefaultTimeoutS = 30.0;
-
 using Key = std::pair<int64_t, int>;  // (buffer_id, device_ordinal)
 
 // XLA runs each device's calls on its own thread, so lookups from execute and setup calls from
@@ -62,7 +60,7 @@ void run_sync(const std::string& what, Enqueue enqueue) {
 
 uint64_t timeout_ns_from_env() {
   const char* text = std::getenv("JAX_MEGAMOE_TIMEOUT_S");
-  if (text == nullptr || *text == '\0') return uint64_t(kDefaultTimeoutS * 1e9);
+  if (text == nullptr || *text == '\0') return uint64_t(kDefaultTimeoutS) * 1000000000u;
   char* end = nullptr;
   errno = 0;
   const double seconds = std::strtod(text, &end);
@@ -71,6 +69,30 @@ uint64_t timeout_ns_from_env() {
                                 "' must be a positive number of seconds");
   }
   return uint64_t(seconds * 1e9);
+}
+
+uint64_t timeout_ns_of(double timeout_s) {
+  if (timeout_s == 0) return timeout_ns_from_env();
+  if (!std::isfinite(timeout_s) || timeout_s < 0 || timeout_s > 1e9) {
+    throw std::invalid_argument("jax_megamoe: timeout_s (" + std::to_string(timeout_s) +
+                                ") must be a positive number of seconds, at most 1e9");
+  }
+  return uint64_t(timeout_s * 1e9);
+}
+
+// The error record: pinned, mapped into every device's address space (portable), zeroed.
+ErrorRecord* allocate_error_record(ErrorRecord** device_ptr) {
+  void* host = nullptr;
+  check_cuda(cudaHostAlloc(&host, sizeof(ErrorRecord), cudaHostAllocMapped | cudaHostAllocPortable),
+             "allocating the pinned error record");
+  std::memset(host, 0, sizeof(ErrorRecord));
+  void* device = nullptr;
+  if (cudaError_t err = cudaHostGetDevicePointer(&device, host, 0); err != cudaSuccess) {
+    cudaFreeHost(host);
+    check_cuda(err, "mapping the error record into the device");
+  }
+  *device_ptr = static_cast<ErrorRecord*>(device);
+  return static_cast<ErrorRecord*>(host);
 }
 
 void require(bool ok, const std::string& message) {
@@ -102,7 +124,7 @@ size_t workspace_nbytes(const WorkspaceConfig& c) {
 }
 
 uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
-                           const WorkspaceConfig& config, int sm_budget) {
+                           const WorkspaceConfig& config, int sm_budget, double timeout_s) {
   const size_t nbytes = workspace_nbytes(config);
   require(rank >= 0 && rank < config.num_ranks,
           "rank " + std::to_string(rank) +
@@ -115,7 +137,7 @@ uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
                                " already exists; destroy it first");
     }
   }
-  const uint64_t timeout_ns = timeout_ns_from_env();
+  const uint64_t timeout_ns = timeout_ns_of(timeout_s);
 
   DeviceGuard guard(device_ordinal);
   require_sm90(device_ordinal, "fused kernels");
@@ -138,9 +160,11 @@ uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
         "lower max_tokens_per_rank.");
   }
 
+  ErrorRecord* error = nullptr;
   try {
     const WorkspaceLayout layout = WorkspaceLayout::make(config);
     HeaderFixed header{};
+    error = allocate_error_record(&header.error);
     header.timeout_ns = timeout_ns;
     header.rank = rank;
     header.num_ranks = config.num_ranks;
@@ -155,6 +179,7 @@ uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
                "loading the kernels on device " + std::to_string(device_ordinal));
   } catch (...) {
     cudaFree(base);
+    if (error != nullptr) cudaFreeHost(error);
     throw;
   }
 
@@ -163,9 +188,10 @@ uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
   if (!registry()
            .emplace(Key{buffer_id, device_ordinal},
                     WorkspaceState{config, device_ordinal, rank, budget,
-                                   static_cast<uint8_t*>(base), nbytes, false})
+                                   static_cast<uint8_t*>(base), nbytes, false, error, timeout_ns})
            .second) {
     cudaFree(base);
+    cudaFreeHost(error);
     throw std::runtime_error("jax_megamoe: " + key_str(buffer_id, device_ordinal) +
                              " was created concurrently by another thread");
   }
@@ -254,7 +280,10 @@ void destroy_workspace(int64_t buffer_id, int device_ordinal) {
     registry().erase(it);
   }
   DeviceGuard guard(device_ordinal);
-  check_cuda(cudaFree(state.base), "freeing " + key_str(buffer_id, device_ordinal));
+  const cudaError_t freed = cudaFree(state.base);
+  const cudaError_t freed_record = cudaFreeHost(const_cast<ErrorRecord*>(state.error));
+  check_cuda(freed, "freeing " + key_str(buffer_id, device_ordinal));
+  check_cuda(freed_record, "freeing the error record of " + key_str(buffer_id, device_ordinal));
   if (unmap_error) std::rethrow_exception(unmap_error);
 }
 

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "jax_megamoe/comm/error_record.h"
 #include "jax_megamoe/layout/workspace.h"
 
 namespace jax_megamoe {
@@ -21,14 +22,20 @@ struct WorkspaceState {
   uint8_t* base;
   size_t nbytes;
   bool connected;  // peer table uploaded; execute refuses to run before
+  // Host-mapped pinned record the kernels write when a call fails (comm/error_record.h); the
+  // host reads it with plain loads. Allocated and freed with the workspace.
+  const ErrorRecord* error;
+  uint64_t timeout_ns;  // spin limit of the cross-rank waits, as stored in the header
 };
 
 // Exact workspace size for this configuration; throws std::invalid_argument naming the first
 // unsupported parameter.
 size_t workspace_nbytes(const WorkspaceConfig& config);
 
+// `timeout_s` > 0 sets the cross-rank wait limit; 0 takes JAX_MEGAMOE_TIMEOUT_S, else
+// kDefaultTimeoutS.
 uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
-                           const WorkspaceConfig& config, int sm_budget);
+                           const WorkspaceConfig& config, int sm_budget, double timeout_s);
 // peer_ordinals[s] is rank s's device ordinal in this process, or -1 for a rank driven by another
 // process (its pointer then comes from open_ipc_handle, which enables peer access itself).
 void connect_workspace(int64_t buffer_id, int device_ordinal, const std::vector<int>& peer_ordinals,

@@ -17,6 +17,15 @@ unmaps and frees), including a create whose IPC open fails in process 1.
 
 Scenario ``hosts`` (GPU, JAX_MEGAMOE_HOST_ID set per process by the caller): records whether a
 1-D SymmBuffer over all devices is allocated or refused, and closes it.
+
+Scenarios ``timeout`` and ``slow`` (GPU, 2 processes, the timeout set by the caller through
+JAX_MEGAMOE_TIMEOUT_S) run the fused layer on a 1-D mesh and compare each process's rows with
+the reference computed in that process on the whole batch (no cross-process collective, so the
+two processes may share one GPU). ``timeout``: process 1 never calls on a first buffer; process
+0 records its output (NaN expected), ``SymmBuffer.check()``, the next call on that buffer and
+a plain jnp op; then both close it and run on a fresh buffer (``timeout_s=60``). ``slow``:
+process 1 sleeps --delay-s before its first call; both record their error against the
+reference and check().
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import glob
 import json
 import os
 import sys
+import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -169,6 +179,136 @@ def run(args):
         json.dump(summary, f)
 
 
+class FusedCase:
+    """(Scenarios timeout/slow.) Global inputs on the 1-D mesh over every process's devices,
+    buffers and steps over it, and the reference of the whole batch computed here."""
+
+    def __init__(self, args):
+        import jax
+        import numpy as np
+        from jax.sharding import PartitionSpec as P
+
+        from jax_megamoe import fp8_mega_moe
+        from jax_megamoe.testing import make_inputs
+
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        self.mesh, _ = mesh_of("1d", devices)
+        self.tokens = args.tokens
+        self.inp = make_inputs(
+            args.seed, m=args.tokens * len(devices), num_ranks=len(devices), **DIMS
+        )
+        reference = jax.jit(functools.partial(fp8_mega_moe, impl="reference"))
+        self.ref = np.asarray(reference(*(self.inp[n] for n in NAMES), self.inp["weights"]))
+        put = functools.partial(global_array, mesh=self.mesh, spec=P("ep"))
+        self.weights = jax.tree.map(put, self.inp["weights"])
+
+    def data(self, rows=None):
+        """The four token operands as global arrays (the first ``rows`` rows of the batch)."""
+        import numpy as np
+        from jax.sharding import PartitionSpec as P
+
+        return [global_array(np.asarray(self.inp[n])[:rows], self.mesh, P("ep")) for n in NAMES]
+
+    def buffer(self, timeout_s=None):
+        from jax_megamoe import SymmBuffer
+
+        d = DIMS
+        return SymmBuffer.create(
+            self.mesh,
+            "ep",
+            num_experts=d["e"],
+            hidden=d["h"],
+            intermediate=d["i"],
+            topk=d["k"],
+            max_tokens_per_rank=self.tokens,
+            timeout_s=timeout_s,
+        )
+
+    def step(self, buf):
+        import jax
+        from jax.sharding import PartitionSpec as P
+
+        from jax_megamoe import fp8_mega_moe
+
+        fn = functools.partial(fp8_mega_moe, axis_name="ep", buffer=buf, impl="fused")
+        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=P("ep"), out_specs=P("ep")))
+
+    def run(self, step, data):
+        """This process's rows of one call, float32, by first row."""
+        import numpy as np
+
+        y = step(*data, self.weights)
+        return {s.index[0].start or 0: np.asarray(s.data, np.float32) for s in y.addressable_shards}
+
+    def diff(self, rows):
+        """calc_diff of this process's rows against the reference (the worst shard)."""
+        from jax_megamoe import calc_diff
+
+        return max(float(calc_diff(v, self.ref[k : k + len(v)])) for k, v in rows.items())
+
+
+def device_error(buf):
+    """``buf.check()``'s MegaMoeDeviceError as a dict, or the string "no error"."""
+    from jax_megamoe import MegaMoeDeviceError
+
+    try:
+        buf.check()
+    except MegaMoeDeviceError as e:
+        fields = ("kind", "rank", "phase", "peer", "epoch", "seen", "expected_rank")
+        return {**{f: getattr(e, f) for f in fields}, "message": str(e)}
+    return "no error"
+
+
+def timeout(args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    me = jax.process_index()
+    case = FusedCase(args)
+    result = {}
+    buf = case.buffer()
+    if me == 0:  # process 1 never calls on this buffer: process 0's dispatch wait times out
+        start = time.monotonic()
+        rows = case.run(case.step(buf), case.data())
+        result["elapsed_s"] = time.monotonic() - start
+        result["all_nan"] = all(bool(np.isnan(v).all()) for v in rows.values())
+        result["check"] = device_error(buf)
+        try:  # another shape: a new executable, so the handler runs even with command buffers
+            case.run(case.step(buf), case.data(case.tokens))
+            result["next_call"] = "no error"
+        except Exception as e:
+            result["next_call"] = f"{type(e).__name__}: {e}"
+        result["plain_op"] = float(jnp.arange(4.0).sum())
+    buf.close()
+    # Both processes compile before they call: the environment's 3 s could be too tight a skew.
+    fresh = case.buffer(timeout_s=60)
+    result["fresh_diff"] = case.diff(case.run(case.step(fresh), case.data()))
+    result["fresh_check"] = device_error(fresh)
+    fresh.close()
+    with open(os.path.join(args.out, f"timeout.p{me}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def slow(args):
+    import jax
+
+    me = jax.process_index()
+    case = FusedCase(args)
+    buf = case.buffer()
+    data = case.data()
+    step = case.step(buf).lower(*data, case.weights).compile()  # the delay is then the whole skew
+    if me == 1:
+        time.sleep(args.delay_s)
+    start = time.monotonic()
+    rows = case.run(step, data)
+    result = {"elapsed_s": time.monotonic() - start, "diff": case.diff(rows)}
+    result["check"] = device_error(buf)
+    buf.close()
+    with open(os.path.join(args.out, f"slow.p{me}.json"), "w") as f:
+        json.dump(result, f)
+
+
 def errors(args):
     import jax
     import numpy as np
@@ -309,19 +449,24 @@ def fake(args):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--scenario", default="run", choices=["run", "errors", "hosts", "fake"])
+    parser.add_argument(
+        "--scenario", default="run", choices=["run", "errors", "hosts", "fake", "timeout", "slow"]
+    )
     parser.add_argument("--meshes", default="1d,2d,2d_t")
     parser.add_argument("--impls", default="reference")
     parser.add_argument("--tokens", type=int, default=16, help="tokens per device")
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--num-devices", type=int, default=0, help="use the first N (0 = all)")
+    parser.add_argument("--delay-s", type=float, default=0.0, help="slow: process 1's delay")
     args = parser.parse_args()
     init_process()
     import jax
 
     try:
-        {"run": run, "errors": errors, "hosts": hosts, "fake": fake}[args.scenario](args)
+        scenarios = {"run": run, "errors": errors, "hosts": hosts, "fake": fake}
+        scenarios.update(timeout=timeout, slow=slow)
+        scenarios[args.scenario](args)
     except BaseException:
         traceback.print_exc()
         sys.stdout.flush()

@@ -72,19 +72,32 @@ class WorkspaceSizeTest(parameterized.TestCase):
 
 
 def test_size_of_the_smallest_workspace_by_hand():
-    """R=E=K=M=1, H=I=128: 128 (header) + 4 x 128 (flags, bases) + 4 x 128 (staging)
-    + 3 x 128 (expert counters) + 128 (route scalars) + 128 (block_expert) + 2 x 512 (row_src,
-    row_weight over a 128-row pool: one expert segment) + 2 x (16384 + 512) (pool, act) + 256
-    (combine)."""
+    """R=E=K=M=1, H=I=128: 128 (header) + 6 x 128 (flags, statuses, bases) + 4 x 128
+    (staging) + 3 x 128 (expert counters) + 128 (route scalars) + 128 (block_expert) + 2 x 512
+    (row_src, row_weight over a 128-row pool: one expert segment) + 2 x (16384 + 512) (pool,
+    act) + 256 (combine)."""
     assert workspace_nbytes(
         num_ranks=1, num_experts=1, hidden=128, intermediate=128, topk=1, max_tokens_per_rank=1
-    ) == (128 + 512 + 512 + 384 + 128 + 128 + 1024 + 2 * (16384 + 512) + 256)
+    ) == (128 + 768 + 512 + 384 + 128 + 128 + 1024 + 2 * (16384 + 512) + 256)
 
 
 @needs_extension
 def test_constants_equal_the_extension():
-    names = ("BLOCK_M", "EXPERT_ALIGN_M", "QUANT_BLOCK", "MAX_TOPK", "MAX_LOCAL_EXPERTS")
+    names = (
+        "BLOCK_M",
+        "EXPERT_ALIGN_M",
+        "QUANT_BLOCK",
+        "MAX_TOPK",
+        "MAX_LOCAL_EXPERTS",
+        "DEFAULT_TIMEOUT_S",
+    )
     assert _ffi.extension().constants() == {n: getattr(constants, n) for n in names}
+
+
+@needs_extension
+def test_buffer_error_of_an_unknown_workspace_is_none():
+    """The binding SymmBuffer.check reads; it needs no GPU for a workspace that does not exist."""
+    assert _ffi.extension().buffer_error(123456, 0) is None
 
 
 @needs_extension

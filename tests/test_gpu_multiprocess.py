@@ -1,7 +1,10 @@
 """The fused path across processes (``jax.distributed``, CUDA IPC between processes) on one
 host: N processes x 1 GPU and 2 processes x 2 GPUs give bitwise the single-process output, for a
 1-D expert mesh and 2-D (data x expert) meshes. ``pytest -m gpu tests/test_gpu_multiprocess.py``
-on a machine with 4 (or 2) Hopper GPUs; each case starts fresh processes with the launcher."""
+on a machine with 4 (or 2) Hopper GPUs; each case starts fresh processes with the launcher.
+
+The cross-rank timeout (docs/design.md §3.3) needs a peer that is missing or late, i.e. another
+process: those two cases run two processes, on two GPUs, or both on the one GPU there is."""
 
 import json
 import os
@@ -96,6 +99,66 @@ def test_processes_match_single_process_bitwise(golden, layout, tmp_path):
             load_rows(single, mesh, "fused"),
             err_msg=f"{name} {mesh}: fused output differs from the single-process run",
         )
+
+
+def two_processes_devices():
+    """GPU ordinals of two processes: one GPU each, or both on GPU 0 when there is one (CUDA IPC
+    maps a workspace of the same GPU from another process; the kernels then time-share it)."""
+    return [[0], [1]] if num_gpus() >= 2 else [[0], [0]]
+
+
+def run_two(tmp_path, scenario, timeout_s, *extra):
+    results = launch(
+        [WORKER, "--out", str(tmp_path), "--scenario", scenario, "--tokens", "32", *extra],
+        2,
+        platform="gpu",
+        local_devices=two_processes_devices(),
+        env={**GPU_ENV, "JAX_MEGAMOE_TIMEOUT_S": str(timeout_s)},
+        timeout_s=TIMEOUT_S,
+    )
+    assert all(r.returncode == 0 for r in results), describe(results)
+    out = []
+    for p in (0, 1):
+        with open(tmp_path / f"{scenario}.p{p}.json") as f:
+            out.append(json.load(f))
+    return out
+
+
+def test_missing_peer_times_out_with_a_named_error(tmp_path):
+    """Process 1 never calls on a buffer: process 0's dispatch wait ends after the timeout (3 s
+    here) with NaN output instead of a trap; check() and the next call name the rank, phase,
+    peer and epoch; the process stays usable (a jnp op, then both processes on a fresh buffer)."""
+    p0, p1 = run_two(tmp_path, "timeout", 3)
+    assert p0["all_nan"], p0
+    assert 3 <= p0["elapsed_s"] < 60, p0
+    err = p0["check"]
+    assert isinstance(err, dict), p0
+    assert (err["kind"], err["rank"], err["phase"], err["peer"], err["epoch"], err["seen"]) == (
+        "timeout",
+        0,
+        "dispatch",
+        1,
+        1,
+        0,
+    ), err
+    assert "timed out after 3 s waiting for rank 1" in err["message"], err
+    assert "JAX_MEGAMOE_TIMEOUT_S" in err["message"] and "close() it" in err["message"], err
+    assert "refused, an earlier call failed" in p0["next_call"], p0
+    assert "timed out after 3 s waiting for rank 1" in p0["next_call"], p0
+    assert p0["plain_op"] == 6.0
+    for p in (p0, p1):
+        assert p["fresh_check"] == "no error" and p["fresh_diff"] <= 1e-4, p
+
+
+def test_late_peer_within_the_timeout_is_waited_for(tmp_path):
+    """Process 1 starts its first call 8 s after process 0: the wait spans the delay and both
+    get the right answer. The default timeout is 300 s (DEFAULT_TIMEOUT_S; it was 30 s, which a
+    peer still compiling or loading could exceed); the test sets 20 s and an 8 s delay so that a
+    regression fails in seconds, not minutes."""
+    p0, p1 = run_two(tmp_path, "slow", 20, "--delay-s", "8")
+    assert p0["elapsed_s"] >= 4, p0  # process 0 really waited for the late peer
+    for p in (p0, p1):
+        assert p["check"] == "no error" and p["diff"] <= 1e-4, p
 
 
 def test_expert_group_across_hosts_is_refused(tmp_path):

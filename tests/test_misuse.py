@@ -1,6 +1,7 @@
 """Misuse that used to pass silently or fail late: SymmBuffer arguments on CPU, a missing
 axis_name inside shard_map, replicated weights, a closed buffer, a buffer made for another device
-order, degenerate weights and Python lists as operands."""
+order, degenerate weights and Python lists as operands; and how errors the kernels record on
+the device reach Python (SymmBuffer.check; the GPU half is tests/test_gpu_errors.py)."""
 
 import functools
 
@@ -11,7 +12,16 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe import MegaMoE, SymmBuffer, fp8_mega_moe, init_weights, transform_weights
+import jax_megamoe
+from jax_megamoe import (
+    MegaMoE,
+    MegaMoeDeviceError,
+    SymmBuffer,
+    _ffi,
+    fp8_mega_moe,
+    init_weights,
+    transform_weights,
+)
 from jax_megamoe.symm_buffer import workspace_nbytes
 from jax_megamoe.testing import make_inputs
 
@@ -51,6 +61,13 @@ def sharded_call(inp, fn, *, mesh=MESH, weight_spec=EXPERT_AXIS):
         ("num_experts", 4 * 4097, ValueError, "4097 experts per rank exceed"),
         ("sm_budget", -1, ValueError, r"sm_budget must be in \[0,"),
         ("sm_budget", 0.5, TypeError, "sm_budget must be an int"),
+        ("timeout_s", 0, ValueError, "timeout_s must be a positive number of seconds"),
+        ("timeout_s", -3.0, ValueError, "timeout_s must be a positive number of seconds"),
+        ("timeout_s", float("nan"), ValueError, r"at most 1e9\), got nan"),
+        ("timeout_s", float("inf"), ValueError, r"at most 1e9\), got inf"),
+        ("timeout_s", 2e9, ValueError, "timeout_s must be a positive number"),
+        ("timeout_s", "30", TypeError, "timeout_s must be a number of seconds or None"),
+        ("timeout_s", True, TypeError, "timeout_s must be a number of seconds or None"),
     ],
 )
 def test_create_validates_every_argument(field, value, error, match):
@@ -75,6 +92,66 @@ def test_size_reported_on_cpu_and_numpy_ints_accepted():
     assert type(buf.max_tokens_per_rank) is int
     buf.close()
     assert buf.closed and buf.nbytes_per_rank == want  # the size stays; allocated is apart
+
+
+def test_timeout_is_kept_as_given():
+    buf = SymmBuffer.create(MESH, "ep", **BUF, timeout_s=np.float32(2.5))
+    assert buf.timeout_s == 2.5 and type(buf.timeout_s) is float
+    assert SymmBuffer.create(MESH, "ep", **BUF, timeout_s=7).timeout_s == 7.0
+    # None: the extension reads JAX_MEGAMOE_TIMEOUT_S, else DEFAULT_TIMEOUT_S, when it allocates.
+    assert SymmBuffer.create(MESH, "ep", **BUF).timeout_s is None
+    assert jax_megamoe.constants.DEFAULT_TIMEOUT_S == 300
+
+
+# --- Errors the kernels record on the device ---------------------------------------------------
+
+
+def test_device_error_type_is_exported():
+    assert issubclass(MegaMoeDeviceError, RuntimeError)
+    assert "MegaMoeDeviceError" in jax_megamoe.__all__
+
+
+def test_check_is_a_no_op_where_nothing_is_allocated():
+    buf = SymmBuffer.create(MESH, "ep", **BUF)
+    assert not buf.allocated and buf.check() is None
+    buf.close()
+    assert buf.check() is None
+
+
+class RecordingExtension:
+    """Stands in for _C.buffer_error: device 1 of buffer 7 holds a recorded timeout."""
+
+    RECORD = dict(
+        kind="timeout",
+        code=2,
+        rank=1,
+        phase="combine",
+        peer=3,
+        epoch=12,
+        seen=11,
+        expected_rank=-1,
+        message="SymmBuffer 7 on device 1 (rank 1), call 12, phase 'combine': timed out",
+    )
+
+    def buffer_error(self, buffer_id, ordinal):
+        return dict(self.RECORD) if (buffer_id, ordinal) == (7, 1) else None
+
+
+def test_check_raises_the_recorded_error_with_its_fields(monkeypatch):
+    monkeypatch.setattr(_ffi, "extension", RecordingExtension)
+    buf = SymmBuffer.create(MESH, "ep", **BUF)
+    buf.buffer_id, buf.allocated, buf._ordinals = 7, True, [0, 1]  # as if allocated on 2 GPUs
+    try:
+        with pytest.raises(
+            MegaMoeDeviceError, match=r"^jax_megamoe: SymmBuffer 7 on device 1"
+        ) as e:
+            buf.check()
+    finally:
+        buf.allocated = False  # nothing to free
+    err = e.value
+    got = (err.kind, err.rank, err.phase, err.peer, err.epoch, err.seen, err.expected_rank)
+    assert got == ("timeout", 1, "combine", 3, 12, 11, -1)
+    assert (err.buffer_id, err.device) == (7, 1)
 
 
 # --- axis_name inside shard_map --------------------------------------------------------------

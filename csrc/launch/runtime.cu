@@ -5,9 +5,11 @@
 // Kernels enqueued on rank r's stream, identical on every rank:
 //   1. stage           copy this call's x, x_scale, sanitized topk ids, weights and M into r's
 //                      staging; reset r's routing counters.
-//   2. sync dispatch   one thread: epoch = ++header.epoch; fence; release dispatch_flag[r] = epoch
-//                      into every peer's header; then wait (acquire) for dispatch_flag[s] >= epoch
-//                      of every s in r's own header.
+//   2. sync dispatch   one thread: epoch = ++header.epoch; write the call's axis index (the
+//                      expected rank) into dispatch_status[r] of every peer; fence; release
+//                      dispatch_flag[r] = epoch into every peer's header; then wait (acquire) for
+//                      dispatch_flag[s] >= epoch of every s in r's own header, and read every
+//                      dispatch_status[s]: the call runs only if each equals s.
 //   3. route_count     count the slots of every rank's staged tokens that go to r's experts; the
 //                      last block lays out kExpertAlignM-aligned expert segments (block_expert,
 //                      num_blocks, row_src = -1 on padding rows).
@@ -16,8 +18,10 @@
 //                      staging once and write them into every claimed row.
 //   5. L1, 6. L2       launch_l1 / launch_l2; L2 stores bf16 rows into the owning rank's combine
 //                      slot [k][token] through the header's peer table of combine bases.
-//   7. sync combine    one thread: fence; release combine_flag[r] = epoch into every peer's
-//                      header; wait for combine_flag[d] >= epoch of every d in r's own header.
+//   7. sync combine    one thread: write r's call state into combine_status[r] of every peer;
+//                      fence; release combine_flag[r] = epoch into every peer's header; wait for
+//                      combine_flag[d] >= epoch of every d in r's own header, and read every
+//                      combine_status[d]: a peer that did not run sent no rows.
 //   8. combine         y[m] = bf16(sum over valid k, k = 0..K-1 in order, of f32(combine[k][m])).
 //
 // Only the two one-thread sync launches spin; the kernels after them are ordered behind the wait
@@ -40,6 +44,30 @@
 // - Epochs: every rank increments its own counter once per call, so counters agree as long as
 //   all ranks issue the same call sequence on the buffer; flags are compared with >= and never
 //   reset, so a skewed (faster) peer's newer value still satisfies an older wait.
+// - Statuses: a status is stored before its flag's release and read after the flag's acquire,
+//   and no peer can publish call n+1's status before r has read call n's (a dispatch status
+//   needs r's combine flag of call n, a combine status r's dispatch flag of call n+1; r releases
+//   each after those reads), so r reads exactly call n's statuses.
+//
+// Aborted calls (HeaderFixed::call_state; the first cause goes to the host-mapped error record,
+// comm/error_record.h, which the handler and SymmBuffer.check() turn into exceptions):
+// - Device order. Every rank reads every rank's axis index after the same dispatch wait, so
+//   all of them see the same mismatch and abort the same call. An aborted call still runs both
+//   syncs in full, so the epochs stay in step and no peer waits in vain; it does no routing or
+//   GEMM work (route_count publishes num_blocks = 0, route_fill returns) and combine writes NaN.
+//   No rank reads a peer's staging or writes a peer's combine buffer in that call, so the reuse
+//   arguments above hold trivially. Every rank records the error, so from then on the buffer
+//   is refused and skipped on every rank alike, as after a timeout (below).
+// - Timeout. A wait that passes the header's timeout records the error and returns: r does no
+//   further work in the call (combine writes NaN) and waits no more. It still releases its
+//   combine flag, with its state as the status, so a late peer is not left waiting and learns
+//   that r sent it no rows: that peer aborts too (kErrorPeerAborted) instead of summing an
+//   incomplete combine. After a timeout the epochs may disagree, so the protocol above no
+//   longer holds for this buffer: the record is sticky, the handler refuses every later call,
+//   and calls already enqueued (graph replays, later layers) find error_code set and skip
+//   everything, stage included, so a late peer still reads r's staging of the failed call
+//   intact. A skipped call publishes nothing; a peer that waits for it times out and fails too,
+//   after at most one timeout. The buffer must be closed and created anew.
 #include "jax_megamoe/comm/sync.cuh"
 #include "jax_megamoe/impls/runtime_args.cuh"
 #include "jax_megamoe/impls/sm90_combine.cuh"
@@ -53,7 +81,6 @@ namespace jax_megamoe {
 namespace {
 
 using comm::epoch_sync_kernel;
-using comm::Phase;
 using sm90::combine_kernel;
 using sm90::KernelArgs;
 using sm90::kThreads;
@@ -104,7 +131,8 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   cudaError_t err;
   stage_kernel<<<grid_for(size_t(m) * c.hidden / 16, kThreads, budget), kThreads, 0, stream>>>(k);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kDispatch);
+  epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kDispatch,
+                                         args.expected_rank);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   route_count_kernel<<<grid_for(all_tokens * c.topk, kThreads, budget), kThreads,
                        2 * l.local_experts * sizeof(int32_t), stream>>>(k);
@@ -150,7 +178,8 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   p2.num_ctas = num_ctas;
   if ((err = launch_l2(p2, stream)) != cudaSuccess) return err;
 
-  epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kCombine);
+  epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kCombine,
+                                         args.expected_rank);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   combine_kernel<<<grid_for(m, 1, budget), kThreads, 0, stream>>>(k);
   return cudaGetLastError();

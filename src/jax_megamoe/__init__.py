@@ -4,11 +4,12 @@ from .api import fp8_mega_moe
 from .layer import MegaMoE, init_weights, route
 from .quant import calc_diff, dequantize, quantize_blockwise, quantize_per_token
 from .reference import reference_mega_moe
-from .symm_buffer import SymmBuffer
+from .symm_buffer import MegaMoeDeviceError, SymmBuffer
 from .weights import MoEWeights, transform_weights
 
 __all__ = [
     "MegaMoE",
+    "MegaMoeDeviceError",
     "MoEWeights",
     "SymmBuffer",
     "calc_diff",

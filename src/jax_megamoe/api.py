@@ -71,8 +71,10 @@ def fp8_mega_moe(
     Operands must be arrays (JAX or NumPy); Python lists are refused, as ``jax.numpy`` does.
     Inside ``shard_map`` over a mesh axis of size > 1, ``axis_name`` is required, the weights
     must be sharded over it (``P(axis_name)``), and a ``buffer`` must have been created for the
-    same devices in the same order (checked where the trace shows the concrete mesh, i.e. under
-    ``jax.sharding.set_mesh``; the axis sizes are always checked). A closed buffer raises.
+    same devices in the same order: checked at trace time where the trace shows the concrete
+    mesh (under ``jax.sharding.set_mesh``), else on the device, where a mismatch aborts the call
+    on every rank with NaN output and ``buffer.check()`` (or the next call) raises. The axis
+    sizes are always checked. A closed buffer raises.
     """
     operands = (x, x_scale, topk_ids, topk_weights)
     x, x_scale, topk_ids, topk_weights = (
@@ -110,6 +112,7 @@ def fp8_mega_moe(
                 weights,
                 buffer_id=buffer.buffer_id,
                 clamp=clamp,
+                axis_name=axis_name,
             )
     else:
 

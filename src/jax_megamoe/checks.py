@@ -47,6 +47,24 @@ def check_int(name: str, value, *, minimum: int) -> int:
     return int(value)
 
 
+def check_timeout(timeout_s) -> float | None:
+    """``SymmBuffer.create``'s ``timeout_s``: None (``JAX_MEGAMOE_TIMEOUT_S``, else
+    ``DEFAULT_TIMEOUT_S``) or a positive, finite number of seconds, at most 1e9 (as the C++ side
+    takes it)."""
+    if timeout_s is None:
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):
+        raise TypeError(
+            f"timeout_s must be a number of seconds or None, got {timeout_s!r} "
+            f"({type(timeout_s).__name__})"
+        )
+    if not 0 < timeout_s <= 1e9:  # NaN fails too
+        raise ValueError(
+            f"timeout_s must be a positive number of seconds (at most 1e9), got {timeout_s}"
+        )
+    return float(timeout_s)
+
+
 def check_divisible(name: str, shape: tuple[int, ...], dims: tuple[int, ...]) -> None:
     """Dimensions ``dims`` of ``shape`` must be multiples of the FP8 scale block."""
     for d in dims:

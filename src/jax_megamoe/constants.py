@@ -11,3 +11,4 @@ EXPERT_ALIGN_M = 128  # every expert's pool rows start on a multiple of this (tw
 QUANT_BLOCK = 128  # FP8 scale block: 1x128 for activations, 128x128 for weights
 MAX_TOPK = 32  # slots per token the routing kernels hold in shared memory
 MAX_LOCAL_EXPERTS = 4096  # experts per rank the routing kernels count in shared memory
+DEFAULT_TIMEOUT_S = 300  # seconds a cross-rank wait spins before the call fails

@@ -48,7 +48,9 @@ def workspace_nbytes(
     qb = QUANT_BLOCK
     regions = (
         [_REGION_ALIGN]
-        + [r * 8] * 4  # HeaderFixed; dispatch/combine flags, peer/combine bases
+        + [r * 8] * 2  # HeaderFixed; dispatch/combine flags
+        + [r * 4] * 2  # dispatch/combine statuses
+        + [r * 8] * 2  # peer/combine bases
         + [m * h, m * (h // qb) * 4, m * k * 4, m * k * 4]  # staging: x, x_scale, ids, weights
         + [local * 4] * 3  # expert_count, expert_fill, expert_offset
         + [_REGION_ALIGN, rows // BLOCK_M * 4, rows * 4, rows * 4]  # RouteScalars, blocks, rows
@@ -56,6 +58,29 @@ def workspace_nbytes(
         + [k * m * h * 2]  # combine (bf16)
     )
     return sum(-(-n // _REGION_ALIGN) * _REGION_ALIGN for n in regions)
+
+
+class MegaMoeDeviceError(RuntimeError):
+    """A failure the fused kernels recorded on a device instead of trapping (docs/design.md
+    §3.3), raised by :meth:`SymmBuffer.check`. ``kind``: ``"device_order"`` (the buffer was made
+    for another device order than the call's mesh), ``"timeout"`` (a cross-rank wait ran past
+    the timeout) or ``"peer_aborted"`` (a peer failed the call and sent no rows). ``rank`` (this
+    device's rank), ``phase`` (``"dispatch"`` or ``"combine"``), ``peer``, ``epoch`` (the failed
+    call, counted from 1 on that rank), ``seen`` (timeout: the epoch the peer's flag held),
+    ``expected_rank`` (device order: the axis index ``peer`` ran as, else -1), ``buffer_id`` and
+    ``device`` (the local GPU ordinal) name it; the message says what to do."""
+
+    def __init__(self, record: dict, *, buffer_id: int, device: int):
+        super().__init__(f"jax_megamoe: {record['message']}")
+        self.kind: str = record["kind"]
+        self.rank: int = record["rank"]
+        self.phase: str = record["phase"]
+        self.peer: int = record["peer"]
+        self.epoch: int = record["epoch"]
+        self.seen: int = record["seen"]
+        self.expected_rank: int = record["expected_rank"]
+        self.buffer_id = buffer_id
+        self.device = device
 
 
 @dataclass(eq=False)
@@ -68,6 +93,11 @@ class SymmBuffer:
     against and the size a GPU would allocate (``nbytes_per_rank``), and only the reference
     implementation can use it. A closed buffer (``closed``) refuses every call but
     ``impl='reference'``.
+
+    A call that fails on the device (the buffer made for another device order than the call's
+    mesh, a peer that never makes the matching call) returns NaN instead of killing the process;
+    :meth:`check` raises the reason, and so does the next call on the buffer, which refuses to
+    run until the buffer is closed and created anew.
 
     When the mesh spans several processes (``jax.distributed``), :meth:`create` and :meth:`close`
     are collective: every process whose devices are in the mesh calls them, for the same buffers
@@ -85,6 +115,8 @@ class SymmBuffer:
     nbytes_per_rank: int  # what each GPU of the mesh allocates (or would, on other backends)
     allocated: bool = False
     closed: bool = False
+    # Cross-rank wait limit in seconds; None: JAX_MEGAMOE_TIMEOUT_S, else DEFAULT_TIMEOUT_S.
+    timeout_s: float | None = None
     # Processes whose devices are in the mesh (the peers of create/close); () when this
     # process has none.
     processes: tuple[int, ...] = ()
@@ -109,11 +141,15 @@ class SymmBuffer:
         topk: int,
         max_tokens_per_rank: int,
         sm_budget: int = 0,
+        timeout_s: float | None = None,
     ) -> SymmBuffer:
         """Sizes the workspace exactly from the shapes and allocates it on every device of the
         mesh (each device's rank is its index along ``axis_name``). ``sm_budget`` caps the SMs
-        the persistent kernels take (0 = all), leaving room for XLA's concurrent work. Every
-        argument is checked on every backend by the rules the CUDA side applies.
+        the persistent kernels take (0 = all), leaving room for XLA's concurrent work.
+        ``timeout_s`` bounds each cross-rank wait of a call (None: ``JAX_MEGAMOE_TIMEOUT_S``,
+        else ``DEFAULT_TIMEOUT_S`` = 300 s); past it the call fails with NaN output and
+        :meth:`check` says why. Every argument is checked on every backend by the rules the CUDA
+        side applies.
 
         Each group of devices along ``axis_name`` (one per index of the other mesh axes) is an
         independent expert group with its own peers; its GPUs must be on one host. With several
@@ -132,10 +168,18 @@ class SymmBuffer:
             topk=topk,
             max_tokens_per_rank=max_tokens_per_rank,
         )
+        timeout_s = checks.check_timeout(timeout_s)
         with _lock:
             buffer_id = next(_ids)
         nbytes = workspace_nbytes(num_ranks=num_ranks, **dims)
-        buf = cls(mesh, axis_name, buffer_id=buffer_id, nbytes_per_rank=nbytes, **dims)
+        buf = cls(
+            mesh,
+            axis_name,
+            buffer_id=buffer_id,
+            nbytes_per_rank=nbytes,
+            timeout_s=timeout_s,
+            **dims,
+        )
         me = jax.process_index()
         processes = tuple(sorted({d.process_index for d in mesh.devices.flat}))
         if me in processes:  # else none of this process's devices is in the mesh
@@ -255,6 +299,7 @@ class SymmBuffer:
                 self.topk,
                 self.max_tokens_per_rank,
                 sm_budget,
+                0.0 if self.timeout_s is None else self.timeout_s,  # 0: the environment's
             )
             ordinals.append(ordinal)
         return {
@@ -317,6 +362,26 @@ class SymmBuffer:
         self._finalizer()
         if unmap_error is not None:
             raise unmap_error
+
+    def check(self) -> None:
+        """Raises :class:`MegaMoeDeviceError` if a call on this buffer failed on one of this
+        process's devices; returns None otherwise, and always where nothing is allocated (CPU,
+        no extension, closed).
+
+        It reads what the kernels that have finished recorded, without syncing: call it after
+        ``block_until_ready()`` on a result. A failed call's output is NaN, and the next
+        ``fp8_mega_moe`` call on the buffer raises the same reason at its FFI handler; but
+        inside a program already running (later layers, ``lax.scan``) and on XLA command-buffer
+        replays the handler does not run again, so ``check()`` is how to learn why. A failed
+        buffer refuses every further call: close it and create a new one."""
+        if not self.allocated:
+            return None
+        c = _ffi.extension()
+        for ordinal in self._ordinals:
+            record = c.buffer_error(self.buffer_id, ordinal)
+            if record is not None:
+                raise MegaMoeDeviceError(record, buffer_id=self.buffer_id, device=ordinal)
+        return None
 
     def close(self) -> None:
         """Frees the workspace on every device (idempotent). Call it only once no computation

@@ -17,5 +17,8 @@ constexpr int kMaxTopk = 32;
 // Largest experts per rank: the route scan keeps two ints per local expert in static-limit
 // (48 KiB) shared memory.
 constexpr int kMaxLocalExperts = 4096;
+// Seconds a cross-rank wait spins before the call fails (SymmBuffer.create(timeout_s=) and
+// JAX_MEGAMOE_TIMEOUT_S override it): long enough for a peer that is compiling or loading.
+constexpr int kDefaultTimeoutS = 300;
 
 }  // namespace jax_megamoe

@@ -28,6 +28,8 @@ struct MegaMoeArgs {
   const float* w2_scale;
   void* y;  // [M, H] bf16, 16-byte aligned
   float activation_clamp;
+  // Device scalar: the call's index along the expert axis, checked on the device against `rank`.
+  const int32_t* expected_rank;
 };
 
 // Enqueues one call's kernels on `stream`: no host sync, allocation or module loading.

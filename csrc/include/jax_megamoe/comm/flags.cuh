@@ -19,6 +19,18 @@ __device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* flag) {
   return value;
 }
 
+// A status word published beside a flag: stored before the flag's release (which orders it for
+// the peer), loaded after the flag's acquire (which orders the load after it).
+__device__ __forceinline__ void st_relaxed_sys(int32_t* word, int32_t value) {
+  asm volatile("st.relaxed.sys.global.s32 [%0], %1;" ::"l"(word), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ int32_t ld_relaxed_sys(const int32_t* word) {
+  int32_t value;
+  asm volatile("ld.relaxed.sys.global.s32 %0, [%1];" : "=r"(value) : "l"(word) : "memory");
+  return value;
+}
+
 // Nanoseconds of a clock shared by all SMs of the device; unlike clock64 it is not per-SM and
 // does not scale with the SM frequency.
 __device__ __forceinline__ uint64_t globaltimer_ns() {
@@ -27,27 +39,31 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
   return t;
 }
 
-// Single-thread wait until flags[s] >= epoch for every rank s; past the timeout it prints which
-// rank, phase, peer and epoch stalled and traps, so a protocol error is never a silent hang.
-__device__ __forceinline__ void wait_all_ranks(const uint64_t* flags, int num_ranks, uint64_t epoch,
-                                               uint64_t timeout_ns, int rank, const char* phase) {
+// Single-thread wait until flags[s] >= epoch for every rank s. Returns -1, or, past the timeout,
+// the rank it was waiting for (its flag's value in *seen) after printing one line to stderr:
+// the caller records the error and aborts the call, so a protocol error is neither a silent hang
+// nor a trap that would kill the process's CUDA context.
+__device__ __forceinline__ int wait_all_ranks(const uint64_t* flags, int num_ranks, uint64_t epoch,
+                                              uint64_t timeout_ns, int rank, const char* phase,
+                                              uint64_t* seen) {
   const uint64_t start = globaltimer_ns();
   for (int s = 0; s < num_ranks; ++s) {
-    uint64_t seen;
-    while ((seen = ld_acquire_sys(flags + s)) < epoch) {
+    while ((*seen = ld_acquire_sys(flags + s)) < epoch) {
       if (globaltimer_ns() - start > timeout_ns) {
         printf(
             "jax_megamoe: rank %d timed out after %.1f s in phase '%s' waiting for rank %d "
-            "(epoch %llu, its flag holds %llu). Every rank must issue the same sequence of "
-            "fp8_mega_moe calls on this buffer; raise JAX_MEGAMOE_TIMEOUT_S if a peer is only "
-            "slow.\n",
+            "(epoch %llu, its flag holds %llu); the call's output is NaN and the buffer refuses "
+            "every further call (SymmBuffer.check() raises the details). Every rank must issue "
+            "the same sequence of fp8_mega_moe calls on a buffer; raise the timeout if a peer is "
+            "only slow.\n",
             rank, double(timeout_ns) * 1e-9, phase, s, static_cast<unsigned long long>(epoch),
-            static_cast<unsigned long long>(seen));
-        __trap();
+            static_cast<unsigned long long>(*seen));
+        return s;
       }
       __nanosleep(128);
     }
   }
+  return -1;
 }
 
 }  // namespace jax_megamoe::comm

@@ -1,36 +1,117 @@
 // The cross-rank barrier of one phase (dispatch or combine), run by a single thread on each
-// rank's stream: release this rank's flag into every rank's workspace, then wait for every
-// rank's flag in its own. csrc/launch/runtime.cu launches it as steps 2 and 7 of each call and
-// argues there why the protocol cannot deadlock.
+// rank's stream: publish this rank's status and release its flag into every rank's workspace,
+// then wait for every rank's flag in its own and read their statuses. It also decides whether
+// the call runs (HeaderFixed::call_state) and records why not (comm/error_record.h).
+// csrc/launch/runtime.cu launches it as steps 2 and 7 of each call and argues there why the
+// protocol cannot deadlock, aborted calls included.
 #pragma once
 
 #include <cstdint>
 
+#include "jax_megamoe/comm/error_record.h"
 #include "jax_megamoe/comm/flags.cuh"
 #include "jax_megamoe/layout/workspace.h"
 
 namespace jax_megamoe::comm {
 
-enum class Phase : int {
-  kDispatch,  // after stage: peers may read this rank's staging
-  kCombine,   // after L2: this rank's rows are in every peer's combine buffer
-};
-
-__global__ void epoch_sync_kernel(uint8_t* ws, WorkspaceLayout l, int rank, int num_ranks,
-                                  Phase phase) {
-  const bool dispatch = phase == Phase::kDispatch;
-  HeaderFixed* header = header_of(ws, l);
-  // Dispatch opens the call's epoch; combine closes the same one.
-  const uint64_t epoch = header->epoch + (dispatch ? 1 : 0);
-  if (dispatch) header->epoch = epoch;
-  const size_t flags = dispatch ? l.dispatch_flag : l.combine_flag;
-  // Cumulative with everything this stream did before: the stage kernel's stores (dispatch), or
-  // this rank's L2 stores into every peer's combine buffer (combine).
+// Records this workspace's first error (later ones are dropped: the first is the cause) into the
+// host-mapped record, and sets the sticky error_code that makes every later call skip.
+__device__ __forceinline__ void record_error(HeaderFixed* header, ErrorCode code, Phase phase,
+                                             int peer, uint64_t epoch, uint64_t seen,
+                                             int32_t expected_rank) {
+  if (atomicCAS(&header->error_code, kErrorNone, code) != kErrorNone) return;
+  volatile ErrorRecord* record = header->error;
+  record->epoch = epoch;
+  record->seen = seen;
+  record->rank = header->rank;
+  record->phase = int32_t(phase);
+  record->peer = peer;
+  record->expected_rank = expected_rank;
+  // The host reads the fields once it sees the code.
   __threadfence_system();
+  record->code = code;
+  __threadfence_system();
+}
+
+// Publishes `status` into every rank's `statuses[rank]`, then `epoch` into its `flags[rank]`.
+__device__ __forceinline__ void publish(uint8_t* ws, const WorkspaceLayout& l, int rank,
+                                        int num_ranks, size_t flags, size_t statuses,
+                                        uint64_t epoch, int32_t status) {
   uint8_t* const* peers = at<uint8_t*>(ws, l.peer_base);
+  for (int d = 0; d < num_ranks; ++d)
+    st_relaxed_sys(at<int32_t>(peers[d], statuses) + rank, status);
+  // Cumulative with everything this stream did before: the stage kernel's stores (dispatch), or
+  // this rank's L2 stores into every peer's combine buffer (combine); and the statuses above.
+  __threadfence_system();
   for (int d = 0; d < num_ranks; ++d) st_release_sys(at<uint64_t>(peers[d], flags) + rank, epoch);
-  wait_all_ranks(at<uint64_t>(ws, flags), num_ranks, epoch, header->timeout_ns, rank,
-                 dispatch ? "dispatch" : "combine");
+}
+
+// `expected_rank` (read by the dispatch phase): the call's index along the expert axis
+// (lax.axis_index), a device scalar; it must equal `rank`, the workspace's rank, or tokens would
+// go to the wrong peers.
+__global__ void epoch_sync_kernel(uint8_t* ws, WorkspaceLayout l, int rank, int num_ranks,
+                                  Phase phase, const int32_t* expected_rank) {
+  HeaderFixed* header = header_of(ws, l);
+  uint64_t seen = 0;
+  if (phase == Phase::kDispatch) {
+    // A workspace that failed before is refused by the handler; calls enqueued before that
+    // (later layers of the same program, graph replays) do nothing here.
+    if (header->error_code != kErrorNone) {
+      header->call_state = kCallSkipped;
+      return;
+    }
+    // Dispatch opens the call's epoch; combine closes the same one.
+    const uint64_t epoch = header->epoch + 1;
+    header->epoch = epoch;
+    const int32_t index = *expected_rank;
+    publish(ws, l, rank, num_ranks, l.dispatch_flag, l.dispatch_status, epoch, index);
+    const int late = wait_all_ranks(at<uint64_t>(ws, l.dispatch_flag), num_ranks, epoch,
+                                    header->timeout_ns, rank, "dispatch", &seen);
+    if (late >= 0) {
+      record_error(header, kErrorTimeout, phase, late, epoch, seen, -1);
+      header->call_state = kCallTimedOut;
+      return;
+    }
+    // Every rank reads every rank's index, so a wrong device order aborts the call everywhere:
+    // a rank that went on alone would compute with misrouted tokens from its peers.
+    const int32_t* indices = at<int32_t>(ws, l.dispatch_status);
+    for (int s = 0; s < num_ranks; ++s) {
+      const int32_t ran_as = ld_relaxed_sys(indices + s);
+      if (ran_as != s) {
+        record_error(header, kErrorDeviceOrder, phase, s, epoch, 0, ran_as);
+        header->call_state = kCallAborted;
+        return;
+      }
+    }
+    header->call_state = kCallRun;
+    return;
+  }
+
+  const int32_t state = header->call_state;
+  if (state == kCallSkipped) return;  // no epoch was opened: nothing to close
+  const uint64_t epoch = header->epoch;
+  // A rank that did no work still releases, so no peer waits for it in vain, and tells the
+  // peers so: they got no rows from it.
+  publish(ws, l, rank, num_ranks, l.combine_flag, l.combine_status, epoch, state);
+  // Having timed out once, this rank's output is NaN whatever comes: waiting again would only
+  // stall it for another timeout.
+  if (state == kCallTimedOut) return;
+  const int late = wait_all_ranks(at<uint64_t>(ws, l.combine_flag), num_ranks, epoch,
+                                  header->timeout_ns, rank, "combine", &seen);
+  if (late >= 0) {
+    record_error(header, kErrorTimeout, phase, late, epoch, seen, -1);
+    header->call_state = kCallTimedOut;
+    return;
+  }
+  if (state != kCallRun) return;  // aborted at dispatch: the cause is recorded already
+  const int32_t* states = at<int32_t>(ws, l.combine_status);
+  for (int s = 0; s < num_ranks; ++s) {
+    if (ld_relaxed_sys(states + s) != kCallRun) {
+      record_error(header, kErrorPeerAborted, phase, s, epoch, 0, -1);
+      header->call_state = kCallAborted;
+      return;
+    }
+  }
 }
 
 }  // namespace jax_megamoe::comm

@@ -26,6 +26,12 @@ __global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
   int32_t* first_block = smem + a.local_experts;  // first row block of each expert's segment
 
   const WorkspaceLayout& l = a.layout;
+  if (header_of(a.ws, l)->call_state != kCallRun) {  // aborted: no rows, so L1/L2 do nothing
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      at<RouteScalars>(a.ws, l.route_scalars)->num_blocks = 0;
+    }
+    return;
+  }
   const int num_local = a.local_experts;
   const int first_expert = a.rank * num_local;
   for (int e = threadIdx.x; e < num_local; e += kThreads) counts[e] = 0;
@@ -106,6 +112,7 @@ __global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
 __global__ void __launch_bounds__(kThreads) route_fill_kernel(KernelArgs a) {
   __shared__ int32_t claimed_rows[kWarps][kMaxTopk];
   const WorkspaceLayout& l = a.layout;
+  if (header_of(a.ws, l)->call_state != kCallRun) return;  // aborted: pull nothing
   const int lane = threadIdx.x % 32;
   int32_t* rows = claimed_rows[threadIdx.x / 32];
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;

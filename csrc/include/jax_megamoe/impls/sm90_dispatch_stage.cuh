@@ -1,6 +1,6 @@
 // Dispatch step 1 (stage): copies this call's x, x_scale, sanitized top-k ids and weights and M
 // into this rank's staging, where every peer's route kernels read them, and resets this rank's
-// routing counters.
+// routing counters (unless the workspace has failed: then the call is skipped, see comm/sync.cuh).
 #pragma once
 
 #include <cstdint>
@@ -12,6 +12,9 @@ namespace jax_megamoe::sm90 {
 
 __global__ void __launch_bounds__(kThreads) stage_kernel(KernelArgs a) {
   const WorkspaceLayout& l = a.layout;
+  // The workspace failed in an earlier call and this one will be skipped: leave the staging of
+  // the failed call as it is, a late peer may still be reading it.
+  if (header_of(a.ws, l)->error_code != kErrorNone) return;
   if (blockIdx.x == 0) {
     for (int e = threadIdx.x; e < a.local_experts; e += kThreads) {
       at<int32_t>(a.ws, l.expert_count)[e] = 0;

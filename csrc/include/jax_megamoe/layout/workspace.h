@@ -3,8 +3,9 @@
 // the exact byte size; host (ffi/, g++) and device (csrc/launch/, nvcc) code both include it.
 //
 // Regions, each 128-byte aligned, in order:
-//   header   HeaderFixed, dispatch_flag[R] u64, combine_flag[R] u64 (both written by peers),
-//            peer_base[R] (u8*), combine_base[R] (u16* = peer_base + combine offset)
+//   header   HeaderFixed, dispatch_flag[R] u64, combine_flag[R] u64, dispatch_status[R] i32,
+//            combine_status[R] i32 (flags and statuses written by peers), peer_base[R] (u8*),
+//            combine_base[R] (u16* = peer_base + combine offset)
 //   staging  x [Mmax,H] e4m3, x_scale [Mmax,H/128] f32, topk_ids [Mmax,K] i32 (ids outside [0,E)
 //            stored as -1, i.e. masked), topk_weights [Mmax,K] f32; read by every peer's route
 //   routing  expert_count/expert_fill/expert_offset [E_l] i32, RouteScalars,
@@ -20,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "jax_megamoe/comm/error_record.h"
 #include "jax_megamoe/constants.h"
 
 #if defined(__CUDACC__)
@@ -45,13 +47,28 @@ struct WorkspaceConfig {
   int max_tokens;
 };
 
+// What the call in flight does on this rank; set by the sync kernels, read by route and combine.
+enum CallState : int32_t {
+  kCallRun = 0,       // routing, GEMMs and combine run
+  kCallAborted = 1,   // failed after a successful wait (device order, a peer's failure): no work
+  kCallTimedOut = 2,  // this rank's wait timed out: no work and no further wait
+  kCallSkipped = 3,   // the workspace had failed before: no sync, no work
+};
+
 struct alignas(kRegionAlign) HeaderFixed {
   uint64_t epoch;       // calls issued on this rank; never reset (graphs replay, ranks are skewed)
   uint64_t timeout_ns;  // spin limit of every cross-rank wait
+  ErrorRecord* error;   // device pointer of this workspace's host-mapped error record
   int32_t rank;
   int32_t num_ranks;
   int32_t staged_tokens;  // M of the call whose staging is live; peers read it
+  // ErrorCode of this workspace, sticky: the device-side copy of error->code. The first error
+  // wins by atomicCAS here, and every later call (graph replays too) is skipped while it is set.
+  int32_t error_code;
+  int32_t call_state;  // CallState of the call in flight
 };
+// The Python mirror of the layout (symm_buffer.workspace_nbytes) counts the header as 128 bytes.
+static_assert(sizeof(HeaderFixed) == kRegionAlign, "HeaderFixed must fit one aligned region");
 
 struct alignas(kRegionAlign) RouteScalars {
   int32_t num_blocks;   // row blocks used this call; read by L1/L2
@@ -66,6 +83,8 @@ struct WorkspaceLayout {
   size_t header;  // HeaderFixed
   size_t dispatch_flag;
   size_t combine_flag;
+  size_t dispatch_status;  // [R] i32: the axis index rank s's call ran as (s when in order)
+  size_t combine_status;   // [R] i32: the CallState rank s sent its combine rows with
   size_t peer_base;
   size_t combine_base;
 
@@ -106,6 +125,8 @@ struct WorkspaceLayout {
     l.header = take(off, sizeof(HeaderFixed));
     l.dispatch_flag = take(off, R * sizeof(uint64_t));
     l.combine_flag = take(off, R * sizeof(uint64_t));
+    l.dispatch_status = take(off, R * sizeof(int32_t));
+    l.combine_status = take(off, R * sizeof(int32_t));
     l.peer_base = take(off, R * sizeof(uint64_t));
     l.combine_base = take(off, R * sizeof(uint64_t));
 
