@@ -112,7 +112,7 @@ cudaError_t launch_l1(const L1Params& p, cudaStream_t stream) {
   k.p = p;
   const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
   const size_t w_rows = size_t(p.num_experts) * 2 * p.intermediate;
-  cudaError_t err = encode_rows(&k.a, p.a, pool_rows, p.hidden, sm90::kTileM);
+  cudaError_t err = encode_rows(&k.a, p.a, pool_rows, p.hidden, kBlockM);
   if (err == cudaSuccess) err = encode_rows(&k.b, p.w1, w_rows, p.hidden, sm90::kL1WgN);
   if (err != cudaSuccess) return err;
   kL1Kernel<<<p.num_ctas, sm90::kNumThreads, kL1SmemBytes, stream>>>(k);
@@ -127,7 +127,7 @@ cudaError_t launch_l2_as(Kernel kernel, int smem_bytes, const L2Params& p, cudaS
   k.p = p;
   const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
   const size_t w_rows = size_t(p.num_experts) * p.hidden;
-  cudaError_t err = encode_rows(&k.a, p.act, pool_rows, p.intermediate, sm90::kTileM);
+  cudaError_t err = encode_rows(&k.a, p.act, pool_rows, p.intermediate, kBlockM);
   if (err == cudaSuccess) err = encode_rows(&k.b, p.w2, w_rows, p.intermediate, kWgN);
   if (err != cudaSuccess) return err;
   kernel<<<p.num_ctas, sm90::kNumThreads, smem_bytes, stream>>>(k);

@@ -6,8 +6,9 @@
 // Roles (384 threads):
 //   warpgroup 0, producer   setmaxnreg down to kProducerRegs; warp 0 walks the CTA's tiles and
 //                           K blocks: waits until the slot is empty, then lane 0 announces the
-//                           stage's bytes and issues the TMA loads of A (the pair's 128 pool
-//                           rows) and of the two B groups, while the 32 lanes cp.async the
+//                           stage's bytes and issues the TMA loads of A (the working row
+//                           blocks' 64 pool rows each) and of the two B groups, while the 32
+//                           lanes cp.async the
 //                           activation scales of the working row blocks and the 2 weight scales
 //                           and arrive on the slot's full barrier when those land. Warps 1-3 exit.
 //   warpgroups 1-2, math    setmaxnreg up to kMathRegs; warpgroup w takes row block w of the
@@ -40,10 +41,10 @@
 namespace jax_megamoe::sm90 {
 
 constexpr int kNumThreads = kWarpGroupThreads + kNumMathThreads;
-// 384 threads at one CTA per SM start at 168 registers; the producer gives up 120 each so the
-// math threads can take 224 (128 x 48 + 256 x 224 <= 65536): enough for two 64-register master
+// 384 threads at one CTA per SM start at 168 registers; the producer gives up 112 each so the
+// math threads can take 224 (128 x 56 + 256 x 224 <= 65536): enough for two 64-register master
 // accumulators and a partial, while the producer's address arithmetic still fits without spills.
-constexpr int kProducerRegs = 48;
+constexpr int kProducerRegs = 56;
 constexpr int kMathRegs = 224;
 constexpr int kMathWarps = kNumMathThreads / 32;
 constexpr int kFullArrivals = 1 + 32;
@@ -60,9 +61,8 @@ class GroupedFp8TmaMainloop {
   static constexpr int kSmemBytes = Ring::kBytes + (kBarrierBytes + 127) / 128 * 128;
 
   // `smem` must be kSwizzleAtomBytes-aligned (align_smem). The tensor maps view `op.a` as
-  // [pool rows, k] with a box of kTileM x 128 and `op.b` as [experts * b_rows, k] with a box of
-  // kWgN x 128, both 128B-swizzled; they live in kernel parameter space (__grid_constant__).
-  // A box reaching past the pool's last row is zero-filled by the TMA unit.
+  // [pool rows, k] with a box of kBlockM x 128 and `op.b` as [experts * b_rows, k] with a box
+  // of kWgN x 128, both 128B-swizzled; they live in kernel parameter space (__grid_constant__).
   __device__ GroupedFp8TmaMainloop(uint8_t* smem, const GemmOperands& op, int num_blocks,
                                    const CUtensorMap* tma_a, const CUtensorMap* tma_b)
       : ring_{smem},
@@ -107,8 +107,16 @@ class GroupedFp8TmaMainloop {
         ptx::mbarrier_wait(&empty_[slot], phase ^ 1);
         uint64_t* full = &full_[slot];
         if (lane == 0) {
-          ptx::mbarrier_arrive_expect_tx(full, Shape::kOperandBytes);
-          ptx::tma_load_2d(ring_.a(slot), tma_a_, kb * kBlockK, row0, full);
+          // Only the working row blocks' A: at small M most pairs have one, and the other
+          // block's bytes would only take L2 bandwidth from the weight stream.
+          const int a_blocks = __popc(tile.mask);
+          ptx::mbarrier_arrive_expect_tx(full, a_blocks * Shape::kAWgBytes + Shape::kBBytes);
+#pragma unroll
+          for (int w = 0; w < kNumMathWarpGroups; ++w) {
+            if (tile.has(w))
+              ptx::tma_load_2d(ring_.a(slot) + w * Shape::kAWgBytes, tma_a_, kb * kBlockK,
+                               row0 + w * kBlockM, full);
+          }
 #pragma unroll
           for (int g = 0; g < kNumBGroups; ++g)
             ptx::tma_load_2d(ring_.b(slot) + g * Shape::kBGroupBytes, tma_b_, kb * kBlockK,
