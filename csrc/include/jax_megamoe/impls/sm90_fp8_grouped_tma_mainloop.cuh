@@ -41,11 +41,18 @@
 namespace jax_megamoe::sm90 {
 
 constexpr int kNumThreads = kWarpGroupThreads + kNumMathThreads;
-// 384 threads at one CTA per SM start at 168 registers; the producer gives up 112 each so the
-// math threads can take 224 (128 x 56 + 256 x 224 <= 65536): enough for two 64-register master
-// accumulators and a partial, while the producer's address arithmetic still fits without spills.
+// One CTA per SM of 384 threads starts with 168 registers per thread (65536 / 384 rounded down
+// to the allocation unit of 8): 64512 in all. setmaxnreg only moves registers inside that pool:
+// a math warpgroup's increase waits until the producer's decrease has freed enough, forever if
+// the two do not fit, so the split must satisfy 128 x producer + 256 x math <= 64512.
+// 128 x 56 + 256 x 224 = 64512: two 64-register master accumulators and a partial for the math
+// threads, the producer's address arithmetic without spills.
+constexpr int kRegsAtLaunch = 65536 / kNumThreads / 8 * 8;
 constexpr int kProducerRegs = 56;
 constexpr int kMathRegs = 224;
+static_assert(kWarpGroupThreads * kProducerRegs + kNumMathThreads * kMathRegs <=
+                  kNumThreads * kRegsAtLaunch,
+              "setmaxnreg would wait forever: the split exceeds the CTA's registers");
 constexpr int kMathWarps = kNumMathThreads / 32;
 constexpr int kFullArrivals = 1 + 32;
 
