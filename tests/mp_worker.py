@@ -104,9 +104,9 @@ def run(args):
     import numpy as np
     from jax.sharding import PartitionSpec as P
 
-    from jax_megamoe import SymmBuffer, calc_diff, fp8_mega_moe
+    from jax_megamoe import calc_diff, fp8_mega_moe
     from jax_megamoe.symm_buffer import check_groups_on_one_host
-    from jax_megamoe.testing import make_inputs
+    from jax_megamoe.testing import make_buffer, make_inputs
 
     me = jax.process_index()
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
@@ -123,15 +123,7 @@ def run(args):
         data = {n: global_array(inp[n], mesh, P(rows)) for n in NAMES}
         put = functools.partial(global_array, mesh=mesh, spec=P("ep"))
         weights = jax.tree.map(put, inp["weights"])
-        buf = SymmBuffer.create(
-            mesh,
-            "ep",
-            num_experts=DIMS["e"],
-            hidden=DIMS["h"],
-            intermediate=DIMS["i"],
-            topk=DIMS["k"],
-            max_tokens_per_rank=args.tokens,
-        )
+        buf = make_buffer(mesh, DIMS, args.tokens)
         info = {
             "allocated": buf.allocated,
             "processes": list(buf.processes),
@@ -210,19 +202,9 @@ class FusedCase:
         return [global_array(np.asarray(self.inp[n])[:rows], self.mesh, P("ep")) for n in NAMES]
 
     def buffer(self, timeout_s=None):
-        from jax_megamoe import SymmBuffer
+        from jax_megamoe.testing import make_buffer
 
-        d = DIMS
-        return SymmBuffer.create(
-            self.mesh,
-            "ep",
-            num_experts=d["e"],
-            hidden=d["h"],
-            intermediate=d["i"],
-            topk=d["k"],
-            max_tokens_per_rank=self.tokens,
-            timeout_s=timeout_s,
-        )
+        return make_buffer(self.mesh, DIMS, self.tokens, timeout_s=timeout_s)
 
     def step(self, buf):
         import jax

@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe import SymmBuffer, calc_diff, fp8_mega_moe, quantize_per_token
-from jax_megamoe.testing import make_activations, make_routing, make_weights
+from jax_megamoe import calc_diff, fp8_mega_moe, quantize_per_token
+from jax_megamoe.testing import make_activations, make_buffer, make_routing, make_weights
 
 pytestmark = pytest.mark.gpu
 
@@ -34,15 +34,7 @@ class Runner:
     def __init__(self, num_ranks, dims, max_tokens, clamp=None):
         self.dims = dims
         self.mesh = Mesh(np.array(gpus()[:num_ranks]), ("ep",))
-        self.buffer = SymmBuffer.create(
-            self.mesh,
-            "ep",
-            num_experts=dims["e"],
-            hidden=dims["h"],
-            intermediate=dims["i"],
-            topk=dims["k"],
-            max_tokens_per_rank=max_tokens,
-        )
+        self.buffer = make_buffer(self.mesh, dims, max_tokens)
         assert self.buffer.allocated and self.buffer.nbytes_per_rank > 0
         self.clamp = clamp
         w = weights_for(dims["h"], dims["i"], dims["e"])

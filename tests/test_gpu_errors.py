@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe import MegaMoeDeviceError, SymmBuffer, _ffi, calc_diff, fp8_mega_moe
+from jax_megamoe import MegaMoeDeviceError, _ffi, calc_diff, fp8_mega_moe, testing
 from jax_megamoe.mega_moe import fused_mega_moe
 from jax_megamoe.testing import make_inputs
 
@@ -32,16 +32,7 @@ def gpus():
 
 
 def make_buffer(mesh):
-    d = DIMS
-    return SymmBuffer.create(
-        mesh,
-        "ep",
-        num_experts=d["e"],
-        hidden=d["h"],
-        intermediate=d["i"],
-        topk=d["k"],
-        max_tokens_per_rank=M,
-    )
+    return testing.make_buffer(mesh, DIMS, M)
 
 
 def assert_all_nan(y):

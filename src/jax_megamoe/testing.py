@@ -124,3 +124,20 @@ def make_inputs(
         topk_weights=jnp.asarray(topk_weights),
         weights=make_weights(k_w, num_experts=e, hidden=h, intermediate=i),
     )
+
+
+def make_buffer(mesh, dims: dict, max_tokens_per_rank: int, axis_name: str = "ep", **kwargs):
+    """A ``SymmBuffer`` over ``mesh`` for the dimensions of :func:`make_inputs` (``dims`` with
+    keys ``h``, ``i``, ``e``, ``k``); ``kwargs`` go to ``SymmBuffer.create``."""
+    from .symm_buffer import SymmBuffer
+
+    return SymmBuffer.create(
+        mesh,
+        axis_name,
+        num_experts=dims["e"],
+        hidden=dims["h"],
+        intermediate=dims["i"],
+        topk=dims["k"],
+        max_tokens_per_rank=max_tokens_per_rank,
+        **kwargs,
+    )
