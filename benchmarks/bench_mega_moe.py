@@ -48,7 +48,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import shapes  # noqa: E402
 import timing  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 from plot import plot  # noqa: E402
 
 from jax_megamoe import SymmBuffer, fp8_mega_moe  # noqa: E402
@@ -129,13 +128,6 @@ def _measure(fn: Callable, arg_sets: list[tuple], args, module: str) -> dict:
     return out
 
 
-def _shard(fn: Callable, mesh, n_in: int, check_vma: bool = True) -> Callable:
-    spec = P(shapes.AXIS)
-    return jax.jit(
-        jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * n_in, out_specs=spec, check_vma=check_vma)
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     shape = shapes.Shape(args.hidden, args.intermediate, args.experts, args.topk)
@@ -184,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return fp8_mega_moe(x, x_scale, ids, tw, w, buffer=buffer, axis_name=shapes.AXIS, impl=impl)
 
     fused.__name__ = "megamoe_fused"
-    fused_fn = _shard(fused, mesh, 5)
+    fused_fn = shapes.shard_jit(fused, mesh, 5)
 
     rows = []
     for routing in args.routing:
@@ -337,7 +329,7 @@ def _baseline(name, mesh, shape, sets, weights, w_bf16) -> tuple[Callable, list[
         w1, w2 = (weights.w1, weights.w2) if name == "pallas_fp8" else w_bf16
         check_vma = False  # ragged_all_to_all and Pallas calls carry no varying-axis types
     per_rank.__name__ = f"baseline_{name}"
-    fn = _shard(per_rank, mesh, 5, check_vma=check_vma)
+    fn = shapes.shard_jit(per_rank, mesh, 5, check_vma=check_vma)
     return fn, [(s.x_bf16, s.topk_ids, s.topk_weights, w1, w2) for s in sets]
 
 

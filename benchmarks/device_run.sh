@@ -11,6 +11,7 @@
 #             timeout cases also on one)
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
 #   bench     benchmarks/bench_mega_moe.py with $BENCH_ARGS
+#   scan      benchmarks/bench_scan.py (per-layer overhead in a lax.scan step) with $SCAN_ARGS
 # Usage: bash benchmarks/device_run.sh MODES [extra pytest args for "test"...]
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -79,5 +80,10 @@ if [[ $modes == *,bench,* ]]; then
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
   python3 benchmarks/bench_mega_moe.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 |
     tee "$OUT/bench.log" | grep -v -i warn | tail -40
+fi
+if [[ $modes == *,scan,* ]]; then
+  # shellcheck disable=SC2086  # SCAN_ARGS is a list of flags
+  python3 benchmarks/bench_scan.py --out "$OUT/scan" ${SCAN_ARGS:-} 2>&1 |
+    tee "$OUT/bench_scan.log" | grep -E "^\[M|^\|" | tail -20
 fi
 exit "$status"

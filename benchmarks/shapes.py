@@ -103,6 +103,14 @@ def make_mesh(num_ranks: int | None = None) -> Mesh:
     return Mesh(np.array(devices), (AXIS,))
 
 
+def shard_jit(fn, mesh: Mesh, n_in: int, check_vma: bool = True):
+    """``jit(shard_map(fn))`` with every operand and the result split over the expert axis."""
+    spec = P(AXIS)
+    return jax.jit(
+        jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * n_in, out_specs=spec, check_vma=check_vma)
+    )
+
+
 def make_weights(mesh: Mesh, shape: Shape, seed: int) -> MoEWeights:
     """FP8 expert weights generated on the devices that own them, one expert at a time.
 

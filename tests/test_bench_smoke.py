@@ -16,11 +16,44 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "ben
 
 import baselines  # noqa: E402
 import bench_mega_moe  # noqa: E402
+import bench_scan  # noqa: E402
 import plot  # noqa: E402
 import shapes  # noqa: E402
 
 from jax_megamoe import calc_diff, fp8_mega_moe  # noqa: E402
 from jax_megamoe.testing import make_ids  # noqa: E402
+
+
+def test_bench_scan_writes_rows(tmp_path):
+    """The multi-layer scan benchmark end to end (reference impl): per M, both programs timed,
+    per-layer busy and wall, the overhead of one more layer."""
+    argv = [
+        "--hidden=256",
+        "--intermediate=128",
+        "--experts=16",
+        "--topk=4",
+        "--tokens=8,16",
+        "--layers=3",
+        "--iters=2",
+        "--warmup=1",
+        "--impl=reference",
+        f"--out={tmp_path}",
+    ]
+    result = bench_scan.main(argv)
+    assert result == json.loads((tmp_path / "results.json").read_text())
+    assert result["meta"]["layers"] == 3 and result["meta"]["impl"] == "reference"
+    assert [r["tokens"] for r in result["rows"]] == [8, 16]
+    for r in result["rows"]:
+        for n in (1, 3):
+            assert r[f"layers_{n}"]["status"] == "ok"
+            assert r[f"layers_{n}"]["busy_us"] > 0 and r[f"layers_{n}"]["wall_us"] > 0
+        assert np.isfinite(r["overhead_us"])
+    assert "overhead µs/layer" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_scan_rejects_one_layer():
+    with pytest.raises(SystemExit):
+        bench_scan.parse_args(["--layers=1"])
 
 
 def test_bench_main_writes_rows(tmp_path):
