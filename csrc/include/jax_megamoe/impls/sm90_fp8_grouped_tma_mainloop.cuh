@@ -8,9 +8,9 @@
 //                           K blocks: waits until the slot is empty, then lane 0 announces the
 //                           stage's bytes and issues the TMA loads of A (the working row
 //                           blocks' 64 pool rows each) and of the two B groups, while the 32
-//                           lanes cp.async the
-//                           activation scales of the working row blocks and the 2 weight scales
-//                           and arrive on the slot's full barrier when those land. Warps 1-3 exit.
+//                           lanes cp.async the activation scales of the working row blocks and
+//                           the 2 weight scales and arrive on the slot's full barrier when those
+//                           land. Warps 1-3 exit.
 //   warpgroups 1-2, math    setmaxnreg up to kMathRegs; warpgroup w takes row block w of the
 //                           pair. Per K block: wait for the full barrier; per B group, four wgmma
 //                           into a partial, wait for them, promote into the group's master
