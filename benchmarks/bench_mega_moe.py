@@ -50,7 +50,7 @@ import shapes  # noqa: E402
 import timing  # noqa: E402
 from plot import plot  # noqa: E402
 
-from jax_megamoe import SymmBuffer, fp8_mega_moe  # noqa: E402
+from jax_megamoe import fp8_mega_moe  # noqa: E402
 
 BASELINES = ("ragged", "pallas", "pallas_fp8", "dense", "dense_fp8")
 BASELINE_LABELS = {
@@ -139,16 +139,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
 
     # The workspace first, sized for the largest M, before the big allocations.
-    buffer = SymmBuffer.create(
-        mesh,
-        shapes.AXIS,
-        num_experts=shape.experts,
-        hidden=shape.hidden,
-        intermediate=shape.intermediate,
-        topk=shape.topk,
-        max_tokens_per_rank=max(args.tokens),
-        sm_budget=args.sm_budget,
-    )
+    buffer = shapes.make_buffer(mesh, shape, max(args.tokens), args.sm_budget)
     impl = args.impl if args.impl != "auto" else ("fused" if buffer.allocated else "reference")
     weights = jax.block_until_ready(shapes.make_weights(mesh, shape, args.seed))
 

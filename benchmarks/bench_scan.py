@@ -101,15 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if shape.experts % mesh.shape[shapes.AXIS]:
         raise SystemExit(f"--experts {shape.experts} is not divisible by the ranks")
     os.makedirs(args.out, exist_ok=True)
-    buffer = SymmBuffer.create(
-        mesh,
-        shapes.AXIS,
-        num_experts=shape.experts,
-        hidden=shape.hidden,
-        intermediate=shape.intermediate,
-        topk=shape.topk,
-        max_tokens_per_rank=max(args.tokens),
-    )
+    buffer = shapes.make_buffer(mesh, shape, max(args.tokens))
     impl = args.impl if args.impl != "auto" else ("fused" if buffer.allocated else "reference")
     weights = jax.block_until_ready(shapes.make_weights(mesh, shape, args.seed))
     programs = {

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe import MoEWeights, dequantize
+from jax_megamoe import MoEWeights, SymmBuffer, dequantize
 from jax_megamoe.testing import expert_weights, make_activations, make_routing
 
 # DeepSeek-V3 MoE layer (docs/design.md §6).
@@ -101,6 +101,21 @@ def make_mesh(num_ranks: int | None = None) -> Mesh:
             raise ValueError(f"--ranks {num_ranks} but only {len(devices)} devices are visible")
         devices = devices[:num_ranks]
     return Mesh(np.array(devices), (AXIS,))
+
+
+def make_buffer(mesh: Mesh, shape: Shape, max_tokens: int, sm_budget: int = 0) -> SymmBuffer:
+    """The fused layer's workspace over the expert axis, for ``shape`` and up to ``max_tokens``
+    tokens per rank. Benches create it first, before their big allocations."""
+    return SymmBuffer.create(
+        mesh,
+        AXIS,
+        num_experts=shape.experts,
+        hidden=shape.hidden,
+        intermediate=shape.intermediate,
+        topk=shape.topk,
+        max_tokens_per_rank=max_tokens,
+        sm_budget=sm_budget,
+    )
 
 
 def shard_jit(fn, mesh: Mesh, n_in: int, check_vma: bool = True):
