@@ -37,7 +37,8 @@ constexpr int kStageBytes = sm90::TileShape<kWgN>::kStageBytes;
 
 // The tile/stage table: every kernel instance, its ring depth and its shared memory.
 constexpr int kL1Stages =
-    stages_for(kStageBytes<sm90::kL1WgN>, sm90::kSmemAlignSlack + kBarrierReserve);
+    stages_for(kStageBytes<sm90::kL1WgN>,
+               sm90::kSmemAlignSlack + sm90::L1Epilogue::kSmemBytes + kBarrierReserve);
 constexpr int kL2WideStages =
     stages_for(kStageBytes<kL2WideWgN>, sm90::kSmemAlignSlack + kBarrierReserve);
 constexpr int kL2NarrowStages =

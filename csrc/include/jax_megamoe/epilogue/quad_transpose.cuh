@@ -24,19 +24,23 @@ __device__ __forceinline__ uint4 quad_transpose(const uint32_t (&w)[4]) {
   return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
-// The e4m3 form for one row of 128 columns. In: lane t of a quad holds w[j] = e4m3 columns
-// (8 j + 2 t, +1) for the 16 n8 tiles j. Out: lane t holds columns 32 t .. 32 t + 31 (tiles
-// 4 t .. 4 t + 3) as two 16-byte vectors. Two word transposes (tiles 4 g, 4 g + 1 paired in the
-// low words, 4 g + 2, 4 g + 3 in the high ones), then byte permutes put each tile's four lanes
-// in column order.
-__device__ __forceinline__ void quad_transpose_e4m3(const uint16_t (&w)[16], uint4 (&out)[2]) {
+// The e4m3 form for one row of 8 * kTiles columns. In: lane t of a quad holds w[j] = e4m3
+// columns (8 j + 2 t, +1) for the kTiles n8 tiles j. Out: lane t holds tiles [t T, t T + T) with
+// T = kTiles / 4, i.e. 8 T consecutive bytes, as T / 2 16-byte vectors. Per vector h, one word
+// transpose (tiles t T + 2 h and t T + 2 h + 1 paired in a word), then byte permutes put each
+// tile's four lanes in column order.
+template <int kTiles>
+__device__ __forceinline__ void quad_transpose_e4m3(const uint16_t (&w)[kTiles],
+                                                    uint4 (&out)[kTiles / 8]) {
+  static_assert(kTiles % 8 == 0, "whole 16-byte vectors per lane");
+  constexpr int kT = kTiles / 4;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
+  for (int h = 0; h < kTiles / 8; ++h) {
     uint32_t words[4];
 #pragma unroll
     for (int g = 0; g < 4; ++g)
-      words[g] = uint32_t(w[4 * g + 2 * h]) | (uint32_t(w[4 * g + 2 * h + 1]) << 16);
-    // v.k from lane k: tile 4 t + 2 h in its low half, tile 4 t + 2 h + 1 in its high half.
+      words[g] = uint32_t(w[kT * g + 2 * h]) | (uint32_t(w[kT * g + 2 * h + 1]) << 16);
+    // v.k from lane k: tile t T + 2 h in its low half, tile t T + 2 h + 1 in its high half.
     const uint4 v = quad_transpose(words);
     out[h] = make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.z, v.w, 0x5410),
                         __byte_perm(v.x, v.y, 0x7632), __byte_perm(v.z, v.w, 0x7632));

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "jax_megamoe/layout/sm90_gemm_tile.cuh"
+#include "jax_megamoe/ptx/warpgroup.cuh"
 #include "jax_megamoe/ptx/wgmma.cuh"
 
 namespace jax_megamoe::sm90 {
@@ -40,16 +41,17 @@ __device__ __forceinline__ RowScales load_row_scales(const float* a_scale, int t
   return r;
 }
 
-// acc += part * a_scale[row] * b_scale.
-template <int kWgN>
+// acc += part * a_scale[row] * b_scale, over part's n8 tiles: acc may be wider (a partial of
+// n64 promoted into the first half of an n128 accumulator, whose fragment layout it shares).
+template <int kPartRegs, int kAccRegs>
 __device__ __forceinline__ void promote(const RowScales& a_scales, float b_scale,
-                                        const float (&part)[TileShape<kWgN>::kAccRegs],
-                                        Accum<kWgN>& acc) {
+                                        const float (&part)[kPartRegs], float (&acc)[kAccRegs]) {
+  static_assert(kPartRegs <= kAccRegs && kPartRegs % 4 == 0, "part must be a prefix of acc");
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float scale = a_scales.s[half] * b_scale;
 #pragma unroll
-    for (int j = 0; j < TileShape<kWgN>::kNTiles; ++j) {
+    for (int j = 0; j < kPartRegs / 4; ++j) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int r = 4 * j + 2 * half + c;
@@ -58,5 +60,9 @@ __device__ __forceinline__ void promote(const RowScales& a_scales, float b_scale
     }
   }
 }
+
+// Barrier 1 over the two math warpgroups only, never the producer warp: an epilogue's exchange
+// through shared memory.
+__device__ __forceinline__ void math_sync() { ptx::named_barrier_sync<1, kNumMathThreads>(); }
 
 }  // namespace jax_megamoe::sm90

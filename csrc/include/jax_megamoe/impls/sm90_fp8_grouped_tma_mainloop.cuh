@@ -15,8 +15,10 @@
 //                           pair. Per K block: wait for the full barrier; per B group, four wgmma
 //                           into a partial, wait for them, promote into the group's master
 //                           accumulator; release the slot (one arrival per warp) once its last
-//                           shared-memory read is done. A warpgroup whose block has no work in
-//                           this tile (padding, or another expert) only waits and releases. The
+//                           shared-memory read is done. When only one block of the pair works
+//                           (a lone block: small M, an expert's last rows), both warpgroups work
+//                           on it, splitting the columns as the epilogue asks (Epilogue::
+//                           kLoneSplit): a whole B group each, or half of every group. The
 //                           epilogue follows a tile's last K block. The two warpgroups drift
 //                           independently, so one's promotion overlaps the other's wgmma.
 //
@@ -45,11 +47,11 @@ constexpr int kNumThreads = kWarpGroupThreads + kNumMathThreads;
 // to the allocation unit of 8): 64512 in all. setmaxnreg only moves registers inside that pool:
 // a math warpgroup's increase waits until the producer's decrease has freed enough, forever if
 // the two do not fit, so the split must satisfy 128 x producer + 256 x math <= 64512.
-// 128 x 56 + 256 x 224 = 64512: two 64-register master accumulators and a partial for the math
-// threads, the producer's address arithmetic without spills.
+// 128 x 40 + 256 x 232 = 64512: two 64-register master accumulators, a partial and the three mma
+// paths (paired, lone by group, lone by halves) without spills.
 constexpr int kRegsAtLaunch = 65536 / kNumThreads / 8 * 8;
-constexpr int kProducerRegs = 56;
-constexpr int kMathRegs = 224;
+constexpr int kProducerRegs = 40;
+constexpr int kMathRegs = 232;
 static_assert(kWarpGroupThreads * kProducerRegs + kNumMathThreads * kMathRegs <=
                   kNumThreads * kRegsAtLaunch,
               "setmaxnreg would wait forever: the split exceeds the CTA's registers");
@@ -70,13 +72,17 @@ class GroupedFp8TmaMainloop {
   // `smem` must be kSwizzleAtomBytes-aligned (align_smem). The tensor maps view `op.a` as
   // [pool rows, k] with a box of kBlockM x 128 and `op.b` as [experts * b_rows, k] with a box
   // of kWgN x 128, both 128B-swizzled; they live in kernel parameter space (__grid_constant__).
-  __device__ GroupedFp8TmaMainloop(uint8_t* smem, const GemmOperands& op, int num_blocks,
-                                   const CUtensorMap* tma_a, const CUtensorMap* tma_b)
+  // Blocks at or past min(*num_blocks, max_blocks) are skipped; the count is read by each role
+  // after the register split (a value held across it would be spilled).
+  __device__ GroupedFp8TmaMainloop(uint8_t* smem, const GemmOperands& op, const int32_t* num_blocks,
+                                   int max_blocks, const CUtensorMap* tma_a,
+                                   const CUtensorMap* tma_b)
       : ring_{smem},
         full_(reinterpret_cast<uint64_t*>(smem + Ring::kBytes)),
         empty_(full_ + kStages),
         op_(op),
-        sched_(op, num_blocks),
+        num_blocks_(num_blocks),
+        max_blocks_(max_blocks),
         tma_a_(tma_a),
         tma_b_(tma_b) {}
 
@@ -108,7 +114,8 @@ class GroupedFp8TmaMainloop {
     const int lane = threadIdx.x % 32;
     int slot = 0;
     uint32_t phase = 0;
-    for (Tile tile = sched_.first(); !sched_.done(tile); tile = sched_.next(tile)) {
+    const TileScheduler sched = scheduler();
+    for (Tile tile = sched.first(); !sched.done(tile); tile = sched.next(tile)) {
       const int row0 = tile.pair * kTileM;
       for (int kb = 0; kb < num_kb(); ++kb) {
         ptx::mbarrier_wait(&empty_[slot], phase ^ 1);
@@ -130,14 +137,16 @@ class GroupedFp8TmaMainloop {
                              op_.b_row(tile.expert, tile.n, g), full);
         }
         // Only the working blocks' scales: a block past the pool's end has none to read.
-        float* a_scale = ring_.a_scale(slot);
+        const uint32_t a_scale = ptx::smem_addr(ring_.a_scale(slot));
+        const float* a_scale_src = op_.a_scale_at(size_t(row0) + lane, kb);
+        const size_t src_stride = op_.k / kQuantBlock * 32;  // 32 rows
 #pragma unroll
         for (int w = 0; w < kNumMathWarpGroups; ++w) {
           if (!tile.has(w)) continue;
 #pragma unroll
           for (int i = 0; i < kBlockM / 32; ++i) {
-            const int row = w * kBlockM + lane + 32 * i;
-            ptx::cp_async_4(ptx::smem_addr(a_scale + row), op_.a_scale_at(size_t(row0) + row, kb));
+            const int rows32 = w * (kBlockM / 32) + i;
+            ptx::cp_async_4(a_scale + (rows32 * 32 + lane) * 4, a_scale_src + rows32 * src_stride);
           }
         }
         if (lane < kNumBGroups)
@@ -160,8 +169,10 @@ class GroupedFp8TmaMainloop {
     const bool warp_leader = math_thread % 32 == 0;
     int slot = 0;
     uint32_t phase = 0;
-    for (Tile tile = sched_.first(); !sched_.done(tile); tile = sched_.next(tile)) {
-      const bool works = tile.has(wg);
+    const TileScheduler sched = scheduler();
+    for (Tile tile = sched.first(); !sched.done(tile); tile = sched.next(tile)) {
+      const bool works = tile.lone() || tile.has(wg);
+      const int block = tile.block_of(wg);
       TileAccum<kWgN> acc;
 #pragma unroll
       for (int g = 0; g < kNumBGroups; ++g) {
@@ -172,22 +183,20 @@ class GroupedFp8TmaMainloop {
       for (int kb = 0; kb < num_kb(); ++kb) {
         ptx::mbarrier_wait(&full_[slot], phase);
         if (works) {
-          const uint32_t a_smem = ptx::smem_addr(ring_.a(slot)) + wg * Shape::kAWgBytes;
+          const uint32_t a_smem = ptx::smem_addr(ring_.a(slot)) + block * Shape::kAWgBytes;
           const uint32_t b_smem = ptx::smem_addr(ring_.b(slot));
-          const RowScales a_scales = load_row_scales(ring_.a_scale(slot) + wg * kBlockM, t);
+          const RowScales a_scales = load_row_scales(ring_.a_scale(slot) + block * kBlockM, t);
           float b_scales[kNumBGroups];
 #pragma unroll
           for (int g = 0; g < kNumBGroups; ++g) b_scales[g] = ring_.b_scale(slot)[g];
-          float part[Shape::kAccRegs];
-#pragma unroll
-          for (int g = 0; g < kNumBGroups; ++g) {
-            issue_block_mma<kWgN>(a_smem, b_smem + g * Shape::kBGroupBytes, part);
-            ptx::wgmma_wait<0>();
-            ptx::fence_operands(part);
-            // After the last group's wgmma the warp has read all of the slot: hand it back
-            // before the promotion.
-            if (g == kNumBGroups - 1) release(slot, warp_leader);
-            promote<kWgN>(a_scales, b_scales[g], part, acc[g]);
+          if (!tile.lone()) {
+            mma_pair(a_smem, b_smem, a_scales, b_scales, acc, slot, warp_leader);
+          } else if constexpr (Epilogue::kLoneSplit == LoneSplit::kHalfOfEachGroup) {
+            mma_lone_halves(a_smem, b_smem, wg, a_scales, b_scales, acc, slot, warp_leader);
+          } else if (wg == 0) {  // constant indices keep the accumulators in registers
+            mma_lone_group(a_smem, b_smem, 0, a_scales, b_scales[0], acc[0], slot, warp_leader);
+          } else {
+            mma_lone_group(a_smem, b_smem, 1, a_scales, b_scales[1], acc[1], slot, warp_leader);
           }
         } else {
           release(slot, warp_leader);
@@ -201,8 +210,61 @@ class GroupedFp8TmaMainloop {
     }
   }
 
+  // Paired tile: this warpgroup's own row block times both B groups.
+  __device__ __forceinline__ void mma_pair(uint32_t a_smem, uint32_t b_smem,
+                                           const RowScales& a_scales,
+                                           const float (&b_scales)[kNumBGroups],
+                                           TileAccum<kWgN>& acc, int slot, bool warp_leader) {
+    float part[Shape::kAccRegs];
+#pragma unroll
+    for (int g = 0; g < kNumBGroups; ++g) {
+      issue_block_mma<kWgN>(a_smem, b_smem + g * Shape::kBGroupBytes, part);
+      ptx::wgmma_wait<0>();
+      ptx::fence_operands(part);
+      // After the last group's wgmma the warp has read all of the slot: hand it back before
+      // the promotion.
+      if (g == kNumBGroups - 1) release(slot, warp_leader);
+      promote(a_scales, b_scales[g], part, acc[g]);
+    }
+  }
+
+  // Lone block, LoneSplit::kOneGroupEach: warpgroup wg takes B group wg whole.
+  __device__ __forceinline__ void mma_lone_group(uint32_t a_smem, uint32_t b_smem, int wg,
+                                                 const RowScales& a_scales, float b_scale,
+                                                 Accum<kWgN>& acc, int slot, bool warp_leader) {
+    float part[Shape::kAccRegs];
+    issue_block_mma<kWgN>(a_smem, b_smem + wg * Shape::kBGroupBytes, part);
+    ptx::wgmma_wait<0>();
+    ptx::fence_operands(part);
+    release(slot, warp_leader);
+    promote(a_scales, b_scale, part, acc);
+  }
+
+  // Lone block, LoneSplit::kHalfOfEachGroup: warpgroup wg takes half wg of every B group, into
+  // the first half of that group's accumulator.
+  __device__ __forceinline__ void mma_lone_halves(uint32_t a_smem, uint32_t b_smem, int wg,
+                                                  const RowScales& a_scales,
+                                                  const float (&b_scales)[kNumBGroups],
+                                                  TileAccum<kWgN>& acc, int slot,
+                                                  bool warp_leader) {
+    constexpr int kHalfN = kWgN / 2;
+    float part[TileShape<kHalfN>::kAccRegs];
+#pragma unroll
+    for (int g = 0; g < kNumBGroups; ++g) {
+      issue_block_mma<kHalfN>(a_smem, b_smem + g * Shape::kBGroupBytes + wg * kHalfN * kBlockK,
+                              part);
+      ptx::wgmma_wait<0>();
+      ptx::fence_operands(part);
+      if (g == kNumBGroups - 1) release(slot, warp_leader);
+      promote(a_scales, b_scales[g], part, acc[g]);
+    }
+  }
+
   // Recomputed where used: a member would be held across the role split and spilled.
   __device__ int num_kb() const { return op_.k / kBlockK; }
+  __device__ TileScheduler scheduler() const {
+    return TileScheduler(op_, min(*num_blocks_, max_blocks_));
+  }
 
   __device__ __forceinline__ void release(int slot, bool warp_leader) {
     __syncwarp();
@@ -213,7 +275,8 @@ class GroupedFp8TmaMainloop {
   uint64_t* full_;
   uint64_t* empty_;
   GemmOperands op_;
-  TileScheduler sched_;
+  const int32_t* num_blocks_;
+  int max_blocks_;
   const CUtensorMap* tma_a_;
   const CUtensorMap* tma_b_;
 };

@@ -18,53 +18,108 @@ namespace jax_megamoe::sm90 {
 
 constexpr int kL1WgN = kQuantBlock;  // 128 columns per B group: gate or up
 
-// Runs on each working math warpgroup on its own, straight from registers: its row block's
-// 64 x 128 act tile, no shared memory and no barrier.
+// Straight from registers. A paired tile: each warpgroup on its own, its row block's 64 x 128 act
+// tile. A lone block: warpgroup wg holds columns [64 wg, +64) of the block's rows (half of the
+// gate and of the up group), so the two warpgroups exchange their row maxima through shared
+// memory for the 1x128 scale.
 struct L1Epilogue {
   using Shape = TileShape<kL1WgN>;
+  static constexpr LoneSplit kLoneSplit = LoneSplit::kHalfOfEachGroup;
   static_assert(Shape::kNTiles == 16, "one row of the tile is one 128-column requant group");
+  // Row maxima of a lone block, [warpgroup][row].
+  static constexpr int kSmemBytes = kNumMathWarpGroups * kBlockM * sizeof(float);
 
   const L1Params& p;
+  float* lone_amax;
 
   __device__ __forceinline__ void operator()(const Tile& tile, TileAccum<kL1WgN>& acc,
                                              int math_thread) const {
-    constexpr int kNT = Shape::kNTiles;
     const FragCoords fc(math_thread);
-    const int row0 = (tile.pair * kNumMathWarpGroups + fc.wg) * kBlockM;
-    Accum<kL1WgN>& gate = acc[0];
-    const Accum<kL1WgN>& up = acc[1];
+    const int row0 = (tile.pair * kNumMathWarpGroups + tile.block_of(fc.wg)) * kBlockM;
+    if (tile.lone()) {
+      lone(tile, acc, fc, row0);
+    } else {
+      paired(tile, acc, fc, row0);
+    }
+  }
 
-    // One row's 128 columns live in the four lanes of one quad: the amax needs no smem.
+ private:
+  // act = swiglu(gate, up) * weight in place over the first kNT n8 tiles of half `half`'s row;
+  // returns the quad's max |act| (the row's, over these columns).
+  template <int kNT>
+  __device__ __forceinline__ float swiglu_row(TileAccum<kL1WgN>& acc, int half,
+                                              float weight) const {
+    float row_amax = 0.f;
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int r = 4 * j + 2 * half + c;
+        acc[0][r] = epilogue::swiglu(acc[0][r], acc[1][r], p.clamp) * weight;
+        row_amax = fmaxf(row_amax, fabsf(acc[0][r]));
+      }
+    }
+    // One row's columns of this warpgroup live in the four lanes of one quad.
+    return epilogue::quad_max(row_amax);
+  }
+
+  // Quantizes the first kNT n8 tiles of half `half`'s row with `scale` and stores them at
+  // column col0 of the tile with 16-byte stores (padding rows are never written).
+  template <int kNT>
+  __device__ __forceinline__ void store_row(const TileAccum<kL1WgN>& acc, int half, int row, int n,
+                                            int col0, float scale, int lane) const {
+    uint16_t q[kNT];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+      q[j] =
+          epilogue::quantize_e4m3x2(acc[0][4 * j + 2 * half], acc[0][4 * j + 2 * half + 1], scale);
+    uint4 out[kNT / 8];
+    epilogue::quad_transpose_e4m3(q, out);  // every lane shuffles; valid rows store
+    if (p.row_src[row] < 0) return;
+    uint8_t* dst = p.act + static_cast<size_t>(row) * p.intermediate + n * kQuantBlock + col0 +
+                   (lane % 4) * (kNT * 2);
+#pragma unroll
+    for (int v = 0; v < kNT / 8; ++v) ptx::st_global_v4(dst + 16 * v, out[v]);
+  }
+
+  __device__ __forceinline__ void store_scale(int row, int n, float scale) const {
+    if (p.row_src[row] >= 0)
+      p.act_scale[static_cast<size_t>(row) * (p.intermediate / kQuantBlock) + n] = scale;
+  }
+
+  __device__ __forceinline__ void paired(const Tile& tile, TileAccum<kL1WgN>& acc,
+                                         const FragCoords& fc, int row0) const {
+    constexpr int kNT = Shape::kNTiles;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + fc.row(half);
-      const float weight = p.row_weight[row];
-      float row_amax = 0.f;
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int r = 4 * j + 2 * half + c;
-          gate[r] = epilogue::swiglu(gate[r], up[r], p.clamp) * weight;  // act, in place
-          row_amax = fmaxf(row_amax, fabsf(gate[r]));
-        }
-      }
-      row_amax = epilogue::quad_max(row_amax);
-      const float scale = epilogue::e4m3_scale(row_amax);
-      uint16_t q[kNT];
-#pragma unroll
-      for (int j = 0; j < kNT; ++j)
-        q[j] = epilogue::quantize_e4m3x2(gate[4 * j + 2 * half], gate[4 * j + 2 * half + 1], scale);
-      uint4 out[2];
-      epilogue::quad_transpose_e4m3(q, out);  // every lane shuffles; valid rows store
-      if (p.row_src[row] < 0) continue;       // padding rows are never written
-      uint8_t* dst = p.act + static_cast<size_t>(row) * p.intermediate + tile.n * kQuantBlock +
-                     (fc.lane % 4) * 32;
-      ptx::st_global_v4(dst, out[0]);
-      ptx::st_global_v4(dst + 16, out[1]);
-      if (fc.lane % 4 == 0)
-        p.act_scale[static_cast<size_t>(row) * (p.intermediate / kQuantBlock) + tile.n] = scale;
+      const float amax = swiglu_row<kNT>(acc, half, p.row_weight[row]);
+      const float scale = epilogue::e4m3_scale(amax);
+      store_row<kNT>(acc, half, row, tile.n, 0, scale, fc.lane);
+      if (fc.lane % 4 == 0) store_scale(row, tile.n, scale);
     }
+  }
+
+  __device__ __forceinline__ void lone(const Tile& tile, TileAccum<kL1WgN>& acc,
+                                       const FragCoords& fc, int row0) const {
+    constexpr int kNT = Shape::kNTiles / kNumMathWarpGroups;
+    float amax[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      amax[half] = swiglu_row<kNT>(acc, half, p.row_weight[row0 + fc.row(half)]);
+      if (fc.lane % 4 == 0) lone_amax[fc.wg * kBlockM + fc.row(half)] = amax[half];
+    }
+    math_sync();
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + fc.row(half);
+      const float other = lone_amax[(1 - fc.wg) * kBlockM + fc.row(half)];
+      const float scale = epilogue::e4m3_scale(fmaxf(amax[half], other));
+      store_row<kNT>(acc, half, row, tile.n, fc.wg * (kNT * 8), scale, fc.lane);
+      if (fc.wg == 0 && fc.lane % 4 == 0) store_scale(row, tile.n, scale);
+    }
+    // The next lone tile rewrites lone_amax; both warpgroups must have read it here.
+    math_sync();
   }
 };
 
@@ -98,13 +153,14 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
   const L1Params& p = k.p;
-  Mainloop mainloop(smem, l1_operands(p), min(*p.num_blocks, p.max_blocks), &k.a, &k.b);
-  mainloop.run(L1Epilogue{p});
+  Mainloop mainloop(smem, l1_operands(p), p.num_blocks, p.max_blocks, &k.a, &k.b);
+  mainloop.run(L1Epilogue{p, reinterpret_cast<float*>(smem + Mainloop::kSmemBytes)});
 }
 
 template <int kStages>
 constexpr int l1_smem_bytes() {
-  return kSmemAlignSlack + GroupedFp8TmaMainloop<kL1WgN, kStages>::kSmemBytes;
+  return kSmemAlignSlack + GroupedFp8TmaMainloop<kL1WgN, kStages>::kSmemBytes +
+         L1Epilogue::kSmemBytes;
 }
 
 }  // namespace jax_megamoe::sm90

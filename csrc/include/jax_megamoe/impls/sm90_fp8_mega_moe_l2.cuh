@@ -14,10 +14,11 @@
 namespace jax_megamoe::sm90 {
 
 // Runs on each working math warpgroup on its own: its row block's 64 rows x the tile's
-// kNumBGroups * kWgN hidden columns.
+// kNumBGroups * kWgN hidden columns, or of a lone block B group wg's kWgN columns.
 template <int kWgN>
 struct L2Epilogue {
   using Shape = TileShape<kWgN>;
+  static constexpr LoneSplit kLoneSplit = LoneSplit::kOneGroupEach;
   static constexpr int kQuadTiles = 4;  // quad_transpose regroups exactly four n8 tiles
   static_assert(Shape::kNTiles % kQuadTiles == 0, "group columns must split into 32s");
 
@@ -28,7 +29,7 @@ struct L2Epilogue {
   __device__ __forceinline__ void operator()(const Tile& tile, TileAccum<kWgN>& acc,
                                              int math_thread) const {
     const FragCoords fc(math_thread);
-    const int row0 = (tile.pair * kNumMathWarpGroups + fc.wg) * kBlockM;
+    const int row0 = (tile.pair * kNumMathWarpGroups + tile.block_of(fc.wg)) * kBlockM;
     const int slots_per_rank = p.max_tokens * p.topk;
     const int col0 = tile.n * Shape::kBRows;
 #pragma unroll
@@ -42,6 +43,7 @@ struct L2Epilogue {
       }
 #pragma unroll
       for (int g = 0; g < kNumBGroups; ++g) {
+        if (tile.lone() && g != fc.wg) continue;
 #pragma unroll
         for (int q = 0; q < Shape::kNTiles / kQuadTiles; ++q) {
           uint32_t words[kQuadTiles];
@@ -89,7 +91,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const L2Params& p = k.p;
   GroupedFp8TmaMainloop<kWgN, kStages> mainloop(align_smem(smem_raw), l2_operands<kWgN>(p),
-                                                min(*p.num_blocks, p.max_blocks), &k.a, &k.b);
+                                                p.num_blocks, p.max_blocks, &k.a, &k.b);
   mainloop.run(L2Epilogue<kWgN>{p});
   // The runtime's release flag (written after this kernel) must order these peer stores.
   __threadfence_system();

@@ -57,6 +57,11 @@ using Accum = float[TileShape<kWgN>::kAccRegs];
 template <int kWgN>
 using TileAccum = Accum<kWgN>[kNumBGroups];
 
+// How the two math warpgroups share the columns of a tile whose pair has one working row block:
+// B group w each (L2: its columns are independent), or half w of every group (L1: gate and up
+// of a column must meet in one thread).
+enum class LoneSplit { kOneGroupEach, kHalfOfEachGroup };
+
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][128] tile: the 128-byte swizzle
 // wgmma's descriptors (layout 1) expect of a 1024-aligned tile (also the TMA 128B pattern).
 __device__ __forceinline__ uint32_t swizzle_128(int row, int chunk) {

@@ -17,4 +17,12 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
+// Hardware barrier kId (1..15; 0 is __syncthreads) over kThreads threads (a multiple of 32):
+// synchronises a subset of the CTA's warps, e.g. the math warpgroups without the producer.
+template <int kId, int kThreads>
+__device__ __forceinline__ void named_barrier_sync() {
+  static_assert(kId >= 1 && kId < 16 && kThreads % 32 == 0, "barrier 0 is __syncthreads");
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kThreads) : "memory");
+}
+
 }  // namespace jax_megamoe::ptx

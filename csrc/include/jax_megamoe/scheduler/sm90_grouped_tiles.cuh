@@ -44,9 +44,14 @@ struct Tile {
   int pair;   // row blocks 2 * pair (math warpgroup 0) and 2 * pair + 1 (warpgroup 1)
   int n;
   int expert;
-  int mask;  // bit w: row block 2 * pair + w belongs to `expert` (warpgroup w works)
+  int mask;  // bit w: row block 2 * pair + w belongs to `expert`
 
-  __device__ bool has(int wg) const { return (mask >> wg) & 1; }
+  __device__ bool has(int block) const { return (mask >> block) & 1; }
+  // One working block: both math warpgroups work on it, each on part of the columns, so a lone
+  // block (small M, an expert's last rows) still keeps both issuing wgmma.
+  __device__ bool lone() const { return mask == 1 || mask == 2; }
+  // The row block (0 or 1 of the pair) math warpgroup wg works on.
+  __device__ int block_of(int wg) const { return lone() ? mask >> 1 : wg; }
 };
 
 // Static round-robin over (row-block pair, N tile), pair-major so CTAs running side by side
