@@ -79,3 +79,29 @@ def extension() -> object:
 def register_targets() -> None:
     for name, capsule in extension().registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside it, or
+    with check_vma=False)."""
+    return jax.typeof(x).mat.varying
+
+
+def call_varying(call, *operands, axes: tuple = (), **attributes):
+    """``call(*operands, **attributes)`` for an ``jax.ffi.ffi_call`` made here, typed right under
+    ``jax.shard_map`` with check_vma.
+
+    ffi_call refuses operands that vary over different manual axes (e.g. replicated weights
+    beside a token shard) and types its results as identical on every device, which they are
+    not: a later ``lax.scan`` carry or a ``psum`` would then be typed wrong. The operands are
+    cast to the union of their varying axes and ``axes`` (the fused layer adds its expert axis:
+    its output depends on every rank's tokens), and the results are marked varying over it.
+    """
+    union = frozenset(axes).union(*(_varying_axes(x) for x in operands))
+
+    def vary(x):
+        missing = tuple(sorted(union - _varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    results = call(*(vary(x) for x in operands), **attributes)
+    return jax.tree.map(vary, results)

@@ -90,7 +90,8 @@ def grouped_gemm_l1(
             jax.ShapeDtypeStruct((rows, inter // QUANT_BLOCK), jnp.float32),
         ),
     )
-    return call(
+    return _ffi.call_varying(
+        call,
         a,
         a_scale,
         row_weight,
@@ -148,7 +149,8 @@ def grouped_gemm_l2(
             jax.ShapeDtypeStruct((1,), jnp.int64),
         ),
     )
-    y, _ = call(
+    y, _ = _ffi.call_varying(
+        call,
         act,
         act_scale,
         row_src,

@@ -28,13 +28,15 @@ def fused_mega_moe(
         # The call exchanges data with peer ranks through the workspace: never dedupe or drop it.
         has_side_effect=True,
     )
-    return call(
+    return _ffi.call_varying(
+        call,
         x,
         x_scale,
         topk_ids,
         topk_weights,
         *weights,
         jnp.asarray(expected_rank, jnp.int32),
+        axes=() if axis_name is None else (axis_name,),
         buffer_id=np.int64(buffer_id),
         activation_clamp=np.float32(np.inf if clamp is None else clamp),
     )
