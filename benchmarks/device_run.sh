@@ -12,6 +12,9 @@
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
 #   bench     benchmarks/bench_mega_moe.py with $BENCH_ARGS
 #   scan      benchmarks/bench_scan.py (per-layer overhead in a lax.scan step) with $SCAN_ARGS
+#   ncu       Nsight Compute (clocks left alone) on one launch of each GEMM in $NCU_KERNELS
+#             (default "l1 l2") at $NCU_TOKENS tokens (default 8192): speed of light, memory,
+#             warp stall reasons, and the per-SASS-instruction stall samples as CSV
 # Usage: bash benchmarks/device_run.sh MODES [extra pytest args for "test"...]
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -85,5 +88,20 @@ if [[ $modes == *,scan,* ]]; then
   # shellcheck disable=SC2086  # SCAN_ARGS is a list of flags
   python3 benchmarks/bench_scan.py --out "$OUT/scan" ${SCAN_ARGS:-} 2>&1 |
     tee "$OUT/bench_scan.log" | grep -E "^\[M|^\|" | tail -20
+fi
+if [[ $modes == *,ncu,* ]]; then
+  for k in ${NCU_KERNELS:-l1 l2}; do
+    ncu --clock-control none --target-processes all -k "regex:sm90_fp8_mega_moe_$k" \
+      --launch-skip 1 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
+      --section SourceCounters --import-source yes --export "$OUT/ncu_$k" \
+      --metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$" \
+      python3 benchmarks/bench_gemm.py --tokens "${NCU_TOKENS:-8192}" --iters 1 --warmup 1 \
+      --sets 1 --no-profile --out /tmp/ncu_gemm >"$OUT/ncu_$k.txt" 2>&1
+    grep -E "Throughput|Eligible|Issued|stalled|Duration|Hit Rate" "$OUT/ncu_$k.txt" | head -60
+    # Per-SASS-instruction stall samples, for finding where the math warps wait.
+    ncu --import "$OUT/ncu_$k.ncu-rep" --page source --print-source sass --csv \
+      >"$OUT/ncu_${k}_sass.csv" 2>&1
+  done
 fi
 exit "$status"

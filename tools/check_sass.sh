@@ -2,12 +2,15 @@
 # Compiles csrc/launch/gemm.cu for sm_90a, fails on register spills, and prints the per-kernel
 # counts of the instructions that matter for the GEMM main loops (needs cuobjdump + nvdisasm on
 # PATH for the SASS part; the pip wheels nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm ship them).
+# CHECK_SASS_FLAGS adds nvcc flags, e.g. -DNAME=1 to check a variant before running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
+# shellcheck disable=SC2086  # CHECK_SASS_FLAGS is a list of flags
 nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Xptxas -v \
+  ${CHECK_SASS_FLAGS:-} \
   -I csrc/include -c csrc/launch/gemm.cu -o "$out/gemm.o" 2> "$out/ptxas.txt"
 grep -E "Compiling entry|stack frame|registers" "$out/ptxas.txt" | sed 's/ptxas info *: //'
 if grep -E "stack frame" "$out/ptxas.txt" | grep -qvE "^ *0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"; then
