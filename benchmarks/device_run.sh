@@ -98,7 +98,10 @@ if [[ $modes == *,ncu,* ]]; then
       python3 benchmarks/bench_gemm.py --tokens "${NCU_TOKENS:-8192}" --iters 1 --warmup 1 \
       --sets 1 --no-profile --out /tmp/ncu_gemm >"$OUT/ncu_$k.txt" 2>&1
     # (--metrics regex:... or --import-source made ncu 2025.3 segfault here on 2026-12-02.)
-    grep -E "Throughput|Eligible|Issued|Stall|Duration|Hit Rate" "$OUT/ncu_$k.txt" | head -60
+    ncu --import "$OUT/ncu_$k.ncu-rep" --page details --print-details all \
+      >"$OUT/ncu_${k}_details.txt" 2>&1
+    grep -E "Throughput|Eligible|Issued|Stall [A-Z]|Duration|Hit Rate" "$OUT/ncu_${k}_details.txt" |
+      head -60
     # Per-SASS-instruction stall samples, for finding where the math warps wait.
     ncu --import "$OUT/ncu_$k.ncu-rep" --page source --print-source sass --csv \
       >"$OUT/ncu_${k}_sass.csv" 2>&1
