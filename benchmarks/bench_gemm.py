@@ -5,12 +5,14 @@ Usage (one Hopper GPU, the extension built)::
     python3 benchmarks/bench_gemm.py --out /tmp/bench_gemm
     python3 benchmarks/bench_gemm.py --out /tmp/bench_gemm --tokens 64,4096 --routing hot
     python3 benchmarks/bench_gemm.py --out /tmp/bench_gemm --smoke      # tiny shape, seconds
+    python3 benchmarks/bench_gemm.py --out /tmp/bench_gemm --kernels l1,l2   # without cuBLAS
 
 The pool is what one rank of an R-rank expert-parallel layer sees (DeepSeek-V3 by default: H
 7168, I 2048, E 256, K 8, R 4, so E_l = 64 local experts): for tokens per rank M, R·M tokens
 each pick K experts (``jax_megamoe.testing.make_ids``), and local expert e of rank 0 receives
-the exact count of slots routed to it (about M·K rows in all). Each expert's rows start on a 64-row
-block (``jax_megamoe.pool.pool_layout``); padding rows are not stored.
+the exact count of slots routed to it (about M·K rows in all). Each expert's rows start on a
+multiple of 128 rows as in the fused layer (``jax_megamoe.pool.pool_layout``); padding rows are
+not stored.
 
 Per M, in the same process on the same device:
 
@@ -70,6 +72,14 @@ def _csv_ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v.strip()]
 
 
+def _csv_kernels(s: str) -> list[str]:
+    kinds = [v.strip() for v in s.split(",") if v.strip()]
+    bad = sorted(set(kinds) - set(KERNELS))
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown kernels {bad}: choose from {','.join(KERNELS)}")
+    return kinds
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = shapes.DSV3
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -93,6 +103,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-ctas", type=int, default=0, help="persistent grid (0 = every SM)")
     p.add_argument("--no-profile", action="store_true", help="wall-clock only")
+    p.add_argument(
+        "--kernels",
+        type=_csv_kernels,
+        default=list(KERNELS),
+        help=f"which to time, comma-separated (default all: {','.join(KERNELS)}); e.g. l1,l2 to "
+        "compare builds of the grouped kernels without re-timing cuBLAS",
+    )
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -228,6 +245,9 @@ def one_point(args, m: int, fns: dict, weights, hbm: float) -> dict:
         "cublas_l2": [(s[4][:dense_rows], w2[0], scale) for s in sets],
     }
     for kind in KERNELS:
+        if kind not in args.kernels:
+            row[kind] = {"status": "skipped", "flops": flops[kind]}
+            continue
         try:
             args_k = [jax.block_until_ready(a) for a in arg_sets[kind]]
             r, _ = timing.measure(fns[kind], args_k, args, MODULES[kind])

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 
 import baselines  # noqa: E402
+import bench_gemm  # noqa: E402
 import bench_mega_moe  # noqa: E402
 import bench_scan  # noqa: E402
 import plot  # noqa: E402
@@ -112,6 +113,25 @@ def _emulated_ragged_all_to_all(
         src = jnp.clip(io[s, me] + p - lo, 0, ops.shape[1] - 1)
         output = jnp.where(((p >= lo) & (p < lo + n))[:, None], ops[s][src], output)
     return output
+
+
+def test_bench_gemm_kernel_selection_and_skipped_cells():
+    """--kernels picks what bench_gemm.py times (the rest are marked skipped in the table);
+    an unknown name is a usage error."""
+    assert bench_gemm.parse_args(["--kernels", "l2,l1"]).kernels == ["l2", "l1"]
+    assert bench_gemm.parse_args([]).kernels == list(bench_gemm.KERNELS)
+    for bad in ("l3", ","):
+        with pytest.raises(SystemExit):
+            bench_gemm.parse_args(["--kernels", bad])
+    ok = {"status": "ok", "max_us": 10.0, "tflops": 5.0, "source": "profiler"}
+    skipped = {"status": "skipped"}
+    row = {"tokens": 8, "rows": 64, "pool_rows": 128, "touched_experts": 4}
+    row |= {"l1": ok, "l2": ok, "cublas_l1": skipped, "cublas_l2": skipped}
+    meta = dict.fromkeys(("device_kind", "hidden", "intermediate", "experts", "topk"), 0)
+    meta |= {"ranks": 1, "local_experts": 1, "routing": "uniform", "date": "d", "jax_version": "v"}
+    table = bench_gemm.markdown_table({"meta": meta | {"hbm_bytes_per_s": 4e12}, "rows": [row]})
+    line = next(x for x in table.splitlines() if x.startswith("| 8 |"))
+    assert line.count("skipped") == 2 and line.count("10.0") == 2
 
 
 def test_baselines_match_reference(monkeypatch):
