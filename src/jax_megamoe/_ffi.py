@@ -91,11 +91,10 @@ def call_varying(call, *operands, axes: tuple = (), **attributes):
     """``call(*operands, **attributes)`` for an ``jax.ffi.ffi_call`` made here, typed right under
     ``jax.shard_map`` with check_vma.
 
-    ffi_call refuses operands that vary over different manual axes (e.g. replicated weights
-    beside a token shard) and types its results as identical on every device, which they are
-    not: a later ``lax.scan`` carry or a ``psum`` would then be typed wrong. The operands are
-    cast to the union of their varying axes and ``axes`` (the fused layer adds its expert axis:
-    its output depends on every rank's tokens), and the results are marked varying over it.
+    ffi_call types its results as identical on every device, which they are not: a ``lax.scan``
+    carrying one, a ``psum`` or an ``out_specs`` check would be typed wrong. The results are
+    marked varying over every manual axis an operand varies over, and over ``axes`` (the fused
+    layer adds its expert axis: its output depends on every rank's tokens).
     """
     union = frozenset(axes).union(*(_varying_axes(x) for x in operands))
 
@@ -103,5 +102,4 @@ def call_varying(call, *operands, axes: tuple = (), **attributes):
         missing = tuple(sorted(union - _varying_axes(x)))
         return jax.lax.pcast(x, missing, to="varying") if missing else x
 
-    results = call(*(vary(x) for x in operands), **attributes)
-    return jax.tree.map(vary, results)
+    return jax.tree.map(vary, call(*operands, **attributes))
