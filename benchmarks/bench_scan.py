@@ -58,6 +58,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--sets", type=int, default=2, help="input sets rotated between calls")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--unroll",
+        type=int,
+        default=1,
+        help="lax.scan's unroll: 1 keeps XLA's loop (the default), L unrolls it fully, so "
+        "comparing them shows what the loop itself costs per layer",
+    )
     p.add_argument("--no-profile", action="store_true", help="wall-clock only")
     p.add_argument("--out", default="bench_scan_out")
     args = p.parse_args(argv)
@@ -68,15 +75,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def layer_stack(buffer: SymmBuffer, impl: str, num_layers: int, name: str):
-    """The per-rank step: ``num_layers`` MoE layers in one ``lax.scan``."""
+def layer_stack(buffer: SymmBuffer, impl: str, num_layers: int, name: str, unroll: int = 1):
+    """The per-rank step: ``num_layers`` MoE layers in one ``lax.scan`` (``unroll`` as there)."""
 
     def step(x, x_scale, ids, tw, w):
         def layer(carry, _):
             y = fp8_mega_moe(*carry, ids, tw, w, buffer=buffer, axis_name=shapes.AXIS, impl=impl)
             return quantize_per_token(y.astype(jnp.float32)), None
 
-        (x, _), _ = jax.lax.scan(layer, (x, x_scale), None, length=num_layers)
+        (x, _), _ = jax.lax.scan(layer, (x, x_scale), None, length=num_layers, unroll=unroll)
         return x
 
     step.__name__ = name  # the profile keeps this program's kernels by module name
@@ -105,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     impl = args.impl if args.impl != "auto" else ("fused" if buffer.allocated else "reference")
     weights = jax.block_until_ready(shapes.make_weights(mesh, shape, args.seed))
     programs = {
-        n: shapes.shard_jit(layer_stack(buffer, impl, n, f"megamoe_scan_{n}"), mesh, 5)
+        n: shapes.shard_jit(
+            layer_stack(buffer, impl, n, f"megamoe_scan_{n}", min(args.unroll, n)), mesh, 5
+        )
         for n in (1, args.layers)
     }
 
@@ -138,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "num_ranks": mesh.shape[shapes.AXIS],
         "impl": impl,
         "layers": args.layers,
+        "unroll": args.unroll,
         "shape": shape.__dict__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "jax": jax.__version__,
@@ -145,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     table = [
         f"{meta['num_ranks']} × {device.device_kind}, impl {impl}, H {shape.hidden} "
         f"I {shape.intermediate} E {shape.experts} K {shape.topk}, L = {args.layers} layers per "
-        f"step, {meta['date']}, jax {meta['jax']}",
+        f"step (scan unroll {args.unroll}), {meta['date']}, jax {meta['jax']}",
         "",
         "| M | busy µs/layer | gaps µs/layer | wall µs/layer | one layer: wall µs | "
         "overhead µs/layer |",

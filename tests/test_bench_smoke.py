@@ -52,6 +52,22 @@ def test_bench_scan_writes_rows(tmp_path):
     assert "overhead µs/layer" in (tmp_path / "results.md").read_text()
 
 
+def test_bench_scan_unroll_removes_the_layer_loop():
+    """--unroll 3 of 3 layers removes the scan's XLA while loop from the step (so the two
+    programs tell the loop's own cost); the layer's own loops stay."""
+    shape = shapes.Shape(256, 128, 16, 4)
+    mesh = shapes.make_mesh(2)
+    buffer = shapes.make_buffer(mesh, shape, 8)
+    s = shapes.make_input_set(mesh, shape, 8, "uniform", 0)
+    args = (s.x, s.x_scale, s.topk_ids, s.topk_weights, shapes.make_weights(mesh, shape, 0))
+
+    def loops(unroll):
+        step = bench_scan.layer_stack(buffer, "reference", 3, "scan_test", unroll)
+        return shapes.shard_jit(step, mesh, 5).lower(*args).as_text().count("stablehlo.while")
+
+    assert loops(1) == loops(3) + 1
+
+
 def test_bench_scan_rejects_one_layer():
     with pytest.raises(SystemExit):
         bench_scan.parse_args(["--layers=1"])
