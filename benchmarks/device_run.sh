@@ -12,6 +12,9 @@
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
 #   bench     benchmarks/bench_mega_moe.py with $BENCH_ARGS
 #   scan      benchmarks/bench_scan.py (per-layer overhead in a lax.scan step) with $SCAN_ARGS
+#   ab        bench_gemm.py ($GEMM_ARGS) on two builds in one run: first the checkout at $AB_BASE
+#             (e.g. `git worktree add ab_base main`, sent with the run tool's carry), then this
+#             one, which stays installed; each kernel's name in the log tells which build ran
 #   ncu       Nsight Compute (clocks left alone) on one launch of each GEMM in $NCU_KERNELS
 #             (default "l1 l2") at $NCU_TOKENS tokens (default 8192): speed of light, memory,
 #             warp stall reasons, and the per-SASS-instruction stall samples as CSV
@@ -27,6 +30,11 @@ shift || true
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 install() { python3 -m pip install --no-build-isolation --no-deps -Cbuild-dir=/tmp/skb "$@"; }
+bench_gemm() { # OUT_DIR: bench_gemm.py with $GEMM_ARGS, the summary lines to stdout
+  # shellcheck disable=SC2086  # GEMM_ARGS is a list of flags
+  python3 benchmarks/bench_gemm.py --out "$1" ${GEMM_ARGS:-} 2>&1 | tee "$1.log" |
+    grep -E "^\[M|HBM|^\|" | tail -30
+}
 
 nvidia-smi -L | tee "$OUT/devices.txt"
 date -u | tee -a "$OUT/devices.txt"
@@ -75,9 +83,20 @@ if [[ $modes == *,mp,* ]]; then
 fi
 if [[ $modes == *,gemm,* ]]; then
   bash tools/check_sass.sh 2>&1 | tee "$OUT/sass.txt" | grep -E "QGMMA|spill|FAIL"
-  # shellcheck disable=SC2086  # GEMM_ARGS is a list of flags
-  python3 benchmarks/bench_gemm.py --out "$OUT/gemm" ${GEMM_ARGS:-} 2>&1 |
-    tee "$OUT/bench_gemm.log" | grep -E "^\[M|HBM|^\|" | tail -30
+  bench_gemm "$OUT/gemm"
+fi
+if [[ $modes == *,ab,* ]]; then
+  base=$(cd "${AB_BASE:?ab needs AB_BASE, the other checkout}" && pwd)
+  echo "== base: $base"
+  if python3 -m pip install --no-build-isolation --no-deps -Cbuild-dir=/tmp/skb_base "$base" \
+    >"$OUT/build_base.log" 2>&1; then
+    bench_gemm "$OUT/gemm_base"
+  else
+    tail -20 "$OUT/build_base.log"
+    status=1
+  fi
+  echo "== this checkout"
+  install . >"$OUT/build.log" 2>&1 && bench_gemm "$OUT/gemm_this"
 fi
 if [[ $modes == *,bench,* ]]; then
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
