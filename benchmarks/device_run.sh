@@ -12,9 +12,9 @@
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
 #   bench     benchmarks/bench_mega_moe.py with $BENCH_ARGS
 #   scan      benchmarks/bench_scan.py (per-layer overhead in a lax.scan step) with $SCAN_ARGS
-#   ab        bench_gemm.py ($GEMM_ARGS) on two builds in one run: first the checkout at $AB_BASE
-#             (e.g. `git worktree add ab_base main`, sent with the run tool's carry), then this
-#             one, which stays installed; each kernel's name in the log tells which build ran
+#   ab        bench_gemm.py ($GEMM_ARGS) on two builds in one run: first the checkout at
+#             $AB_BASE (e.g. `git worktree add --detach ab_base main`, sent with the run tool's
+#             carry), then this one, which stays installed; the kernel names in the logs differ
 #   ncu       Nsight Compute (clocks left alone) on one launch of each GEMM in $NCU_KERNELS
 #             (default "l1 l2") at $NCU_TOKENS tokens (default 8192): speed of light, memory,
 #             warp stall reasons, and the per-SASS-instruction stall samples as CSV
