@@ -29,7 +29,11 @@ modes=",${1:-test},"
 shift || true
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
-install() { python3 -m pip install --no-build-isolation --no-deps -Cbuild-dir=/tmp/skb "$@"; }
+# install [pip args...]: this checkout's build dir unless BUILD_DIR names another (a second
+# source tree needs its own: scikit-build-core's cache remembers the source it configured).
+install() {
+  python3 -m pip install --no-build-isolation --no-deps -Cbuild-dir="${BUILD_DIR:-/tmp/skb}" "$@"
+}
 bench_gemm() { # OUT_DIR: bench_gemm.py with $GEMM_ARGS, the summary lines to stdout
   # shellcheck disable=SC2086  # GEMM_ARGS is a list of flags
   python3 benchmarks/bench_gemm.py --out "$1" ${GEMM_ARGS:-} 2>&1 | tee "$1.log" |
@@ -88,8 +92,7 @@ fi
 if [[ $modes == *,ab,* ]]; then
   base=$(cd "${AB_BASE:?ab needs AB_BASE, the other checkout}" && pwd)
   echo "== base: $base"
-  if python3 -m pip install --no-build-isolation --no-deps -Cbuild-dir=/tmp/skb_base "$base" \
-    >"$OUT/build_base.log" 2>&1; then
+  if BUILD_DIR=/tmp/skb_base install "$base" >"$OUT/build_base.log" 2>&1; then
     bench_gemm "$OUT/gemm_base"
   else
     tail -20 "$OUT/build_base.log"
