@@ -119,28 +119,28 @@ def test_two_layers_share_one_buffer_in_one_jit(small):
 
 
 def test_inside_scan(small):
-    fn = functools.partial(fp8_mega_moe, axis_name="ep", buffer=small.buffer, impl="fused")
+    """The layer in a lax.scan body, typed and computed like the reference there."""
 
-    def body(x, xs, ids, tw, w):
-        def step(carry, i):
-            y = fn(x, xs, (ids + i) % small.dims["e"], tw, w)
-            return carry + y.astype(jnp.float32), None
+    def scanned(impl):
+        buffer = small.buffer if impl == "fused" else None
 
-        out, _ = jax.lax.scan(step, jnp.zeros(x.shape, jnp.float32), jnp.arange(3))
-        return out
+        def body(x, xs, ids, tw, w):
+            def step(carry, i):
+                ids_i = (ids + i) % small.dims["e"]
+                y = fp8_mega_moe(x, xs, ids_i, tw, w, axis_name="ep", buffer=buffer, impl=impl)
+                return carry + y.astype(jnp.float32), None
 
-    def body_ref(x, xs, ids, tw, w):
-        return sum(
-            fp8_mega_moe(
-                x, xs, (ids + i) % small.dims["e"], tw, w, axis_name="ep", impl="reference"
-            ).astype(jnp.float32)
-            for i in range(3)
-        )
+            # The body reads this rank's tokens, so its carry varies over "ep" (JAX's scan rule
+            # under shard_map); the fused result must be typed so too, or the carry types differ.
+            init = jax.lax.pcast(jnp.zeros(x.shape, jnp.float32), ("ep",), to="varying")
+            return jax.lax.scan(step, init, jnp.arange(3))[0]
+
+        sm = jax.shard_map(body, mesh=small.mesh, in_specs=P("ep"), out_specs=P("ep"))
+        return jax.jit(sm)
 
     args = small.inputs(7, 16)
-    sm = functools.partial(jax.shard_map, mesh=small.mesh, in_specs=P("ep"), out_specs=P("ep"))
-    got = jax.jit(sm(body))(*args, small.weights)
-    want = jax.jit(sm(body_ref))(*args, small.weights)
+    got = scanned("fused")(*args, small.weights)
+    want = scanned("reference")(*args, small.weights)
     assert calc_diff(got, want) <= 1e-4
 
 
