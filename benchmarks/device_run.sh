@@ -17,7 +17,8 @@
 #             carry), then this one, which stays installed; the kernel names in the logs differ
 #   ncu       Nsight Compute (clocks left alone) on one launch of each GEMM in $NCU_KERNELS
 #             (default "l1 l2") at $NCU_TOKENS tokens (default 8192): speed of light, memory,
-#             warp stall reasons, and the per-SASS-instruction stall samples as CSV
+#             warp stall reasons, launch shape (grid, cluster) and occupancy, and the
+#             per-SASS-instruction stall samples as CSV
 # Usage: bash benchmarks/device_run.sh MODES [extra pytest args for "test"...]
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -116,14 +117,14 @@ if [[ $modes == *,ncu,* ]]; then
     ncu --clock-control none --target-processes all -k "regex:sm90_fp8_mega_moe_$k" \
       --launch-skip 1 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
-      --section SourceCounters --export "$OUT/ncu_$k" \
+      --section SourceCounters --section LaunchStats --section Occupancy --export "$OUT/ncu_$k" \
       python3 benchmarks/bench_gemm.py --tokens "${NCU_TOKENS:-8192}" --iters 1 --warmup 1 \
       --sets 1 --no-profile --out /tmp/ncu_gemm >"$OUT/ncu_$k.txt" 2>&1
     # (--metrics regex:... or --import-source made ncu 2025.3 segfault here on 2026-12-02.)
     ncu --import "$OUT/ncu_$k.ncu-rep" --page details --print-details all \
       >"$OUT/ncu_${k}_details.txt" 2>&1
-    grep -E "Throughput|Eligible|Issued|Stall [A-Z]|Duration|Hit Rate" "$OUT/ncu_${k}_details.txt" |
-      head -60
+    grep -E "Throughput|Eligible|Issued|Stall [A-Z]|Duration|Hit Rate|Grid Size|Cluster|Waves" \
+      "$OUT/ncu_${k}_details.txt" | head -60
     # Per-SASS-instruction stall samples, for finding where the math warps wait.
     ncu --import "$OUT/ncu_$k.ncu-rep" --page source --print-source sass --csv \
       >"$OUT/ncu_${k}_sass.csv" 2>&1
