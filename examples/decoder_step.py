@@ -77,7 +77,10 @@ def decoder(x, params, moe: mm.MegaMoE):
         y = moe(tokens, p["router"], p["experts"])
         return x + y.astype(jnp.float32).reshape(b, s, h), None
 
-    return jax.lax.scan(layer, x, params)[0]
+    # Unrolled: XLA's while loop leaves the GPU idle ~19 us per iteration on an H200, more than
+    # the kernel boundaries of the whole layer (~1 us unrolled; benchmarks/RESULTS.md, per-layer
+    # overhead). The cost is compile time growing with the layer count; unroll=k in between.
+    return jax.lax.scan(layer, x, params, unroll=True)[0]
 
 
 def param_specs(params):

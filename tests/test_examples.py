@@ -8,6 +8,8 @@ import sys
 
 import jax
 
+import jax_megamoe as mm
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -27,6 +29,18 @@ def test_decoder_step_expert_parallel_matches_one_device():
     if result["impl"] == "reference":  # sharded reference = one-device reference, bit for bit
         assert result["max_abs_diff"] == 0.0
     assert result["calc_diff"] <= 1e-4
+
+
+def test_decoder_step_scan_is_unrolled():
+    """The example's scan over layers is fully unrolled, so XLA puts no while loop around the
+    layers (~19 us idle per layer on an H200), as its comment says."""
+    ex = load("decoder_step")
+    moe = mm.MegaMoE(topk=2, impl="reference")
+    params = ex.init_params(jax.random.key(0), layers=3, hidden=128, intermediate=128, experts=4)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 128))
+    jaxpr = jax.make_jaxpr(lambda x, p: ex.decoder(x, p, moe))(x, params).jaxpr
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert scan.params["length"] == 3 and scan.params["unroll"] >= 3
 
 
 def test_decoder_step_runs_as_the_readme_says():
