@@ -6,7 +6,8 @@
 #             `python -m jax_megamoe`, then `pytest -m gpu` (the GPU half of the test command)
 #   test      single-process GPU tests (command buffers on, then a subset with them off, the
 #             device-error tests included) + CLI
-#   sanitize  compute-sanitizer memcheck and racecheck on the small standalone GEMM tests
+#   sanitize  compute-sanitizer memcheck, racecheck and synccheck on the GEMM kernels, run from
+#             a host program without JAX (tools/gemm_sanitize.cu)
 #   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs, the two
 #             timeout cases also on one)
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
@@ -73,12 +74,24 @@ if [[ $modes == *,test,* ]]; then
   python3 -m jax_megamoe 2>&1 | tee "$OUT/cli.txt"
 fi
 if [[ $modes == *,sanitize,* ]]; then
-  for tool in memcheck racecheck; do
-    compute-sanitizer --tool "$tool" --target-processes all --print-limit 20 \
-      python3 -m pytest -m gpu -q -x tests/test_gpu_gemm.py -k "small and (l1_then_l2 or clamp)" \
-      >"$OUT/sanitize_$tool.log" 2>&1
-    status=$((status | $?))
-    echo "$tool: $(grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tr '\n' ' ')"
+  # The GEMM kernels from a plain host program (tools/gemm_sanitize.cu): under JAX the
+  # sanitizers took minutes or crashed. First without a tool (its own row checks), then each tool
+  # on the full grid and on 8 CTAs (every CTA walks several tiles).
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+    -I csrc/include tools/gemm_sanitize.cu csrc/launch/gemm.cu -o /tmp/gemm_sanitize \
+    >"$OUT/sanitize_build.log" 2>&1 || { tail -20 "$OUT/sanitize_build.log"; status=1; }
+  timeout 120 /tmp/gemm_sanitize 2>&1 | tee "$OUT/sanitize_plain.log"
+  status=$((status | PIPESTATUS[0]))
+  for tool in memcheck racecheck synccheck; do
+    for ctas in 0 8; do
+      args=() && ((ctas)) && args=(--ctas "$ctas")
+      timeout 300 compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 3 \
+        /tmp/gemm_sanitize "${args[@]}" >"$OUT/sanitize_${tool}_$ctas.log" 2>&1
+      rc=$?
+      status=$((status | rc))
+      echo "$tool ctas=$ctas rc=$rc: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|checks passed|FAILED" \
+        "$OUT/sanitize_${tool}_$ctas.log" | tr '\n' ' ')"
+    done
   done
 fi
 if [[ $modes == *,mp,* ]]; then
