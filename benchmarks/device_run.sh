@@ -77,22 +77,26 @@ if [[ $modes == *,sanitize,* ]]; then
   # The GEMM kernels from a plain host program (tools/gemm_sanitize.cu): under JAX the
   # sanitizers took minutes or crashed. First without a tool (its own row checks), then each tool
   # on the full grid and on 8 CTAs (every CTA walks several tiles).
-  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+  if nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
     -I csrc/include tools/gemm_sanitize.cu csrc/launch/gemm.cu -o /tmp/gemm_sanitize \
-    >"$OUT/sanitize_build.log" 2>&1 || { tail -20 "$OUT/sanitize_build.log"; status=1; }
-  timeout 120 /tmp/gemm_sanitize 2>&1 | tee "$OUT/sanitize_plain.log"
-  status=$((status | PIPESTATUS[0]))
-  for tool in memcheck racecheck synccheck; do
-    for ctas in 0 8; do
-      args=() && ((ctas)) && args=(--ctas "$ctas")
-      timeout 300 compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 3 \
-        /tmp/gemm_sanitize "${args[@]}" >"$OUT/sanitize_${tool}_$ctas.log" 2>&1
-      rc=$?
-      status=$((status | rc))
-      echo "$tool ctas=$ctas rc=$rc: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|checks passed|FAILED" \
-        "$OUT/sanitize_${tool}_$ctas.log" | tr '\n' ' ')"
+    >"$OUT/sanitize_build.log" 2>&1; then
+    timeout 120 /tmp/gemm_sanitize 2>&1 | tee "$OUT/sanitize_plain.log"
+    status=$((status | PIPESTATUS[0]))
+    summary_re="ERROR SUMMARY|RACECHECK SUMMARY|checks passed|FAILED"
+    for tool in memcheck racecheck synccheck; do
+      for ctas in 0 8; do
+        timeout 300 compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 3 \
+          /tmp/gemm_sanitize --ctas "$ctas" >"$OUT/sanitize_${tool}_$ctas.log" 2>&1
+        rc=$?
+        status=$((status | rc))
+        echo "$tool ctas=$ctas rc=$rc: $(grep -E "$summary_re" "$OUT/sanitize_${tool}_$ctas.log" |
+          tr '\n' ' ')"
+      done
     done
-  done
+  else
+    tail -20 "$OUT/sanitize_build.log"
+    status=1
+  fi
 fi
 if [[ $modes == *,mp,* ]]; then
   timeout 600 python3 -m pytest -m gpu -q -s -rA tests/test_gpu_multiprocess.py 2>&1 |

@@ -196,9 +196,10 @@ int main(int argc, char** argv) {
       !ok(jax_megamoe::prepare_gemm_kernels(), "prepare_gemm_kernels")) {
     return 2;
   }
-  // --ctas N: a smaller persistent grid, so each CTA walks several tiles.
+  // --ctas N: a smaller persistent grid, so each CTA walks several tiles (0: every SM).
   int num_ctas = sms * jax_megamoe::gemm_ctas_per_sm();
-  if (argc == 3 && std::strcmp(argv[1], "--ctas") == 0) num_ctas = std::atoi(argv[2]);
+  if (argc == 3 && std::strcmp(argv[1], "--ctas") == 0 && std::atoi(argv[2]) > 0)
+    num_ctas = std::atoi(argv[2]);
   std::mt19937 rng(7);
   int failed = 0;
   // Expert 1 has no rows; expert 2's 70 rows end in a partial block; expert 3's 30 rows are a
