@@ -7,7 +7,8 @@
 #   test      single-process GPU tests (command buffers on, then a subset with them off, the
 #             device-error tests included) + CLI
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck on the GEMM kernels, run from
-#             a host program without JAX (tools/gemm_sanitize.cu)
+#             a host program without JAX (tools/gemm_sanitize.cu); $SANITIZE_TIMEOUT s per
+#             tool run (default 300)
 #   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs, the two
 #             timeout cases also on one)
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
@@ -85,7 +86,7 @@ if [[ $modes == *,sanitize,* ]]; then
     summary_re="ERROR SUMMARY|RACECHECK SUMMARY|checks passed|FAILED"
     for tool in memcheck racecheck synccheck; do
       for ctas in 0 8; do
-        timeout 300 compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 3 \
+        timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 3 \
           /tmp/gemm_sanitize --ctas "$ctas" >"$OUT/sanitize_${tool}_$ctas.log" 2>&1
         rc=$?
         status=$((status | rc))
