@@ -11,6 +11,8 @@ import functools
 from pathlib import Path
 
 import jax
+import jax.extend.core
+from jax.interpreters import mlir
 
 try:  # Built only where a CUDA toolkit was present at install time.
     from . import _C
@@ -79,6 +81,46 @@ def extension() -> object:
 def register_targets() -> None:
     for name, capsule in extension().registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+
+
+@functools.cache
+def _kept_call_primitive(target: str) -> jax.extend.core.Primitive:
+    prim = jax.extend.core.Primitive(f"{target}_kept")
+    prim.def_abstract_eval(lambda *_, shape, dtype, **__: jax.core.ShapedArray(shape, dtype))
+
+    @functools.cache
+    def jitted(params: tuple):
+        return jax.jit(lambda *operands: prim.bind(*operands, **dict(params)))
+
+    # Outside jit (eager shard_map), one compiled call per set of attributes.
+    prim.def_impl(lambda *operands, **params: jitted(tuple(params.items()))(*operands))
+    lower = jax.ffi.ffi_lowering(target, has_side_effect=True)
+
+    def rule(ctx, *operands, shape, dtype, **attributes):
+        return lower(ctx, *operands, **attributes)
+
+    mlir.register_lowering(prim, rule)
+    return prim
+
+
+def kept_call(target: str, result: jax.ShapeDtypeStruct):
+    """``jax.ffi.ffi_call(target, result, has_side_effect=True)`` without a JAX effect.
+
+    XLA must never deduplicate or drop the fused layer's call (peers wait for it), so its
+    custom call is marked ``has_side_effect``. ffi_call says so with a JAX effect too, and a jit
+    whose program has an effect never takes JAX's C++ dispatch path: every call of it, and of
+    any step that contains the layer, ran jit's Python path, ~0.6 ms of host time per call on an
+    H200 host against ~0.06 ms for a plain jitted call (benchmarks/bench_wall.py). This
+    primitive has no effect and lowers to the same custom call, attribute included. Without an
+    effect, JAX itself drops a call whose result is unused, before lowering; every rank runs
+    the same program, so every rank drops it alike.
+    """
+    prim = _kept_call_primitive(target)
+
+    def call(*operands, **attributes):
+        return prim.bind(*operands, shape=tuple(result.shape), dtype=result.dtype, **attributes)
+
+    return call
 
 
 def _varying_axes(x) -> frozenset:

@@ -22,11 +22,10 @@ def fused_mega_moe(
     _ffi.register_targets()
     if expected_rank is None:
         expected_rank = 0 if axis_name is None else jax.lax.axis_index(axis_name)
-    call = jax.ffi.ffi_call(
-        _ffi.extension().FP8_MEGA_MOE_TARGET,
-        jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
-        # The call exchanges data with peer ranks through the workspace: never dedupe or drop it.
-        has_side_effect=True,
+    # The call exchanges data with peer ranks through the workspace: XLA must never dedupe or
+    # drop it (has_side_effect), and JAX's fast dispatch path must stay open (no JAX effect).
+    call = _ffi.kept_call(
+        _ffi.extension().FP8_MEGA_MOE_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
     )
     return _ffi.call_varying(
         call,
