@@ -46,13 +46,26 @@ __device__ __forceinline__ void publish(uint8_t* ws, const WorkspaceLayout& l, i
   for (int d = 0; d < num_ranks; ++d) st_release_sys(at<uint64_t>(peers[d], flags) + rank, epoch);
 }
 
+// Waits until every rank's entry of this rank's `flags` holds `epoch`. On a timeout records the
+// first late rank and marks the call timed out; returns whether every rank arrived.
+__device__ __forceinline__ bool wait_or_time_out(uint8_t* ws, HeaderFixed* header, size_t flags,
+                                                 int rank, int num_ranks, Phase phase,
+                                                 uint64_t epoch) {
+  uint64_t seen = 0;
+  const int late = wait_all_ranks(at<uint64_t>(ws, flags), num_ranks, epoch, header->timeout_ns,
+                                  rank, phase == Phase::kDispatch ? "dispatch" : "combine", &seen);
+  if (late < 0) return true;
+  record_error(header, kErrorTimeout, phase, late, epoch, seen, -1);
+  header->call_state = kCallTimedOut;
+  return false;
+}
+
 // `expected_rank` (read by the dispatch phase): the call's index along the expert axis
 // (lax.axis_index), a device scalar; it must equal `rank`, the workspace's rank, or tokens would
 // go to the wrong peers.
 __global__ void epoch_sync_kernel(uint8_t* ws, WorkspaceLayout l, int rank, int num_ranks,
                                   Phase phase, const int32_t* expected_rank) {
   HeaderFixed* header = header_of(ws, l);
-  uint64_t seen = 0;
   if (phase == Phase::kDispatch) {
     // A workspace that failed before is refused by the handler; calls enqueued before that
     // (later layers of the same program, graph replays) do nothing here.
@@ -65,13 +78,7 @@ __global__ void epoch_sync_kernel(uint8_t* ws, WorkspaceLayout l, int rank, int 
     header->epoch = epoch;
     const int32_t index = *expected_rank;
     publish(ws, l, rank, num_ranks, l.dispatch_flag, l.dispatch_status, epoch, index);
-    const int late = wait_all_ranks(at<uint64_t>(ws, l.dispatch_flag), num_ranks, epoch,
-                                    header->timeout_ns, rank, "dispatch", &seen);
-    if (late >= 0) {
-      record_error(header, kErrorTimeout, phase, late, epoch, seen, -1);
-      header->call_state = kCallTimedOut;
-      return;
-    }
+    if (!wait_or_time_out(ws, header, l.dispatch_flag, rank, num_ranks, phase, epoch)) return;
     // Every rank reads every rank's index, so a wrong device order aborts the call everywhere:
     // a rank that went on alone would compute with misrouted tokens from its peers.
     const int32_t* indices = at<int32_t>(ws, l.dispatch_status);
@@ -96,13 +103,7 @@ __global__ void epoch_sync_kernel(uint8_t* ws, WorkspaceLayout l, int rank, int 
   // Having timed out once, this rank's output is NaN whatever comes: waiting again would only
   // stall it for another timeout.
   if (state == kCallTimedOut) return;
-  const int late = wait_all_ranks(at<uint64_t>(ws, l.combine_flag), num_ranks, epoch,
-                                  header->timeout_ns, rank, "combine", &seen);
-  if (late >= 0) {
-    record_error(header, kErrorTimeout, phase, late, epoch, seen, -1);
-    header->call_state = kCallTimedOut;
-    return;
-  }
+  if (!wait_or_time_out(ws, header, l.combine_flag, rank, num_ranks, phase, epoch)) return;
   if (state != kCallRun) return;  // aborted at dispatch: the cause is recorded already
   const int32_t* states = at<int32_t>(ws, l.combine_status);
   for (int s = 0; s < num_ranks; ++s) {
