@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Compiles csrc/launch/gemm.cu for sm_90a, fails on register spills, and prints the per-kernel
-# counts of the instructions that matter for the GEMM main loops (needs cuobjdump + nvdisasm on
-# PATH for the SASS part; the pip wheels nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm ship them).
+# Compiles csrc/launch/gemm.cu for sm_90a, fails on register spills or serialized wgmma, and
+# prints the per-kernel counts of the instructions that matter for the GEMM main loops (needs
+# cuobjdump + nvdisasm on PATH for the SASS part; the pip wheels nvidia-cuda-cuobjdump /
+# nvidia-cuda-nvdisasm ship them).
 # CHECK_SASS_FLAGS adds nvcc flags, e.g. -DNAME=1 to check a variant before running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,13 @@ nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constex
 grep -E "Compiling entry|stack frame|registers" "$out/ptxas.txt" | sed 's/ptxas info *: //'
 if grep -E "stack frame" "$out/ptxas.txt" | grep -qvE "^ *0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"; then
   echo "FAIL: local memory (stack or spills) in a GEMM kernel" >&2
+  exit 1
+fi
+# ptxas C7515: it waits after every wgmma when other instructions write their accumulators
+# in flight (a build of an experiment on 2026-12-02 hit this; ptxas says it only with -v).
+if grep -q "wgmma.mma_async instructions are serialized" "$out/ptxas.txt"; then
+  grep "serialized" "$out/ptxas.txt" >&2
+  echo "FAIL: ptxas serialized the wgmma of a GEMM kernel" >&2
   exit 1
 fi
 
