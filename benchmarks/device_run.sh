@@ -8,7 +8,7 @@
 #             device-error tests included) + CLI
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck on the GEMM kernels, run from
 #             a host program without JAX (tools/gemm_sanitize.cu); $SANITIZE_TIMEOUT s per
-#             tool run (default 300)
+#             tool run (default 300); then racecheck on tools/racecheck_mbarrier_probe.cu
 #   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs, the two
 #             timeout cases also on one)
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
@@ -86,8 +86,8 @@ if [[ $modes == *,sanitize,* ]]; then
     summary_re="ERROR SUMMARY|RACECHECK SUMMARY|checks passed|FAILED"
     for tool in memcheck racecheck synccheck; do
       for ctas in 0 8; do
-        timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 3 \
-          /tmp/gemm_sanitize --ctas "$ctas" >"$OUT/sanitize_${tool}_$ctas.log" 2>&1
+        timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" --print-limit 20 \
+          --error-exitcode 3 /tmp/gemm_sanitize --ctas "$ctas" >"$OUT/sanitize_${tool}_$ctas.log" 2>&1
         rc=$?
         status=$((status | rc))
         echo "$tool ctas=$ctas rc=$rc: $(grep -E "$summary_re" "$OUT/sanitize_${tool}_$ctas.log" |
@@ -97,6 +97,15 @@ if [[ $modes == *,sanitize,* ]]; then
   else
     tail -20 "$OUT/sanitize_build.log"
     status=1
+  fi
+  # What racecheck reports on an mbarrier hand-off alone: mode 1 is race-free, mode 2 a real
+  # race (tools/racecheck_mbarrier_probe.cu). Informational, not part of the status.
+  if nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -lineinfo -I csrc/include \
+    tools/racecheck_mbarrier_probe.cu -o /tmp/racecheck_probe >>"$OUT/sanitize_build.log" 2>&1; then
+    for mode in 1 2; do
+      echo "racecheck probe mode $mode: $(timeout 60 compute-sanitizer --tool racecheck \
+        /tmp/racecheck_probe "$mode" 2>&1 | grep -E "RACECHECK SUMMARY" | tr '\n' ' ')"
+    done
   fi
 fi
 if [[ $modes == *,mp,* ]]; then
