@@ -86,12 +86,12 @@ if [[ $modes == *,sanitize,* ]]; then
     summary_re="ERROR SUMMARY|RACECHECK SUMMARY|checks passed|FAILED"
     for tool in memcheck racecheck synccheck; do
       for ctas in 0 8; do
+        log="$OUT/sanitize_${tool}_$ctas.log"
         timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" --print-limit 20 \
-          --error-exitcode 3 /tmp/gemm_sanitize --ctas "$ctas" >"$OUT/sanitize_${tool}_$ctas.log" 2>&1
+          --error-exitcode 3 /tmp/gemm_sanitize --ctas "$ctas" >"$log" 2>&1
         rc=$?
         status=$((status | rc))
-        echo "$tool ctas=$ctas rc=$rc: $(grep -E "$summary_re" "$OUT/sanitize_${tool}_$ctas.log" |
-          tr '\n' ' ')"
+        echo "$tool ctas=$ctas rc=$rc: $(grep -E "$summary_re" "$log" | tr '\n' ' ')"
       done
     done
   else
