@@ -48,14 +48,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = shapes.DSV3
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", default="8,2048", help="tokens per rank M, comma-separated")
+    p.add_argument("--hidden", type=int, default=d["hidden"])
+    p.add_argument("--intermediate", type=int, default=d["intermediate"])
     p.add_argument("--experts", type=int, default=64, help="global experts E")
+    p.add_argument("--topk", type=int, default=d["topk"])
     p.add_argument("--ranks", type=int, default=1, help="use the first N devices")
     p.add_argument("--iters", type=int, default=30, help="timed calls per program")
     p.add_argument("--top", type=int, default=20, help="host events listed")
     p.add_argument("--out", default="/tmp/megamoe_wall")
     args = p.parse_args(argv)
     args.tokens = [int(v) for v in args.tokens.split(",") if v]
-    args.shape = shapes.Shape(d["hidden"], d["intermediate"], args.experts, d["topk"])
+    args.shape = shapes.Shape(args.hidden, args.intermediate, args.experts, args.topk)
     return args
 
 
@@ -149,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         row["dense_fp8"] = split_times(shapes.shard_jit(dense, mesh, 5), dense_args, args.iters)
         device_us, events = host_events(programs["fused"], operands, args.iters, "megamoe_fused")
         row["fused"]["device_us"] = device_us
-        row["host_events"] = events[: args.top]
+        row["host_events"] = [list(e) for e in events[: args.top]]
         result["rows"].append(row)
         print(f"[M={m:>5}] fused device {device_us:8.1f} µs")
         for name in (*programs, "dense_fp8"):

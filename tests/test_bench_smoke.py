@@ -18,6 +18,7 @@ import baselines  # noqa: E402
 import bench_gemm  # noqa: E402
 import bench_mega_moe  # noqa: E402
 import bench_scan  # noqa: E402
+import bench_wall  # noqa: E402
 import plot  # noqa: E402
 import shapes  # noqa: E402
 
@@ -66,6 +67,30 @@ def test_bench_scan_unroll_removes_the_layer_loop():
         return shapes.shard_jit(step, mesh, 5).lower(*args).as_text().count("stablehlo.while")
 
     assert loops(1) == loops(3) + 1
+
+
+def test_bench_wall_splits_each_call(tmp_path):
+    """The wall-clock breakdown end to end (reference impl on CPU): per M and program, dispatch
+    and wait that add up to the wall clock, the device time, and the host events."""
+    argv = [
+        "--hidden=256",
+        "--intermediate=128",
+        "--experts=16",
+        "--topk=4",
+        "--tokens=8",
+        "--ranks=2",
+        "--iters=3",
+        f"--out={tmp_path}",
+    ]
+    result = bench_wall.main(argv)
+    assert result == json.loads((tmp_path / "results.json").read_text())
+    (row,) = result["rows"]
+    for name in ("fused", "trivial", "dense_fp8"):
+        r = row[name]
+        assert r["dispatch_us"] > 0 and r["wait_us"] >= 0
+        assert r["wall_us"] >= max(r["dispatch_us"], r["wait_us"])
+    assert row["fused"]["device_us"] > 0
+    assert row["host_events"] and all(us >= 0 for _, us, _ in row["host_events"])
 
 
 def test_bench_scan_rejects_one_layer():
