@@ -127,7 +127,7 @@ def _exported_text(fn, args, in_specs, target):
 
 def test_kept_call_has_no_jax_effect_but_keeps_its_side_effect():
     """A JAX effect would send every call of an enclosing jit through jit's Python dispatch
-    (~0.6 ms per call on an H200 host); XLA must still see ``has_side_effect`` so it never
+    (~0.4 ms more per call on an H200 host); XLA must still see ``has_side_effect`` so it never
     dedupes or drops the call. The attributes reach the custom call; the result's shape and
     dtype, which only type it, do not."""
     x = np.random.default_rng(4).standard_normal((8, 128), np.float32)
