@@ -12,9 +12,10 @@ operands, expert weights included), each called and then blocked on, one call at
 and reports per call the medians of ``dispatch`` (until ``fn(*args)`` returns: Python, jit's
 argument checks, XLA's launch of the program), ``wait`` (from then until ``block_until_ready``
 returns) and ``wall`` (both), with the device time from the profiler. ``wall - device`` is the
-fixed cost the issue asks about. Then the host side of one profiled run of ``fused``: the host
-trace events (XLA's runtime annotations, our FFI handler, CUDA API calls where the profiler
-records them), summed per name and divided by the calls, largest first. Writes
+host's share of a call. Then the host side of one profiled run of ``fused`` and one of
+``trivial``: the host trace events (Python frames, XLA's runtime annotations, CUDA API calls
+where the profiler records them), summed per name and divided by the calls, largest first; the
+runtime events (no Python frames) are listed again with the trivial call's beside them. Writes
 ``results.json`` into ``--out``.
 """
 
@@ -151,8 +152,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         dense_args = (s.x_bf16, s.topk_ids, s.topk_weights, weights.w1, weights.w2)
         row["dense_fp8"] = split_times(shapes.shard_jit(dense, mesh, 5), dense_args, args.iters)
         device_us, events = host_events(programs["fused"], operands, args.iters, "megamoe_fused")
+        _, trivial_events = host_events(programs["trivial"], operands, args.iters, "trivial")
         row["fused"]["device_us"] = device_us
-        row["host_events"] = [list(e) for e in events[: args.top]]
+        row["host_events"] = {
+            "fused": [list(e) for e in events[: args.top]],
+            "trivial": [list(e) for e in trivial_events[: args.top]],
+        }
         result["rows"].append(row)
         print(f"[M={m:>5}] fused device {device_us:8.1f} µs")
         for name in (*programs, "dense_fp8"):
@@ -164,6 +169,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"[M={m:>5}] host events of fused, per call (µs, count), largest first:")
         for n, us, c in events[: args.top]:
             print(f"    {us:9.1f} µs {c:6.1f}x  {n}")
+        # XLA's and the runtime's own events (Python frames are named "$file:line ..."), beside
+        # the trivial call's: what the layer adds to a call inside PjRt's Execute.
+        trivial_us = {n: us for n, us, _ in trivial_events}
+        print(f"[M={m:>5}] runtime events, per call: fused µs, trivial µs, count in fused:")
+        runtime = [e for e in events if " | $" not in e[0]]
+        for n, us, c in runtime[: args.top]:
+            print(f"    {us:9.1f} {trivial_us.get(n, 0.0):9.1f} {c:6.1f}x  {n}")
     os.makedirs(args.out, exist_ok=True)
     timing.write_results(result, args.out, "")
     buffer.close()

@@ -90,7 +90,9 @@ def test_bench_wall_splits_each_call(tmp_path):
         assert r["dispatch_us"] > 0 and r["wait_us"] >= 0
         assert r["wall_us"] >= max(r["dispatch_us"], r["wait_us"])
     assert row["fused"]["device_us"] > 0
-    assert row["host_events"] and all(us >= 0 for _, us, _ in row["host_events"])
+    for name in ("fused", "trivial"):
+        events = row["host_events"][name]
+        assert events and all(us >= 0 for _, us, _ in events)
 
 
 def test_bench_scan_rejects_one_layer():
