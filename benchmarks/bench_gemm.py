@@ -68,10 +68,6 @@ MODULES = {
 COPY_BYTES = 2 << 30  # the HBM copy-rate probe
 
 
-def _csv_ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v.strip()]
-
-
 def _csv_kernels(s: str) -> list[str]:
     kinds = [v.strip() for v in s.split(",") if v.strip()]
     bad = sorted(set(kinds) - set(KERNELS))
@@ -85,7 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--tokens",
-        type=_csv_ints,
+        type=shapes.csv_ints,
         default=list(DEFAULT_TOKENS),
         help="tokens per rank M (comma-separated; default %(default)s)",
     )

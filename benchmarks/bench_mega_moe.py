@@ -65,14 +65,10 @@ BASELINE_LABELS = {
 PHASES = ("stage", "route", "sync", "l1", "l2", "combine")
 
 
-def _csv_ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v.strip()]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = shapes.DSV3
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tokens", type=_csv_ints, default=list(shapes.TOKENS), help="per rank")
+    p.add_argument("--tokens", type=shapes.csv_ints, default=list(shapes.TOKENS), help="per rank")
     p.add_argument("--hidden", type=int, default=d["hidden"])
     p.add_argument("--intermediate", type=int, default=d["intermediate"])
     p.add_argument("--experts", type=int, default=d["experts"])

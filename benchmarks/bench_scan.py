@@ -39,15 +39,11 @@ import timing  # noqa: E402
 from jax_megamoe import SymmBuffer, fp8_mega_moe, quantize_per_token  # noqa: E402
 
 
-def _csv_ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v.strip()]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = shapes.DSV3
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--layers", type=int, default=8, help="layers L of the scan (>= 2)")
-    p.add_argument("--tokens", type=_csv_ints, default=[8, 128], help="tokens per rank M")
+    p.add_argument("--tokens", type=shapes.csv_ints, default=[8, 128], help="tokens per rank M")
     p.add_argument("--hidden", type=int, default=d["hidden"])
     p.add_argument("--intermediate", type=int, default=d["intermediate"])
     p.add_argument("--experts", type=int, default=64, help="global experts E")

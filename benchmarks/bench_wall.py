@@ -48,7 +48,7 @@ from jax_megamoe import fp8_mega_moe  # noqa: E402
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = shapes.DSV3
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tokens", default="8,2048", help="tokens per rank M, comma-separated")
+    p.add_argument("--tokens", type=shapes.csv_ints, default=[8, 2048], help="tokens per rank M")
     p.add_argument("--hidden", type=int, default=d["hidden"])
     p.add_argument("--intermediate", type=int, default=d["intermediate"])
     p.add_argument("--experts", type=int, default=64, help="global experts E")
@@ -58,7 +58,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=20, help="host events listed")
     p.add_argument("--out", default="/tmp/megamoe_wall")
     args = p.parse_args(argv)
-    args.tokens = [int(v) for v in args.tokens.split(",") if v]
     args.shape = shapes.Shape(args.hidden, args.intermediate, args.experts, args.topk)
     return args
 

@@ -94,6 +94,11 @@ def floor_from(flops: float, touched: int, shape: Shape, rates: Ceilings) -> flo
     return max(flops / rates.fp8_flops, touched * shape.expert_bytes() / rates.hbm_bytes_per_s)
 
 
+def csv_ints(s: str) -> list[int]:
+    """An argparse type for comma-separated integers ("8,128,2048")."""
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
 def make_mesh(num_ranks: int | None = None) -> Mesh:
     devices = jax.devices()
     if num_ranks is not None:
