@@ -8,7 +8,11 @@
 #             device-error tests included) + CLI
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck on the GEMM kernels, run from
 #             a host program without JAX (tools/gemm_sanitize.cu); $SANITIZE_TIMEOUT s per
-#             tool run (default 300); then racecheck on tools/racecheck_mbarrier_probe.cu
+#             tool run (default 300), tools $SANITIZE_TOOLS (default all three) on grids of
+#             $SANITIZE_CTAS CTAs (default "0 8", 0 = full); then racecheck on
+#             tools/racecheck_mbarrier_probe.cu
+#   ceiling   tools/wgmma_ceiling.cu: the tensor-pipe share the main loop's math reaches with
+#             its operands resident in shared memory, per way of issuing and promoting
 #   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs, the two
 #             timeout cases also on one)
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
@@ -84,8 +88,8 @@ if [[ $modes == *,sanitize,* ]]; then
     timeout 120 /tmp/gemm_sanitize 2>&1 | tee "$OUT/sanitize_plain.log"
     status=$((status | PIPESTATUS[0]))
     summary_re="ERROR SUMMARY|RACECHECK SUMMARY|checks passed|FAILED"
-    for tool in memcheck racecheck synccheck; do
-      for ctas in 0 8; do
+    for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
+      for ctas in ${SANITIZE_CTAS:-0 8}; do
         log="$OUT/sanitize_${tool}_$ctas.log"
         timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" --print-limit 20 \
           --error-exitcode 3 /tmp/gemm_sanitize --ctas "$ctas" >"$log" 2>&1
@@ -106,6 +110,16 @@ if [[ $modes == *,sanitize,* ]]; then
       echo "racecheck probe mode $mode: $(timeout 60 compute-sanitizer --tool racecheck \
         /tmp/racecheck_probe "$mode" 2>&1 | grep -E "RACECHECK SUMMARY" | tr '\n' ' ')"
     done
+  fi
+fi
+if [[ $modes == *,ceiling,* ]]; then
+  if nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+    -I csrc/include tools/wgmma_ceiling.cu -o /tmp/wgmma_ceiling >"$OUT/ceiling_build.log" 2>&1; then
+    timeout 120 /tmp/wgmma_ceiling 2>&1 | tee "$OUT/ceiling.txt"
+    status=$((status | PIPESTATUS[0]))
+  else
+    tail -20 "$OUT/ceiling_build.log"
+    status=1
   fi
 fi
 if [[ $modes == *,mp,* ]]; then

@@ -1,0 +1,177 @@
+// How fast can the tensor cores go on the grouped GEMM's math alone? Runs the main loop's math
+// (impls/sm90_fp8_grouped_math.cuh: four wgmma m64nNk32 per K block of 128, then the promotion)
+// on operands that stay in shared memory: no TMA, no mbarriers, no epilogue. Each variant says
+// how the math warpgroups issue, wait and promote; the output is the tensor pipe's share of the
+// SM cycles (FLOPs / (cycles x 8192 FLOP per cycle per SM)), measured with the SM clock, so it
+// does not depend on the clock the card runs at.
+//
+//   n      wgmma N of one B group            groups  B groups per K block (one partial each)
+//   wgs    math warpgroups (64 rows each)     promote f32 promotion after each group
+//   pipe   two groups issued back to back into two partials; the first is promoted while
+//          the second runs, instead of waiting for each group before its promotion
+//
+// Build and run (benchmarks/device_run.sh `ceiling` mode):
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+//     -I csrc/include tools/wgmma_ceiling.cu -o wgmma_ceiling && ./wgmma_ceiling
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+
+#include "jax_megamoe/impls/sm90_fp8_grouped_math.cuh"
+#include "jax_megamoe/ptx/cp_async.cuh"
+
+namespace {
+
+using namespace jax_megamoe::sm90;
+using jax_megamoe::kBlockM;
+namespace ptx = jax_megamoe::ptx;
+
+constexpr int kScaleSlots = 4;  // per-K-block scales rotate so the compiler cannot hoist them
+
+template <int N, int kGroups, int kWgs>
+struct Layout {
+  static constexpr int kABytes = kWgs * kBlockM * kBlockK;
+  static constexpr int kBBytes = kGroups * N * kBlockK;
+  static constexpr int kBytes = kABytes + kBBytes + kScaleSlots * 65 * 4 + kSmemAlignSlack;
+};
+
+template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe>
+__global__ void __launch_bounds__(kWgs* kWarpGroupThreads, 1)
+    spin(int iters, long long* cycles, float* sink) {
+  static_assert(!kPipe || kGroups <= 2, "the pipelined loop alternates two partials");
+  using L = Layout<N, kGroups, kWgs>;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = align_smem(smem_raw);
+  float* scales = reinterpret_cast<float*>(smem + L::kABytes + L::kBBytes);
+  // e4m3 bytes without NaN (0x7f / 0xff) and of modest size, so the products stay finite.
+  for (int i = threadIdx.x; i < L::kABytes + L::kBBytes; i += blockDim.x)
+    smem[i] = static_cast<uint8_t>((i * 2654435761u >> 13) & 0xb7);
+  for (int i = threadIdx.x; i < kScaleSlots * 65; i += blockDim.x) scales[i] = 1.f + i * 1e-3f;
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+
+  const int wg = threadIdx.x / kWarpGroupThreads, t = threadIdx.x % kWarpGroupThreads;
+  const uint32_t a_smem = ptx::smem_addr(smem) + wg * kBlockM * kBlockK;
+  const uint32_t b_smem = ptx::smem_addr(smem) + L::kABytes;
+  float acc[kGroups][N / 2];
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) acc[g][i] = 0.f;
+  }
+  auto promote_at = [&](int it, int g, const float (&part)[N / 2]) {
+    if constexpr (kPromote) {
+      const float* s = scales + (it % kScaleSlots) * 65;
+      promote(load_row_scales(s, t), s[64], part, acc[g]);
+    } else if (it == iters - 1) {  // keep one result so the wgmma are not dead code
+      promote(RowScales{{1.f, 1.f}}, 1.f, part, acc[g]);
+    }
+  };
+
+  const long long t0 = clock64();
+  if constexpr (!kPipe) {
+    float part[N / 2];
+    for (int it = 0; it < iters; ++it) {
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        issue_block_mma<N>(a_smem, b_smem + g * N * kBlockK, part);
+        ptx::wgmma_wait<0>();
+        ptx::fence_operands(part);
+        promote_at(it, g, part);
+      }
+    }
+  } else {
+    // Two steps per iteration into two partials (groups 0 and 1 of a K block, or with one group
+    // two K blocks): the first is promoted while the second runs. No wgmma stays in flight
+    // across the loop's back edge: ptxas serializes every wgmma (C7514) when one does.
+    constexpr int g1 = 1 % kGroups;
+    float p0[N / 2], p1[N / 2];
+    for (int it = 0; it < iters; ++it) {
+      issue_block_mma<N>(a_smem, b_smem, p0);
+      issue_block_mma<N>(a_smem, b_smem + g1 * N * kBlockK, p1);
+      ptx::wgmma_wait<1>();
+      ptx::fence_operands(p0);
+      promote_at(it, 0, p0);
+      ptx::wgmma_wait<0>();
+      ptx::fence_operands(p1);
+      promote_at(it, g1, p1);
+    }
+  }
+  const long long t1 = clock64();
+
+  float sum = 0.f;
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) sum += acc[g][i];
+  }
+  sink[blockIdx.x * blockDim.x + threadIdx.x] = sum;
+  if (threadIdx.x == 0) cycles[blockIdx.x] = t1 - t0;
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+// Runs one variant on one CTA per SM; prints tensor-pipe share and TFLOPS.
+template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe>
+void run(const char* what, int sms, long long* cycles, float* sink) {
+  using L = Layout<N, kGroups, kWgs>;
+  auto kernel = spin<N, kGroups, kWgs, kPromote, kPipe>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024),
+        "smem attribute");
+  // Steps per warpgroup: kGroups per iteration (two in the pipelined loop), ~2^16 of them.
+  const int steps_per_iter = kPipe ? 2 : kGroups;
+  const int iters = (1 << 16) / steps_per_iter;
+  // 200 KB of shared memory whatever the variant needs: one CTA per SM.
+  static_assert(L::kBytes <= 200 * 1024, "variant does not fit the shared memory");
+  kernel<<<sms, kWgs * kWarpGroupThreads, 200 * 1024>>>(iters / 8, cycles, sink);  // warm-up
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  cudaEventRecord(e0);
+  kernel<<<sms, kWgs * kWarpGroupThreads, 200 * 1024>>>(iters, cycles, sink);
+  cudaEventRecord(e1);
+  check(cudaEventSynchronize(e1), what);
+  float ms = 0.f;
+  cudaEventElapsedTime(&ms, e0, e1);
+  long long* host = new long long[sms];
+  check(cudaMemcpy(host, cycles, sms * sizeof(long long), cudaMemcpyDeviceToHost), "copy");
+  long long max_cycles = 0;
+  for (int i = 0; i < sms; ++i) max_cycles = host[i] > max_cycles ? host[i] : max_cycles;
+  delete[] host;
+  const double flop_per_cta = double(kWgs) * iters * steps_per_iter * kBlockM * N * kBlockK * 2.0;
+  const double tensor_share = flop_per_cta / (double(max_cycles) * 8192.0);
+  const double tflops = flop_per_cta * sms / (ms * 1e-3) / 1e12;
+  std::printf("%-44s tensor %5.1f %%   %6.0f TFLOPS   %.2f GHz\n", what, 100.0 * tensor_share,
+              tflops, max_cycles / (ms * 1e6));
+}
+
+}  // namespace
+
+int main() {
+  int sms = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "device");
+  long long* cycles;
+  float* sink;
+  check(cudaMalloc(&cycles, sms * sizeof(long long)), "malloc");
+  check(cudaMalloc(&sink, sms * 3 * kWarpGroupThreads * sizeof(float)), "malloc");
+  std::printf("%d SMs, one CTA each, operands resident in shared memory\n", sms);
+  //   N, groups, warpgroups, promote, pipe
+  run<128, 2, 2, false, false>("main's math, no promotion (n128 x2, 2 wg)", sms, cycles, sink);
+  run<128, 2, 2, true, false>("main's math (n128 x2, 2 wg, promote)", sms, cycles, sink);
+  run<128, 2, 1, false, false>("one warpgroup, no promotion (n128 x2)", sms, cycles, sink);
+  run<128, 1, 2, true, false>("128x128 tile (n128 x1, 2 wg, promote)", sms, cycles, sink);
+  run<128, 1, 2, false, true>("n128 x1, 2 wg, two K blocks per wait", sms, cycles, sink);
+  run<128, 1, 2, true, true>("n128 x1, 2 wg, promote, overlapped", sms, cycles, sink);
+  run<64, 2, 2, true, false>("n64 x2, 2 wg, promote", sms, cycles, sink);
+  run<64, 2, 2, true, true>("n64 x2, 2 wg, promote, overlapped", sms, cycles, sink);
+  run<128, 1, 3, true, false>("n128 x1, 3 wg, promote", sms, cycles, sink);
+  run<64, 2, 3, true, true>("n64 x2, 3 wg, promote, overlapped", sms, cycles, sink);
+  return 0;
+}
