@@ -40,9 +40,11 @@ constexpr int kL1Stages =
     stages_for(kStageBytes<sm90::kL1WgN>,
                sm90::kSmemAlignSlack + sm90::L1Epilogue::kSmemBytes + kBarrierReserve);
 constexpr int kL2WideStages =
-    stages_for(kStageBytes<kL2WideWgN>, sm90::kSmemAlignSlack + kBarrierReserve);
+    stages_for(kStageBytes<kL2WideWgN>,
+               sm90::kSmemAlignSlack + kBarrierReserve + sm90::L2Epilogue<kL2WideWgN>::kSmemBytes);
 constexpr int kL2NarrowStages =
-    stages_for(kStageBytes<kL2NarrowWgN>, sm90::kSmemAlignSlack + kBarrierReserve);
+    stages_for(kStageBytes<kL2NarrowWgN>, sm90::kSmemAlignSlack + kBarrierReserve +
+                                              sm90::L2Epilogue<kL2NarrowWgN>::kSmemBytes);
 
 constexpr auto kL1Kernel = sm90::sm90_fp8_mega_moe_l1<kL1Stages>;
 constexpr auto kL2WideKernel = sm90::sm90_fp8_mega_moe_l2<kL2WideWgN, kL2WideStages>;

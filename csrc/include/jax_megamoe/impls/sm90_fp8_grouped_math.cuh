@@ -65,4 +65,9 @@ __device__ __forceinline__ void promote(const RowScales& a_scales, float b_scale
 // through shared memory.
 __device__ __forceinline__ void math_sync() { ptx::named_barrier_sync<1, kNumMathThreads>(); }
 
+// Barrier 2 + wg over math warpgroup wg alone: an epilogue step the other warpgroup need not join.
+__device__ __forceinline__ void warpgroup_sync(int wg) {
+  ptx::named_barrier_sync<kWarpGroupThreads>(2 + wg);
+}
+
 }  // namespace jax_megamoe::sm90

@@ -1,7 +1,10 @@
-// Wide global stores. Peer (NVLink) pointers are ordinary global addresses under UVA.
+// Stores: wide global stores from registers; the fragment store into shared memory (stmatrix)
+// and the bulk copies from shared to global memory that an epilogue stages its rows with. Peer
+// (NVLink) pointers are ordinary global addresses under UVA.
 #pragma once
 
 #include <cstdint>
+#include <cuda/ptx>
 
 namespace jax_megamoe::ptx {
 
@@ -9,6 +12,37 @@ __device__ __forceinline__ void st_global_v4(void* ptr, const uint4& v) {
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "r"(v.x), "r"(v.y),
                "r"(v.z), "r"(v.w)
                : "memory");
+}
+
+// Four 8x8 b16 matrices from mma fragments (register i: matrix i, row lane / 4, columns
+// 2 (lane % 4) + {0, 1}) into shared memory; lanes 8 i .. 8 i + 7 give the addresses of matrix
+// i's eight 16-byte rows. CCCL's cuda::ptx has no stmatrix, hence our own PTX.
+__device__ __forceinline__ void stmatrix_x4(uint32_t smem_row_addr, const uint32_t (&r)[4]) {
+  asm volatile(
+      "stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_row_addr),
+      "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+      : "memory");
+}
+
+// Makes this thread's shared-memory writes visible to the async proxy (bulk copies read it).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  cuda::ptx::fence_proxy_async(cuda::ptx::space_shared);
+}
+
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared to global memory,
+// asynchronously, in this thread's current bulk group.
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t bytes) {
+  cuda::ptx::cp_async_bulk(cuda::ptx::space_global, cuda::ptx::space_shared, dst, src, bytes);
+}
+__device__ __forceinline__ void bulk_commit() { cuda::ptx::cp_async_bulk_commit_group(); }
+// Until this thread's committed bulk groups, but the newest kPending, have read their source.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  cuda::ptx::cp_async_bulk_wait_group_read(cuda::ptx::n32_t<kPending>{});
+}
+// Until this thread's committed bulk groups have written their destination.
+__device__ __forceinline__ void bulk_wait_all() {
+  cuda::ptx::cp_async_bulk_wait_group(cuda::ptx::n32_t<0>{});
 }
 
 }  // namespace jax_megamoe::ptx
