@@ -36,14 +36,30 @@ struct L1Epilogue {
                                              int math_thread) const {
     const FragCoords fc(math_thread);
     const int row0 = (tile.pair * kNumMathWarpGroups + tile.block_of(fc.wg)) * kBlockM;
+    // Both rows' routing weight and destination flag, loaded together up front: read where they
+    // are used, the four global loads waited one after another at every tile's end.
+    Rows rows;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      rows.row[half] = row0 + fc.row(half);
+      rows.weight[half] = p.row_weight[rows.row[half]];
+      rows.valid[half] = p.row_src[rows.row[half]] >= 0;
+    }
     if (tile.lone()) {
-      lone(tile, acc, fc, row0);
+      lone(tile, acc, fc, rows);
     } else {
-      paired(tile, acc, fc, row0);
+      paired(tile, acc, fc, rows);
     }
   }
 
  private:
+  // A thread's two accumulator rows (half 0, 1): pool row, routing weight, has a destination.
+  struct Rows {
+    int row[2];
+    float weight[2];
+    bool valid[2];
+  };
+
   // act = swiglu(gate, up) * weight in place over the first kNT n8 tiles of half `half`'s row;
   // returns the quad's max |act| (the row's, over these columns).
   template <int kNT>
@@ -64,10 +80,11 @@ struct L1Epilogue {
   }
 
   // Quantizes the first kNT n8 tiles of half `half`'s row with `scale` and stores them at
-  // column col0 of the tile with 16-byte stores (padding rows are never written).
+  // column col0 of the tile with 16-byte stores (padding rows, !valid, are never written).
   template <int kNT>
-  __device__ __forceinline__ void store_row(const TileAccum<kL1WgN>& acc, int half, int row, int n,
-                                            int col0, float scale, int lane) const {
+  __device__ __forceinline__ void store_row(const TileAccum<kL1WgN>& acc, int half, int row,
+                                            bool valid, int n, int col0, float scale,
+                                            int lane) const {
     uint16_t q[kNT];
 #pragma unroll
     for (int j = 0; j < kNT; ++j)
@@ -75,48 +92,47 @@ struct L1Epilogue {
           epilogue::quantize_e4m3x2(acc[0][4 * j + 2 * half], acc[0][4 * j + 2 * half + 1], scale);
     uint4 out[kNT / 8];
     epilogue::quad_transpose_e4m3(q, out);  // every lane shuffles; valid rows store
-    if (p.row_src[row] < 0) return;
+    if (!valid) return;
     uint8_t* dst = p.act + static_cast<size_t>(row) * p.intermediate + n * kQuantBlock + col0 +
                    (lane % 4) * (kNT * 2);
 #pragma unroll
     for (int v = 0; v < kNT / 8; ++v) ptx::st_global_v4(dst + 16 * v, out[v]);
   }
 
-  __device__ __forceinline__ void store_scale(int row, int n, float scale) const {
-    if (p.row_src[row] >= 0)
-      p.act_scale[static_cast<size_t>(row) * (p.intermediate / kQuantBlock) + n] = scale;
+  __device__ __forceinline__ void store_scale(int row, bool valid, int n, float scale) const {
+    if (valid) p.act_scale[static_cast<size_t>(row) * (p.intermediate / kQuantBlock) + n] = scale;
   }
 
   __device__ __forceinline__ void paired(const Tile& tile, TileAccum<kL1WgN>& acc,
-                                         const FragCoords& fc, int row0) const {
+                                         const FragCoords& fc, const Rows& rows) const {
     constexpr int kNT = Shape::kNTiles;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int row = row0 + fc.row(half);
-      const float amax = swiglu_row<kNT>(acc, half, p.row_weight[row]);
+      const int row = rows.row[half];
+      const float amax = swiglu_row<kNT>(acc, half, rows.weight[half]);
       const float scale = epilogue::e4m3_scale(amax);
-      store_row<kNT>(acc, half, row, tile.n, 0, scale, fc.lane);
-      if (fc.lane % 4 == 0) store_scale(row, tile.n, scale);
+      store_row<kNT>(acc, half, row, rows.valid[half], tile.n, 0, scale, fc.lane);
+      if (fc.lane % 4 == 0) store_scale(row, rows.valid[half], tile.n, scale);
     }
   }
 
   __device__ __forceinline__ void lone(const Tile& tile, TileAccum<kL1WgN>& acc,
-                                       const FragCoords& fc, int row0) const {
+                                       const FragCoords& fc, const Rows& rows) const {
     constexpr int kNT = Shape::kNTiles / kNumMathWarpGroups;
     float amax[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      amax[half] = swiglu_row<kNT>(acc, half, p.row_weight[row0 + fc.row(half)]);
+      amax[half] = swiglu_row<kNT>(acc, half, rows.weight[half]);
       if (fc.lane % 4 == 0) lone_amax[fc.wg * kBlockM + fc.row(half)] = amax[half];
     }
     math_sync();
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int row = row0 + fc.row(half);
+      const int row = rows.row[half];
       const float other = lone_amax[(1 - fc.wg) * kBlockM + fc.row(half)];
       const float scale = epilogue::e4m3_scale(fmaxf(amax[half], other));
-      store_row<kNT>(acc, half, row, tile.n, fc.wg * (kNT * 8), scale, fc.lane);
-      if (fc.wg == 0 && fc.lane % 4 == 0) store_scale(row, tile.n, scale);
+      store_row<kNT>(acc, half, row, rows.valid[half], tile.n, fc.wg * (kNT * 8), scale, fc.lane);
+      if (fc.wg == 0 && fc.lane % 4 == 0) store_scale(row, rows.valid[half], tile.n, scale);
     }
     // The next lone tile rewrites lone_amax; both warpgroups must have read it here.
     math_sync();
