@@ -48,12 +48,6 @@ const char* error_kind(int32_t code) {
   }
 }
 
-const char* phase_name(int32_t phase) {
-  return phase == int32_t(Phase::kDispatch)  ? "dispatch"
-         : phase == int32_t(Phase::kCombine) ? "combine"
-                                             : "unknown";
-}
-
 std::string error_record_message(const ErrorRecord& r, int64_t buffer_id, int device_ordinal,
                                  uint64_t timeout_ns) {
   const std::string peer = std::to_string(r.peer);

@@ -14,9 +14,8 @@ namespace jax_megamoe {
 // have finished wrote.
 ErrorRecord read_error_record(const ErrorRecord* record);
 
-// "device_order", "timeout", "peer_aborted"; "dispatch", "combine".
+// "device_order", "timeout", "peer_aborted" (phase names: comm/error_record.h's phase_name).
 const char* error_kind(int32_t code);
-const char* phase_name(int32_t phase);
 
 // "SymmBuffer <id> on device <d> (rank <r>), call <epoch>, phase '<p>': ", what failed and the
 // fix. Built with std::to_string only: formatting through iostreams inside an FFI execute call

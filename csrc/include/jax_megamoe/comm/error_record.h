@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "jax_megamoe/host_device.h"
+
 namespace jax_megamoe {
 
 enum ErrorCode : int32_t {
@@ -25,6 +27,13 @@ enum class Phase : int32_t {
   kDispatch = 0,  // after stage: peers may read this rank's staging
   kCombine = 1,   // after L2: this rank's rows are in every peer's combine buffer
 };
+
+// The phase as the error messages name it (device printf on a timeout, the host's exceptions).
+JMM_HOST_DEVICE constexpr const char* phase_name(int32_t phase) {
+  return phase == int32_t(Phase::kDispatch)  ? "dispatch"
+         : phase == int32_t(Phase::kCombine) ? "combine"
+                                             : "unknown";
+}
 
 // Written once per workspace, by one thread (the sync kernels of one rank run in stream order):
 // the fields, a system fence, then `code`. A reader that sees code != 0 sees the fields too.

@@ -53,7 +53,7 @@ __device__ __forceinline__ bool wait_or_time_out(uint8_t* ws, HeaderFixed* heade
                                                  uint64_t epoch) {
   uint64_t seen = 0;
   const int late = wait_all_ranks(at<uint64_t>(ws, flags), num_ranks, epoch, header->timeout_ns,
-                                  rank, phase == Phase::kDispatch ? "dispatch" : "combine", &seen);
+                                  rank, phase_name(int32_t(phase)), &seen);
   if (late < 0) return true;
   record_error(header, kErrorTimeout, phase, late, epoch, seen, -1);
   header->call_state = kCallTimedOut;

@@ -23,12 +23,7 @@
 
 #include "jax_megamoe/comm/error_record.h"
 #include "jax_megamoe/constants.h"
-
-#if defined(__CUDACC__)
-#define JMM_HOST_DEVICE __host__ __device__
-#else
-#define JMM_HOST_DEVICE
-#endif
+#include "jax_megamoe/host_device.h"
 
 namespace jax_megamoe {
 
