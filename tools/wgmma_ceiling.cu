@@ -21,6 +21,7 @@
 
 #include "jax_megamoe/impls/sm90_fp8_grouped_math.cuh"
 #include "jax_megamoe/ptx/cp_async.cuh"
+#include "jax_megamoe/ptx/store.cuh"
 
 namespace {
 
@@ -49,7 +50,7 @@ __global__ void __launch_bounds__(kWgs* kWarpGroupThreads, 1)
   for (int i = threadIdx.x; i < L::kABytes + L::kBBytes; i += blockDim.x)
     smem[i] = static_cast<uint8_t>((i * 2654435761u >> 13) & 0xb7);
   for (int i = threadIdx.x; i < kScaleSlots * 65; i += blockDim.x) scales[i] = 1.f + i * 1e-3f;
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  ptx::fence_proxy_async_shared();  // generic writes above, wgmma (async proxy) reads below
   __syncthreads();
 
   const int wg = threadIdx.x / kWarpGroupThreads, t = threadIdx.x % kWarpGroupThreads;
