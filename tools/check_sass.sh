@@ -10,9 +10,13 @@ out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
 # shellcheck disable=SC2086  # CHECK_SASS_FLAGS is a list of flags
-nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Xptxas -v \
+if ! nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Xptxas -v \
   ${CHECK_SASS_FLAGS:-} \
-  -I csrc/include -c csrc/launch/gemm.cu -o "$out/gemm.o" 2> "$out/ptxas.txt"
+  -I csrc/include -c csrc/launch/gemm.cu -o "$out/gemm.o" 2> "$out/ptxas.txt"; then
+  grep -v "^ptxas info" "$out/ptxas.txt" | tail -20 >&2  # its stderr went to the file
+  echo "FAIL: csrc/launch/gemm.cu does not compile" >&2
+  exit 1
+fi
 grep -E "Compiling entry|stack frame|registers" "$out/ptxas.txt" | sed 's/ptxas info *: //'
 if grep -E "stack frame" "$out/ptxas.txt" | grep -qvE "^ *0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"; then
   echo "FAIL: local memory (stack or spills) in a GEMM kernel" >&2
