@@ -18,9 +18,10 @@
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
 #   bench     benchmarks/bench_mega_moe.py with $BENCH_ARGS
 #   scan      benchmarks/bench_scan.py (per-layer overhead in a lax.scan step) with $SCAN_ARGS
-#   ab        bench_gemm.py ($GEMM_ARGS) on two builds in one run: first the checkout at
-#             $AB_BASE (e.g. `git worktree add --detach ab_base main`, sent with the run tool's
-#             carry), then this one, which stays installed; the kernel names in the logs differ
+#   ab        bench_gemm.py ($GEMM_ARGS), or with AB_BENCH=layer bench_mega_moe.py
+#             ($BENCH_ARGS), on two builds in one run: first the checkout at $AB_BASE (e.g.
+#             `git worktree add --detach ab_base main`, sent with the run tool's carry), then
+#             this one, which stays installed; the kernel names in the logs differ
 #   ncu       Nsight Compute (clocks left alone) on one launch of each GEMM in $NCU_KERNELS
 #             (default "l1 l2") at $NCU_TOKENS tokens (default 8192): speed of light, memory,
 #             warp stall reasons, launch shape (grid, cluster) and occupancy, and the
@@ -40,6 +41,11 @@ cd "$repo"
 # source tree needs its own: scikit-build-core's cache remembers the source it configured).
 install() {
   python3 -m pip install --no-build-isolation --no-deps -Cbuild-dir="${BUILD_DIR:-/tmp/skb}" "$@"
+}
+bench_layer() { # OUT_DIR: bench_mega_moe.py with $BENCH_ARGS, its table and phases to stdout
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+  python3 benchmarks/bench_mega_moe.py --out "$1" --no-plot ${BENCH_ARGS:-} 2>&1 |
+    tee "$1.log" | grep -E "^\||^- " | tail -30
 }
 bench_gemm() { # OUT_DIR: bench_gemm.py with $GEMM_ARGS, the summary lines to stdout
   # shellcheck disable=SC2086  # GEMM_ARGS is a list of flags
@@ -134,14 +140,15 @@ fi
 if [[ $modes == *,ab,* ]]; then
   base=$(cd "${AB_BASE:?ab needs AB_BASE, the other checkout}" && pwd)
   echo "== base: $base"
+  what=${AB_BENCH:-gemm}
   if BUILD_DIR=/tmp/skb_base install "$base" >"$OUT/build_base.log" 2>&1; then
-    bench_gemm "$OUT/gemm_base"
+    "bench_$what" "$OUT/${what}_base"
   else
     tail -20 "$OUT/build_base.log"
     status=1
   fi
   echo "== this checkout"
-  install . >"$OUT/build.log" 2>&1 && bench_gemm "$OUT/gemm_this"
+  install . >"$OUT/build.log" 2>&1 && "bench_$what" "$OUT/${what}_this"
 fi
 if [[ $modes == *,bench,* ]]; then
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
