@@ -42,6 +42,12 @@ cd "$repo"
 install() {
   python3 -m pip install --no-build-isolation --no-deps -Cbuild-dir="${BUILD_DIR:-/tmp/skb}" "$@"
 }
+build_tool() { # BINARY LOG SOURCES...: a tools/ program, built as the GEMM kernels are
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+    -I csrc/include "${@:3}" -o "$1" >"$2" 2>&1 && return 0
+  tail -20 "$2"
+  return 1
+}
 bench_layer() { # OUT_DIR: bench_mega_moe.py with $BENCH_ARGS, its table and phases to stdout
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
   python3 benchmarks/bench_mega_moe.py --out "$1" --no-plot ${BENCH_ARGS:-} 2>&1 |
@@ -88,9 +94,8 @@ if [[ $modes == *,sanitize,* ]]; then
   # The GEMM kernels from a plain host program (tools/gemm_sanitize.cu): under JAX the
   # sanitizers took minutes or crashed. First without a tool (its own row checks), then each tool
   # on the full grid and on 8 CTAs (every CTA walks several tiles).
-  if nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
-    -I csrc/include tools/gemm_sanitize.cu csrc/launch/gemm.cu -o /tmp/gemm_sanitize \
-    >"$OUT/sanitize_build.log" 2>&1; then
+  if build_tool /tmp/gemm_sanitize "$OUT/sanitize_build.log" tools/gemm_sanitize.cu \
+    csrc/launch/gemm.cu; then
     timeout 120 /tmp/gemm_sanitize 2>&1 | tee "$OUT/sanitize_plain.log"
     status=$((status | PIPESTATUS[0]))
     summary_re="ERROR SUMMARY|RACECHECK SUMMARY|checks passed|FAILED"
@@ -105,7 +110,6 @@ if [[ $modes == *,sanitize,* ]]; then
       done
     done
   else
-    tail -20 "$OUT/sanitize_build.log"
     status=1
   fi
   # What racecheck reports on an mbarrier hand-off alone: mode 1 is race-free, mode 2 a real
@@ -119,12 +123,10 @@ if [[ $modes == *,sanitize,* ]]; then
   fi
 fi
 if [[ $modes == *,ceiling,* ]]; then
-  if nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
-    -I csrc/include tools/wgmma_ceiling.cu -o /tmp/wgmma_ceiling >"$OUT/ceiling_build.log" 2>&1; then
+  if build_tool /tmp/wgmma_ceiling "$OUT/ceiling_build.log" tools/wgmma_ceiling.cu; then
     timeout 120 /tmp/wgmma_ceiling 2>&1 | tee "$OUT/ceiling.txt"
     status=$((status | PIPESTATUS[0]))
   else
-    tail -20 "$OUT/ceiling_build.log"
     status=1
   fi
 fi
