@@ -85,11 +85,12 @@ struct L1Epilogue {
   __device__ __forceinline__ void store_row(const TileAccum<kL1WgN>& acc, int half, int row,
                                             bool valid, int n, int col0, float scale,
                                             int lane) const {
+    const epilogue::ScaleDivisor divisor(scale);
     uint16_t q[kNT];
 #pragma unroll
     for (int j = 0; j < kNT; ++j)
-      q[j] =
-          epilogue::quantize_e4m3x2(acc[0][4 * j + 2 * half], acc[0][4 * j + 2 * half + 1], scale);
+      q[j] = epilogue::quantize_e4m3x2(acc[0][4 * j + 2 * half], acc[0][4 * j + 2 * half + 1],
+                                       divisor);
     uint4 out[kNT / 8];
     epilogue::quad_transpose_e4m3(q, out);  // every lane shuffles; valid rows store
     if (!valid) return;
