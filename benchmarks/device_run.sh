@@ -13,6 +13,8 @@
 #             tools/racecheck_mbarrier_probe.cu
 #   ceiling   tools/wgmma_ceiling.cu: the tensor-pipe share the main loop's math reaches with
 #             its operands resident in shared memory, per way of issuing and promoting
+#   stream    tools/tma_stream.cu: how fast one CTA per SM streams weights with TMA and no math,
+#             per weight layout, ring depth and pause per tile (the small-M weight stream)
 #   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs, the two
 #             timeout cases also on one)
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
@@ -122,14 +124,16 @@ if [[ $modes == *,sanitize,* ]]; then
     done
   fi
 fi
-if [[ $modes == *,ceiling,* ]]; then
-  if build_tool /tmp/wgmma_ceiling "$OUT/ceiling_build.log" tools/wgmma_ceiling.cu; then
-    timeout 120 /tmp/wgmma_ceiling 2>&1 | tee "$OUT/ceiling.txt"
+run_tool() { # NAME: tools/NAME.cu, built as the GEMM kernels are and run; output in $OUT/NAME.txt
+  if build_tool "/tmp/$1" "$OUT/$1_build.log" "tools/$1.cu"; then
+    timeout 120 "/tmp/$1" 2>&1 | tee "$OUT/$1.txt"
     status=$((status | PIPESTATUS[0]))
   else
     status=1
   fi
-fi
+}
+if [[ $modes == *,ceiling,* ]]; then run_tool wgmma_ceiling; fi
+if [[ $modes == *,stream,* ]]; then run_tool tma_stream; fi
 if [[ $modes == *,mp,* ]]; then
   timeout 600 python3 -m pytest -m gpu -q -s -rA tests/test_gpu_multiprocess.py 2>&1 |
     tee "$OUT/gpu_mp_tests.log" | tail -40
