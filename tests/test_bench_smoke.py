@@ -25,15 +25,16 @@ import shapes  # noqa: E402
 from jax_megamoe import calc_diff, fp8_mega_moe  # noqa: E402
 from jax_megamoe.testing import make_ids  # noqa: E402
 
+# The shape every end-to-end benchmark test runs (test_bench_scan_unroll_removes_the_layer_loop
+# builds the same one through shapes.Shape).
+TINY_SHAPE = ["--hidden=256", "--intermediate=128", "--experts=16", "--topk=4"]
+
 
 def test_bench_scan_writes_rows(tmp_path):
     """The multi-layer scan benchmark end to end (reference impl): per M, both programs timed,
     per-layer busy and wall, the overhead of one more layer."""
     argv = [
-        "--hidden=256",
-        "--intermediate=128",
-        "--experts=16",
-        "--topk=4",
+        *TINY_SHAPE,
         "--tokens=8,16",
         "--layers=3",
         "--iters=2",
@@ -73,10 +74,7 @@ def test_bench_wall_splits_each_call(tmp_path):
     """The wall-clock breakdown end to end (reference impl on CPU): per M and program, dispatch
     and wait that add up to the wall clock, the device time, and the host events."""
     argv = [
-        "--hidden=256",
-        "--intermediate=128",
-        "--experts=16",
-        "--topk=4",
+        *TINY_SHAPE,
         "--tokens=8",
         "--ranks=2",
         "--iters=3",
@@ -102,10 +100,7 @@ def test_bench_scan_rejects_one_layer():
 
 def test_bench_main_writes_rows(tmp_path):
     argv = [
-        "--hidden=256",
-        "--intermediate=128",
-        "--experts=16",
-        "--topk=4",
+        *TINY_SHAPE,
         "--tokens=8,16",
         "--iters=2",
         "--warmup=1",
