@@ -113,16 +113,9 @@ void check(cudaError_t e, const char* what) {
   }
 }
 
-// The weights as the variant reads them: [rows, K] in boxes of 128 rows x 128 B, or
-// [rows * num_kb, 128] so that one box is 16 KB contiguous; 128B-swizzled like the GEMMs' maps.
-CUtensorMap encode(void* base, size_t rows, int num_kb, Layout layout, bool promote_256) {
-  const bool tiled = layout == Layout::kTiled;
-  const cuuint64_t dims[2] = {tiled ? cuuint64_t(kBlockK) : cuuint64_t(num_kb) * kBlockK,
-                              tiled ? rows * num_kb : rows};
-  const cuuint64_t strides[1] = {tiled ? cuuint64_t(kBlockK) : cuuint64_t(num_kb) * kBlockK};
-  const cuuint32_t box[2] = {kBlockK, kBoxRows};
-  const cuuint32_t element_strides[2] = {1, 1};
-  // From the driver through the runtime, as csrc/launch/gemm.cu does: no link-time libcuda.
+// cuTensorMapEncodeTiled from the driver through the runtime, as csrc/launch/gemm.cu gets it:
+// no link-time libcuda.
+PFN_cuTensorMapEncodeTiled_v12000 lookup_encode_tiled() {
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult found{};
   check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
@@ -132,7 +125,19 @@ CUtensorMap encode(void* base, size_t rows, int num_kb, Layout layout, bool prom
     std::fprintf(stderr, "cuTensorMapEncodeTiled not found\n");
     std::exit(1);
   }
-  const auto encode_tiled = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+}
+
+// The weights as the variant reads them: [rows, K] in boxes of 128 rows x 128 B, or
+// [rows * num_kb, 128] so that one box is 16 KB contiguous; 128B-swizzled like the GEMMs' maps.
+CUtensorMap encode(void* base, size_t rows, int num_kb, Layout layout, bool promote_256) {
+  const bool tiled = layout == Layout::kTiled;
+  const cuuint64_t dims[2] = {tiled ? cuuint64_t(kBlockK) : cuuint64_t(num_kb) * kBlockK,
+                              tiled ? rows * num_kb : rows};
+  const cuuint64_t strides[1] = {tiled ? cuuint64_t(kBlockK) : cuuint64_t(num_kb) * kBlockK};
+  const cuuint32_t box[2] = {kBlockK, kBoxRows};
+  const cuuint32_t element_strides[2] = {1, 1};
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode_tiled = lookup_encode_tiled();
   CUtensorMap map;
   const CUresult r = encode_tiled(
       &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, base, dims, strides, box, element_strides,
