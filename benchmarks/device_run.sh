@@ -24,10 +24,14 @@
 #             ($BENCH_ARGS), on two builds in one run: first the checkout at $AB_BASE (e.g.
 #             `git worktree add --detach ab_base main`, sent with the run tool's carry), then
 #             this one, which stays installed; the kernel names in the logs differ
+#   envab     the same benchmark on this build once per setting in $AB_ENVS (space-separated
+#             VAR=VALUE items, e.g. "JAX_MEGAMOE_GEMM_CTAS=1 JAX_MEGAMOE_GEMM_CTAS=2"), in order
 #   ncu       Nsight Compute (clocks left alone) on one launch of each GEMM in $NCU_KERNELS
 #             (default "l1 l2") at $NCU_TOKENS tokens (default 8192): speed of light, memory,
 #             warp stall reasons, launch shape (grid, cluster) and occupancy, and the
 #             per-SASS-instruction stall samples as CSV
+# The device tool returns at most 8 files from $OUT: at the end everything under $OUT is also
+# packed into $OUT/0_bundle.tgz, which sorts first (Nsight Compute reports left out: too big).
 # Usage: bash benchmarks/device_run.sh MODES [extra pytest args for "test"...]
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -156,6 +160,13 @@ if [[ $modes == *,ab,* ]]; then
   echo "== this checkout"
   install . >"$OUT/build.log" 2>&1 && "bench_$what" "$OUT/${what}_this"
 fi
+if [[ $modes == *,envab,* ]]; then
+  what=${AB_BENCH:-gemm}
+  for setting in ${AB_ENVS:?envab needs AB_ENVS, e.g. JAX_MEGAMOE_GEMM_CTAS=1 ...}; do
+    echo "== $setting"
+    (export "${setting?}" && "bench_$what" "$OUT/${what}_${setting//[^A-Za-z0-9_-]/_}")
+  done
+fi
 if [[ $modes == *,bench,* ]]; then
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
   python3 benchmarks/bench_mega_moe.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 |
@@ -184,4 +195,5 @@ if [[ $modes == *,ncu,* ]]; then
       >"$OUT/ncu_${k}_sass.csv" 2>&1
   done
 fi
+(cd "$OUT" && tar -czf /tmp/megamoe_bundle.tgz --exclude=0_bundle.tgz --exclude='*.ncu-rep' . && mv /tmp/megamoe_bundle.tgz 0_bundle.tgz)
 exit "$status"
