@@ -195,5 +195,6 @@ if [[ $modes == *,ncu,* ]]; then
       >"$OUT/ncu_${k}_sass.csv" 2>&1
   done
 fi
-(cd "$OUT" && tar -czf /tmp/megamoe_bundle.tgz --exclude=0_bundle.tgz --exclude='*.ncu-rep' . && mv /tmp/megamoe_bundle.tgz 0_bundle.tgz)
+bundle=/tmp/megamoe_bundle.tgz
+(cd "$OUT" && tar -czf "$bundle" --exclude=0_bundle.tgz --exclude='*.ncu-rep' . && mv "$bundle" 0_bundle.tgz)
 exit "$status"
