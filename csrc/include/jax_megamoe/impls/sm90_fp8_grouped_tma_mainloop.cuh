@@ -241,23 +241,30 @@ class GroupedFp8TmaMainloop {
   }
 
   // Lone block, LoneSplit::kHalfOfEachGroup: warpgroup wg takes half wg of every B group, into
-  // the first half of that group's accumulator.
+  // the first half of that group's accumulator. Both groups' wgmma are issued before the first
+  // wait, into one half-width partial each (together the registers of the paired path's one
+  // partial): a lone tile's math is a chain of waits, and at small M, where every tile is lone,
+  // that chain set the rate of a CTA whose weight stream ran faster (the last round, or half the
+  // SMs): one wgmma latency per K block instead of two. Group 0 is promoted while group 1's
+  // wgmma still run.
   __device__ __forceinline__ void mma_lone_halves(uint32_t a_smem, uint32_t b_smem, int wg,
                                                   const RowScales& a_scales,
                                                   const float (&b_scales)[kNumBGroups],
                                                   TileAccum<kWgN>& acc, int slot,
                                                   bool warp_leader) {
+    static_assert(kNumBGroups == 2, "one partial per B group");
     constexpr int kHalfN = kWgN / 2;
-    float part[TileShape<kHalfN>::kAccRegs];
-#pragma unroll
-    for (int g = 0; g < kNumBGroups; ++g) {
-      issue_block_mma<kHalfN>(a_smem, b_smem + g * Shape::kBGroupBytes + wg * kHalfN * kBlockK,
-                              part);
-      ptx::wgmma_wait<0>();
-      ptx::fence_operands(part);
-      if (g == kNumBGroups - 1) release(slot, warp_leader);
-      promote(a_scales, b_scales[g], part, acc[g]);
-    }
+    float part0[TileShape<kHalfN>::kAccRegs], part1[TileShape<kHalfN>::kAccRegs];
+    const uint32_t b_half = b_smem + wg * kHalfN * kBlockK;
+    issue_block_mma<kHalfN>(a_smem, b_half, part0);
+    issue_block_mma<kHalfN>(a_smem, b_half + Shape::kBGroupBytes, part1);
+    ptx::wgmma_wait<1>();
+    ptx::fence_operands(part0);
+    promote(a_scales, b_scales[0], part0, acc[0]);
+    ptx::wgmma_wait<0>();
+    ptx::fence_operands(part1);
+    release(slot, warp_leader);
+    promote(a_scales, b_scales[1], part1, acc[1]);
   }
 
   // Recomputed where used: a member would be held across the role split and spilled.
