@@ -181,7 +181,7 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kCombine,
                                          args.expected_rank);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  combine_kernel<<<grid_for(m, 1, budget), kThreads, 0, stream>>>(k);
+  combine_kernel<<<grid_for(size_t(m) * c.hidden / 8, kThreads, budget), kThreads, 0, stream>>>(k);
   return cudaGetLastError();
 }
 

@@ -14,6 +14,9 @@ namespace jax_megamoe::sm90 {
 // bf16 quiet NaN, twice per 32-bit word.
 constexpr uint32_t kBf16NanPair = 0x7FC07FC0u;
 
+// Combine rows a thread loads before it adds any (16 bytes each).
+constexpr int kCombineLoads = 8;
+
 // Fixed summation order over k and no atomics: bitwise identical output run after run.
 __global__ void __launch_bounds__(kThreads) combine_kernel(KernelArgs a) {
   const WorkspaceLayout& l = a.layout;
@@ -32,30 +35,48 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(KernelArgs a) {
     return;
   }
 
-  for (int m = blockIdx.x; m < a.num_tokens; m += gridDim.x) {
-    // Slots masked in the sanitized staging were sent nowhere: their combine rows are stale.
-    unsigned valid = 0;
-    for (int k = 0; k < a.topk; ++k) valid |= unsigned(ids[size_t(m) * a.topk + k] >= 0) << k;
-
-    for (int c = threadIdx.x; c < vecs; c += kThreads) {
-      float acc[8] = {};
-      for (int k = 0; k < a.topk; ++k) {
-        if (!(valid >> k & 1u)) continue;
-        const uint4 v = combine[(size_t(k) * a.max_tokens + m) * vecs + c];
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+  // One thread per 16-byte vector of y. Each issues the loads of up to kCombineLoads slots
+  // before it sums any of them: with one load in flight per thread (the sum's loop over k) the
+  // kernel waited out k memory latencies in a row, 16.5 us at M = 8 and 1.4x the HBM time at
+  // M = 8192. The sum keeps k's order, so y is unchanged to the bit.
+  const size_t num_vecs = size_t(a.num_tokens) * vecs;
+  const size_t slot_stride = size_t(a.max_tokens) * vecs;
+  for (size_t i = size_t(blockIdx.x) * kThreads + threadIdx.x; i < num_vecs;
+       i += size_t(gridDim.x) * kThreads) {
+    const size_t m = i / vecs;
+    const uint4* slot = combine + i;  // [k][m][c]: slot k of this vector at k * slot_stride
+    const int32_t* slot_ids = ids + m * a.topk;
+    float acc[8] = {};
+    for (int k0 = 0; k0 < a.topk; k0 += kCombineLoads) {
+      // Every row is loaded, whatever its id says (a masked slot's row is stale but inside
+      // the buffer; a k past topk reloads the last slot): a load that waited on its own id
+      // would wait out one latency per slot again.
+      uint4 v[kCombineLoads];
+      int32_t id[kCombineLoads];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float2 f = __bfloat1622float2(h[i]);
-          acc[2 * i] += f.x;
-          acc[2 * i + 1] += f.y;
+      for (int j = 0; j < kCombineLoads; ++j) {
+        const int k = min(k0 + j, a.topk - 1);
+        v[j] = slot[size_t(k) * slot_stride];
+        id[j] = k0 + j < a.topk ? slot_ids[k] : -1;
+      }
+      // Slots masked in the sanitized staging were sent nowhere: their rows are not added.
+#pragma unroll
+      for (int j = 0; j < kCombineLoads; ++j) {
+        if (id[j] < 0) continue;
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v[j]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 f = __bfloat1622float2(h[q]);
+          acc[2 * q] += f.x;
+          acc[2 * q + 1] += f.y;
         }
       }
-      uint4 out;
-      __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-      y[size_t(m) * vecs + c] = out;
     }
+    uint4 out;
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) o[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+    y[i] = out;
   }
 }
 
