@@ -31,6 +31,12 @@ constexpr int kMaxDevices = 64;
 std::array<std::atomic<int>, kMaxDevices> g_num_sms{};
 
 // Persistent grid size: `num_ctas`, or every SM of the device x gemm_ctas_per_sm() for 0.
+// The tile counter of launch_l1/launch_l2 (launch.h) in the call's scratch output: zero it on
+// the stream before the kernel claims from it.
+cudaError_t zero_claims(int32_t* claims, cudaStream_t stream) {
+  return cudaMemsetAsync(claims, 0, sizeof(int32_t), stream);
+}
+
 ffi::Error grid_size(const char* target, int32_t device_ordinal, int64_t num_ctas, int* out) {
   const int sms = device_ordinal >= 0 && device_ordinal < kMaxDevices
                       ? g_num_sms[device_ordinal].load(std::memory_order_acquire)
@@ -56,7 +62,8 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
                          ffi::Buffer<ffi::S32> row_src, ffi::Buffer<ffi::S32> block_expert,
                          ffi::Buffer<ffi::S32> num_blocks, ffi::AnyBuffer w1,
                          ffi::Buffer<ffi::F32> w1_scale, ffi::Result<ffi::AnyBuffer> act,
-                         ffi::Result<ffi::Buffer<ffi::F32>> act_scale, float activation_clamp,
+                         ffi::Result<ffi::Buffer<ffi::F32>> act_scale,
+                         ffi::Result<ffi::Buffer<ffi::S32>> claims, float activation_clamp,
                          int64_t num_ctas) {
   const int64_t P = dim(a.dimensions(), 0), H = dim(a.dimensions(), 1);
   const int64_t E = dim(w1.dimensions(), 0), I = dim(w1.dimensions(), 1) / 2;
@@ -77,6 +84,7 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   s.expect("w1_scale", w1_scale.dimensions(), {E, 2 * I / q, H / q});
   s.expect("act", act->dimensions(), {P, I});
   s.expect("act_scale", act_scale->dimensions(), {P, I / q});
+  s.expect("claims", claims->dimensions(), {1});
   if (s.failed()) return s.error();
   if (ffi::Error err = check_aligned16(kL1GemmTarget, "a, w1 or act",
                                        {a.untyped_data(), w1.untyped_data(), act->untyped_data()});
@@ -105,6 +113,10 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   p.max_blocks = static_cast<int>(P / kBlockM);
   p.clamp = activation_clamp;
   p.num_ctas = grid;
+  p.tile_claims = claims->typed_data();
+  if (cudaError_t err = zero_claims(p.tile_claims, stream); err != cudaSuccess) {
+    return launch_error(kL1GemmTarget, device_ordinal, err);
+  }
   if (cudaError_t err = launch_l1(p, stream); err != cudaSuccess) {
     return launch_error(kL1GemmTarget, device_ordinal, err);
   }
@@ -116,7 +128,8 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
                          ffi::Buffer<ffi::S32> block_expert, ffi::Buffer<ffi::S32> num_blocks,
                          ffi::AnyBuffer w2, ffi::Buffer<ffi::F32> w2_scale,
                          ffi::Result<ffi::Buffer<ffi::BF16>> y,
-                         ffi::Result<ffi::Buffer<ffi::S64>> table, int64_t num_ctas) {
+                         ffi::Result<ffi::Buffer<ffi::S64>> table,
+                         ffi::Result<ffi::Buffer<ffi::S32>> claims, int64_t num_ctas) {
   const int64_t P = dim(act.dimensions(), 0), I = dim(act.dimensions(), 1);
   const int64_t E = dim(w2.dimensions(), 0), H = dim(w2.dimensions(), 1);
   const int64_t Y = dim(y->dimensions(), 0);
@@ -139,6 +152,7 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   s.expect("w2_scale", w2_scale.dimensions(), {E, H / q, I / q});
   s.expect("y", y->dimensions(), {Y, H});
   s.expect("table", table->dimensions(), {1});
+  s.expect("claims", claims->dimensions(), {1});
   if (s.failed()) return s.error();
   if (ffi::Error err = check_aligned16(kL2GemmTarget, "act, w2 or y",
                                        {act.untyped_data(), w2.untyped_data(), y->untyped_data()});
@@ -173,6 +187,10 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   p.max_tokens = static_cast<int>(Y);
   p.max_blocks = static_cast<int>(P / kBlockM);
   p.num_ctas = grid;
+  p.tile_claims = claims->typed_data();
+  if (cudaError_t err = zero_claims(p.tile_claims, stream); err != cudaSuccess) {
+    return launch_error(kL2GemmTarget, device_ordinal, err);
+  }
   if (cudaError_t err = launch_l2(p, stream); err != cudaSuccess) {
     return launch_error(kL2GemmTarget, device_ordinal, err);
   }
@@ -213,6 +231,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL1Gemm,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w1_scale
                                   .Ret<ffi::AnyBuffer>()         // act
                                   .Ret<ffi::Buffer<ffi::F32>>()  // act_scale
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // claims (scratch)
                                   .Attr<float>("activation_clamp")
                                   .Attr<int64_t>("num_ctas"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
@@ -229,5 +248,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeL2Gemm,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w2_scale
                                   .Ret<ffi::Buffer<ffi::BF16>>()  // y
                                   .Ret<ffi::Buffer<ffi::S64>>()   // table (scratch)
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // claims (scratch)
                                   .Attr<int64_t>("num_ctas"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -122,6 +122,7 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   // One rank, topk 1: slot s of the combine buffer is row s of y.
   DeviceArray<uint16_t> y(std::vector<uint16_t>(size_t(pool.slots) * H, kPoisonBf16));
   DeviceArray<uint16_t*> table(std::vector<uint16_t*>{y.ptr});
+  DeviceArray<int32_t> claims(std::vector<int32_t>{0, 0});  // L1's and L2's tile counters
 
   jax_megamoe::L1Params p1{};
   p1.a = a.ptr;
@@ -140,6 +141,7 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   p1.max_blocks = max_blocks;
   p1.clamp = std::numeric_limits<float>::infinity();
   p1.num_ctas = num_ctas;
+  p1.tile_claims = claims.ptr;
   if (!ok(jax_megamoe::launch_l1(p1, nullptr), "launch_l1") || !ok(cudaDeviceSynchronize(), "L1")) {
     return 1;
   }
@@ -160,6 +162,7 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   p2.max_tokens = pool.slots;
   p2.max_blocks = max_blocks;
   p2.num_ctas = num_ctas;
+  p2.tile_claims = claims.ptr + 1;
   if (!ok(jax_megamoe::launch_l2(p2, nullptr), "launch_l2") || !ok(cudaDeviceSynchronize(), "L2")) {
     return 1;
   }

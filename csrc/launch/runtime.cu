@@ -4,7 +4,7 @@
 //
 // Kernels enqueued on rank r's stream, identical on every rank:
 //   1. stage           copy this call's x, x_scale, sanitized topk ids, weights and M into r's
-//                      staging; reset r's routing counters.
+//                      staging; reset r's routing counters and the GEMMs' tile counters.
 //   2. sync dispatch   one thread: epoch = ++header.epoch; write the call's axis index (the
 //                      expected rank) into dispatch_status[r] of every peer; fence; release
 //                      dispatch_flag[r] = epoch into every peer's header; then wait (acquire) for
@@ -158,6 +158,7 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   p1.max_blocks = l.max_blocks;
   p1.clamp = args.activation_clamp;
   p1.num_ctas = num_ctas;
+  p1.tile_claims = &at<RouteScalars>(ws, l.route_scalars)->l1_claims;
   if ((err = launch_l1(p1, stream)) != cudaSuccess) return err;
 
   L2Params p2{};
@@ -176,6 +177,7 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   p2.max_tokens = c.max_tokens;
   p2.max_blocks = l.max_blocks;
   p2.num_ctas = num_ctas;
+  p2.tile_claims = &at<RouteScalars>(ws, l.route_scalars)->l2_claims;
   if ((err = launch_l2(p2, stream)) != cudaSuccess) return err;
 
   epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kCombine,

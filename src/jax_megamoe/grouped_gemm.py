@@ -17,6 +17,10 @@ from .constants import QUANT_BLOCK
 __all__ = ["grouped_gemm_l1", "grouped_gemm_l2", "prepare_standalone"]
 
 
+# Device scratch of both kernels: the counter their CTAs claim tiles from (zeroed by the handler).
+_CLAIMS_SCRATCH = jax.ShapeDtypeStruct((1,), jnp.int32)
+
+
 @functools.cache
 def prepare_standalone() -> None:
     """Loads the grouped GEMM kernels on every local Hopper GPU, once per process.
@@ -88,9 +92,10 @@ def grouped_gemm_l1(
         (
             jax.ShapeDtypeStruct((rows, inter), jnp.float8_e4m3fn),
             jax.ShapeDtypeStruct((rows, inter // QUANT_BLOCK), jnp.float32),
+            _CLAIMS_SCRATCH,
         ),
     )
-    return _ffi.call_varying(
+    act, act_scale, _ = _ffi.call_varying(
         call,
         a,
         a_scale,
@@ -103,6 +108,7 @@ def grouped_gemm_l1(
         activation_clamp=np.float32(np.inf if activation_clamp is None else activation_clamp),
         num_ctas=np.int64(num_ctas),
     )
+    return act, act_scale
 
 
 def grouped_gemm_l2(
@@ -147,9 +153,10 @@ def grouped_gemm_l2(
             jax.ShapeDtypeStruct((out_rows, hidden), jnp.bfloat16),
             # Device scratch: the kernel's one-entry table of combine bases (y's address).
             jax.ShapeDtypeStruct((1,), jnp.int64),
+            _CLAIMS_SCRATCH,
         ),
     )
-    y, _ = _ffi.call_varying(
+    y, _, _ = _ffi.call_varying(
         call,
         act,
         act_scale,

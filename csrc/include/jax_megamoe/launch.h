@@ -30,6 +30,9 @@ struct L1Params {
   int max_blocks;
   float clamp;   // +inf disables the clamp
   int num_ctas;  // persistent grid size (SM budget x CTAs per SM)
+  // Device counter, zero at launch, from which the CTAs claim tiles in order; null: each CTA
+  // walks a static sequence. Whether it is used is the launcher's choice (gemm.cu's table).
+  int32_t* tile_claims;
 };
 
 // L2: act x W2[e]^T with per-128 scale promotion; each valid row is rounded to bf16 and stored
@@ -50,6 +53,7 @@ struct L2Params {
   int max_tokens;
   int max_blocks;
   int num_ctas;
+  int32_t* tile_claims;  // as in L1Params
 };
 
 cudaError_t launch_l1(const L1Params& p, cudaStream_t stream);

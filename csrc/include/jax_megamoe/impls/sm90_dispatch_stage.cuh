@@ -22,7 +22,10 @@ __global__ void __launch_bounds__(kThreads) stage_kernel(KernelArgs a) {
     }
     if (threadIdx.x == 0) {
       header_of(a.ws, l)->staged_tokens = a.num_tokens;
-      at<RouteScalars>(a.ws, l.route_scalars)->count_done = 0;
+      RouteScalars* scalars = at<RouteScalars>(a.ws, l.route_scalars);
+      scalars->count_done = 0;
+      scalars->l1_claims = 0;
+      scalars->l2_claims = 0;
     }
   }
   const size_t stride = size_t(gridDim.x) * kThreads;

@@ -4,15 +4,19 @@
 // the per-K-block math in impls/sm90_fp8_grouped_math.cuh.
 //
 // Roles (384 threads):
-//   warpgroup 0, producer   setmaxnreg down to kProducerRegs; warp 0 walks the CTA's tiles and
-//                           K blocks: waits until the slot is empty, then lane 0 announces the
+//   warpgroup 0, producer   setmaxnreg down to kProducerRegs; warp 0 takes the CTA's tiles
+//                           (claimed from a counter, or a static sequence: scheduler/) and walks
+//                           their K blocks: waits until the slot is empty, then lane 0 writes the
+//                           tile into the stage's slot if it is the tile's first, announces the
 //                           stage's bytes and issues the TMA loads of A (the working row
 //                           blocks' 64 pool rows each) and of the two B groups, while the 32
 //                           lanes cp.async the activation scales of the working row blocks and
 //                           the 2 weight scales and arrive on the slot's full barrier when those
-//                           land. Warps 1-3 exit.
-//   warpgroups 1-2, math    setmaxnreg up to kMathRegs; warpgroup w takes row block w of the
-//                           pair. Per K block: wait for the full barrier; per B group, four wgmma
+//                           land. After the last tile, one stage carries only the end. Warps 1-3
+//                           exit.
+//   warpgroups 1-2, math    setmaxnreg up to kMathRegs; read each tile from the slot of its first
+//                           stage; warpgroup w takes row block w of the pair. Per K block: wait
+//                           for the full barrier; per B group, four wgmma
 //                           into a partial, wait for them, promote into the group's master
 //                           accumulator; release the slot (one arrival per warp) once its last
 //                           shared-memory read is done. When only one block of the pair works
@@ -26,11 +30,13 @@
 // and the stage's TMA bytes; empty[s] on one arrival per math warp. Phases alternate per pass
 // over the ring; the producer's first pass waits on parity 1, which a fresh barrier reports as
 // complete. A math warp arrives on empty[s] only after its wait on full[s] of the same pass, so
-// no warp can arrive twice in one phase.
+// no warp can arrive twice in one phase. The end's stage completes on 33 arrivals of the
+// producer warp (lane 0 twice) and no bytes; nobody releases it.
 #pragma once
 
 #include <cuda.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "jax_megamoe/impls/sm90_fp8_grouped_math.cuh"
@@ -67,7 +73,10 @@ class GroupedFp8TmaMainloop {
 
  public:
   static constexpr int kBarrierBytes = 2 * kStages * static_cast<int>(sizeof(uint64_t));
-  static constexpr int kSmemBytes = Ring::kBytes + (kBarrierBytes + 127) / 128 * 128;
+  // Per stage, the tile whose first K block it holds (tile_slot).
+  static constexpr int kTileSlotBytes = kStages * static_cast<int>(sizeof(Tile));
+  static constexpr int kSmemBytes =
+      Ring::kBytes + (kBarrierBytes + kTileSlotBytes + 127) / 128 * 128;
 
   // `smem` must be kSwizzleAtomBytes-aligned (align_smem). The tensor maps view `op.a` as
   // [pool rows, k] with a box of kBlockM x 128 and `op.b` as [experts * b_rows, k] with a box
@@ -76,10 +85,11 @@ class GroupedFp8TmaMainloop {
   // after the register split (a value held across it would be spilled).
   __device__ GroupedFp8TmaMainloop(uint8_t* smem, const GemmOperands& op, const int32_t* num_blocks,
                                    int max_blocks, const CUtensorMap* tma_a,
-                                   const CUtensorMap* tma_b)
+                                   const CUtensorMap* tma_b, int* tile_claims)
       : ring_{smem},
         full_(reinterpret_cast<uint64_t*>(smem + Ring::kBytes)),
         empty_(full_ + kStages),
+        claims_(tile_claims),
         op_(op),
         num_blocks_(num_blocks),
         max_blocks_(max_blocks),
@@ -115,12 +125,17 @@ class GroupedFp8TmaMainloop {
     int slot = 0;
     uint32_t phase = 0;
     const TileScheduler sched = scheduler();
-    for (Tile tile = sched.first(); !sched.done(tile); tile = sched.next(tile)) {
+    const bool dynamic = claims_ != nullptr;
+    // A claim's latency (one atomic) is hidden by the ring: when a tile's last K block has
+    // been issued, the producer is kStages K blocks ahead of the math.
+    Tile tile = dynamic ? sched.take(sched.claim(claims_, lane), claims_, lane) : sched.first();
+    while (!sched.done(tile)) {
       const int row0 = tile.pair * kTileM;
       for (int kb = 0; kb < num_kb(); ++kb) {
         ptx::mbarrier_wait(&empty_[slot], phase ^ 1);
         uint64_t* full = &full_[slot];
         if (lane == 0) {
+          if (kb == 0) publish(slot, tile);  // made visible by the arrival below
           // Only the working row blocks' A: at small M most pairs have one, and the other
           // block's bytes would only take L2 bandwidth from the weight stream.
           const int a_blocks = __popc(tile.mask);
@@ -158,7 +173,23 @@ class GroupedFp8TmaMainloop {
           phase ^= 1;
         }
       }
+      if (!dynamic) {
+        tile = sched.next(tile);
+      } else if (const Tile second = sched.straddle(tile); second.mask != 0) {
+        tile = second;
+      } else {
+        tile = sched.take(sched.claim(claims_, lane), claims_, lane);
+      }
     }
+    // One more stage that holds no data, only the end (mask 0): its 33 arrivals complete the
+    // phase.
+    ptx::mbarrier_wait(&empty_[slot], phase ^ 1);
+    if (lane == 0) {
+      publish(slot, sched.done_tile());
+      ptx::mbarrier_arrive(&full_[slot]);
+    }
+    __syncwarp();
+    ptx::mbarrier_arrive(&full_[slot]);
   }
 
   // Math warpgroups.
@@ -169,8 +200,7 @@ class GroupedFp8TmaMainloop {
     const bool warp_leader = math_thread % 32 == 0;
     int slot = 0;
     uint32_t phase = 0;
-    const TileScheduler sched = scheduler();
-    for (Tile tile = sched.first(); !sched.done(tile); tile = sched.next(tile)) {
+    for (Tile tile = published(slot, phase); tile.mask != 0; tile = published(slot, phase)) {
       const bool works = tile.lone() || tile.has(wg);
       const int block = tile.block_of(wg);
       TileAccum<kWgN> acc;
@@ -181,7 +211,7 @@ class GroupedFp8TmaMainloop {
       }
 
       for (int kb = 0; kb < num_kb(); ++kb) {
-        ptx::mbarrier_wait(&full_[slot], phase);
+        if (kb != 0) ptx::mbarrier_wait(&full_[slot], phase);  // K block 0: by published()
         if (works) {
           const uint32_t a_smem = ptx::smem_addr(ring_.a(slot)) + block * Shape::kAWgBytes;
           const uint32_t b_smem = ptx::smem_addr(ring_.b(slot));
@@ -208,6 +238,35 @@ class GroupedFp8TmaMainloop {
       }
       if (works) epilogue(tile, acc, math_thread);
     }
+  }
+
+  // The tile a stage starts, in the stage's slot of shared memory: the producer writes it with
+  // the stage of the tile's first K block (and an end, mask 0, after the last tile), the math
+  // warpgroups read it after their wait on that stage's full barrier. Only what the math and the
+  // epilogues read (pair, n, mask), by 32-bit shared-memory address: a generic pointer held
+  // across the tile made ptxas spill.
+  __device__ uint32_t tile_slot(int slot) const {
+    return ptx::smem_addr(full_) + kBarrierBytes + slot * static_cast<uint32_t>(sizeof(Tile));
+  }
+  __device__ __forceinline__ void publish(int slot, const Tile& t) const {
+    const uint32_t a = tile_slot(slot);
+    st_shared(a + offsetof(Tile, pair), t.pair);
+    st_shared(a + offsetof(Tile, n), t.n);
+    st_shared(a + offsetof(Tile, mask), t.mask);
+  }
+  __device__ __forceinline__ Tile published(int slot, uint32_t phase) const {
+    ptx::mbarrier_wait(&full_[slot], phase);
+    const uint32_t a = tile_slot(slot);
+    return {0, ld_shared(a + offsetof(Tile, pair)), ld_shared(a + offsetof(Tile, n)), 0,
+            ld_shared(a + offsetof(Tile, mask))};
+  }
+  __device__ static void st_shared(uint32_t addr, int v) {
+    asm volatile("st.shared.s32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+  }
+  __device__ static int ld_shared(uint32_t addr) {
+    int v;
+    asm volatile("ld.shared.s32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+    return v;
   }
 
   // Paired tile: this warpgroup's own row block times both B groups.
@@ -281,6 +340,7 @@ class GroupedFp8TmaMainloop {
   Ring ring_;
   uint64_t* full_;
   uint64_t* empty_;
+  int* claims_;  // claimed tiles (scheduler/sm90_grouped_tiles.cuh), or null: static order
   GemmOperands op_;
   const int32_t* num_blocks_;
   int max_blocks_;

@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
   const L1Params& p = k.p;
-  Mainloop mainloop(smem, l1_operands(p), p.num_blocks, p.max_blocks, &k.a, &k.b);
+  Mainloop mainloop(smem, l1_operands(p), p.num_blocks, p.max_blocks, &k.a, &k.b, p.tile_claims);
   mainloop.run(L1Epilogue{p, reinterpret_cast<float*>(smem + Mainloop::kSmemBytes)});
 }
 

@@ -119,7 +119,8 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
   const L2Params& p = k.p;
-  Mainloop mainloop(smem, l2_operands<kWgN>(p), p.num_blocks, p.max_blocks, &k.a, &k.b);
+  Mainloop mainloop(smem, l2_operands<kWgN>(p), p.num_blocks, p.max_blocks, &k.a, &k.b,
+                    p.tile_claims);
   const L2Epilogue<kWgN> epilogue{p, smem + Mainloop::kSmemBytes};
   mainloop.run(epilogue);
   epilogue.finish();

@@ -68,6 +68,8 @@ static_assert(sizeof(HeaderFixed) == kRegionAlign, "HeaderFixed must fit one ali
 struct alignas(kRegionAlign) RouteScalars {
   int32_t num_blocks;   // row blocks used this call; read by L1/L2
   uint32_t count_done;  // route-count blocks finished; the last one runs the segment scan
+  int32_t l1_claims;    // tile counters of L1 and L2 (L1Params::tile_claims)
+  int32_t l2_claims;
 };
 
 struct WorkspaceLayout {

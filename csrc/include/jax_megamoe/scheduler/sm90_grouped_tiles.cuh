@@ -1,6 +1,7 @@
 // Work decomposition shared by the grouped FP8 GEMM main loops: the operands of one grouped GEMM
-// and the persistent static schedule over (row-block pair, N tile). Every role of a CTA (the
-// producer and each math warpgroup) walks the same sequence, so they agree without talking.
+// and the persistent schedule over (row-block pair, N tile), claimed from a counter or static.
+// A CTA's producer warp takes the tiles and hands each to the math warpgroups with the stage of
+// its first K block (impls/sm90_fp8_grouped_tma_mainloop.cuh).
 #pragma once
 
 #include <cstddef>
@@ -54,13 +55,21 @@ struct Tile {
   __device__ int block_of(int wg) const { return lone() ? mask >> 1 : wg; }
 };
 
-// Static round-robin over (row-block pair, N tile), pair-major so CTAs running side by side
+// Tiles in (row-block pair, N tile) order, pair-major so CTAs running side by side
 // share the A tile and one expert's weights in L2. A pair whose blocks name one expert is one
 // tile; a block naming -1 (padding only, past num_blocks, or never produced by a correct
 // dispatch) is left out of the mask. Pools laid out by the dispatch never put two experts in one
 // pair (kExpertAlignM); a caller's pool may (the standalone GEMMs accept 64-row alignment), and
 // then the pair is two consecutive tiles of the same index, one per expert, each with one
 // warpgroup working.
+//
+// Claimed tiles (a counter given, the default; csrc/launch/gemm.cu): instead of walking index,
+// index + gridDim.x, ... (the static order: first/next), each CTA's producer warp takes the next
+// index from a device counter that is zero at launch (claim/take). The tiles running at any
+// moment are then consecutive however far the CTAs have drifted apart (a lone tile takes half a
+// pair's time), so the CTAs that share an A pair or a weight tile read it from L2 at nearly the
+// same time. Every tile is still computed whole by one CTA, so the output does not depend on
+// which CTA took it.
 class TileScheduler {
  public:
   __device__ TileScheduler(const GemmOperands& op, int num_blocks)
@@ -71,28 +80,53 @@ class TileScheduler {
 
   __device__ Tile first() const { return resolve(static_cast<int>(blockIdx.x)); }
   __device__ Tile next(const Tile& t) const {
-    if (t.mask == 1) {  // the second block of a pair that straddles two experts
+    const Tile second = straddle(t);
+    return second.mask != 0 ? second : resolve(t.index + static_cast<int>(gridDim.x));
+  }
+  __device__ bool done(const Tile& t) const { return t.index >= num_tiles_; }
+  __device__ Tile done_tile() const { return {num_tiles_, 0, 0, 0, 0}; }
+
+  // Claimed tiles; called by all 32 lanes of the producer warp. claim() takes an index and
+  // returns it in lane 0 only, take(index) resolves it, claiming again past pairs where no block
+  // works.
+  __device__ int claim(int* claims, int lane) const { return lane == 0 ? atomicAdd(claims, 1) : 0; }
+  __device__ Tile take(int ahead, int* claims, int lane) const {
+    for (int index = __shfl_sync(~0u, ahead, 0); index < num_tiles_;
+         index = __shfl_sync(~0u, claim(claims, lane), 0)) {
+      const Tile t = resolve_at(index);
+      if (t.mask != 0) return t;
+    }
+    return done_tile();
+  }
+  // The second tile of a pair that straddles two experts (same index), or mask 0.
+  __device__ Tile straddle(const Tile& t) const {
+    if (t.mask == 1) {
       const int e1 = expert_of(2 * t.pair + 1);
       if (e1 >= 0 && e1 != t.expert) return {t.index, t.pair, t.n, e1, 2};
     }
-    return resolve(t.index + static_cast<int>(gridDim.x));
+    return {t.index, t.pair, t.n, 0, 0};
   }
-  __device__ bool done(const Tile& t) const { return t.index >= num_tiles_; }
 
  private:
   __device__ int expert_of(int block) const {
     return block < num_blocks_ ? block_expert_[block] : -1;
   }
 
+  // The tile at `index`; mask 0 when neither of its blocks works.
+  __device__ Tile resolve_at(int index) const {
+    const int pair = index / n_tiles_;
+    const int n = index - pair * n_tiles_;
+    const int e0 = expert_of(2 * pair), e1 = expert_of(2 * pair + 1);
+    if (e0 >= 0) return {index, pair, n, e0, 1 | (e1 == e0 ? 2 : 0)};
+    if (e1 >= 0) return {index, pair, n, e1, 2};
+    return {index, pair, n, 0, 0};
+  }
   __device__ Tile resolve(int index) const {
     for (; index < num_tiles_; index += gridDim.x) {
-      const int pair = index / n_tiles_;
-      const int n = index - pair * n_tiles_;
-      const int e0 = expert_of(2 * pair), e1 = expert_of(2 * pair + 1);
-      if (e0 >= 0) return {index, pair, n, e0, 1 | (e1 == e0 ? 2 : 0)};
-      if (e1 >= 0) return {index, pair, n, e1, 2};
+      const Tile t = resolve_at(index);
+      if (t.mask != 0) return t;
     }
-    return {num_tiles_, 0, 0, 0, 0};
+    return done_tile();
   }
 
   const int32_t* block_expert_;
