@@ -87,11 +87,11 @@ class TileScheduler {
   __device__ Tile done_tile() const { return {num_tiles_, 0, 0, 0, 0}; }
 
   // Claimed tiles; called by all 32 lanes of the producer warp. claim() takes an index and
-  // returns it in lane 0 only, take(index) resolves it, claiming again past pairs where no block
+  // returns it in lane 0 only, take(claimed) resolves it, claiming again past pairs where no block
   // works.
   __device__ int claim(int* claims, int lane) const { return lane == 0 ? atomicAdd(claims, 1) : 0; }
-  __device__ Tile take(int ahead, int* claims, int lane) const {
-    for (int index = __shfl_sync(~0u, ahead, 0); index < num_tiles_;
+  __device__ Tile take(int claimed, int* claims, int lane) const {
+    for (int index = __shfl_sync(~0u, claimed, 0); index < num_tiles_;
          index = __shfl_sync(~0u, claim(claims, lane), 0)) {
       const Tile t = resolve_at(index);
       if (t.mask != 0) return t;
