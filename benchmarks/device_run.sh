@@ -25,7 +25,8 @@
 #             `git worktree add --detach ab_base main`, sent with the run tool's carry), then
 #             this one, which stays installed; the kernel names in the logs differ
 #   envab     the same benchmark on this build once per setting in $AB_ENVS (space-separated
-#             VAR=VALUE items, e.g. "JAX_MEGAMOE_GEMM_CTAS=1 JAX_MEGAMOE_GEMM_CTAS=2"), in order
+#             VAR=VALUE items, e.g. "JAX_MEGAMOE_GEMM_TILES=static JAX_MEGAMOE_GEMM_TILES=claimed"),
+#             in order
 #   ncu       Nsight Compute (clocks left alone) on one launch of each GEMM in $NCU_KERNELS
 #             (default "l1 l2") at $NCU_TOKENS tokens (default 8192): speed of light, memory,
 #             warp stall reasons, launch shape (grid, cluster) and occupancy, and the
@@ -162,7 +163,7 @@ if [[ $modes == *,ab,* ]]; then
 fi
 if [[ $modes == *,envab,* ]]; then
   what=${AB_BENCH:-gemm}
-  for setting in ${AB_ENVS:?envab needs AB_ENVS, e.g. JAX_MEGAMOE_GEMM_CTAS=1 ...}; do
+  for setting in ${AB_ENVS:?envab needs AB_ENVS, e.g. JAX_MEGAMOE_GEMM_TILES=static ...}; do
     echo "== $setting"
     (export "${setting?}" && "bench_$what" "$OUT/${what}_${setting//[^A-Za-z0-9_-]/_}")
   done

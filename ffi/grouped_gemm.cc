@@ -30,13 +30,13 @@ constexpr int kMaxDevices = 64;
 // SM count of each prepared device; 0 = prepare_standalone has not run there.
 std::array<std::atomic<int>, kMaxDevices> g_num_sms{};
 
-// Persistent grid size: `num_ctas`, or every SM of the device x gemm_ctas_per_sm() for 0.
 // The tile counter of launch_l1/launch_l2 (launch.h) in the call's scratch output: zero it on
 // the stream before the kernel claims from it.
 cudaError_t zero_claims(int32_t* claims, cudaStream_t stream) {
   return cudaMemsetAsync(claims, 0, sizeof(int32_t), stream);
 }
 
+// Persistent grid size: `num_ctas`, or every SM of the device x gemm_ctas_per_sm() for 0.
 ffi::Error grid_size(const char* target, int32_t device_ordinal, int64_t num_ctas, int* out) {
   const int sms = device_ordinal >= 0 && device_ordinal < kMaxDevices
                       ? g_num_sms[device_ordinal].load(std::memory_order_acquire)
