@@ -85,6 +85,7 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
   args.config = c;
   args.rank = state->rank;
   args.sm_budget = state->sm_budget;
+  args.whole_device = state->whole_device;
   args.workspace = state->base;
   args.num_tokens = static_cast<int>(m);
   args.x = x.untyped_data();

@@ -186,9 +186,10 @@ uintptr_t create_workspace(int64_t buffer_id, int device_ordinal, int rank,
   std::lock_guard<std::mutex> lock(registry_mutex());
   const int budget = sm_budget == 0 ? num_sms : sm_budget;
   if (!registry()
-           .emplace(Key{buffer_id, device_ordinal},
-                    WorkspaceState{config, device_ordinal, rank, budget,
-                                   static_cast<uint8_t*>(base), nbytes, false, error, timeout_ns})
+           .emplace(
+               Key{buffer_id, device_ordinal},
+               WorkspaceState{config, device_ordinal, rank, budget, static_cast<uint8_t*>(base),
+                              nbytes, false, error, timeout_ns, budget == num_sms})
            .second) {
     cudaFree(base);
     cudaFreeHost(error);

@@ -26,6 +26,7 @@ struct WorkspaceState {
   // host reads it with plain loads. Allocated and freed with the workspace.
   const ErrorRecord* error;
   uint64_t timeout_ns;  // spin limit of the cross-rank waits, as stored in the header
+  bool whole_device;    // sm_budget is every SM of the device (MegaMoeArgs::whole_device)
 };
 
 // Exact workspace size for this configuration; throws std::invalid_argument naming the first

@@ -73,12 +73,12 @@ class WorkspaceSizeTest(parameterized.TestCase):
 
 def test_size_of_the_smallest_workspace_by_hand():
     """R=E=K=M=1, H=I=128: 128 (header) + 6 x 128 (flags, statuses, bases) + 4 x 128
-    (staging) + 3 x 128 (expert counters) + 128 (route scalars) + 128 (block_expert) + 2 x 512
-    (row_src, row_weight over a 128-row pool: one expert segment) + 2 x (16384 + 512) (pool,
-    act) + 256 (combine)."""
+    (staging) + 3 x 128 (expert counters) + 128 (route scalars) + 2 x 128 (block_expert,
+    block_stored) + 2 x 512 (row_src, row_weight over a 128-row pool: one expert segment) + 2 x
+    (16384 + 512) (pool, act) + 256 (combine)."""
     assert workspace_nbytes(
         num_ranks=1, num_experts=1, hidden=128, intermediate=128, topk=1, max_tokens_per_rank=1
-    ) == (128 + 768 + 512 + 384 + 128 + 128 + 1024 + 2 * (16384 + 512) + 256)
+    ) == (128 + 768 + 512 + 384 + 128 + 2 * 128 + 1024 + 2 * (16384 + 512) + 256)
 
 
 @needs_extension

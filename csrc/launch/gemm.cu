@@ -152,8 +152,23 @@ cudaError_t launch_l2_as(Kernel kernel, int smem_bytes, const L2Params& p, cudaS
   cudaError_t err = encode_rows(&k.a, p.act, pool_rows, p.intermediate, kBlockM);
   if (err == cudaSuccess) err = encode_rows(&k.b, p.w2, w_rows, p.intermediate, kWgN);
   if (err != cudaSuccess) return err;
-  kernel<<<p.num_ctas, sm90::kNumThreads, smem_bytes, stream>>>(k);
-  return cudaGetLastError();
+  if (p.block_stored == nullptr) {
+    kernel<<<p.num_ctas, sm90::kNumThreads, smem_bytes, stream>>>(k);
+    return cudaGetLastError();
+  }
+  // A programmatic dependent of L1 (the kernel before it): its CTAs may start on the SMs that
+  // L1's finished CTAs leave, and wait for the row blocks they read (L2Params::block_stored).
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(p.num_ctas);
+  config.blockDim = dim3(sm90::kNumThreads);
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = &overlap;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, k);
 }
 
 }  // namespace

@@ -17,7 +17,12 @@
 //                      row_src/row_weight, pull the token's fp8 row and scales from the source's
 //                      staging once and write them into every claimed row.
 //   5. L1, 6. L2       launch_l1 / launch_l2; L2 stores bf16 rows into the owning rank's combine
-//                      slot [k][token] through the header's peer table of combine bases.
+//                      slot [k][token] through the header's peer table of combine bases. With
+//                      the whole device as budget, L2 is L1's programmatic dependent: its CTAs
+//                      take the SMs L1's finished CTAs leave and start a tile once L1 has
+//                      counted every N tile of its row blocks (block_stored, zeroed by
+//                      route_count). No L1 CTA waits for L2, and every L1 CTA is resident
+//                      before any L2 CTA starts, so these waits cannot deadlock.
 //   7. sync combine    one thread: write r's call state into combine_status[r] of every peer;
 //                      fence; release combine_flag[r] = epoch into every peer's header; wait for
 //                      combine_flag[d] >= epoch of every d in r's own header, and read every
@@ -159,6 +164,9 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   p1.clamp = args.activation_clamp;
   p1.num_ctas = num_ctas;
   p1.tile_claims = &at<RouteScalars>(ws, l.route_scalars)->l1_claims;
+  // L2 overlaps L1's last tiles: a programmatic dependent that waits per row block.
+  int32_t* block_stored = args.whole_device ? at<int32_t>(ws, l.block_stored) : nullptr;
+  p1.block_stored = block_stored;
   if ((err = launch_l1(p1, stream)) != cudaSuccess) return err;
 
   L2Params p2{};
@@ -178,6 +186,8 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   p2.max_blocks = l.max_blocks;
   p2.num_ctas = num_ctas;
   p2.tile_claims = &at<RouteScalars>(ws, l.route_scalars)->l2_claims;
+  p2.block_stored = block_stored;
+  p2.l1_n_tiles = c.intermediate / kQuantBlock;
   if ((err = launch_l2(p2, stream)) != cudaSuccess) return err;
 
   epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kCombine,

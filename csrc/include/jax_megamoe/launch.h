@@ -33,6 +33,10 @@ struct L1Params {
   // Device counter, zero at launch, from which the CTAs claim tiles in order; null: each CTA
   // walks a static sequence. Whether it is used is the launcher's choice (gemm.cu's table).
   int32_t* tile_claims;
+  // [max_blocks], zero at launch, or null: each working warpgroup adds 1 to its row block's
+  // count, with release, once it has stored the block's act rows and scales of a tile (an L2
+  // launched as its programmatic dependent waits for them; L2Params::block_stored).
+  int32_t* block_stored;
 };
 
 // L2: act x W2[e]^T with per-128 scale promotion; each valid row is rounded to bf16 and stored
@@ -54,6 +58,11 @@ struct L2Params {
   int max_blocks;
   int num_ctas;
   int32_t* tile_claims;  // as in L1Params
+  // L1's counters, or null. Non-null: L2 is launched as a programmatic dependent of L1, which
+  // must be the kernel just before it on the stream, and starts a tile once every L1 tile of
+  // its row blocks has stored (l1_n_tiles per block, twice that for a block L1 ran alone).
+  const int32_t* block_stored;
+  int l1_n_tiles;
 };
 
 cudaError_t launch_l1(const L1Params& p, cudaStream_t stream);

@@ -14,7 +14,10 @@ namespace jax_megamoe {
 struct MegaMoeArgs {
   WorkspaceConfig config;
   int rank;
-  int sm_budget;    // SMs this op may occupy; every grid, spinning ones included, is sized to it
+  int sm_budget;  // SMs this op may occupy; every grid, spinning ones included, is sized to it
+  // sm_budget is every SM: L2 may then start on the SMs L1 leaves (launch_mega_moe), where with
+  // a smaller budget its waiting CTAs would take SMs the budget leaves to other work.
+  bool whole_device;
   void* workspace;  // this rank's base; peers are reached through the header's peer table
 
   int num_tokens;  // M of this rank, <= config.max_tokens

@@ -80,7 +80,9 @@ __global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
   if (threadIdx.x == 0) scalars->num_blocks = total_blocks;
 
   int32_t* block_expert = at<int32_t>(a.ws, l.block_expert);
+  int32_t* block_stored = at<int32_t>(a.ws, l.block_stored);
   for (int b = threadIdx.x; b < total_blocks; b += kThreads) {
+    block_stored[b] = 0;  // L1 counts this call's stored tiles from here (L1Params)
     // The last expert whose segment starts at or before b owns b (empty segments share their
     // start with the next expert, which is later, so they are never picked).
     int lo = 0, hi = num_local - 1;

@@ -42,6 +42,7 @@
 #include "jax_megamoe/impls/sm90_fp8_grouped_math.cuh"
 #include "jax_megamoe/layout/sm90_gemm_tile.cuh"
 #include "jax_megamoe/ptx/cp_async.cuh"
+#include "jax_megamoe/ptx/dependent_launch.cuh"
 #include "jax_megamoe/ptx/mbarrier.cuh"
 #include "jax_megamoe/ptx/warpgroup.cuh"
 #include "jax_megamoe/scheduler/sm90_grouped_tiles.cuh"
@@ -131,6 +132,7 @@ class GroupedFp8TmaMainloop {
     Tile tile = dynamic ? sched.take(sched.claim(claims_, lane), claims_, lane) : sched.first();
     while (!sched.done(tile)) {
       const int row0 = tile.pair * kTileM;
+      if (op_.a_ready != nullptr) wait_a_ready(tile, lane);
       for (int kb = 0; kb < num_kb(); ++kb) {
         ptx::mbarrier_wait(&empty_[slot], phase ^ 1);
         uint64_t* full = &full_[slot];
@@ -190,6 +192,27 @@ class GroupedFp8TmaMainloop {
     }
     __syncwarp();
     ptx::mbarrier_arrive(&full_[slot]);
+  }
+
+  // GemmOperands::a_ready: lane 0 acquires the counts of the tile's working blocks (bounded,
+  // like every mbarrier wait), then orders the TMA reads after them; the other lanes' scale
+  // copies follow through the warp barrier.
+  __device__ __forceinline__ void wait_a_ready(const Tile& tile, int lane) const {
+    if (lane == 0) {
+      const int need = op_.a_ready_count * (tile.lone() ? 2 : 1);
+#pragma unroll
+      for (int w = 0; w < kNumMathWarpGroups; ++w) {
+        if (!tile.has(w)) continue;
+        const int32_t* count = op_.a_ready + tile.pair * kNumMathWarpGroups + w;
+        if (ptx::ld_acquire_gpu(count) >= need) continue;
+        const uint64_t start = ptx::globaltimer_ns();
+        while (ptx::ld_acquire_gpu(count) < need) {
+          if (ptx::globaltimer_ns() - start > ptx::kBarrierTimeoutNs) __trap();
+        }
+      }
+      ptx::fence_proxy_async_global();
+    }
+    __syncwarp();
   }
 
   // Math warpgroups.

@@ -12,6 +12,7 @@
 #include "jax_megamoe/epilogue/swiglu.cuh"
 #include "jax_megamoe/impls/sm90_fp8_grouped_tma_mainloop.cuh"
 #include "jax_megamoe/launch.h"
+#include "jax_megamoe/ptx/dependent_launch.cuh"
 #include "jax_megamoe/ptx/store.cuh"
 
 namespace jax_megamoe::sm90 {
@@ -49,6 +50,15 @@ struct L1Epilogue {
       lone(tile, acc, fc, rows);
     } else {
       paired(tile, acc, fc, rows);
+    }
+    if (p.block_stored != nullptr) {
+      // The warpgroup's stores of this tile, then one release: L2 may start on the block once
+      // every N tile of it has counted (twice per N tile for a lone block: both warpgroups).
+      // L2 reads the rows with TMA, the async proxy: each writer fences its generic stores for
+      // it (and L2 fences again after its acquire).
+      ptx::fence_proxy_async_global();
+      warpgroup_sync(fc.wg);
+      if (fc.t == 0) ptx::red_release_gpu_add(&p.block_stored[row0 / kBlockM], 1);
     }
   }
 
@@ -152,6 +162,8 @@ __device__ __forceinline__ GemmOperands l1_operands(const L1Params& p) {
       /*b_tile_stride=*/kQuantBlock,
       /*b_group_stride=*/p.intermediate,  // group 1: the up rows of the same columns
       /*n_tiles=*/p.intermediate / kQuantBlock,
+      /*a_ready=*/nullptr,
+      /*a_ready_count=*/0,
   };
 }
 
@@ -166,6 +178,9 @@ struct L1KernelParams {
 template <int kStages>
 __global__ void __launch_bounds__(kNumThreads, 1)
     sm90_fp8_mega_moe_l1(const __grid_constant__ L1KernelParams k) {
+  // An L2 launched as a programmatic dependent may take the SMs this grid's CTAs leave; it waits
+  // for the row blocks it reads (L1Params::block_stored), never for the whole grid.
+  ptx::launch_dependents();
   using Mainloop = GroupedFp8TmaMainloop<kL1WgN, kStages>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);

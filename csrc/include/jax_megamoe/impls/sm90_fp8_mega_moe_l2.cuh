@@ -101,6 +101,8 @@ __device__ __forceinline__ GemmOperands l2_operands(const L2Params& p) {
       /*b_tile_stride=*/TileShape<kWgN>::kBRows,
       /*b_group_stride=*/kWgN,
       /*n_tiles=*/p.hidden / TileShape<kWgN>::kBRows,
+      /*a_ready=*/p.block_stored,
+      /*a_ready_count=*/p.l1_n_tiles,
   };
 }
 

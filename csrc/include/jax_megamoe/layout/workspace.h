@@ -9,7 +9,8 @@
 //   staging  x [Mmax,H] e4m3, x_scale [Mmax,H/128] f32, topk_ids [Mmax,K] i32 (ids outside [0,E)
 //            stored as -1, i.e. masked), topk_weights [Mmax,K] f32; read by every peer's route
 //   routing  expert_count/expert_fill/expert_offset [E_l] i32, RouteScalars,
-//            block_expert [max_blocks] i32, row_src [P] i32, row_weight [P] f32
+//            block_expert [max_blocks] i32, block_stored [max_blocks] i32 (L1 tiles stored per
+//            row block, which L2 waits for), row_src [P] i32, row_weight [P] f32
 //   pool     a [P,H] e4m3, a_scale [P,H/128] f32
 //   act      act [P,I] e4m3, act_scale [P,I/128] f32
 //   combine  [K][Mmax][H] bf16, written by the destination ranks' L2
@@ -95,6 +96,7 @@ struct WorkspaceLayout {
   size_t expert_offset;
   size_t route_scalars;
   size_t block_expert;
+  size_t block_stored;
   size_t row_src;
   size_t row_weight;
 
@@ -137,6 +139,7 @@ struct WorkspaceLayout {
     l.expert_offset = take(off, size_t(l.local_experts) * sizeof(int32_t));
     l.route_scalars = take(off, sizeof(RouteScalars));
     l.block_expert = take(off, size_t(l.max_blocks) * sizeof(int32_t));
+    l.block_stored = take(off, size_t(l.max_blocks) * sizeof(int32_t));
     l.row_src = take(off, P * sizeof(int32_t));
     l.row_weight = take(off, P * sizeof(float));
 

@@ -23,6 +23,11 @@ struct GemmOperands {
   int b_tile_stride;
   int b_group_stride;
   int n_tiles;  // N tiles per row block
+  // Null, or per row block a count that reaches a_ready_count (twice that for a block that
+  // works alone in its pair) once the block's A rows have been written by an earlier kernel
+  // still running beside this one; the producer waits for it before the tile's first loads.
+  const int32_t* a_ready;
+  int a_ready_count;
 
   // Row of `b` (viewed as [experts * b_rows, k]) where B group `group`'s rows of N tile `n` of
   // `expert` start; one kQuantBlock-row scale block holds all of them.
