@@ -142,7 +142,12 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   route_count_kernel<<<grid_for(all_tokens * c.topk, kThreads, budget), kThreads,
                        2 * l.local_experts * sizeof(int32_t), stream>>>(k);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  route_fill_kernel<<<grid_for(all_tokens, kWarps, budget), kThreads, 0, stream>>>(k);
+  // A block per token while the tokens do not fill the budget's blocks, else a warp per token.
+  if (all_tokens <= size_t(budget) * kBlocksPerSm) {
+    route_fill_kernel<kWarps><<<grid_for(all_tokens, 1, budget), kThreads, 0, stream>>>(k);
+  } else {
+    route_fill_kernel<1><<<grid_for(all_tokens, kWarps, budget), kThreads, 0, stream>>>(k);
+  }
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   const int num_ctas = budget * gemm_ctas_per_sm();
@@ -204,7 +209,8 @@ cudaError_t prepare_runtime_kernels() {
       reinterpret_cast<const void*>(stage_kernel),
       reinterpret_cast<const void*>(epoch_sync_kernel),
       reinterpret_cast<const void*>(route_count_kernel),
-      reinterpret_cast<const void*>(route_fill_kernel),
+      reinterpret_cast<const void*>(route_fill_kernel<1>),
+      reinterpret_cast<const void*>(route_fill_kernel<kWarps>),
       reinterpret_cast<const void*>(combine_kernel),
   };
   for (const void* kernel : kernels) {

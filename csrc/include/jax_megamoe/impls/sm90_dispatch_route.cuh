@@ -109,16 +109,35 @@ __global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
   }
 }
 
-// One warp per (source rank, token): row claims are atomic, so row order within a segment
-// varies run to run; results do not, since GEMM rows never mix and each row has one output slot.
+// One team of kTeamWarps warps per (source rank, token): its first warp claims the token's rows,
+// then the whole team copies the row into each. A warp per token keeps many tokens in flight at
+// large M; at small M a whole block per token spreads the copies over as many SMs as there are
+// tokens instead of leaving them to the warps of one block (runtime.cu chooses).
+// Row claims are atomic, so row order within a segment varies run to run; results do not, since
+// GEMM rows never mix and each row has one output slot.
+template <int kTeamWarps>
 __global__ void __launch_bounds__(kThreads) route_fill_kernel(KernelArgs a) {
-  __shared__ int32_t claimed_rows[kWarps][kMaxTopk];
+  static_assert(kTeamWarps == 1 || kTeamWarps == kWarps, "a team is one warp or the block");
+  constexpr int kTeams = kWarps / kTeamWarps;
+  constexpr int kTeamThreads = kTeamWarps * 32;
+  __shared__ int32_t claimed_rows[kTeams][kMaxTopk];
+  __shared__ int32_t claimed_count[kTeams];
   const WorkspaceLayout& l = a.layout;
   if (header_of(a.ws, l)->call_state != kCallRun) return;  // aborted: pull nothing
   const int lane = threadIdx.x % 32;
-  int32_t* rows = claimed_rows[threadIdx.x / 32];
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_warps = gridDim.x * kWarps;
+  const int team_in_block = threadIdx.x / kTeamThreads;
+  const int tid = threadIdx.x % kTeamThreads;  // thread within the team
+  const bool claimer = tid < 32;
+  int32_t* rows = claimed_rows[team_in_block];
+  const int team = blockIdx.x * kTeams + team_in_block;
+  const int num_teams = gridDim.x * kTeams;
+  const auto team_sync = [] {
+    if constexpr (kTeamWarps == 1) {
+      __syncwarp();
+    } else {
+      __syncthreads();
+    }
+  };
   const int num_local = a.local_experts;
   const int first_expert = a.rank * num_local;
   const int vecs = a.hidden / 16;
@@ -139,43 +158,47 @@ __global__ void __launch_bounds__(kThreads) route_fill_kernel(KernelArgs a) {
     const uint4* x = at<uint4>(src, l.x);
     const float* x_scale = at<float>(src, l.x_scale);
 
-    for (int t = warp; t < num_tokens; t += num_warps) {
-      const size_t slot = size_t(t) * a.topk + lane;
-      const int32_t id = lane < a.topk ? ids[slot] : -1;
-      const unsigned e = unsigned(id - first_expert);
-      const bool mine = e < unsigned(num_local);
-      const unsigned mask = __ballot_sync(~0u, mine);
-      if (mask == 0) continue;
-      if (mine) {
-        const int row = expert_offset[e] + atomicAdd(&expert_fill[e], 1);
-        row_src[row] = (s * a.max_tokens + t) * a.topk + lane;
-        row_weight[row] = weights[slot];
-        rows[__popc(mask & ((1u << lane) - 1))] = row;
+    for (int t = team; t < num_tokens; t += num_teams) {
+      if (claimer) {
+        const size_t slot = size_t(t) * a.topk + lane;
+        const int32_t id = lane < a.topk ? ids[slot] : -1;
+        const unsigned e = unsigned(id - first_expert);
+        const bool mine = e < unsigned(num_local);
+        const unsigned mask = __ballot_sync(~0u, mine);
+        if (mine) {
+          const int row = expert_offset[e] + atomicAdd(&expert_fill[e], 1);
+          row_src[row] = (s * a.max_tokens + t) * a.topk + lane;
+          row_weight[row] = weights[slot];
+          rows[__popc(mask & ((1u << lane) - 1))] = row;
+        }
+        if (lane == 0) claimed_count[team_in_block] = __popc(mask);
       }
-      __syncwarp();
-      const int n = __popc(mask);
+      team_sync();
+      const int n = claimed_count[team_in_block];
 
       // One pull of the token over NVLink, however many of its slots landed on this rank.
-      const uint4* x_row = x + size_t(t) * vecs;
-      for (int c0 = lane; c0 < vecs; c0 += 32 * kPullUnroll) {
-        uint4 v[kPullUnroll];
-#pragma unroll
-        for (int u = 0; u < kPullUnroll; ++u) {
-          if (c0 + u * 32 < vecs) v[u] = x_row[c0 + u * 32];
-        }
-        for (int j = 0; j < n; ++j) {
-          uint4* dst = pool + size_t(rows[j]) * vecs;
+      if (n > 0) {
+        const uint4* x_row = x + size_t(t) * vecs;
+        for (int c0 = tid; c0 < vecs; c0 += kTeamThreads * kPullUnroll) {
+          uint4 v[kPullUnroll];
 #pragma unroll
           for (int u = 0; u < kPullUnroll; ++u) {
-            if (c0 + u * 32 < vecs) dst[c0 + u * 32] = v[u];
+            if (c0 + u * kTeamThreads < vecs) v[u] = x_row[c0 + u * kTeamThreads];
+          }
+          for (int j = 0; j < n; ++j) {
+            uint4* dst = pool + size_t(rows[j]) * vecs;
+#pragma unroll
+            for (int u = 0; u < kPullUnroll; ++u) {
+              if (c0 + u * kTeamThreads < vecs) dst[c0 + u * kTeamThreads] = v[u];
+            }
           }
         }
+        for (int c = tid; c < scales; c += kTeamThreads) {
+          const float v = x_scale[size_t(t) * scales + c];
+          for (int j = 0; j < n; ++j) pool_scale[size_t(rows[j]) * scales + c] = v;
+        }
       }
-      for (int c = lane; c < scales; c += 32) {
-        const float v = x_scale[size_t(t) * scales + c];
-        for (int j = 0; j < n; ++j) pool_scale[size_t(rows[j]) * scales + c] = v;
-      }
-      __syncwarp();
+      team_sync();  // the next token's claims overwrite rows
     }
   }
 }
