@@ -31,10 +31,10 @@ def weights_for(h, i, e, seed=0):
 class Runner:
     """fused / reference / ideal for one mesh over ``num_ranks`` GPUs and one buffer."""
 
-    def __init__(self, num_ranks, dims, max_tokens, clamp=None):
+    def __init__(self, num_ranks, dims, max_tokens, clamp=None, sm_budget=0):
         self.dims = dims
         self.mesh = Mesh(np.array(gpus()[:num_ranks]), ("ep",))
-        self.buffer = make_buffer(self.mesh, dims, max_tokens)
+        self.buffer = make_buffer(self.mesh, dims, max_tokens, sm_budget=sm_budget)
         assert self.buffer.allocated and self.buffer.nbytes_per_rank > 0
         self.clamp = clamp
         w = weights_for(dims["h"], dims["i"], dims["e"])
@@ -142,6 +142,22 @@ def test_inside_scan(small):
     got = scanned("fused")(*args, small.weights)
     want = scanned("reference")(*args, small.weights)
     assert calc_diff(got, want) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def budget8(small):
+    r = Runner(small.mesh.size, SMALL, max_tokens=256, sm_budget=8)
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize("m", [7, 256])
+@pytest.mark.parametrize("routing", ["uniform", "hot"])
+def test_sm_budget(budget8, m, routing):
+    """A budget of 8 SMs: every grid is sized to it and no kernel overlaps another (programmatic
+    launches need the whole device), and route_fill hands a token to a warp once the tokens
+    outnumber the budget's blocks (256 > 8 x 4), to a block below that (7)."""
+    check(budget8, seed=m * 5 + len(routing), m=m, routing=routing)
 
 
 def test_activation_clamp(small):
