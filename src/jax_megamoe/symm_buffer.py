@@ -53,7 +53,8 @@ def workspace_nbytes(
         + [r * 8] * 2  # peer/combine bases
         + [m * h, m * (h // qb) * 4, m * k * 4, m * k * 4]  # staging: x, x_scale, ids, weights
         + [local * 4] * 3  # expert_count, expert_fill, expert_offset
-        + [_REGION_ALIGN] + [rows // BLOCK_M * 4] * 2  # RouteScalars, block_expert/_stored
+        + [_REGION_ALIGN]  # RouteScalars
+        + [rows // BLOCK_M * 4] * 2  # block_expert, block_stored
         + [rows * 4, rows * 4]  # row_src, row_weight
         + [rows * h, rows * (h // qb) * 4, rows * i, rows * (i // qb) * 4]  # pool, act
         + [k * m * h * 2]  # combine (bf16)
