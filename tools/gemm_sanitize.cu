@@ -12,7 +12,10 @@
 // afterwards every real row of the pool must be written and nothing else. Each pool mixes the
 // tile kinds of the schedule: pairs of row blocks of one expert, an expert's last partial
 // block, a lone block (its partner names no expert), an expert with no rows, and blocks past
-// the device-side block count. Exit status 0 when every check passed.
+// the device-side block count. Each pool runs twice: L2 after L1 has finished, then L2 as L1's
+// programmatic dependent waiting for L1's per-block counters, as the layer launches them when
+// it has the whole device (on a grid smaller than the device, L2's CTAs wait beside L1's).
+// Exit status 0 when every check passed.
 #include <cuda_runtime_api.h>
 
 #include <cmath>
@@ -98,7 +101,7 @@ Pool make_pool(const std::vector<int>& rows_per_expert, int extra_blocks) {
 
 // One L1 then one L2 launch on `pool`; returns the number of failed checks.
 int run_case(const char* name, int hidden, int intermediate, const std::vector<int>& rows,
-             int extra_blocks, int num_ctas, std::mt19937& rng) {
+             int extra_blocks, int num_ctas, bool overlap, cudaStream_t stream, std::mt19937& rng) {
   const Pool pool = make_pool(rows, extra_blocks);
   const int E = static_cast<int>(rows.size()), H = hidden, I = intermediate;
   const size_t P = pool.row_src.size(), q = kQuantBlock;
@@ -123,6 +126,7 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   DeviceArray<uint16_t> y(std::vector<uint16_t>(size_t(pool.slots) * H, kPoisonBf16));
   DeviceArray<uint16_t*> table(std::vector<uint16_t*>{y.ptr});
   DeviceArray<int32_t> claims(std::vector<int32_t>{0, 0});  // L1's and L2's tile counters
+  DeviceArray<int32_t> block_stored(std::vector<int32_t>(max_blocks, 0));
 
   jax_megamoe::L1Params p1{};
   p1.a = a.ptr;
@@ -142,7 +146,9 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   p1.clamp = std::numeric_limits<float>::infinity();
   p1.num_ctas = num_ctas;
   p1.tile_claims = claims.ptr;
-  if (!ok(jax_megamoe::launch_l1(p1, nullptr), "launch_l1") || !ok(cudaDeviceSynchronize(), "L1")) {
+  p1.block_stored = overlap ? block_stored.ptr : nullptr;
+  if (!ok(jax_megamoe::launch_l1(p1, stream), "launch_l1") ||
+      (!overlap && !ok(cudaStreamSynchronize(stream), "L1"))) {
     return 1;
   }
   // L2 reads what L1 wrote; the rows L1 left poisoned are padding, which L2 must skip.
@@ -163,7 +169,10 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   p2.max_blocks = max_blocks;
   p2.num_ctas = num_ctas;
   p2.tile_claims = claims.ptr + 1;
-  if (!ok(jax_megamoe::launch_l2(p2, nullptr), "launch_l2") || !ok(cudaDeviceSynchronize(), "L2")) {
+  p2.block_stored = p1.block_stored;
+  p2.l1_n_tiles = I / static_cast<int>(q);
+  if (!ok(jax_megamoe::launch_l2(p2, stream), "launch_l2") ||
+      !ok(cudaStreamSynchronize(stream), "L2")) {
     return 1;
   }
 
@@ -184,9 +193,9 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   for (int s = 0; s < pool.slots; ++s) {
     for (int c = 0; c < H; ++c) y_bad += slot_used[s] == (y_out[size_t(s) * H + c] == kPoisonBf16);
   }
-  std::printf("%-22s H %5d I %4d E %2d pool %5zu rows, %3d of %3d blocks: L1 %s, L2 %s\n", name, H,
-              I, E, P, pool.num_blocks, max_blocks, act_bad ? "WRONG ROWS" : "ok",
-              y_bad ? "WRONG ROWS" : "ok");
+  std::printf("%-22s %-12s H %5d I %4d E %2d pool %5zu rows, %3d of %3d blocks: L1 %s, L2 %s\n",
+              name, overlap ? "L2 under L1" : "L2 after L1", H, I, E, P, pool.num_blocks,
+              max_blocks, act_bad ? "WRONG ROWS" : "ok", y_bad ? "WRONG ROWS" : "ok");
   return (act_bad != 0) + (y_bad != 0);
 }
 
@@ -203,14 +212,20 @@ int main(int argc, char** argv) {
   int num_ctas = sms * jax_megamoe::gemm_ctas_per_sm();
   if (argc == 3 && std::strcmp(argv[1], "--ctas") == 0 && std::atoi(argv[2]) > 0)
     num_ctas = std::atoi(argv[2]);
+  cudaStream_t stream;
+  if (!ok(cudaStreamCreate(&stream), "cudaStreamCreate")) return 2;
   std::mt19937 rng(7);
   int failed = 0;
   // Expert 1 has no rows; expert 2's 70 rows end in a partial block; expert 3's 30 rows are a
   // lone block (its partner names no expert); two blocks follow past num_blocks.
   const std::vector<int> mixed = {256, 0, 70, 30};
-  failed += run_case("mixed, wide L2", 512, 256, mixed, 2, num_ctas, rng);
-  failed += run_case("mixed, narrow L2", 384, 256, mixed, 2, num_ctas, rng);
-  failed += run_case("lone blocks only", 512, 384, {5, 1, 64, 17}, 0, num_ctas, rng);
+  for (const bool overlap : {false, true}) {
+    failed += run_case("mixed, wide L2", 512, 256, mixed, 2, num_ctas, overlap, stream, rng);
+    failed += run_case("mixed, narrow L2", 384, 256, mixed, 2, num_ctas, overlap, stream, rng);
+    failed +=
+        run_case("lone blocks only", 512, 384, {5, 1, 64, 17}, 0, num_ctas, overlap, stream, rng);
+  }
+  cudaStreamDestroy(stream);
   std::printf("%s\n", failed ? "FAILED" : "all checks passed");
   return failed ? 1 : 0;
 }
