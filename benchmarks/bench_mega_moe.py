@@ -389,6 +389,9 @@ def markdown_table(result: dict) -> str:
         if ph:
             top = sorted(ph.items(), key=lambda kv: -kv[1])[:6]
             desc = ", ".join(f"{k} {v:.1f}" for k, v in top)
+            timeline = row["fused"].get("timeline_us")
+            if timeline:  # one call of the first rank: the span's idle time between kernels
+                desc += f"; idle between kernels {sum(r[3] for r in timeline):.1f}"
             phase_lines.append(f"- {row['routing']} M={row['tokens']}: {desc} (µs/call)")
     if phase_lines:
         lines += ["", "fused, per phase (kernel names grouped by substring, mean over ranks):"]

@@ -72,6 +72,7 @@ class Timing:
     kernels: list[tuple[str, float]] = field(default_factory=list)  # (name, µs/call), top few
     kernel_totals: dict[str, float] = field(default_factory=dict)  # every name, µs/call
     grouping: str = ""  # how kernels were assigned to calls
+    timeline: list[list] = field(default_factory=list)  # one call, kernel by kernel (_timeline)
 
     def per_device_median_us(self) -> dict[str, float]:
         if self.busy_us:
@@ -95,6 +96,8 @@ class Timing:
         if self.sum_us:
             out["sum_max_us"] = max(statistics.median(v) for v in self.sum_us.values())
             out["span_max_us"] = max(statistics.median(v) for v in self.span_us.values())
+        if self.timeline:
+            out["timeline_us"] = self.timeline
         return out
 
 
@@ -161,6 +164,30 @@ def _union_ns(kernels: Sequence[Kernel]) -> float:
     return total
 
 
+def _timeline(calls: list[list[Kernel]]) -> list[list]:
+    """The call of median span, kernel by kernel in start order: [name, start µs after the
+    call's first kernel, µs, idle µs before it]. Idle is the time since every earlier kernel of
+    the call ended (0 for a kernel that starts while another runs): what a call's span loses
+    between kernels, boundary by boundary."""
+    spans = [max(k.end_ns for k in c) - min(k.start_ns for k in c) for c in calls]
+    median = sorted(range(len(calls)), key=spans.__getitem__)[len(calls) // 2]
+    call = sorted(calls[median], key=lambda k: k.start_ns)
+    t0 = end = call[0].start_ns
+    rows = []
+    for k in call:
+        idle = max(0.0, k.start_ns - end)
+        rows.append(
+            [
+                _short(k.name, 60),
+                round((k.start_ns - t0) / 1e3, 2),
+                round((k.end_ns - k.start_ns) / 1e3, 2),
+                round(idle / 1e3, 2),
+            ]
+        )
+        end = max(end, k.end_ns)
+    return rows
+
+
 def _split_calls(kernels: list[Kernel], n_calls: int) -> tuple[list[list[Kernel]], str]:
     """Assigns the kernels of one device to ``n_calls`` calls."""
     run_ids = {k.run_id for k in kernels}
@@ -217,6 +244,8 @@ def parse_profile(trace_dir: str, n_calls: int, module: str | None = None, top: 
     for dev in sorted(per_device):
         calls, how = _split_calls(per_device[dev], n_calls)
         groupings.add(how)
+        if not t.timeline:  # the first device's
+            t.timeline = _timeline(calls)
         t.busy_us[dev] = [_union_ns(c) / 1e3 for c in calls]
         t.sum_us[dev] = [sum(k.end_ns - k.start_ns for k in c) / 1e3 for c in calls]
         t.span_us[dev] = [

@@ -21,6 +21,7 @@ import bench_scan  # noqa: E402
 import bench_wall  # noqa: E402
 import plot  # noqa: E402
 import shapes  # noqa: E402
+import timing  # noqa: E402
 
 from jax_megamoe import calc_diff, fp8_mega_moe  # noqa: E402
 from jax_megamoe.testing import make_ids  # noqa: E402
@@ -305,13 +306,29 @@ def test_plot_colours_labels_and_floor(tmp_path):
     assert (tmp_path / "2026-11-26_4xH200_uniform.png").stat().st_size > 10_000
 
 
+def test_timeline_is_the_median_call_with_its_idle_gaps():
+    """Kernels in start order with the idle time before each: overlapping kernels add none,
+    and the call shown is the one of median span."""
+
+    def call(t0, gap):
+        K = timing.Kernel
+        return [
+            K("b", t0 + 5_000, t0 + 9_000),  # overlaps "a": no idle before it
+            K("a", t0, t0 + 6_000),
+            K("c", t0 + 9_000 + gap, t0 + 10_000 + gap),
+        ]
+
+    rows = timing._timeline([call(0, 1_000), call(100_000, 3_000), call(200_000, 2_000)])
+    assert rows == [["a", 0.0, 6.0, 0.0], ["b", 5.0, 4.0, 0.0], ["c", 11.0, 1.0, 2.0]]
+
+
 def test_phases_name_every_fused_kernel():
     """Each kernel of the fused layer lands in its own phase, the epoch sync included."""
     totals = {
         "jax_megamoe::sm90::stage_kernel(KernelArgs)": 1.0,
         "jax_megamoe::sm90::epoch_sync_kernel(unsigned char*, WorkspaceLayout, int)": 2.0,
         "jax_megamoe::sm90::route_count_kernel(KernelArgs)": 3.0,
-        "jax_megamoe::sm90::route_fill_kernel(KernelArgs)": 4.0,
+        "void jax_megamoe::sm90::route_fill_kernel<8>(KernelArgs)": 4.0,
         "void jax_megamoe::sm90::sm90_fp8_mega_moe_l1<4>(L1KernelParams)": 5.0,
         "void jax_megamoe::sm90::sm90_fp8_mega_moe_l2<128, 5>(L2KernelParams)": 6.0,
         "jax_megamoe::sm90::combine_kernel(KernelArgs)": 7.0,
