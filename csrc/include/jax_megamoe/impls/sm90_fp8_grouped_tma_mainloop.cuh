@@ -204,11 +204,7 @@ class GroupedFp8TmaMainloop {
       for (int w = 0; w < kNumMathWarpGroups; ++w) {
         if (!tile.has(w)) continue;
         const int32_t* count = op_.a_ready + tile.pair * kNumMathWarpGroups + w;
-        if (ptx::ld_acquire_gpu(count) >= need) continue;
-        const uint64_t start = ptx::globaltimer_ns();
-        while (ptx::ld_acquire_gpu(count) < need) {
-          if (ptx::globaltimer_ns() - start > ptx::kBarrierTimeoutNs) __trap();
-        }
+        ptx::spin_until([&] { return ptx::ld_acquire_gpu(count) >= need; });
       }
       ptx::fence_proxy_async_global();
     }

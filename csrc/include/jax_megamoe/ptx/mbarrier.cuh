@@ -31,9 +31,10 @@ __device__ __forceinline__ void cp_async_mbarrier_arrive(uint64_t* bar) {
   cuda::ptx::cp_async_mbarrier_arrive_noinc(bar);
 }
 
-// Bound of every mbarrier wait. A GEMM stage completes within microseconds; past this the kernel
-// traps (the launch fails with an error instead of hanging). No printf here: a call inside the
-// math warpgroups' loop would make ptxas serialize their wgmma.
+// Bound of every spin_until (each mbarrier wait, the row-block waits). A GEMM stage completes
+// within microseconds; past this the kernel traps (the launch fails with an error instead of
+// hanging). No printf here: a call inside the math warpgroups' loop would make ptxas serialize
+// their wgmma.
 constexpr uint64_t kBarrierTimeoutNs = 10ull * 1000 * 1000 * 1000;
 
 __device__ __forceinline__ uint64_t globaltimer_ns() {
@@ -42,13 +43,20 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
   return t;
 }
 
-// Waits until the phase with parity `parity` of `bar` has completed.
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  if (cuda::ptx::mbarrier_try_wait_parity(bar, parity)) return;
+// Polls done() until it holds, trapping past kBarrierTimeoutNs; the clock is read only once the
+// first poll has failed.
+template <class Done>
+__device__ __forceinline__ void spin_until(Done done) {
+  if (done()) return;
   const uint64_t start = globaltimer_ns();
-  while (!cuda::ptx::mbarrier_try_wait_parity(bar, parity)) {
+  while (!done()) {
     if (globaltimer_ns() - start > kBarrierTimeoutNs) __trap();
   }
+}
+
+// Waits until the phase with parity `parity` of `bar` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  spin_until([&] { return cuda::ptx::mbarrier_try_wait_parity(bar, parity); });
 }
 
 // 2-D TMA tile load of the box at (inner, outer) of `tensor_map` into shared memory, completing
