@@ -27,10 +27,11 @@
 #   envab     the same benchmark on this build once per setting in $AB_ENVS (space-separated
 #             VAR=VALUE items, e.g. "JAX_MEGAMOE_GEMM_TILES=static JAX_MEGAMOE_GEMM_TILES=claimed"),
 #             in order
-#   ncu       Nsight Compute (clocks left alone) on one launch of each GEMM in $NCU_KERNELS
-#             (default "l1 l2") at $NCU_TOKENS tokens (default 8192): speed of light, memory,
-#             warp stall reasons, launch shape (grid, cluster) and occupancy, and the
-#             per-SASS-instruction stall samples as CSV
+#   ncu       tools/gemm_profile.cu's event timings of both GEMMs at each of $NCU_TOKENS tokens
+#             (default 8192), then Nsight Compute (clocks left alone) on one launch of each GEMM
+#             in $NCU_KERNELS (default "l1 l2") at the first of them: speed of light, memory,
+#             warp stall reasons, launch shape and occupancy, and the per-SASS-instruction
+#             stall samples as CSV
 # The device tool returns at most 8 files from $OUT: at the end everything under $OUT is also
 # packed into $OUT/0_bundle.tgz, which sorts first (Nsight Compute reports left out: too big).
 # Usage: bash benchmarks/device_run.sh MODES [extra pytest args for "test"...]
@@ -179,22 +180,33 @@ if [[ $modes == *,scan,* ]]; then
     tee "$OUT/bench_scan.log" | grep -E "^\[M|^\|" | tail -20
 fi
 if [[ $modes == *,ncu,* ]]; then
-  for k in ${NCU_KERNELS:-l1 l2}; do
-    ncu --clock-control none --target-processes all -k "regex:sm90_fp8_mega_moe_$k" \
-      --launch-skip 1 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
-      --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
-      --section SourceCounters --section LaunchStats --section Occupancy --export "$OUT/ncu_$k" \
-      python3 benchmarks/bench_gemm.py --tokens "${NCU_TOKENS:-8192}" --iters 1 --warmup 1 \
-      --sets 1 --no-profile --out /tmp/ncu_gemm >"$OUT/ncu_$k.txt" 2>&1
-    # (--metrics regex:... or --import-source made ncu 2025.3 segfault here on 2026-12-02.)
-    ncu --import "$OUT/ncu_$k.ncu-rep" --page details --print-details all \
-      >"$OUT/ncu_${k}_details.txt" 2>&1
-    grep -E "Throughput|Eligible|Issued|Stall [A-Z]|Duration|Hit Rate|Grid Size|Cluster|Waves" \
-      "$OUT/ncu_${k}_details.txt" | head -60
-    # Per-SASS-instruction stall samples, for finding where the math warps wait.
-    ncu --import "$OUT/ncu_$k.ncu-rep" --page source --print-source sass --csv \
-      >"$OUT/ncu_${k}_sass.csv" 2>&1
-  done
+  # On tools/gemm_profile.cu, a host program without JAX (ncu segfaulted attaching to
+  # bench_gemm.py's process on 2026-12-02): first its own event timings, then one launch per
+  # kernel (the second of its kind) under Nsight Compute.
+  if build_tool /tmp/gemm_profile "$OUT/gemm_profile_build.log" tools/gemm_profile.cu \
+    csrc/launch/gemm.cu; then
+    tokens=${NCU_TOKENS:-8192}
+    for m in $tokens; do
+      /tmp/gemm_profile --tokens "$m" | tee -a "$OUT/gemm_profile.txt"
+    done
+    for k in ${NCU_KERNELS:-l1 l2}; do
+      ncu --clock-control none -k "regex:sm90_fp8_mega_moe_$k" --launch-skip 1 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section SchedulerStats --section WarpStateStats --section SourceCounters \
+        --section LaunchStats --section Occupancy --export "$OUT/ncu_$k" \
+        /tmp/gemm_profile --tokens "${tokens%% *}" --iters 2 >"$OUT/ncu_$k.txt" 2>&1
+      # (--metrics regex:... or --import-source made ncu 2025.3 segfault here on 2026-12-02.)
+      ncu --import "$OUT/ncu_$k.ncu-rep" --page details --print-details all \
+        >"$OUT/ncu_${k}_details.txt" 2>&1
+      grep -E "Throughput|Eligible|Issued|Stall [A-Z]|Duration|Hit Rate|Grid Size|Cluster|Waves" \
+        "$OUT/ncu_${k}_details.txt" | head -60
+      # Per-SASS-instruction stall samples, for finding where the math warps wait.
+      ncu --import "$OUT/ncu_$k.ncu-rep" --page source --print-source sass --csv \
+        >"$OUT/ncu_${k}_sass.csv" 2>&1
+    done
+  else
+    status=1
+  fi
 fi
 bundle=/tmp/megamoe_bundle.tgz
 (cd "$OUT" && tar -czf "$bundle" --exclude=0_bundle.tgz --exclude='*.ncu-rep' . && mv "$bundle" 0_bundle.tgz)

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kWgs* kWarpGroupThreads, 1)
   auto promote_at = [&](int it, int g, const float (&part)[N / 2]) {
     if constexpr (kPromote) {
       const float* s = scales + (it % kScaleSlots) * 65;
-      promote(load_row_scales(s, t), s[64], part, acc[g]);
+      promote(load_row_scales(ptx::smem_addr(s), t), s[64], part, acc[g]);
     } else if (it == iters - 1) {  // keep one result so the wgmma are not dead code
       promote(RowScales{{1.f, 1.f}}, 1.f, part, acc[g]);
     }

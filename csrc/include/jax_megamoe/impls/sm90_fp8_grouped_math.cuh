@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "jax_megamoe/layout/sm90_gemm_tile.cuh"
+#include "jax_megamoe/ptx/shared.cuh"
 #include "jax_megamoe/ptx/warpgroup.cuh"
 #include "jax_megamoe/ptx/wgmma.cuh"
 
@@ -19,25 +20,28 @@ template <int kWgN>
 __device__ __forceinline__ void issue_block_mma(uint32_t a_smem, uint32_t b_smem,
                                                 float (&part)[TileShape<kWgN>::kAccRegs]) {
   using Mma = ptx::WgmmaE4m3<kWgN>;
+  const uint32_t a_lo = ptx::smem_desc_lo(a_smem), b_lo = ptx::smem_desc_lo(b_smem);
   ptx::fence_operands(part);
   ptx::wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < kBlockK / kWgmmaK; ++ks)
-    Mma::mma(part, ptx::smem_desc_sw128(a_smem + ks * kWgmmaK),
-             ptx::smem_desc_sw128(b_smem + ks * kWgmmaK), ks > 0);
+    Mma::mma(part, ptx::smem_desc_sw128(a_lo + ks * (kWgmmaK >> 4)),
+             ptx::smem_desc_sw128(b_lo + ks * (kWgmmaK >> 4)), ks > 0);
   ptx::wgmma_commit();
   ptx::fence_operands(part);
 }
 
 // The activation scales of the two accumulator rows (half 0, 1) that warpgroup thread t holds;
-// a_scale points at the K block's 64 row scales of the warpgroup's row block.
+// a_scale is the shared-memory address of the K block's 64 row scales of the warpgroup's row
+// block.
 struct RowScales {
   float s[2];
 };
-__device__ __forceinline__ RowScales load_row_scales(const float* a_scale, int t) {
+__device__ __forceinline__ RowScales load_row_scales(uint32_t a_scale, int t) {
   RowScales r;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) r.s[half] = a_scale[(t / 32) * 16 + half * 8 + (t % 32) / 4];
+  for (int half = 0; half < 2; ++half)
+    r.s[half] = ptx::ld_shared_f32(a_scale + 4 * ((t / 32) * 16 + half * 8 + (t % 32) / 4));
   return r;
 }
 

@@ -44,6 +44,7 @@
 #include "jax_megamoe/ptx/cp_async.cuh"
 #include "jax_megamoe/ptx/dependent_launch.cuh"
 #include "jax_megamoe/ptx/mbarrier.cuh"
+#include "jax_megamoe/ptx/shared.cuh"
 #include "jax_megamoe/ptx/warpgroup.cuh"
 #include "jax_megamoe/scheduler/sm90_grouped_tiles.cuh"
 
@@ -211,7 +212,7 @@ class GroupedFp8TmaMainloop {
     __syncwarp();
   }
 
-  // Math warpgroups.
+  // Math warpgroups. One K loop per tile kind (paired, lone): no branch on the kind inside it.
   template <class Epilogue>
   __device__ __forceinline__ void consume(Epilogue& epilogue, int math_thread) {
     const int wg = math_thread / kWarpGroupThreads;
@@ -220,7 +221,6 @@ class GroupedFp8TmaMainloop {
     int slot = 0;
     uint32_t phase = 0;
     for (Tile tile = published(slot, phase); tile.mask != 0; tile = published(slot, phase)) {
-      const bool works = tile.lone() || tile.has(wg);
       const int block = tile.block_of(wg);
       TileAccum<kWgN> acc;
 #pragma unroll
@@ -228,34 +228,63 @@ class GroupedFp8TmaMainloop {
 #pragma unroll
         for (int i = 0; i < Shape::kAccRegs; ++i) acc[g][i] = 0.f;
       }
-
-      for (int kb = 0; kb < num_kb(); ++kb) {
-        if (kb != 0) ptx::mbarrier_wait(&full_[slot], phase);  // K block 0: by published()
-        if (works) {
-          const uint32_t a_smem = ptx::smem_addr(ring_.a(slot)) + block * Shape::kAWgBytes;
-          const uint32_t b_smem = ptx::smem_addr(ring_.b(slot));
-          const RowScales a_scales = load_row_scales(ring_.a_scale(slot) + block * kBlockM, t);
-          float b_scales[kNumBGroups];
-#pragma unroll
-          for (int g = 0; g < kNumBGroups; ++g) b_scales[g] = ring_.b_scale(slot)[g];
-          if (!tile.lone()) {
-            mma_pair(a_smem, b_smem, a_scales, b_scales, acc, slot, warp_leader);
-          } else if constexpr (Epilogue::kLoneSplit == LoneSplit::kHalfOfEachGroup) {
-            mma_lone_halves(a_smem, b_smem, wg, a_scales, b_scales, acc, slot, warp_leader);
-          } else if (wg == 0) {  // constant indices keep the accumulators in registers
-            mma_lone_group(a_smem, b_smem, 0, a_scales, b_scales[0], acc[0], slot, warp_leader);
-          } else {
-            mma_lone_group(a_smem, b_smem, 1, a_scales, b_scales[1], acc[1], slot, warp_leader);
-          }
-        } else {
-          release(slot, warp_leader);
-        }
-        if (++slot == kStages) {
-          slot = 0;
-          phase ^= 1;
-        }
+      if (!tile.lone()) {
+        k_loop(slot, phase, block, t, [&](const StageView& v) {
+          mma_pair(v.a, v.b, v.a_scales, v.b_scales, acc, v.slot, warp_leader);
+        });
+      } else if constexpr (Epilogue::kLoneSplit == LoneSplit::kHalfOfEachGroup) {
+        k_loop(slot, phase, block, t, [&](const StageView& v) {
+          mma_lone_halves(v.a, v.b, wg, v.a_scales, v.b_scales, acc, v.slot, warp_leader);
+        });
+      } else if (wg == 0) {  // constant indices keep the accumulators in registers
+        k_loop(slot, phase, block, t, [&](const StageView& v) {
+          mma_lone_group(v.a, v.b, 0, v.a_scales, v.b_scales[0], acc[0], v.slot, warp_leader);
+        });
+      } else {
+        k_loop(slot, phase, block, t, [&](const StageView& v) {
+          mma_lone_group(v.a, v.b, 1, v.a_scales, v.b_scales[1], acc[1], v.slot, warp_leader);
+        });
       }
-      if (works) epilogue(tile, acc, math_thread);
+      epilogue(tile, acc, math_thread);
+    }
+  }
+
+  // What a math warpgroup reads of one full stage: its row block's A tile and the B tile
+  // (shared-memory addresses), the scales of its accumulator rows and the B groups.
+  struct StageView {
+    int slot;
+    uint32_t a, b;
+    RowScales a_scales;
+    float b_scales[kNumBGroups];
+  };
+
+  // A tile's K blocks for row block `block` of the pair. The stage of K block 0 was waited for by
+  // published(); each later one is waited for at the end of the block before it. Addresses are
+  // 32-bit shared-memory offsets from the ring's slot 0 (scales read with ld.shared: a generic
+  // pointer costs address arithmetic and a generic load per K block).
+  template <class Step>
+  __device__ __forceinline__ void k_loop(int& slot, uint32_t& phase, int block, int t,
+                                         Step&& step) {
+    const uint32_t a0 = ptx::smem_addr(ring_.a(0)) + block * Shape::kAWgBytes;
+    const uint32_t b0 = ptx::smem_addr(ring_.b(0));
+    const uint32_t a_scale0 = ptx::smem_addr(ring_.a_scale(0)) + block * kBlockM * 4;
+    const uint32_t b_scale0 = ptx::smem_addr(ring_.b_scale(0));
+    const uint32_t full0 = ptx::smem_addr(full_);
+    const int n = num_kb();
+    for (int kb = 0;;) {
+      StageView v;
+      v.slot = slot;
+      v.a = a0 + slot * Shape::kOperandBytes;
+      v.b = b0 + slot * Shape::kOperandBytes;
+      v.a_scales = load_row_scales(a_scale0 + slot * Shape::kScaleBytes, t);
+      ptx::ld_shared_v2(b_scale0 + slot * Shape::kScaleBytes, v.b_scales);
+      step(v);
+      if (++slot == kStages) {
+        slot = 0;
+        phase ^= 1;
+      }
+      if (++kb == n) break;
+      ptx::mbarrier_wait(full0 + slot * static_cast<uint32_t>(sizeof(uint64_t)), phase);
     }
   }
 
@@ -269,23 +298,16 @@ class GroupedFp8TmaMainloop {
   }
   __device__ __forceinline__ void publish(int slot, const Tile& t) const {
     const uint32_t a = tile_slot(slot);
-    st_shared(a + offsetof(Tile, pair), t.pair);
-    st_shared(a + offsetof(Tile, n), t.n);
-    st_shared(a + offsetof(Tile, mask), t.mask);
+    ptx::st_shared(a + offsetof(Tile, pair), t.pair);
+    ptx::st_shared(a + offsetof(Tile, n), t.n);
+    ptx::st_shared(a + offsetof(Tile, mask), t.mask);
   }
   __device__ __forceinline__ Tile published(int slot, uint32_t phase) const {
     ptx::mbarrier_wait(&full_[slot], phase);
     const uint32_t a = tile_slot(slot);
-    return {0, ld_shared(a + offsetof(Tile, pair)), ld_shared(a + offsetof(Tile, n)), 0,
-            ld_shared(a + offsetof(Tile, mask))};
-  }
-  __device__ static void st_shared(uint32_t addr, int v) {
-    asm volatile("st.shared.s32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
-  }
-  __device__ static int ld_shared(uint32_t addr) {
-    int v;
-    asm volatile("ld.shared.s32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
-    return v;
+    return {0, ptx::ld_shared_s32(a + offsetof(Tile, pair)),
+            ptx::ld_shared_s32(a + offsetof(Tile, n)), 0,
+            ptx::ld_shared_s32(a + offsetof(Tile, mask))};
   }
 
   // Paired tile: this warpgroup's own row block times both B groups.

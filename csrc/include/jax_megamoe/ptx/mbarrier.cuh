@@ -59,6 +59,24 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   spin_until([&] { return cuda::ptx::mbarrier_try_wait_parity(bar, parity); });
 }
 
+// The same for a barrier at 32-bit shared-memory address `bar` (ptx::smem_addr), for loops that
+// keep shared-window offsets (cuda::ptx takes a generic pointer and converts it at each call).
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  spin_until([&] {
+    uint32_t done;
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return done != 0;
+  });
+}
+
 // 2-D TMA tile load of the box at (inner, outer) of `tensor_map` into shared memory, completing
 // `bytes` on `bar` (counted by the arrive_expect_tx of the stage).
 __device__ __forceinline__ void tma_load_2d(void* smem_dst, const void* tensor_map, int inner,

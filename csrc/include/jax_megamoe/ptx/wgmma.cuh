@@ -17,12 +17,14 @@ namespace jax_megamoe::ptx {
 // Shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format"): bits 0-13 start address
 // >> 4, 16-29 leading-dimension byte offset >> 4 (unused for swizzled K-major), 32-45
 // stride-dimension byte offset >> 4 (between 8-row groups: 1024 B), 49-51 base offset (0 for
-// 1024-aligned tiles), 62-63 layout (1 = 128-byte swizzle).
-__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t smem_addr) {
+// 1024-aligned tiles), 62-63 layout (1 = 128-byte swizzle). Only the low word depends on the
+// tile: smem_desc_lo(addr) gives it, and moving the start by d bytes (a multiple of 16) adds
+// d >> 4 to it (shared-window addresses are below 2^18, so the field never overflows).
+__device__ __forceinline__ uint32_t smem_desc_lo(uint32_t smem_addr) { return smem_addr >> 4; }
+__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t desc_lo) {
   constexpr uint64_t kStrideBytes = 1024;
   constexpr uint64_t kSwizzle128B = 1;
-  return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | ((kStrideBytes >> 4) << 32) |
-         (kSwizzle128B << 62);
+  return static_cast<uint64_t>(desc_lo) | ((kStrideBytes >> 4) << 32) | (kSwizzle128B << 62);
 }
 
 // Orders this warpgroup's register and shared-memory accesses before the wgmma that follow.

@@ -1,0 +1,31 @@
+// Loads and stores at 32-bit shared-memory addresses (ptx::smem_addr). In the main loop's K loop a
+// generic pointer into shared memory costs 64-bit address arithmetic and a generic load per use;
+// a shared-window offset is one add and an LDS.
+#pragma once
+
+#include <cstdint>
+
+namespace jax_megamoe::ptx {
+
+__device__ __forceinline__ void st_shared(uint32_t addr, int v) {
+  asm volatile("st.shared.s32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ int ld_shared_s32(uint32_t addr) {
+  int v;
+  asm volatile("ld.shared.s32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
+  return v;
+}
+
+// Two consecutive floats at an 8-byte-aligned address.
+__device__ __forceinline__ void ld_shared_v2(uint32_t addr, float (&v)[2]) {
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v[0]), "=f"(v[1]) : "r"(addr) : "memory");
+}
+
+}  // namespace jax_megamoe::ptx
