@@ -15,16 +15,18 @@
 //                           land. After the last tile, one stage carries only the end. Warps 1-3
 //                           exit.
 //   warpgroups 1-2, math    setmaxnreg up to kMathRegs; read each tile from the slot of its first
-//                           stage; warpgroup w takes row block w of the pair. Per K block: wait
-//                           for the full barrier; per B group, four wgmma
-//                           into a partial, wait for them, promote into the group's master
-//                           accumulator; release the slot (one arrival per warp) once its last
-//                           shared-memory read is done. When only one block of the pair works
-//                           (a lone block: small M, an expert's last rows), both warpgroups work
-//                           on it, splitting the columns as the epilogue asks (Epilogue::
-//                           kLoneSplit): a whole B group each, or half of every group. The
-//                           epilogue follows a tile's last K block. The two warpgroups drift
-//                           independently, so one's promotion overlaps the other's wgmma.
+//                           stage; warpgroup w takes row block w of the pair. Per K block: per
+//                           B group, four wgmma into a partial, wait for them, promote into the
+//                           group's master accumulator; release the slot (one arrival per warp)
+//                           once its last shared-memory read is done; then wait for the next
+//                           K block's full barrier. Each tile kind has its own K loop, so the
+//                           loop holds no branch but its end and the wait's retry. When only
+//                           one block of the pair works (a lone block: small M, an expert's last
+//                           rows), both warpgroups work on it, splitting the columns as the
+//                           epilogue asks (Epilogue::kLoneSplit): a whole B group each, or half
+//                           of every group. The epilogue follows a tile's last K block. The
+//                           two warpgroups drift independently, so one's promotion overlaps the
+//                           other's wgmma.
 //
 // Barrier counts: full[s] completes on 1 (expect_tx arrival) + 32 (cp.async arrivals) arrivals
 // and the stage's TMA bytes; empty[s] on one arrival per math warp. Phases alternate per pass
