@@ -238,13 +238,13 @@ class GroupedFp8TmaMainloop {
         k_loop(slot, phase, block, t, [&](const StageView& v) {
           mma_lone_halves(v.a, v.b, wg, v.a_scales, v.b_scales, acc, v.slot, warp_leader);
         });
-      } else if (wg == 0) {  // constant indices keep the accumulators in registers
-        k_loop(slot, phase, block, t, [&](const StageView& v) {
-          mma_lone_group(v.a, v.b, 0, v.a_scales, v.b_scales[0], acc[0], v.slot, warp_leader);
-        });
       } else {
+        // Into acc[0] whichever group: a branch on the warpgroup here (to keep constant
+        // accumulator indices) made the compiler treat the ring's slot as per-thread in every
+        // K loop, with each wgmma's descriptors moved into uniform registers one by one.
         k_loop(slot, phase, block, t, [&](const StageView& v) {
-          mma_lone_group(v.a, v.b, 1, v.a_scales, v.b_scales[1], acc[1], v.slot, warp_leader);
+          const float b_scale = wg == 0 ? v.b_scales[0] : v.b_scales[1];  // no local array
+          mma_lone_group(v.a, v.b, wg, v.a_scales, b_scale, acc[0], v.slot, warp_leader);
         });
       }
       epilogue(tile, acc, math_thread);
@@ -330,7 +330,8 @@ class GroupedFp8TmaMainloop {
     }
   }
 
-  // Lone block, LoneSplit::kOneGroupEach: warpgroup wg takes B group wg whole.
+  // Lone block, LoneSplit::kOneGroupEach: warpgroup wg takes B group wg whole, into `acc` (the
+  // caller passes its first accumulator).
   __device__ __forceinline__ void mma_lone_group(uint32_t a_smem, uint32_t b_smem, int wg,
                                                  const RowScales& a_scales, float b_scale,
                                                  Accum<kWgN>& acc, int slot, bool warp_leader) {

@@ -54,19 +54,11 @@ struct L2Epilogue {
     const uint32_t lane_addr = ptx::smem_addr(buf) +
                                (fc.warp * 16 + (i % 2) * 8 + fc.lane % 8) * kStagedRowBytes +
                                (i / 2) * 16;
+    if (tile.lone()) {  // B group wg, in acc[0] (the main loop's lone path)
+      stage_group(acc[0], lane_addr + fc.wg * kWgN * 2);
+    } else {
 #pragma unroll
-    for (int g = 0; g < kNumBGroups; ++g) {
-      if (tile.lone() && g != fc.wg) continue;
-#pragma unroll
-      for (int s2 = 0; s2 < Shape::kNTiles / 2; ++s2) {
-        uint32_t r[4];
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          const int reg = 4 * (2 * s2 + m / 2) + 2 * (m % 2);
-          r[m] = ptx::cvt_bf16x2(acc[g][reg], acc[g][reg + 1]);
-        }
-        ptx::stmatrix_x4(lane_addr + (g * kWgN + 16 * s2) * 2, r);
-      }
+      for (int g = 0; g < kNumBGroups; ++g) stage_group(acc[g], lane_addr + g * kWgN * 2);
     }
     ptx::fence_proxy_async_shared();
     warpgroup_sync(fc.wg);  // buf holds all 64 rows
@@ -81,6 +73,21 @@ struct L2Epilogue {
       const uint8_t* row = buf + fc.t * kStagedRowBytes + (tile.lone() ? fc.wg * kWgN * 2 : 0);
       ptx::bulk_store(dst, row, tile.lone() ? kWgN * 2 : kRowBytes);
       ptx::bulk_commit();
+    }
+  }
+
+  // One B group's accumulator into the staging rows, at the group's first column (lane_addr).
+  // stmatrix s2 covers n8 tiles 2 s2, 2 s2 + 1 of the warp's 16 rows.
+  __device__ __forceinline__ static void stage_group(const Accum<kWgN>& acc, uint32_t lane_addr) {
+#pragma unroll
+    for (int s2 = 0; s2 < Shape::kNTiles / 2; ++s2) {
+      uint32_t r[4];
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        const int reg = 4 * (2 * s2 + m / 2) + 2 * (m % 2);
+        r[m] = ptx::cvt_bf16x2(acc[reg], acc[reg + 1]);
+      }
+      ptx::stmatrix_x4(lane_addr + 16 * s2 * 2, r);
     }
   }
 
