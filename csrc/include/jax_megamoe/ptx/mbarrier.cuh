@@ -54,13 +54,9 @@ __device__ __forceinline__ void spin_until(Done done) {
   }
 }
 
-// Waits until the phase with parity `parity` of `bar` has completed.
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  spin_until([&] { return cuda::ptx::mbarrier_try_wait_parity(bar, parity); });
-}
-
-// The same for a barrier at 32-bit shared-memory address `bar` (ptx::smem_addr), for loops that
-// keep shared-window offsets (cuda::ptx takes a generic pointer and converts it at each call).
+// Waits until the phase with parity `parity` of the barrier at 32-bit shared-memory address
+// `bar` (ptx::smem_addr) has completed; loops that keep shared-window offsets call this form
+// directly (cuda::ptx takes a generic pointer and converts it at each call).
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   spin_until([&] {
     uint32_t done;
@@ -75,6 +71,11 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
         : "memory");
     return done != 0;
   });
+}
+
+// The same at a generic pointer into shared memory.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  mbarrier_wait(static_cast<uint32_t>(__cvta_generic_to_shared(bar)), parity);
 }
 
 // 2-D TMA tile load of the box at (inner, outer) of `tensor_map` into shared memory, completing
