@@ -12,8 +12,9 @@
 //                           blocks' 64 pool rows each) and of the two B groups, while the 32
 //                           lanes cp.async the activation scales of the working row blocks and
 //                           the 2 weight scales and arrive on the slot's full barrier when those
-//                           land. After the last tile, one stage carries only the end. Warps 1-3
-//                           exit.
+//                           land. After the last tile, one stage carries only the end. Warps
+//                           1 .. Epilogue::kStoreWarps run the epilogue's store role
+//                           (epilogue.store(warp - 1)); the others exit.
 //   warpgroups 1-2, math    setmaxnreg up to kMathRegs; read each tile from the slot of its first
 //                           stage; warpgroup w takes row block w of the pair. Per K block: per
 //                           B group, four wgmma into a partial, wait for them, promote into the
@@ -40,6 +41,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "jax_megamoe/impls/sm90_fp8_grouped_math.cuh"
 #include "jax_megamoe/layout/sm90_gemm_tile.cuh"
@@ -79,8 +81,12 @@ class GroupedFp8TmaMainloop {
   static constexpr int kBarrierBytes = 2 * kStages * static_cast<int>(sizeof(uint64_t));
   // Per stage, the tile whose first K block it holds (tile_slot).
   static constexpr int kTileSlotBytes = kStages * static_cast<int>(sizeof(Tile));
+  // Then the number of tiles the producer took, written after its last (kNoTileCount before),
+  // and its running count (in shared memory: a register for it made the producer spill at 40).
+  static constexpr int kTileCountBytes = 8;
+  static constexpr int kNoTileCount = 0x7fffffff;
   static constexpr int kSmemBytes =
-      Ring::kBytes + (kBarrierBytes + kTileSlotBytes + 127) / 128 * 128;
+      Ring::kBytes + (kBarrierBytes + kTileSlotBytes + kTileCountBytes + 127) / 128 * 128;
 
   // `smem` must be kSwizzleAtomBytes-aligned (align_smem). The tensor maps view `op.a` as
   // [pool rows, k] with a box of kBlockM x 128 and `op.b` as [experts * b_rows, k] with a box
@@ -102,7 +108,11 @@ class GroupedFp8TmaMainloop {
 
   // Called by every thread of the CTA. epilogue(tile, acc, math_thread) runs on a math
   // warpgroup whose row block works in `tile` (math_thread in [0, 256)), on its own: the
-  // warpgroups never wait for each other.
+  // warpgroups never wait for each other. An epilogue with kStoreWarps > 0 also gets
+  // epilogue.store(w, tile_count) on producer warp w + 1: tile_count is the shared-memory address
+  // of the number of tiles this CTA runs, kNoTileCount until the producer has taken its last.
+  // (The math warps do not announce their end: any code after their tile loop, even a
+  // __syncwarp, made ptxas spill the wide L2's accumulators.)
   template <class Epilogue>
   __device__ __forceinline__ void run(Epilogue&& epilogue) {
     if (threadIdx.x == 0) {
@@ -110,12 +120,18 @@ class GroupedFp8TmaMainloop {
         ptx::mbarrier_init(&full_[s], kFullArrivals);
         ptx::mbarrier_init(&empty_[s], kMathWarps);
       }
+      ptx::st_shared(tile_count(), kNoTileCount);
       ptx::fence_barrier_init();
     }
     __syncthreads();
     if (threadIdx.x < kWarpGroupThreads) {
       ptx::setmaxnreg_dec<kProducerRegs>();
-      if (threadIdx.x < 32) produce();
+      const int warp = threadIdx.x / 32;
+      if (warp == 0) produce();
+      if constexpr (std::remove_reference_t<Epilogue>::kStoreWarps > 0) {
+        if (warp >= 1 && warp <= std::remove_reference_t<Epilogue>::kStoreWarps)
+          epilogue.store(warp - 1, tile_count());
+      }
     } else {
       ptx::setmaxnreg_inc<kMathRegs>();
       consume(epilogue, static_cast<int>(threadIdx.x) - kWarpGroupThreads);
@@ -133,6 +149,7 @@ class GroupedFp8TmaMainloop {
     // A claim's latency (one atomic) is hidden by the ring: when a tile's last K block has
     // been issued, the producer is kStages K blocks ahead of the math.
     Tile tile = dynamic ? sched.take(sched.claim(claims_, lane), claims_, lane) : sched.first();
+    if (lane == 0) ptx::st_shared(tile_count() + 4, 0);
     while (!sched.done(tile)) {
       const int row0 = tile.pair * kTileM;
       if (op_.a_ready != nullptr) wait_a_ready(tile, lane);
@@ -140,7 +157,10 @@ class GroupedFp8TmaMainloop {
         ptx::mbarrier_wait(&empty_[slot], phase ^ 1);
         uint64_t* full = &full_[slot];
         if (lane == 0) {
-          if (kb == 0) publish(slot, tile);  // made visible by the arrival below
+          if (kb == 0) {
+            publish(slot, tile);  // made visible by the arrival below
+            ptx::st_shared(tile_count() + 4, ptx::ld_shared_s32(tile_count() + 4) + 1);
+          }
           // Only the working row blocks' A: at small M most pairs have one, and the other
           // block's bytes would only take L2 bandwidth from the weight stream.
           const int a_blocks = __popc(tile.mask);
@@ -192,6 +212,7 @@ class GroupedFp8TmaMainloop {
     if (lane == 0) {
       publish(slot, sched.done_tile());
       ptx::mbarrier_arrive(&full_[slot]);
+      ptx::st_shared(tile_count(), ptx::ld_shared_s32(tile_count() + 4));
     }
     __syncwarp();
     ptx::mbarrier_arrive(&full_[slot]);
@@ -298,6 +319,7 @@ class GroupedFp8TmaMainloop {
   __device__ uint32_t tile_slot(int slot) const {
     return ptx::smem_addr(full_) + kBarrierBytes + slot * static_cast<uint32_t>(sizeof(Tile));
   }
+  __device__ uint32_t tile_count() const { return tile_slot(kStages); }
   __device__ __forceinline__ void publish(int slot, const Tile& t) const {
     const uint32_t a = tile_slot(slot);
     ptx::st_shared(a + offsetof(Tile, pair), t.pair);

@@ -26,6 +26,7 @@ constexpr int kL1WgN = kQuantBlock;  // 128 columns per B group: gate or up
 struct L1Epilogue {
   using Shape = TileShape<kL1WgN>;
   static constexpr LoneSplit kLoneSplit = LoneSplit::kHalfOfEachGroup;
+  static constexpr int kStoreWarps = 0;  // stores straight from the math warps' registers
   static_assert(Shape::kNTiles == 16, "one row of the tile is one 128-column requant group");
   // Row maxima of a lone block, [warpgroup][row].
   static constexpr int kSmemBytes = kNumMathWarpGroups * kBlockM * sizeof(float);

@@ -8,52 +8,84 @@
 #include "jax_megamoe/impls/sm90_fp8_grouped_tma_mainloop.cuh"
 #include "jax_megamoe/launch.h"
 #include "jax_megamoe/ptx/convert.cuh"
+#include "jax_megamoe/ptx/mbarrier.cuh"
+#include "jax_megamoe/ptx/shared.cuh"
 #include "jax_megamoe/ptx/store.cuh"
 
 namespace jax_megamoe::sm90 {
 
-// Runs on each working math warpgroup on its own: its row block's 64 rows x the tile's
-// kNumBGroups * kWgN hidden columns, or of a lone block B group wg's kWgN columns.
+// Roles: each math warpgroup stages its rows (operator(), after each tile's K loop); store warp
+// w of the producer warpgroup (store(w)) sends math warpgroup w's staged rows to their combine
+// slots. A math warpgroup: 64 rows x the tile's kNumBGroups * kWgN hidden columns, or of a lone
+// block B group wg's kWgN columns.
 //
-// The rows go out through shared memory so that the warpgroup is back in the main loop after a
-// few hundred instructions: stmatrix writes the bf16 fragments into the warpgroup's staging
-// buffer (rows in order, 16 bytes of padding per row so the eight rows of one stmatrix phase hit
-// distinct banks), then one thread per row sends the row's 512 (lone: 256) contiguous bytes to
-// its combine slot with a bulk copy, which runs on while the next tile's K loop starts. Before
-// the buffer is rewritten, its sender waits until the previous copy has read it. Writing from
-// registers instead (quad shuffles + 16-byte stores) took ~1400 instructions per warp and tile,
-// a quarter of the math warps' time at M = 8192 (Nsight Compute, H200, 2026-12-02).
+// The math warpgroup's part is short so that it is back in the K loop soon: stmatrix writes
+// the bf16 fragments into its staging buffer (rows in order, 16 bytes of padding per row so the
+// eight rows of one stmatrix phase hit distinct banks), a proxy fence, then one arrival per warp
+// on `staged`. Its store warp then sends each row's 512 (lone: 256) contiguous bytes to the
+// row's combine slot with a bulk copy, waits until the copies have read the buffer and arrives on
+// `free`, which the math warpgroup waits for before it stages its next tile (a tile's K loop
+// later, so it rarely waits). When the math warps issued the copies themselves, one sender
+// thread per row, the uniform bulk-copy instruction ran once per sender in a loop and the wait
+// for the previous copies sat in their path: with the next tile's first-stage wait, ~11 % of
+// L2's warp samples at M = 8192 (Nsight Compute, H200, 2026-12-02). Writing from registers
+// (quad shuffles + 16-byte stores) had taken ~1400 instructions per warp and tile.
+//
+// Handshake per math warpgroup w, one phase per staged tile: `staged[w]` completes on the four
+// warp arrivals (release: the rows and the record below are written), `free[w]` on the store
+// warp's one arrival (its copies have read the buffer). A record {row0, col0, bytes} says what
+// the buffer holds; the math warpgroup writes it only after waiting on `free` of the previous
+// one, so the store warp has read that. The store warp stops at the CTA's tile count.
 template <int kWgN>
 struct L2Epilogue {
   using Shape = TileShape<kWgN>;
   static constexpr LoneSplit kLoneSplit = LoneSplit::kOneGroupEach;
+  static constexpr int kStoreWarps = kNumMathWarpGroups;
   static constexpr int kRowBytes = Shape::kBRows * 2;  // bf16
   static constexpr int kStagedRowBytes = kRowBytes + 16;
   static constexpr int kWgStagingBytes = kBlockM * kStagedRowBytes;
-  static constexpr int kSmemBytes = kNumMathWarpGroups * kWgStagingBytes;
+  // Per math warpgroup after the staging buffers: staged and free mbarriers, then the record.
+  static constexpr int kHandshakeBytes = 32;
+  static constexpr int kHandshakeOffset = kNumMathWarpGroups * kWgStagingBytes;
+  static constexpr int kSmemBytes = kHandshakeOffset + kNumMathWarpGroups * kHandshakeBytes;
   static_assert(kStagedRowBytes % 128 == 16, "padding must shift each row by four banks");
   static_assert(Shape::kNTiles % 2 == 0, "one stmatrix x4 covers two n8 tiles");
+  static_assert(kHandshakeOffset % 8 == 0, "mbarriers must be 8-byte aligned");
+  static constexpr uint32_t kPollSleepNs = 4000;  // a store warp's longest sleep in one wait
 
   const L2Params& p;
-  uint8_t* staging;  // kSmemBytes, 16-byte aligned
+  // kSmemBytes at this 32-bit shared-memory address, 16-byte aligned (the math threads hold it
+  // and `phase` across the K loop, with no register to spare; a generic pointer takes two).
+  uint32_t staging;
+  uint32_t phase = 0;  // a math thread's count of staged tiles, mod 2
 
+  __device__ uint32_t staged_bar(int wg) const {
+    return staging + kHandshakeOffset + wg * kHandshakeBytes;
+  }
+  __device__ uint32_t free_bar(int wg) const { return staged_bar(wg) + 8; }
+  __device__ uint32_t record(int wg) const { return staged_bar(wg) + 16; }
+
+  // By one thread, before the main loop's CTA-wide barrier (only threads use these barriers).
+  __device__ void init_barriers() const {
+    for (int wg = 0; wg < kNumMathWarpGroups; ++wg) {
+      ptx::mbarrier_init(staged_bar(wg), kWarpGroupThreads / 32);
+      ptx::mbarrier_init(free_bar(wg), 1);
+    }
+  }
+
+  // Math warpgroup: stage one tile's rows and hand them to the store warp.
   __device__ __forceinline__ void operator()(const Tile& tile, TileAccum<kWgN>& acc,
-                                             int math_thread) const {
+                                             int math_thread) {
     const FragCoords fc(math_thread);
-    uint8_t* buf = staging + fc.wg * kWgStagingBytes;
-    const int row0 = (tile.pair * kNumMathWarpGroups + tile.block_of(fc.wg)) * kBlockM;
-    // Thread t < 64 sends row t; its row_src load is issued first, to land under the staging.
-    const bool sender = fc.t < kBlockM;
-    const int src = sender ? p.row_src[row0 + fc.t] : -1;
-    if (sender) ptx::bulk_wait_read<0>();
-    warpgroup_sync(fc.wg);  // every sender's previous copy has read buf
+    const uint32_t buf = staging + fc.wg * kWgStagingBytes;
+    // The first wait sees a fresh barrier, whose phase of parity 1 reports complete.
+    ptx::mbarrier_wait(free_bar(fc.wg), phase ^ 1);
 
     // stmatrix s of group g: n8 tiles 2s, 2s + 1 of the warp's 16 rows, matrix i = lane / 8 is
     // tile 2s + i / 2, rows (i % 2) * 8 + lane % 8.
     const int i = fc.lane / 8;
-    const uint32_t lane_addr = ptx::smem_addr(buf) +
-                               (fc.warp * 16 + (i % 2) * 8 + fc.lane % 8) * kStagedRowBytes +
-                               (i / 2) * 16;
+    const uint32_t lane_addr =
+        buf + (fc.warp * 16 + (i % 2) * 8 + fc.lane % 8) * kStagedRowBytes + (i / 2) * 16;
     if (tile.lone()) {  // B group wg, in acc[0] (the main loop's lone path)
       stage_group(acc[0], lane_addr + fc.wg * kWgN * 2);
     } else {
@@ -61,19 +93,57 @@ struct L2Epilogue {
       for (int g = 0; g < kNumBGroups; ++g) stage_group(acc[g], lane_addr + g * kWgN * 2);
     }
     ptx::fence_proxy_async_shared();
-    warpgroup_sync(fc.wg);  // buf holds all 64 rows
-
-    if (src >= 0) {
-      const int slots_per_rank = p.max_tokens * p.topk;
-      const int rank = src / slots_per_rank, rem = src % slots_per_rank;
-      const int token = rem / p.topk, k = rem % p.topk;
+    if (fc.t == 0) {
+      const int row0 = (tile.pair * kNumMathWarpGroups + tile.block_of(fc.wg)) * kBlockM;
       const int col0 = tile.n * Shape::kBRows + (tile.lone() ? fc.wg * kWgN : 0);
-      uint16_t* dst =
-          p.combine[rank] + (static_cast<size_t>(k) * p.max_tokens + token) * p.hidden + col0;
-      const uint8_t* row = buf + fc.t * kStagedRowBytes + (tile.lone() ? fc.wg * kWgN * 2 : 0);
-      ptx::bulk_store(dst, row, tile.lone() ? kWgN * 2 : kRowBytes);
-      ptx::bulk_commit();
+      write_record(fc.wg, row0, col0, tile.lone() ? kWgN * 2 : kRowBytes);
     }
+    hand_over(fc);
+  }
+
+  // Store warp `wg`: sends math warpgroup wg's staged rows, tile after tile, until the CTA's
+  // tile count (the main loop's, at shared address tile_count) says there are no more; then waits
+  // for its copies to land: the runtime's release flag (written after this kernel) must order
+  // these peer stores.
+  __device__ __forceinline__ void store(int wg, uint32_t tile_count) const {
+    const int lane = threadIdx.x % 32;
+    const uint32_t buf = staging + wg * kWgStagingBytes;
+    const int slots_per_rank = p.max_tokens * p.topk;
+    uint32_t ph = 0;
+    for (int n = 0;; ++n, ph ^= 1) {
+      // Tile n is staged, or the CTA runs no tile n (then phase n never completes). The count is
+      // tested before each sleeping wait, so after its last tile the warp ends at once (the
+      // producer wrote the count when it issued the end, before that tile's last K blocks). The
+      // wait sleeps until the phase completes or kPollSleepNs pass: a polling warp took issue
+      // slots from the math warps beside it (L2 3 % slower at M <= 128).
+      bool last = false;
+      ptx::spin_until([&] {
+        if (ptx::mbarrier_test_wait(staged_bar(wg), ph)) return true;
+        last = ptx::ld_volatile_shared_s32(tile_count) <= n;
+        return last || ptx::mbarrier_try_wait_sleep(staged_bar(wg), ph, kPollSleepNs);
+      });
+      if (last) break;
+      const int row0 = ptx::ld_shared_s32(record(wg));
+      const int col0 = ptx::ld_shared_s32(record(wg) + 4);
+      const int bytes = ptx::ld_shared_s32(record(wg) + 8);
+      const int src[2] = {p.row_src[row0 + lane], p.row_src[row0 + lane + 32]};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (src[h] < 0) continue;
+        const int rank = src[h] / slots_per_rank, rem = src[h] % slots_per_rank;
+        const int token = rem / p.topk, k = rem % p.topk;
+        uint16_t* dst =
+            p.combine[rank] + (static_cast<size_t>(k) * p.max_tokens + token) * p.hidden + col0;
+        const int r = lane + 32 * h;
+        ptx::bulk_store(dst, buf + r * kStagedRowBytes + col0 % Shape::kBRows * 2, bytes);
+      }
+      ptx::bulk_commit();
+      ptx::bulk_wait_read<0>();
+      __syncwarp();
+      if (lane == 0) ptx::mbarrier_arrive(free_bar(wg));
+    }
+    ptx::bulk_wait_all();
+    __threadfence_system();
   }
 
   // One B group's accumulator into the staging rows, at the group's first column (lane_addr).
@@ -91,8 +161,18 @@ struct L2Epilogue {
     }
   }
 
-  // After a thread's last tile: its rows must have landed before the kernel ends.
-  __device__ __forceinline__ void finish() const { ptx::bulk_wait_all(); }
+ private:
+  __device__ __forceinline__ void write_record(int wg, int row0, int col0, int bytes) const {
+    ptx::st_shared(record(wg), row0);
+    ptx::st_shared(record(wg) + 4, col0);
+    ptx::st_shared(record(wg) + 8, bytes);
+  }
+  // One arrival per warp, after all its lanes' writes (the record's writer is warp 0's leader).
+  __device__ __forceinline__ void hand_over(const FragCoords& fc) {
+    __syncwarp();
+    if (fc.lane == 0) ptx::mbarrier_arrive(staged_bar(fc.wg));
+    phase ^= 1;
+  }
 };
 
 template <int kWgN>
@@ -130,11 +210,9 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   const L2Params& p = k.p;
   Mainloop mainloop(smem, l2_operands<kWgN>(p), p.num_blocks, p.max_blocks, &k.a, &k.b,
                     p.tile_claims);
-  const L2Epilogue<kWgN> epilogue{p, smem + Mainloop::kSmemBytes};
+  L2Epilogue<kWgN> epilogue{p, ptx::smem_addr(smem + Mainloop::kSmemBytes)};
+  if (threadIdx.x == 0) epilogue.init_barriers();  // published by run()'s CTA-wide barrier
   mainloop.run(epilogue);
-  epilogue.finish();
-  // The runtime's release flag (written after this kernel) must order these peer stores.
-  __threadfence_system();
 }
 
 template <int kWgN, int kStages>

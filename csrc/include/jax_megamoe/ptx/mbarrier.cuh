@@ -20,6 +20,15 @@ __device__ __forceinline__ void fence_barrier_init() {
 
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) { cuda::ptx::mbarrier_arrive(bar); }
 
+// The same two at a 32-bit shared-memory address (ptx::smem_addr), for code that keeps its
+// barriers as shared-window offsets to save registers (a generic pointer takes two).
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(arrivals) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
 // One arrival that also announces `bytes` of asynchronous (TMA) writes the phase must wait for.
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   cuda::ptx::mbarrier_arrive_expect_tx(cuda::ptx::sem_release, cuda::ptx::scope_cta,
@@ -54,23 +63,58 @@ __device__ __forceinline__ void spin_until(Done done) {
   }
 }
 
-// Waits until the phase with parity `parity` of the barrier at 32-bit shared-memory address
-// `bar` (ptx::smem_addr) has completed; loops that keep shared-window offsets call this form
+// Whether the phase with parity `parity` of the barrier at 32-bit shared-memory address `bar`
+// (ptx::smem_addr) has completed; the hardware may suspend the thread a while before answering no.
+__device__ __forceinline__ bool mbarrier_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// The same, but the thread may sleep until the phase completes or about `suspend_ns` have passed
+// (a hint): a waiter that should not take issue slots from the warps beside it.
+__device__ __forceinline__ bool mbarrier_try_wait_sleep(uint32_t bar, uint32_t parity,
+                                                        uint32_t suspend_ns) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity), "r"(suspend_ns)
+      : "memory");
+  return done != 0;
+}
+
+// Whether that phase has completed, without waiting.
+__device__ __forceinline__ bool mbarrier_test_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// Waits until that phase has completed; loops that keep shared-window offsets call this form
 // directly (cuda::ptx takes a generic pointer and converts it at each call).
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
-  spin_until([&] {
-    uint32_t done;
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-    return done != 0;
-  });
+  spin_until([&] { return mbarrier_try_wait(bar, parity); });
 }
 
 // The same at a generic pointer into shared memory.

@@ -17,6 +17,14 @@ __device__ __forceinline__ int ld_shared_s32(uint32_t addr) {
   return v;
 }
 
+// A load the compiler may not merge with an earlier one: for a word another warp writes while
+// this one polls it.
+__device__ __forceinline__ int ld_volatile_shared_s32(uint32_t addr) {
+  int v;
+  asm volatile("ld.volatile.shared.s32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
   float v;
   asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
