@@ -112,10 +112,11 @@ struct L2Epilogue {
     uint32_t ph = 0;
     for (int n = 0;; ++n, ph ^= 1) {
       // Tile n is staged, or the CTA runs no tile n (then phase n never completes). The count is
-      // tested before each sleeping wait, so after its last tile the warp ends at once (the
-      // producer wrote the count when it issued the end, before that tile's last K blocks). The
-      // wait sleeps until the phase completes or kPollSleepNs pass: a polling warp took issue
-      // slots from the math warps beside it (L2 3 % slower at M <= 128).
+      // tested before each sleeping wait, so after its last tile the warp normally ends at once
+      // (the producer writes the count when it issues the end, while the math warps still run
+      // that tile's last K blocks; if not yet, the next test is at most kPollSleepNs later).
+      // The wait sleeps until the phase completes or kPollSleepNs pass: a polling warp took
+      // issue slots from the math warps beside it (L2 3 % slower at M <= 128).
       bool last = false;
       ptx::spin_until([&] {
         if (ptx::mbarrier_test_wait(staged_bar(wg), ph)) return true;
