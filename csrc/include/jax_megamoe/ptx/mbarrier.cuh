@@ -83,32 +83,14 @@ __device__ __forceinline__ bool mbarrier_try_wait(uint32_t bar, uint32_t parity)
 // (a hint): a waiter that should not take issue slots from the warps beside it.
 __device__ __forceinline__ bool mbarrier_try_wait_sleep(uint32_t bar, uint32_t parity,
                                                         uint32_t suspend_ns) {
-  uint32_t done;
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
-      "selp.u32 %0, 1, 0, p;\n"
-      "}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity), "r"(suspend_ns)
-      : "memory");
-  return done != 0;
+  return cuda::ptx::mbarrier_try_wait_parity(static_cast<uint64_t*>(__cvta_shared_to_generic(bar)),
+                                             parity, suspend_ns);
 }
 
 // Whether that phase has completed, without waiting.
 __device__ __forceinline__ bool mbarrier_test_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n"
-      "}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
+  return cuda::ptx::mbarrier_test_wait_parity(static_cast<uint64_t*>(__cvta_shared_to_generic(bar)),
+                                              parity);
 }
 
 // Waits until that phase has completed; loops that keep shared-window offsets call this form
