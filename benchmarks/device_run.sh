@@ -32,8 +32,15 @@
 #             in $NCU_KERNELS (default "l1 l2") at the first of them: speed of light, memory,
 #             warp stall reasons, launch shape and occupancy, and the per-SASS-instruction
 #             stall samples as CSV
-# The device tool returns at most 8 files from $OUT: at the end everything under $OUT is also
-# packed into $OUT/0_bundle.tgz, which sorts first (Nsight Compute reports left out: too big).
+#   abprof    benchmarks/ab_gemm_profile.py: tools/gemm_profile.cu built from this checkout
+#             ("this") and from each folder in $AB_TREES (e.g. `git archive main | tar -x -C
+#             ab_main`: an untracked folder travels with the working tree), run in alternation
+#             $AB_ROUNDS times (default 3) at each of $AB_TOKENS (default 2048,8192); medians of
+#             L1, L2 and L2 / L1 per build (the ratio cancels a process-level mode at M = 8192)
+# The device tool returns at most 8 files from $OUT: after each mode everything under $OUT is
+# packed into $OUT/0_bundle.tgz, which sorts first (Nsight Compute reports left out: too big),
+# so a call cut short by its time limit still brings back the logs of the modes it finished.
+# The package is built only for the modes that import it (readme builds its own copy).
 # Usage: bash benchmarks/device_run.sh MODES [extra pytest args for "test"...]
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -69,12 +76,19 @@ bench_gemm() { # OUT_DIR: bench_gemm.py with $GEMM_ARGS, the summary lines to st
 
 nvidia-smi -L | tee "$OUT/devices.txt"
 date -u | tee -a "$OUT/devices.txt"
-t0=$(date +%s)
-if ! install . >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"
-  exit 1
+bundle() { # everything under $OUT (but the bundle and Nsight Compute reports) into 0_bundle.tgz
+  local b=/tmp/megamoe_bundle.tgz
+  (cd "$OUT" && tar -czf "$b" --exclude=0_bundle.tgz --exclude='*.ncu-rep' . &&
+    mv "$b" 0_bundle.tgz)
+}
+if [[ $modes =~ ,(test|mp|gemm|ab|envab|bench|scan), ]]; then
+  t0=$(date +%s)
+  if ! install . >"$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"
+    exit 1
+  fi
+  echo "build: $(($(date +%s) - t0)) s"
 fi
-echo "build: $(($(date +%s) - t0)) s"
 
 status=0
 summary() { grep -E "calc_diff|passed|failed|Error|skipped" | tail -60; }
@@ -87,6 +101,7 @@ if [[ $modes == *,readme,* ]]; then
     pytest -m gpu -q -s 2>&1 | tee "$OUT/readme_pytest.log" | summary) 2>&1 |
     tee "$OUT/readme.log"
   status=$((status | PIPESTATUS[0]))
+  bundle
 fi
 if [[ $modes == *,test,* ]]; then
   python3 -m pytest -m gpu -q -s --ignore=tests/test_gpu_multiprocess.py "$@" 2>&1 |
@@ -97,6 +112,7 @@ if [[ $modes == *,test,* ]]; then
     2>&1 | tee "$OUT/gpu_tests_no_cmdbuf.log" | tail -3
   status=$((status | PIPESTATUS[0]))
   python3 -m jax_megamoe 2>&1 | tee "$OUT/cli.txt"
+  bundle
 fi
 if [[ $modes == *,sanitize,* ]]; then
   # The GEMM kernels from a plain host program (tools/gemm_sanitize.cu): under JAX the
@@ -129,6 +145,7 @@ if [[ $modes == *,sanitize,* ]]; then
         /tmp/racecheck_probe "$mode" 2>&1 | grep -E "RACECHECK SUMMARY" | tr '\n' ' ')"
     done
   fi
+  bundle
 fi
 run_tool() { # NAME: tools/NAME.cu, built as the GEMM kernels are and run; output in $OUT/NAME.txt
   if build_tool "/tmp/$1" "$OUT/$1_build.log" "tools/$1.cu"; then
@@ -138,16 +155,18 @@ run_tool() { # NAME: tools/NAME.cu, built as the GEMM kernels are and run; outpu
     status=1
   fi
 }
-if [[ $modes == *,ceiling,* ]]; then run_tool wgmma_ceiling; fi
-if [[ $modes == *,stream,* ]]; then run_tool tma_stream; fi
+if [[ $modes == *,ceiling,* ]]; then run_tool wgmma_ceiling; bundle; fi
+if [[ $modes == *,stream,* ]]; then run_tool tma_stream; bundle; fi
 if [[ $modes == *,mp,* ]]; then
   timeout 600 python3 -m pytest -m gpu -q -s -rA tests/test_gpu_multiprocess.py 2>&1 |
     tee "$OUT/gpu_mp_tests.log" | tail -40
   status=$((status | PIPESTATUS[0]))
+  bundle
 fi
 if [[ $modes == *,gemm,* ]]; then
   bash tools/check_sass.sh 2>&1 | tee "$OUT/sass.txt" | grep -E "QGMMA|spill|FAIL"
   bench_gemm "$OUT/gemm"
+  bundle
 fi
 if [[ $modes == *,ab,* ]]; then
   base=$(cd "${AB_BASE:?ab needs AB_BASE, the other checkout}" && pwd)
@@ -161,6 +180,7 @@ if [[ $modes == *,ab,* ]]; then
   fi
   echo "== this checkout"
   install . >"$OUT/build.log" 2>&1 && "bench_$what" "$OUT/${what}_this"
+  bundle
 fi
 if [[ $modes == *,envab,* ]]; then
   what=${AB_BENCH:-gemm}
@@ -168,16 +188,19 @@ if [[ $modes == *,envab,* ]]; then
     echo "== $setting"
     (export "${setting?}" && "bench_$what" "$OUT/${what}_${setting//[^A-Za-z0-9_-]/_}")
   done
+  bundle
 fi
 if [[ $modes == *,bench,* ]]; then
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
   python3 benchmarks/bench_mega_moe.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 |
     tee "$OUT/bench.log" | grep -v -i warn | tail -40
+  bundle
 fi
 if [[ $modes == *,scan,* ]]; then
   # shellcheck disable=SC2086  # SCAN_ARGS is a list of flags
   python3 benchmarks/bench_scan.py --out "$OUT/scan" ${SCAN_ARGS:-} 2>&1 |
     tee "$OUT/bench_scan.log" | grep -E "^\[M|^\|" | tail -20
+  bundle
 fi
 if [[ $modes == *,ncu,* ]]; then
   # On tools/gemm_profile.cu, a host program without JAX (ncu segfaulted attaching to
@@ -207,7 +230,32 @@ if [[ $modes == *,ncu,* ]]; then
   else
     status=1
   fi
+  bundle
 fi
-bundle=/tmp/megamoe_bundle.tgz
-(cd "$OUT" && tar -czf "$bundle" --exclude=0_bundle.tgz --exclude='*.ncu-rep' . && mv "$bundle" 0_bundle.tgz)
+if [[ $modes == *,abprof,* ]]; then
+  builds=()
+  # shellcheck disable=SC2086  # AB_TREES is a list of folders
+  for tree in . ${AB_TREES:-}; do
+    if [[ ! -d $tree ]]; then
+      echo "abprof: AB_TREES names $tree, which is not a folder of this checkout"
+      status=1
+      continue
+    fi
+    name=$(basename "$(cd "$tree" && pwd)")
+    [[ $tree == . ]] && name=this
+    if (cd "$tree" && build_tool "/tmp/gemm_profile_$name" "$OUT/abprof_build_$name.log" \
+      tools/gemm_profile.cu csrc/launch/gemm.cu); then
+      builds+=("$name=/tmp/gemm_profile_$name")
+    else
+      status=1
+    fi
+  done
+  # The base first: the table's changes are against the first build.
+  python3 benchmarks/ab_gemm_profile.py --tokens "${AB_TOKENS:-2048,8192}" \
+    --rounds "${AB_ROUNDS:-3}" --out "$OUT/abprof.json" "${builds[@]:1}" "${builds[0]}" 2>&1 |
+    tee "$OUT/abprof.log" | grep -E "^\|"
+  status=$((status | PIPESTATUS[0]))
+  bundle
+fi
+bundle
 exit "$status"
