@@ -20,14 +20,18 @@ __device__ __forceinline__ void fence_barrier_init() {
 
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) { cuda::ptx::mbarrier_arrive(bar); }
 
-// The same two at a 32-bit shared-memory address (ptx::smem_addr), for code that keeps its
-// barriers as shared-window offsets to save registers (a generic pointer takes two).
+// The barrier at 32-bit shared-memory address `bar` (ptx::smem_addr) as the generic pointer
+// CCCL's wrappers take. Code that keeps its barriers as shared-window offsets (a generic pointer
+// takes two registers) calls the forms below; the compiler folds this conversion and the
+// wrappers' conversion back into one shared address (the SASS is as with inline PTX on `bar`).
+__device__ __forceinline__ uint64_t* barrier_at(uint32_t bar) {
+  return static_cast<uint64_t*>(__cvta_shared_to_generic(bar));
+}
+
 __device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t arrivals) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(arrivals) : "memory");
+  mbarrier_init(barrier_at(bar), arrivals);
 }
-__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) { mbarrier_arrive(barrier_at(bar)); }
 
 // One arrival that also announces `bytes` of asynchronous (TMA) writes the phase must wait for.
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
@@ -63,38 +67,25 @@ __device__ __forceinline__ void spin_until(Done done) {
   }
 }
 
-// Whether the phase with parity `parity` of the barrier at 32-bit shared-memory address `bar`
-// (ptx::smem_addr) has completed; the hardware may suspend the thread a while before answering no.
+// Whether the phase with parity `parity` of the barrier at `bar` has completed; the hardware may
+// suspend the thread a while before answering no.
 __device__ __forceinline__ bool mbarrier_try_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n"
-      "}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
+  return cuda::ptx::mbarrier_try_wait_parity(barrier_at(bar), parity);
 }
 
 // The same, but the thread may sleep until the phase completes or about `suspend_ns` have passed
 // (a hint): a waiter that should not take issue slots from the warps beside it.
 __device__ __forceinline__ bool mbarrier_try_wait_sleep(uint32_t bar, uint32_t parity,
                                                         uint32_t suspend_ns) {
-  return cuda::ptx::mbarrier_try_wait_parity(static_cast<uint64_t*>(__cvta_shared_to_generic(bar)),
-                                             parity, suspend_ns);
+  return cuda::ptx::mbarrier_try_wait_parity(barrier_at(bar), parity, suspend_ns);
 }
 
 // Whether that phase has completed, without waiting.
 __device__ __forceinline__ bool mbarrier_test_wait(uint32_t bar, uint32_t parity) {
-  return cuda::ptx::mbarrier_test_wait_parity(static_cast<uint64_t*>(__cvta_shared_to_generic(bar)),
-                                              parity);
+  return cuda::ptx::mbarrier_test_wait_parity(barrier_at(bar), parity);
 }
 
-// Waits until that phase has completed; loops that keep shared-window offsets call this form
-// directly (cuda::ptx takes a generic pointer and converts it at each call).
+// Waits until that phase has completed.
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   spin_until([&] { return mbarrier_try_wait(bar, parity); });
 }
