@@ -31,11 +31,10 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 
 // `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared memory at 32-bit
 // address `src` (ptx::smem_addr) to global memory, asynchronously, in this thread's current bulk
-// group. Our own PTX: CCCL's wrapper takes a generic source pointer.
+// group. CCCL's wrapper takes a generic source; the compiler folds the conversion back.
 __device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src),
-               "r"(bytes)
-               : "memory");
+  cuda::ptx::cp_async_bulk(cuda::ptx::space_global, cuda::ptx::space_shared, dst,
+                           __cvta_shared_to_generic(src), bytes);
 }
 __device__ __forceinline__ void bulk_commit() { cuda::ptx::cp_async_bulk_commit_group(); }
 // Until this thread's committed bulk groups, but the newest kPending, have read their source.
