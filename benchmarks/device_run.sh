@@ -234,8 +234,9 @@ if [[ $modes == *,ncu,* ]]; then
 fi
 if [[ $modes == *,abprof,* ]]; then
   builds=()
+  # The base first (the table's changes are against the first build), this checkout last.
   # shellcheck disable=SC2086  # AB_TREES is a list of folders
-  for tree in . ${AB_TREES:-}; do
+  for tree in ${AB_TREES:-} .; do
     if [[ ! -d $tree ]]; then
       echo "abprof: AB_TREES names $tree, which is not a folder of this checkout"
       status=1
@@ -250,9 +251,8 @@ if [[ $modes == *,abprof,* ]]; then
       status=1
     fi
   done
-  # The base first: the table's changes are against the first build.
   python3 benchmarks/ab_gemm_profile.py --tokens "${AB_TOKENS:-2048,8192}" \
-    --rounds "${AB_ROUNDS:-3}" --out "$OUT/abprof.json" "${builds[@]:1}" "${builds[0]}" 2>&1 |
+    --rounds "${AB_ROUNDS:-3}" --out "$OUT/abprof.json" "${builds[@]}" 2>&1 |
     tee "$OUT/abprof.log" | grep -E "^\|"
   status=$((status | PIPESTATUS[0]))
   bundle
