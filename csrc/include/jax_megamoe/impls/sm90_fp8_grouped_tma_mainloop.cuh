@@ -126,11 +126,11 @@ class GroupedFp8TmaMainloop {
     __syncthreads();
     if (threadIdx.x < kWarpGroupThreads) {
       ptx::setmaxnreg_dec<kProducerRegs>();
+      constexpr int kStoreWarps = std::remove_reference_t<Epilogue>::kStoreWarps;
       const int warp = threadIdx.x / 32;
       if (warp == 0) produce();
-      if constexpr (std::remove_reference_t<Epilogue>::kStoreWarps > 0) {
-        if (warp >= 1 && warp <= std::remove_reference_t<Epilogue>::kStoreWarps)
-          epilogue.store(warp - 1, tile_count());
+      if constexpr (kStoreWarps > 0) {
+        if (warp >= 1 && warp <= kStoreWarps) epilogue.store(warp - 1, tile_count());
       }
     } else {
       ptx::setmaxnreg_inc<kMathRegs>();
