@@ -238,7 +238,10 @@ class GroupedFp8TmaMainloop {
   // Math warpgroups. One K loop per tile kind (paired, lone): no branch on the kind inside it.
   template <class Epilogue>
   __device__ __forceinline__ void consume(Epilogue& epilogue, int math_thread) {
-    const int wg = math_thread / kWarpGroupThreads;
+    // Through a shuffle from lane 0, so the compiler knows it is the same in every lane of the
+    // warp and keeps what derives from it (the A descriptor) in uniform registers: computed
+    // per thread, each wgmma's A descriptor took two R2UR moves before it could issue.
+    const int wg = __shfl_sync(0xffffffffu, math_thread / kWarpGroupThreads, 0);
     const int t = math_thread % kWarpGroupThreads;
     const bool warp_leader = math_thread % 32 == 0;
     int slot = 0;
