@@ -12,11 +12,15 @@ namespace jax_megamoe::epilogue {
 // (the rounding of -g log2 e) plus a few ulp from the approximations, is far below the e4m3 step
 // that the value meets next. Limits: large g gives g; below g = -87.3 (1 + e^-g > 2^126: the
 // reciprocal flushes to zero) it gives 0 with g's sign instead of a |silu| under 1e-36.
-__device__ __forceinline__ float swiglu(float gate, float up, float clamp) {
+__device__ __forceinline__ float swiglu(float gate, float up) {
   constexpr float kLog2e = 1.4426950408889634f;
-  const float g = fminf(gate, clamp);
-  const float u = fminf(fmaxf(up, -clamp), clamp);
-  return g * ptx::rcp_approx_ftz(1.f + ptx::ex2_approx_ftz(g * -kLog2e)) * u;
+  return gate * ptx::rcp_approx_ftz(1.f + ptx::ex2_approx_ftz(gate * -kLog2e)) * up;
+}
+
+// With the clamp: gate <= clamp, |up| <= clamp. swiglu(gate, up) above is this one at clamp =
+// +inf for every value but NaN, without its three FMNMX.
+__device__ __forceinline__ float swiglu(float gate, float up, float clamp) {
+  return swiglu(fminf(gate, clamp), fminf(fmaxf(up, -clamp), clamp));
 }
 
 }  // namespace jax_megamoe::epilogue
