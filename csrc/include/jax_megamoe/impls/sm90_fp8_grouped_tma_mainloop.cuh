@@ -149,7 +149,7 @@ class GroupedFp8TmaMainloop {
     // A claim's latency (one atomic) is hidden by the ring: when a tile's last K block has
     // been issued, the producer is kStages K blocks ahead of the math.
     Tile tile = dynamic ? sched.take(sched.claim(claims_, lane), claims_, lane) : sched.first();
-    if (lane == 0) ptx::st_shared(tile_count() + 4, 0);
+    if (lane == 0) ptx::st_shared(tiles_taken(), 0);
     while (!sched.done(tile)) {
       const int row0 = tile.pair * kTileM;
       if (op_.a_ready != nullptr) wait_a_ready(tile, lane);
@@ -159,7 +159,7 @@ class GroupedFp8TmaMainloop {
         if (lane == 0) {
           if (kb == 0) {
             publish(slot, tile);  // made visible by the arrival below
-            ptx::st_shared(tile_count() + 4, ptx::ld_shared_s32(tile_count() + 4) + 1);
+            ptx::st_shared(tiles_taken(), ptx::ld_shared_s32(tiles_taken()) + 1);
           }
           // Only the working row blocks' A: at small M most pairs have one, and the other
           // block's bytes would only take L2 bandwidth from the weight stream.
@@ -212,7 +212,7 @@ class GroupedFp8TmaMainloop {
     if (lane == 0) {
       publish(slot, sched.done_tile());
       ptx::mbarrier_arrive(&full_[slot]);
-      ptx::st_shared(tile_count(), ptx::ld_shared_s32(tile_count() + 4));
+      ptx::st_shared(tile_count(), ptx::ld_shared_s32(tiles_taken()));
     }
     __syncwarp();
     ptx::mbarrier_arrive(&full_[slot]);
@@ -323,6 +323,8 @@ class GroupedFp8TmaMainloop {
     return ptx::smem_addr(full_) + kBarrierBytes + slot * static_cast<uint32_t>(sizeof(Tile));
   }
   __device__ uint32_t tile_count() const { return tile_slot(kStages); }
+  // The producer's running count of the tiles it has taken (kTileCountBytes' second word).
+  __device__ uint32_t tiles_taken() const { return tile_count() + 4; }
   __device__ __forceinline__ void publish(int slot, const Tile& t) const {
     const uint32_t a = tile_slot(slot);
     ptx::st_shared(a + offsetof(Tile, pair), t.pair);
