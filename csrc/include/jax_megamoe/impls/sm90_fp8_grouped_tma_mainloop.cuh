@@ -259,9 +259,7 @@ class GroupedFp8TmaMainloop {
           mma_pair(v.a, v.b, v.a_scales, v.b_scales, acc, v.slot, warp_leader);
         });
       } else if constexpr (Epilogue::kLoneSplit == LoneSplit::kHalfOfEachGroup) {
-        k_loop(slot, phase, block, t, [&](const StageView& v) {
-          mma_lone_halves(v.a, v.b, wg, v.a_scales, v.b_scales, acc, v.slot, warp_leader);
-        });
+        lone_halves_loop(slot, phase, block, wg, t, acc, warp_leader);
       } else {
         // Into acc[0] whichever group: a branch on the warpgroup here (to keep constant
         // accumulator indices) made the compiler treat the ring's slot as per-thread in every
@@ -291,26 +289,46 @@ class GroupedFp8TmaMainloop {
   template <class Step>
   __device__ __forceinline__ void k_loop(int& slot, uint32_t& phase, int block, int t,
                                          Step&& step) {
-    const uint32_t a0 = ptx::smem_addr(ring_.a(0)) + block * Shape::kAWgBytes;
-    const uint32_t b0 = ptx::smem_addr(ring_.b(0));
-    const uint32_t a_scale0 = ptx::smem_addr(ring_.a_scale(0)) + block * kBlockM * 4;
-    const uint32_t b_scale0 = ptx::smem_addr(ring_.b_scale(0));
-    const uint32_t full0 = ptx::smem_addr(full_);
+    const StageAddrs at(ring_, full_, block, t);
     const int n = num_kb();
     for (int kb = 0;;) {
+      step(at.view(slot));
+      advance(slot, phase);
+      if (++kb == n) break;
+      at.wait_full(slot, phase);
+    }
+  }
+
+  // Slot 0's addresses of what a math warpgroup reads (its row block's A, B, the scales) and of
+  // the full barriers, from which each stage's follow by a multiply-add.
+  struct StageAddrs {
+    uint32_t a0, b0, a_scale0, b_scale0, full0;
+    int t;
+    __device__ StageAddrs(const Ring& ring, uint64_t* full, int block, int t)
+        : a0(ptx::smem_addr(ring.a(0)) + block * Shape::kAWgBytes),
+          b0(ptx::smem_addr(ring.b(0))),
+          a_scale0(ptx::smem_addr(ring.a_scale(0)) + block * kBlockM * 4),
+          b_scale0(ptx::smem_addr(ring.b_scale(0))),
+          full0(ptx::smem_addr(full)),
+          t(t) {}
+    __device__ __forceinline__ StageView view(int slot) const {
       StageView v;
       v.slot = slot;
       v.a = a0 + slot * Shape::kOperandBytes;
       v.b = b0 + slot * Shape::kOperandBytes;
       v.a_scales = load_row_scales(a_scale0 + slot * Shape::kScaleBytes, t);
       ptx::ld_shared_v2(b_scale0 + slot * Shape::kScaleBytes, v.b_scales);
-      step(v);
-      if (++slot == kStages) {
-        slot = 0;
-        phase ^= 1;
-      }
-      if (++kb == n) break;
+      return v;
+    }
+    __device__ __forceinline__ void wait_full(int slot, uint32_t phase) const {
       ptx::mbarrier_wait(full0 + slot * static_cast<uint32_t>(sizeof(uint64_t)), phase);
+    }
+  };
+
+  __device__ __forceinline__ static void advance(int& slot, uint32_t& phase) {
+    if (++slot == kStages) {
+      slot = 0;
+      phase ^= 1;
     }
   }
 
@@ -371,30 +389,50 @@ class GroupedFp8TmaMainloop {
   }
 
   // Lone block, LoneSplit::kHalfOfEachGroup: warpgroup wg takes half wg of every B group, into
-  // the first half of that group's accumulator. Both groups' wgmma are issued before the first
-  // wait, into one half-width partial each (together the registers of the paired path's one
-  // partial): a lone tile's math is a chain of waits, and at small M, where every tile is lone,
-  // that chain set the rate of a CTA whose weight stream ran faster (the last round, or half the
-  // SMs): one wgmma latency per K block instead of two. Group 0 is promoted while group 1's
-  // wgmma still run.
-  __device__ __forceinline__ void mma_lone_halves(uint32_t a_smem, uint32_t b_smem, int wg,
-                                                  const RowScales& a_scales,
-                                                  const float (&b_scales)[kNumBGroups],
-                                                  TileAccum<kWgN>& acc, int slot,
-                                                  bool warp_leader) {
+  // the first half of that group's accumulator, through one half-width partial per group
+  // (together the registers of the paired path's one partial). The groups' wgmma chain across
+  // K blocks: group g of block kb + 1 is issued as soon as group g of block kb is promoted, so
+  // the warpgroup has a group in flight while it promotes the other, at a K block's boundary
+  // too. (Waiting for both groups at the end of each block left the tensor cores a gap there,
+  // at the same moment in both warpgroups, which start every block on the same barrier: a
+  // lone K block cost 0.77 of a paired one for half its math.) Slot kb is released once
+  // group 1 of block kb is done, after the wait for block kb + 1's stage: the ring has
+  // kStages >= 2 slots, so the producer is never waiting for the slot being held.
+  __device__ __forceinline__ void lone_halves_loop(int& slot, uint32_t& phase, int block, int wg,
+                                                   int t, TileAccum<kWgN>& acc,
+                                                   bool warp_leader) {
     static_assert(kNumBGroups == 2, "one partial per B group");
     constexpr int kHalfN = kWgN / 2;
     float part0[TileShape<kHalfN>::kAccRegs], part1[TileShape<kHalfN>::kAccRegs];
-    const uint32_t b_half = b_smem + wg * kHalfN * kBlockK;
-    issue_block_mma<kHalfN>(a_smem, b_half, part0);
-    issue_block_mma<kHalfN>(a_smem, b_half + Shape::kBGroupBytes, part1);
-    ptx::wgmma_wait<1>();
-    ptx::fence_operands(part0);
-    promote(a_scales, b_scales[0], part0, acc[0]);
-    ptx::wgmma_wait<0>();
-    ptx::fence_operands(part1);
-    release(slot, warp_leader);
-    promote(a_scales, b_scales[1], part1, acc[1]);
+    const StageAddrs at(ring_, full_, block, t);
+    const uint32_t b_half = wg * kHalfN * kBlockK;
+    const int n = num_kb();
+    StageView v = at.view(slot);
+    issue_block_mma<kHalfN>(v.a, v.b + b_half, part0);
+    issue_block_mma<kHalfN>(v.a, v.b + b_half + Shape::kBGroupBytes, part1);
+    for (int kb = 0;;) {
+      ptx::wgmma_wait<1>();
+      ptx::fence_operands(part0);
+      promote(v.a_scales, v.b_scales[0], part0, acc[0]);
+      const int held = slot;
+      advance(slot, phase);
+      if (++kb == n) {
+        ptx::wgmma_wait<0>();
+        ptx::fence_operands(part1);
+        release(held, warp_leader);
+        promote(v.a_scales, v.b_scales[1], part1, acc[1]);
+        break;
+      }
+      at.wait_full(slot, phase);
+      const StageView next = at.view(slot);
+      issue_block_mma<kHalfN>(next.a, next.b + b_half, part0);
+      ptx::wgmma_wait<1>();
+      ptx::fence_operands(part1);
+      release(held, warp_leader);
+      promote(v.a_scales, v.b_scales[1], part1, acc[1]);
+      issue_block_mma<kHalfN>(next.a, next.b + b_half + Shape::kBGroupBytes, part1);
+      v = next;
+    }
   }
 
   // Recomputed where used: a member would be held across the role split and spilled.
