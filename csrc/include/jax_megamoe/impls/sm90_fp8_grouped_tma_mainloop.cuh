@@ -323,6 +323,13 @@ class GroupedFp8TmaMainloop {
     __device__ __forceinline__ void wait_full(int slot, uint32_t phase) const {
       ptx::mbarrier_wait(full0 + slot * static_cast<uint32_t>(sizeof(uint64_t)), phase);
     }
+    // Whether the stage has landed, without waiting; the same answer in every lane of the warp
+    // (lane 0's), so the warp takes one path.
+    __device__ __forceinline__ bool test_full(int slot, uint32_t phase) const {
+      const bool landed =
+          ptx::mbarrier_test_wait(full0 + slot * static_cast<uint32_t>(sizeof(uint64_t)), phase);
+      return __shfl_sync(0xffffffffu, landed, 0);
+    }
   };
 
   __device__ __forceinline__ static void advance(int& slot, uint32_t& phase) {
@@ -396,11 +403,11 @@ class GroupedFp8TmaMainloop {
   // too. (Waiting for both groups at the end of each block left the tensor cores a gap there,
   // at the same moment in both warpgroups, which start every block on the same barrier: a
   // lone K block cost 0.77 of a paired one for half its math.) Slot kb is released once
-  // group 1 of block kb is done, after the wait for block kb + 1's stage: the ring has
-  // kStages >= 2 slots, so the producer is never waiting for the slot being held.
+  // group 1 of block kb is done: after group 0 of block kb + 1 is issued when that block's
+  // stage has landed, else before the wait for it (at small M the weight stream sets the rate,
+  // and a slot held through the wait is a stage the producer cannot fill).
   __device__ __forceinline__ void lone_halves_loop(int& slot, uint32_t& phase, int block, int wg,
-                                                   int t, TileAccum<kWgN>& acc,
-                                                   bool warp_leader) {
+                                                   int t, TileAccum<kWgN>& acc, bool warp_leader) {
     static_assert(kNumBGroups == 2, "one partial per B group");
     constexpr int kHalfN = kWgN / 2;
     float part0[TileShape<kHalfN>::kAccRegs], part1[TileShape<kHalfN>::kAccRegs];
@@ -423,7 +430,19 @@ class GroupedFp8TmaMainloop {
         promote(v.a_scales, v.b_scales[1], part1, acc[1]);
         break;
       }
-      at.wait_full(slot, phase);
+      if (!at.test_full(slot, phase)) {
+        // The next stage has not landed (the weight stream sets the rate, as at small M):
+        // hand this one back before waiting rather than hold it through the wait.
+        ptx::wgmma_wait<0>();
+        ptx::fence_operands(part1);
+        release(held, warp_leader);
+        promote(v.a_scales, v.b_scales[1], part1, acc[1]);
+        at.wait_full(slot, phase);
+        v = at.view(slot);
+        issue_block_mma<kHalfN>(v.a, v.b + b_half, part0);
+        issue_block_mma<kHalfN>(v.a, v.b + b_half + Shape::kBGroupBytes, part1);
+        continue;
+      }
       const StageView next = at.view(slot);
       issue_block_mma<kHalfN>(next.a, next.b + b_half, part0);
       ptx::wgmma_wait<1>();
