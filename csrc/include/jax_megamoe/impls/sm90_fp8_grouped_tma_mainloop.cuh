@@ -299,8 +299,8 @@ class GroupedFp8TmaMainloop {
     }
   }
 
-  // Slot 0's addresses of what a math warpgroup reads (its row block's A, B, the scales) and of
-  // the full barriers, from which each stage's follow by a multiply-add.
+  // Slot 0's shared-memory addresses of what a math warpgroup reads (its row block's A, B, the
+  // scales) and of the full barriers; slot s's are these plus s stages.
   struct StageAddrs {
     uint32_t a0, b0, a_scale0, b_scale0, full0;
     int t;
