@@ -9,6 +9,10 @@
 //   wgs    math warpgroups (64 rows each)     promote f32 promotion after each group
 //   pipe   two groups issued back to back into two partials; the first is promoted while
 //          the second runs, instead of waiting for each group before its promotion
+//   copy   bytes per K block that one more warp copies from global memory (L2-resident) into a
+//          shared-memory buffer nobody reads, with bulk copies, at most kCopyAhead K blocks
+//          ahead of the math: the main loop's TMA traffic without its data (does writing the
+//          next stages into shared memory slow the tensor cores reading this one?)
 //
 // Build and run (benchmarks/device_run.sh `ceiling` mode):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
@@ -21,6 +25,7 @@
 
 #include "jax_megamoe/impls/sm90_fp8_grouped_math.cuh"
 #include "jax_megamoe/ptx/cp_async.cuh"
+#include "jax_megamoe/ptx/mbarrier.cuh"
 #include "jax_megamoe/ptx/store.cuh"
 
 namespace {
@@ -30,28 +35,74 @@ using jax_megamoe::kBlockM;
 namespace ptx = jax_megamoe::ptx;
 
 constexpr int kScaleSlots = 4;  // per-K-block scales rotate so the compiler cannot hoist them
+constexpr int kCopyAhead = 4;   // K blocks the copy warp may run ahead (the main loop's ring)
+constexpr int kCopyChunk = 16 * 1024;
+constexpr size_t kCopySourceBytes = 16 << 20;  // global source, small enough to stay in L2
 
-template <int N, int kGroups, int kWgs>
+template <int N, int kGroups, int kWgs, int kCopyBytes>
 struct Layout {
   static constexpr int kABytes = kWgs * kBlockM * kBlockK;
   static constexpr int kBBytes = kGroups * N * kBlockK;
-  static constexpr int kBytes = kABytes + kBBytes + kScaleSlots * 65 * 4 + kSmemAlignSlack;
+  static constexpr int kScaleOffset = kABytes + kBBytes;
+  static constexpr int kCopyOffset = (kScaleOffset + kScaleSlots * 65 * 4 + 127) / 128 * 128;
+  // The copy warp's buffer, then its mbarriers (one per K block in flight) and the math's count.
+  static constexpr int kBarOffset = kCopyOffset + kCopyBytes;
+  static constexpr int kBytes = kBarOffset + kCopyAhead * 8 + 8 + kSmemAlignSlack;
+  static constexpr int kThreads = kWgs * kWarpGroupThreads + (kCopyBytes > 0 ? 32 : 0);
 };
 
-template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe>
-__global__ void __launch_bounds__(kWgs* kWarpGroupThreads, 1)
-    spin(int iters, long long* cycles, float* sink) {
+// The copy warp: kCopyBytes per K block from `src` into the buffer, each K block's copies
+// completing on one of kCopyAhead mbarriers, never more than kCopyAhead K blocks ahead of the
+// count of K blocks the math has done (`done`, written by math thread 0). It polls that count
+// at most every ~200 ns: a warp polling without pause took the math warps' issue slots (3x
+// slower in the first try).
+template <int kCopyBytes>
+__device__ void copy_warp(int iters, uint8_t* buf, uint64_t* bars, const volatile int* done,
+                          const uint8_t* src) {
+  if (threadIdx.x % 32 != 0) return;
+  for (int it = 0; it < iters; ++it) {
+    while (*done + kCopyAhead <= it) __nanosleep(200);
+    const int slot = it % kCopyAhead;
+    if (it >= kCopyAhead) ptx::mbarrier_wait(&bars[slot], ((it / kCopyAhead) - 1) & 1);
+    ptx::mbarrier_arrive_expect_tx(&bars[slot], kCopyBytes);
+    const size_t at =
+        (size_t(blockIdx.x) * 131 + it) * kCopyBytes % (kCopySourceBytes - kCopyBytes);
+    for (int c = 0; c < kCopyBytes; c += kCopyChunk)
+      cuda::ptx::cp_async_bulk(cuda::ptx::space_cluster, cuda::ptx::space_global, buf + c,
+                               src + (at & ~size_t(15)) + c, min(kCopyChunk, kCopyBytes - c),
+                               &bars[slot]);
+  }
+  for (int it = max(0, iters - kCopyAhead); it < iters; ++it)
+    ptx::mbarrier_wait(&bars[it % kCopyAhead], (it / kCopyAhead) & 1);
+}
+
+template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes>
+__global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads, 1)
+    spin(int iters, long long* cycles, float* sink, const uint8_t* copy_src) {
   static_assert(!kPipe || kGroups <= 2, "the pipelined loop alternates two partials");
-  using L = Layout<N, kGroups, kWgs>;
+  using L = Layout<N, kGroups, kWgs, kCopyBytes>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
-  float* scales = reinterpret_cast<float*>(smem + L::kABytes + L::kBBytes);
+  float* scales = reinterpret_cast<float*>(smem + L::kScaleOffset);
+  uint64_t* copy_bars = reinterpret_cast<uint64_t*>(smem + L::kBarOffset);
+  volatile int* math_done = reinterpret_cast<volatile int*>(copy_bars + kCopyAhead);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kCopyAhead; ++i) ptx::mbarrier_init(&copy_bars[i], 1);
+    *math_done = 0;
+    ptx::fence_barrier_init();
+  }
   // e4m3 bytes without NaN (0x7f / 0xff) and of modest size, so the products stay finite.
   for (int i = threadIdx.x; i < L::kABytes + L::kBBytes; i += blockDim.x)
     smem[i] = static_cast<uint8_t>((i * 2654435761u >> 13) & 0xb7);
   for (int i = threadIdx.x; i < kScaleSlots * 65; i += blockDim.x) scales[i] = 1.f + i * 1e-3f;
   ptx::fence_proxy_async_shared();  // generic writes above, wgmma (async proxy) reads below
   __syncthreads();
+  if constexpr (kCopyBytes > 0) {
+    if (threadIdx.x >= kWgs * kWarpGroupThreads) {
+      copy_warp<kCopyBytes>(iters, smem + L::kCopyOffset, copy_bars, math_done, copy_src);
+      return;
+    }
+  }
 
   const int wg = threadIdx.x / kWarpGroupThreads, t = threadIdx.x % kWarpGroupThreads;
   const uint32_t a_smem = ptx::smem_addr(smem) + wg * kBlockM * kBlockK;
@@ -82,6 +133,7 @@ __global__ void __launch_bounds__(kWgs* kWarpGroupThreads, 1)
         ptx::fence_operands(part);
         promote_at(it, g, part);
       }
+      if (kCopyBytes > 0 && threadIdx.x == 0) *math_done = it + 1;
     }
   } else {
     // Two steps per iteration into two partials (groups 0 and 1 of a K block, or with one group
@@ -98,6 +150,7 @@ __global__ void __launch_bounds__(kWgs* kWarpGroupThreads, 1)
       ptx::wgmma_wait<0>();
       ptx::fence_operands(p1);
       promote_at(it, g1, p1);
+      if (kCopyBytes > 0 && threadIdx.x == 0) *math_done = it + 1;
     }
   }
   const long long t1 = clock64();
@@ -120,10 +173,10 @@ void check(cudaError_t e, const char* what) {
 }
 
 // Runs one variant on one CTA per SM; prints tensor-pipe share and TFLOPS.
-template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe>
-void run(const char* what, int sms, long long* cycles, float* sink) {
-  using L = Layout<N, kGroups, kWgs>;
-  auto kernel = spin<N, kGroups, kWgs, kPromote, kPipe>;
+template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes = 0>
+void run(const char* what, int sms, long long* cycles, float* sink, const uint8_t* copy_src) {
+  using L = Layout<N, kGroups, kWgs, kCopyBytes>;
+  auto kernel = spin<N, kGroups, kWgs, kPromote, kPipe, kCopyBytes>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024),
         "smem attribute");
   // Steps per warpgroup: kGroups per iteration (two in the pipelined loop), ~2^16 of them.
@@ -131,12 +184,12 @@ void run(const char* what, int sms, long long* cycles, float* sink) {
   const int iters = (1 << 16) / steps_per_iter;
   // 200 KB of shared memory whatever the variant needs: one CTA per SM.
   static_assert(L::kBytes <= 200 * 1024, "variant does not fit the shared memory");
-  kernel<<<sms, kWgs * kWarpGroupThreads, 200 * 1024>>>(iters / 8, cycles, sink);  // warm-up
+  kernel<<<sms, L::kThreads, 200 * 1024>>>(iters / 8, cycles, sink, copy_src);  // warm-up
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
   cudaEventRecord(e0);
-  kernel<<<sms, kWgs * kWarpGroupThreads, 200 * 1024>>>(iters, cycles, sink);
+  kernel<<<sms, L::kThreads, 200 * 1024>>>(iters, cycles, sink, copy_src);
   cudaEventRecord(e1);
   check(cudaEventSynchronize(e1), what);
   float ms = 0.f;
@@ -162,17 +215,30 @@ int main() {
   float* sink;
   check(cudaMalloc(&cycles, sms * sizeof(long long)), "malloc");
   check(cudaMalloc(&sink, sms * 3 * kWarpGroupThreads * sizeof(float)), "malloc");
+  uint8_t* copy_src;
+  check(cudaMalloc(&copy_src, kCopySourceBytes), "malloc");
+  check(cudaMemset(copy_src, 0x38, kCopySourceBytes), "memset");
   std::printf("%d SMs, one CTA each, operands resident in shared memory\n", sms);
-  //   N, groups, warpgroups, promote, pipe
-  run<128, 2, 2, false, false>("main's math, no promotion (n128 x2, 2 wg)", sms, cycles, sink);
-  run<128, 2, 2, true, false>("main's math (n128 x2, 2 wg, promote)", sms, cycles, sink);
-  run<128, 2, 1, false, false>("one warpgroup, no promotion (n128 x2)", sms, cycles, sink);
-  run<128, 1, 2, true, false>("128x128 tile (n128 x1, 2 wg, promote)", sms, cycles, sink);
-  run<128, 1, 2, false, true>("n128 x1, 2 wg, two K blocks per wait", sms, cycles, sink);
-  run<128, 1, 2, true, true>("n128 x1, 2 wg, promote, overlapped", sms, cycles, sink);
-  run<64, 2, 2, true, false>("n64 x2, 2 wg, promote", sms, cycles, sink);
-  run<64, 2, 2, true, true>("n64 x2, 2 wg, promote, overlapped", sms, cycles, sink);
-  run<128, 1, 3, true, false>("n128 x1, 3 wg, promote", sms, cycles, sink);
-  run<64, 2, 3, true, true>("n64 x2, 3 wg, promote, overlapped", sms, cycles, sink);
+  //   N, groups, warpgroups, promote, pipe[, bytes copied into shared memory per K block]
+  const uint8_t* src = copy_src;
+  run<128, 2, 2, false, false>("main's math, no promotion (n128 x2, 2 wg)", sms, cycles, sink, src);
+  run<128, 2, 2, true, false>("main's math (n128 x2, 2 wg, promote)", sms, cycles, sink, src);
+  run<128, 2, 2, true, false, 48 * 1024>("main's math + 48 KB copied per K block", sms, cycles,
+                                         sink, src);
+  run<128, 2, 2, true, false, 16>("main's math + 16 B copied per K block", sms, cycles, sink, src);
+  run<128, 2, 2, true, false, 24 * 1024>("main's math + 24 KB copied per K block", sms, cycles,
+                                         sink, src);
+  run<128, 2, 2, false, false, 48 * 1024>("no promotion + 48 KB copied per K block", sms, cycles,
+                                          sink, src);
+  run<128, 2, 1, false, false>("one warpgroup, no promotion (n128 x2)", sms, cycles, sink, src);
+  run<128, 1, 2, true, false>("128x128 tile (n128 x1, 2 wg, promote)", sms, cycles, sink, src);
+  run<128, 1, 2, false, true>("n128 x1, 2 wg, two K blocks per wait", sms, cycles, sink, src);
+  run<128, 1, 2, true, true>("n128 x1, 2 wg, promote, overlapped", sms, cycles, sink, src);
+  run<64, 2, 2, true, false>("n64 x2, 2 wg, promote", sms, cycles, sink, src);
+  run<64, 2, 2, true, false, 40 * 1024>("n64 x2 (a lone tile) + 40 KB copied per K block", sms,
+                                        cycles, sink, src);
+  run<64, 2, 2, true, true>("n64 x2, 2 wg, promote, overlapped", sms, cycles, sink, src);
+  run<128, 1, 3, true, false>("n128 x1, 3 wg, promote", sms, cycles, sink, src);
+  run<64, 2, 3, true, true>("n64 x2, 3 wg, promote, overlapped", sms, cycles, sink, src);
   return 0;
 }
