@@ -24,6 +24,7 @@
 #include <cstdlib>
 
 #include "jax_megamoe/impls/sm90_fp8_grouped_math.cuh"
+#include "jax_megamoe/impls/sm90_fp8_grouped_tma_mainloop.cuh"
 #include "jax_megamoe/ptx/cp_async.cuh"
 #include "jax_megamoe/ptx/mbarrier.cuh"
 #include "jax_megamoe/ptx/store.cuh"
@@ -48,7 +49,10 @@ struct Layout {
   // The copy warp's buffer, then its mbarriers (one per K block in flight) and the math's count.
   static constexpr int kBarOffset = kCopyOffset + kCopyBytes;
   static constexpr int kBytes = kBarOffset + kCopyAhead * 8 + 8 + kSmemAlignSlack;
-  static constexpr int kThreads = kWgs * kWarpGroupThreads + (kCopyBytes > 0 ? 32 : 0);
+  // With copies, one more warpgroup whose first warp copies, its registers moved to the math
+  // (setmaxnreg, as in the main loop): a lone copy warp under the launch bound of 288 threads
+  // left the math 224 registers, and the promoting variants spilled.
+  static constexpr int kThreads = (kWgs + (kCopyBytes > 0 ? 1 : 0)) * kWarpGroupThreads;
 };
 
 // The copy warp: kCopyBytes per K block from `src` into the buffer, each K block's copies
@@ -98,10 +102,14 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
   ptx::fence_proxy_async_shared();  // generic writes above, wgmma (async proxy) reads below
   __syncthreads();
   if constexpr (kCopyBytes > 0) {
+    static_assert(kWgs == 2, "the register split below is the main loop's: 2 math warpgroups");
     if (threadIdx.x >= kWgs * kWarpGroupThreads) {
-      copy_warp<kCopyBytes>(iters, smem + L::kCopyOffset, copy_bars, math_done, copy_src);
+      ptx::setmaxnreg_dec<kProducerRegs>();
+      if (threadIdx.x < kWgs * kWarpGroupThreads + 32)
+        copy_warp<kCopyBytes>(iters, smem + L::kCopyOffset, copy_bars, math_done, copy_src);
       return;
     }
+    ptx::setmaxnreg_inc<kMathRegs>();
   }
 
   const int wg = threadIdx.x / kWarpGroupThreads, t = threadIdx.x % kWarpGroupThreads;
