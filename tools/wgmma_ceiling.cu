@@ -112,7 +112,10 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
     ptx::setmaxnreg_inc<kMathRegs>();
   }
 
-  const int wg = threadIdx.x / kWarpGroupThreads, t = threadIdx.x % kWarpGroupThreads;
+  // Warp-uniform through lane 0, as in the main loop: after the role split above the compiler
+  // no longer knew it, and every wgmma's descriptors went through R2UR.
+  const int wg = __shfl_sync(0xffffffffu, threadIdx.x / kWarpGroupThreads, 0);
+  const int t = threadIdx.x % kWarpGroupThreads;
   const uint32_t a_smem = ptx::smem_addr(smem) + wg * kBlockM * kBlockK;
   const uint32_t b_smem = ptx::smem_addr(smem) + L::kABytes;
   float acc[kGroups][N / 2];
