@@ -61,11 +61,11 @@ struct Layout {
 // at most every ~200 ns: a warp polling without pause took the math warps' issue slots (3x
 // slower in the first try).
 template <int kCopyBytes>
-__device__ void copy_warp(int iters, uint8_t* buf, uint64_t* bars, const volatile int* done,
+__device__ void copy_warp(int iters, uint8_t* buf, uint64_t* bars, uint32_t done,
                           const uint8_t* src) {
   if (threadIdx.x % 32 != 0) return;
   for (int it = 0; it < iters; ++it) {
-    while (*done + kCopyAhead <= it) __nanosleep(200);
+    while (ptx::ld_volatile_shared_s32(done) + kCopyAhead <= it) __nanosleep(200);
     const int slot = it % kCopyAhead;
     if (it >= kCopyAhead) ptx::mbarrier_wait(&bars[slot], ((it / kCopyAhead) - 1) & 1);
     ptx::mbarrier_arrive_expect_tx(&bars[slot], kCopyBytes);
@@ -89,10 +89,14 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
   uint8_t* smem = align_smem(smem_raw);
   float* scales = reinterpret_cast<float*>(smem + L::kScaleOffset);
   uint64_t* copy_bars = reinterpret_cast<uint64_t*>(smem + L::kBarOffset);
-  volatile int* math_done = reinterpret_cast<volatile int*>(copy_bars + kCopyAhead);
+  // The math's count and the scales by 32-bit shared-memory address, as in the main loop: after
+  // the copy warpgroup's role split the compiler no longer knew the generic pointers to be
+  // shared, and the K loop read a scale with a generic load and stored the count with a
+  // system-scope generic store.
+  const uint32_t math_done = ptx::smem_addr(copy_bars + kCopyAhead);
   if (threadIdx.x == 0) {
     for (int i = 0; i < kCopyAhead; ++i) ptx::mbarrier_init(&copy_bars[i], 1);
-    *math_done = 0;
+    ptx::st_shared(math_done, 0);
     ptx::fence_barrier_init();
   }
   // e4m3 bytes without NaN (0x7f / 0xff) and of modest size, so the products stay finite.
@@ -127,7 +131,8 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
   auto promote_at = [&](int it, int g, const float (&part)[N / 2]) {
     if constexpr (kPromote) {
       const float* s = scales + (it % kScaleSlots) * 65;
-      promote(load_row_scales(ptx::smem_addr(s), t), s[64], part, acc[g]);
+      promote(load_row_scales(ptx::smem_addr(s), t), ptx::ld_shared_f32(ptx::smem_addr(s + 64)),
+              part, acc[g]);
     } else if (it == iters - 1) {  // keep one result so the wgmma are not dead code
       promote(RowScales{{1.f, 1.f}}, 1.f, part, acc[g]);
     }
@@ -144,7 +149,7 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
         ptx::fence_operands(part);
         promote_at(it, g, part);
       }
-      if (kCopyBytes > 0 && threadIdx.x == 0) *math_done = it + 1;
+      if (kCopyBytes > 0 && threadIdx.x == 0) ptx::st_shared(math_done, it + 1);
     }
   } else {
     // Two steps per iteration into two partials (groups 0 and 1 of a K block, or with one group
@@ -161,7 +166,7 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
       ptx::wgmma_wait<0>();
       ptx::fence_operands(p1);
       promote_at(it, g1, p1);
-      if (kCopyBytes > 0 && threadIdx.x == 0) *math_done = it + 1;
+      if (kCopyBytes > 0 && threadIdx.x == 0) ptx::st_shared(math_done, it + 1);
     }
   }
   const long long t1 = clock64();
