@@ -12,7 +12,9 @@
 //   copy   bytes per K block that one more warp copies from global memory (L2-resident) into a
 //          shared-memory buffer nobody reads, with bulk copies, at most kCopyAhead K blocks
 //          ahead of the math: the main loop's TMA traffic without its data (does writing the
-//          next stages into shared memory slow the tensor cores reading this one?)
+//          next stages into shared memory slow the tensor cores reading this one?); the copy
+//          warp polls the math's progress every poll ns. copy = kIdleWarpgroup: the extra
+//          warpgroup and the register split without the copy warp (it exits at once)
 //
 // Build and run (benchmarks/device_run.sh `ceiling` mode):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
@@ -39,6 +41,7 @@ constexpr int kScaleSlots = 4;  // per-K-block scales rotate so the compiler can
 constexpr int kCopyAhead = 4;   // K blocks the copy warp may run ahead (the main loop's ring)
 constexpr int kCopyChunk = 16 * 1024;
 constexpr size_t kCopySourceBytes = 16 << 20;  // global source, small enough to stay in L2
+constexpr int kIdleWarpgroup = -1;
 
 template <int N, int kGroups, int kWgs, int kCopyBytes>
 struct Layout {
@@ -47,12 +50,12 @@ struct Layout {
   static constexpr int kScaleOffset = kABytes + kBBytes;
   static constexpr int kCopyOffset = (kScaleOffset + kScaleSlots * 65 * 4 + 127) / 128 * 128;
   // The copy warp's buffer, then its mbarriers (one per K block in flight) and the math's count.
-  static constexpr int kBarOffset = kCopyOffset + kCopyBytes;
+  static constexpr int kBarOffset = kCopyOffset + (kCopyBytes > 0 ? kCopyBytes : 0);
   static constexpr int kBytes = kBarOffset + kCopyAhead * 8 + 8 + kSmemAlignSlack;
   // With copies, one more warpgroup whose first warp copies, its registers moved to the math
   // (setmaxnreg, as in the main loop): a lone copy warp under the launch bound of 288 threads
   // left the math 224 registers, and the promoting variants spilled.
-  static constexpr int kThreads = (kWgs + (kCopyBytes > 0 ? 1 : 0)) * kWarpGroupThreads;
+  static constexpr int kThreads = (kWgs + (kCopyBytes != 0 ? 1 : 0)) * kWarpGroupThreads;
 };
 
 // The copy warp: kCopyBytes per K block from `src` into the buffer, each K block's copies
@@ -60,12 +63,12 @@ struct Layout {
 // count of K blocks the math has done (`done`, written by math thread 0). It polls that count
 // at most every ~200 ns: a warp polling without pause took the math warps' issue slots (3x
 // slower in the first try).
-template <int kCopyBytes>
+template <int kCopyBytes, int kPollNs>
 __device__ void copy_warp(int iters, uint8_t* buf, uint64_t* bars, uint32_t done,
                           const uint8_t* src) {
   if (threadIdx.x % 32 != 0) return;
   for (int it = 0; it < iters; ++it) {
-    while (ptx::ld_volatile_shared_s32(done) + kCopyAhead <= it) __nanosleep(200);
+    while (ptx::ld_volatile_shared_s32(done) + kCopyAhead <= it) __nanosleep(kPollNs);
     const int slot = it % kCopyAhead;
     if (it >= kCopyAhead) ptx::mbarrier_wait(&bars[slot], ((it / kCopyAhead) - 1) & 1);
     ptx::mbarrier_arrive_expect_tx(&bars[slot], kCopyBytes);
@@ -80,7 +83,7 @@ __device__ void copy_warp(int iters, uint8_t* buf, uint64_t* bars, uint32_t done
     ptx::mbarrier_wait(&bars[it % kCopyAhead], (it / kCopyAhead) & 1);
 }
 
-template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes>
+template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes, int kPollNs>
 __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads, 1)
     spin(int iters, long long* cycles, float* sink, const uint8_t* copy_src) {
   static_assert(!kPipe || kGroups <= 2, "the pipelined loop alternates two partials");
@@ -105,12 +108,15 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
   for (int i = threadIdx.x; i < kScaleSlots * 65; i += blockDim.x) scales[i] = 1.f + i * 1e-3f;
   ptx::fence_proxy_async_shared();  // generic writes above, wgmma (async proxy) reads below
   __syncthreads();
-  if constexpr (kCopyBytes > 0) {
+  if constexpr (kCopyBytes != 0) {
     static_assert(kWgs == 2, "the register split below is the main loop's: 2 math warpgroups");
     if (threadIdx.x >= kWgs * kWarpGroupThreads) {
       ptx::setmaxnreg_dec<kProducerRegs>();
-      if (threadIdx.x < kWgs * kWarpGroupThreads + 32)
-        copy_warp<kCopyBytes>(iters, smem + L::kCopyOffset, copy_bars, math_done, copy_src);
+      if constexpr (kCopyBytes > 0) {
+        if (threadIdx.x < kWgs * kWarpGroupThreads + 32)
+          copy_warp<kCopyBytes, kPollNs>(iters, smem + L::kCopyOffset, copy_bars, math_done,
+                                         copy_src);
+      }
       return;
     }
     ptx::setmaxnreg_inc<kMathRegs>();
@@ -189,10 +195,11 @@ void check(cudaError_t e, const char* what) {
 }
 
 // Runs one variant on one CTA per SM; prints tensor-pipe share and TFLOPS.
-template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes = 0>
+template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes = 0,
+          int kPollNs = 200>
 void run(const char* what, int sms, long long* cycles, float* sink, const uint8_t* copy_src) {
   using L = Layout<N, kGroups, kWgs, kCopyBytes>;
-  auto kernel = spin<N, kGroups, kWgs, kPromote, kPipe, kCopyBytes>;
+  auto kernel = spin<N, kGroups, kWgs, kPromote, kPipe, kCopyBytes, kPollNs>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024),
         "smem attribute");
   // Steps per warpgroup: kGroups per iteration (two in the pipelined loop), ~2^16 of them.
@@ -242,6 +249,10 @@ int main() {
   run<128, 2, 2, true, false, 48 * 1024>("main's math + 48 KB copied per K block", sms, cycles,
                                          sink, src);
   run<128, 2, 2, true, false, 16>("main's math + 16 B copied per K block", sms, cycles, sink, src);
+  run<128, 2, 2, true, false, 16, 2000>("main's math + 16 B copied, polled every 2 us", sms, cycles,
+                                        sink, src);
+  run<128, 2, 2, true, false, kIdleWarpgroup>("main's math + an idle warpgroup (setmaxnreg)", sms,
+                                              cycles, sink, src);
   run<128, 2, 2, true, false, 24 * 1024>("main's math + 24 KB copied per K block", sms, cycles,
                                          sink, src);
   run<128, 2, 2, false, false, 48 * 1024>("no promotion + 48 KB copied per K block", sms, cycles,
