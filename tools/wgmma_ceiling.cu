@@ -15,6 +15,8 @@
 //          next stages into shared memory slow the tensor cores reading this one?); the copy
 //          warp polls the math's progress every poll ns. copy = kIdleWarpgroup: the extra
 //          warpgroup and the register split without the copy warp (it exits at once)
+//   regs   the math warps' registers after setmaxnreg (0: the main loop's split with an extra
+//          warpgroup, none without one)
 //
 // Build and run (benchmarks/device_run.sh `ceiling` mode):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
@@ -83,7 +85,8 @@ __device__ void copy_warp(int iters, uint8_t* buf, uint64_t* bars, uint32_t done
     ptx::mbarrier_wait(&bars[it % kCopyAhead], (it / kCopyAhead) & 1);
 }
 
-template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes, int kPollNs>
+template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes, int kPollNs,
+          int kRegs>
 __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads, 1)
     spin(int iters, long long* cycles, float* sink, const uint8_t* copy_src) {
   static_assert(!kPipe || kGroups <= 2, "the pipelined loop alternates two partials");
@@ -119,7 +122,9 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
       }
       return;
     }
-    ptx::setmaxnreg_inc<kMathRegs>();
+    ptx::setmaxnreg_inc < kRegs > 0 ? kRegs : kMathRegs>();
+  } else if constexpr (kRegs > 0) {
+    ptx::setmaxnreg_inc<kRegs>();  // no extra warpgroup: only the larger allocation
   }
 
   // Warp-uniform through lane 0, as in the main loop: after the role split above the compiler
@@ -196,10 +201,10 @@ void check(cudaError_t e, const char* what) {
 
 // Runs one variant on one CTA per SM; prints tensor-pipe share and TFLOPS.
 template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes = 0,
-          int kPollNs = 200>
+          int kPollNs = 200, int kRegs = 0>
 void run(const char* what, int sms, long long* cycles, float* sink, const uint8_t* copy_src) {
   using L = Layout<N, kGroups, kWgs, kCopyBytes>;
-  auto kernel = spin<N, kGroups, kWgs, kPromote, kPipe, kCopyBytes, kPollNs>;
+  auto kernel = spin<N, kGroups, kWgs, kPromote, kPipe, kCopyBytes, kPollNs, kRegs>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024),
         "smem attribute");
   // Steps per warpgroup: kGroups per iteration (two in the pipelined loop), ~2^16 of them.
@@ -251,6 +256,10 @@ int main() {
   run<128, 2, 2, true, false, 16>("main's math + 16 B copied per K block", sms, cycles, sink, src);
   run<128, 2, 2, true, false, 16, 2000>("main's math + 16 B copied, polled every 2 us", sms, cycles,
                                         sink, src);
+  run<128, 2, 2, true, false, kIdleWarpgroup, 200, 216>(
+      "main's math + an idle warpgroup, 216 registers", sms, cycles, sink, src);
+  run<128, 2, 2, true, false, 0, 200, 232>("main's math, setmaxnreg to 232, no extra warpgroup",
+                                           sms, cycles, sink, src);
   run<128, 2, 2, true, false, kIdleWarpgroup>("main's math + an idle warpgroup (setmaxnreg)", sms,
                                               cycles, sink, src);
   run<128, 2, 2, true, false, 24 * 1024>("main's math + 24 KB copied per K block", sms, cycles,
