@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
       }
       return;
     }
-    ptx::setmaxnreg_inc < kRegs > 0 ? kRegs : kMathRegs>();
+    ptx::setmaxnreg_inc<(kRegs > 0 ? kRegs : kMathRegs)>();
   } else if constexpr (kRegs > 0) {
     ptx::setmaxnreg_inc<kRegs>();  // no extra warpgroup: only the larger allocation
   }
