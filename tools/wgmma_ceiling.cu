@@ -44,8 +44,11 @@ constexpr int kCopyAhead = 4;   // K blocks the copy warp may run ahead (the mai
 constexpr int kCopyChunk = 16 * 1024;
 constexpr size_t kCopySourceBytes = 16 << 20;  // global source, small enough to stay in L2
 constexpr int kIdleWarpgroup = -1;
+// As the poll interval: no copy warpgroup; math thread 0 issues each K block's copies itself,
+// kCopyAhead K blocks ahead, after the promotions of its own K block (a 256-thread CTA).
+constexpr int kCopyByMath = 0;
 
-template <int N, int kGroups, int kWgs, int kCopyBytes>
+template <int N, int kGroups, int kWgs, int kCopyBytes, bool kCopyWarpgroup>
 struct Layout {
   static constexpr int kABytes = kWgs * kBlockM * kBlockK;
   static constexpr int kBBytes = kGroups * N * kBlockK;
@@ -57,7 +60,7 @@ struct Layout {
   // With copies, one more warpgroup whose first warp copies, its registers moved to the math
   // (setmaxnreg, as in the main loop): a lone copy warp under the launch bound of 288 threads
   // left the math 224 registers, and the promoting variants spilled.
-  static constexpr int kThreads = (kWgs + (kCopyBytes != 0 ? 1 : 0)) * kWarpGroupThreads;
+  static constexpr int kThreads = (kWgs + (kCopyWarpgroup ? 1 : 0)) * kWarpGroupThreads;
 };
 
 // The copy warp: kCopyBytes per K block from `src` into the buffer, each K block's copies
@@ -65,32 +68,45 @@ struct Layout {
 // count of K blocks the math has done (`done`, written by math thread 0). It polls that count
 // at most every ~200 ns: a warp polling without pause took the math warps' issue slots (3x
 // slower in the first try).
+template <int kCopyBytes>
+__device__ void issue_copy(int it, uint8_t* buf, uint64_t* bars, const uint8_t* src) {
+  const int slot = it % kCopyAhead;
+  if (it >= kCopyAhead) ptx::mbarrier_wait(&bars[slot], ((it / kCopyAhead) - 1) & 1);
+  ptx::mbarrier_arrive_expect_tx(&bars[slot], kCopyBytes);
+  const size_t at = (size_t(blockIdx.x) * 131 + it) * kCopyBytes % (kCopySourceBytes - kCopyBytes);
+  for (int c = 0; c < kCopyBytes; c += kCopyChunk)
+    cuda::ptx::cp_async_bulk(cuda::ptx::space_cluster, cuda::ptx::space_global, buf + c,
+                             src + (at & ~size_t(15)) + c, min(kCopyChunk, kCopyBytes - c),
+                             &bars[slot]);
+}
+
+// Waits for the copies of the last kCopyAhead K blocks: a CTA must not exit with bulk copies in
+// flight into its shared memory.
+__device__ void drain_copies(int iters, uint64_t* bars) {
+  for (int it = max(0, iters - kCopyAhead); it < iters; ++it)
+    ptx::mbarrier_wait(&bars[it % kCopyAhead], (it / kCopyAhead) & 1);
+}
+
 template <int kCopyBytes, int kPollNs>
 __device__ void copy_warp(int iters, uint8_t* buf, uint64_t* bars, uint32_t done,
                           const uint8_t* src) {
   if (threadIdx.x % 32 != 0) return;
   for (int it = 0; it < iters; ++it) {
     while (ptx::ld_volatile_shared_s32(done) + kCopyAhead <= it) __nanosleep(kPollNs);
-    const int slot = it % kCopyAhead;
-    if (it >= kCopyAhead) ptx::mbarrier_wait(&bars[slot], ((it / kCopyAhead) - 1) & 1);
-    ptx::mbarrier_arrive_expect_tx(&bars[slot], kCopyBytes);
-    const size_t at =
-        (size_t(blockIdx.x) * 131 + it) * kCopyBytes % (kCopySourceBytes - kCopyBytes);
-    for (int c = 0; c < kCopyBytes; c += kCopyChunk)
-      cuda::ptx::cp_async_bulk(cuda::ptx::space_cluster, cuda::ptx::space_global, buf + c,
-                               src + (at & ~size_t(15)) + c, min(kCopyChunk, kCopyBytes - c),
-                               &bars[slot]);
+    issue_copy<kCopyBytes>(it, buf, bars, src);
   }
-  for (int it = max(0, iters - kCopyAhead); it < iters; ++it)
-    ptx::mbarrier_wait(&bars[it % kCopyAhead], (it / kCopyAhead) & 1);
+  drain_copies(iters, bars);
 }
 
 template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes, int kPollNs,
           int kRegs>
-__global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads, 1)
+__global__ void __launch_bounds__(
+    Layout<N, kGroups, kWgs, kCopyBytes, kCopyBytes != 0 && kPollNs != kCopyByMath>::kThreads, 1)
     spin(int iters, long long* cycles, float* sink, const uint8_t* copy_src) {
   static_assert(!kPipe || kGroups <= 2, "the pipelined loop alternates two partials");
-  using L = Layout<N, kGroups, kWgs, kCopyBytes>;
+  constexpr bool kCopyWarpgroup = kCopyBytes != 0 && kPollNs != kCopyByMath;
+  constexpr bool kMathCopies = kCopyBytes > 0 && kPollNs == kCopyByMath;
+  using L = Layout<N, kGroups, kWgs, kCopyBytes, kCopyWarpgroup>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
   float* scales = reinterpret_cast<float*>(smem + L::kScaleOffset);
@@ -111,7 +127,7 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
   for (int i = threadIdx.x; i < kScaleSlots * 65; i += blockDim.x) scales[i] = 1.f + i * 1e-3f;
   ptx::fence_proxy_async_shared();  // generic writes above, wgmma (async proxy) reads below
   __syncthreads();
-  if constexpr (kCopyBytes != 0) {
+  if constexpr (kCopyWarpgroup) {
     static_assert(kWgs == 2, "the register split below is the main loop's: 2 math warpgroups");
     if (threadIdx.x >= kWgs * kWarpGroupThreads) {
       ptx::setmaxnreg_dec<kProducerRegs>();
@@ -149,6 +165,14 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
     }
   };
 
+  if constexpr (kMathCopies) {
+    static_assert(!kPipe, "math thread 0 copies in the plain loop only");
+    if (threadIdx.x == 0) {
+      for (int it = 0; it < kCopyAhead && it < iters; ++it)
+        issue_copy<kCopyBytes>(it, smem + L::kCopyOffset, copy_bars, copy_src);
+    }
+    __syncwarp();
+  }
   const long long t0 = clock64();
   if constexpr (!kPipe) {
     float part[N / 2];
@@ -160,7 +184,12 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
         ptx::fence_operands(part);
         promote_at(it, g, part);
       }
-      if (kCopyBytes > 0 && threadIdx.x == 0) ptx::st_shared(math_done, it + 1);
+      if (kCopyWarpgroup && threadIdx.x == 0) ptx::st_shared(math_done, it + 1);
+      if constexpr (kMathCopies) {
+        if (threadIdx.x == 0 && it + kCopyAhead < iters)
+          issue_copy<kCopyBytes>(it + kCopyAhead, smem + L::kCopyOffset, copy_bars, copy_src);
+        __syncwarp();
+      }
     }
   } else {
     // Two steps per iteration into two partials (groups 0 and 1 of a K block, or with one group
@@ -177,10 +206,13 @@ __global__ void __launch_bounds__(Layout<N, kGroups, kWgs, kCopyBytes>::kThreads
       ptx::wgmma_wait<0>();
       ptx::fence_operands(p1);
       promote_at(it, g1, p1);
-      if (kCopyBytes > 0 && threadIdx.x == 0) ptx::st_shared(math_done, it + 1);
+      if (kCopyWarpgroup && threadIdx.x == 0) ptx::st_shared(math_done, it + 1);
     }
   }
   const long long t1 = clock64();
+  if constexpr (kMathCopies) {
+    if (threadIdx.x == 0) drain_copies(iters, copy_bars);
+  }
 
   float sum = 0.f;
 #pragma unroll
@@ -203,7 +235,7 @@ void check(cudaError_t e, const char* what) {
 template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes = 0,
           int kPollNs = 200, int kRegs = 0>
 void run(const char* what, int sms, long long* cycles, float* sink, const uint8_t* copy_src) {
-  using L = Layout<N, kGroups, kWgs, kCopyBytes>;
+  using L = Layout<N, kGroups, kWgs, kCopyBytes, kCopyBytes != 0 && kPollNs != kCopyByMath>;
   auto kernel = spin<N, kGroups, kWgs, kPromote, kPipe, kCopyBytes, kPollNs, kRegs>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024),
         "smem attribute");
@@ -256,6 +288,8 @@ int main() {
   run<128, 2, 2, true, false, 16>("main's math + 16 B copied per K block", sms, cycles, sink, src);
   run<128, 2, 2, true, false, 16, 2000>("main's math + 16 B copied, polled every 2 us", sms, cycles,
                                         sink, src);
+  run<128, 2, 2, true, false, 48 * 1024, kCopyByMath>(
+      "main's math + 48 KB copied by a math thread, 256 thr", sms, cycles, sink, src);
   run<128, 2, 2, true, false, kIdleWarpgroup, 200, 216>(
       "main's math + an idle warpgroup, 216 registers", sms, cycles, sink, src);
   run<128, 2, 2, true, false, 0, 200, 232>("main's math, setmaxnreg to 232, no extra warpgroup",
