@@ -68,10 +68,20 @@ struct Layout {
 // count of K blocks the math has done (`done`, written by math thread 0). It polls that count
 // at most every ~200 ns: a warp polling without pause took the math warps' issue slots (3x
 // slower in the first try).
-template <int kCopyBytes>
+template <int kCopyBytes, bool kBounded = true>
 __device__ void issue_copy(int it, uint8_t* buf, uint64_t* bars, const uint8_t* src) {
   const int slot = it % kCopyAhead;
-  if (it >= kCopyAhead) ptx::mbarrier_wait(&bars[slot], ((it / kCopyAhead) - 1) & 1);
+  if (it >= kCopyAhead) {
+    const uint32_t parity = ((it / kCopyAhead) - 1) & 1;
+    if constexpr (kBounded) {
+      ptx::mbarrier_wait(&bars[slot], parity);
+    } else {
+      // No timeout and trap: under a wgmma in flight, the trap's path made ptxas serialize
+      // every wgmma (C7518).
+      while (!ptx::mbarrier_try_wait(ptx::smem_addr(&bars[slot]), parity)) {
+      }
+    }
+  }
   ptx::mbarrier_arrive_expect_tx(&bars[slot], kCopyBytes);
   const size_t at = (size_t(blockIdx.x) * 131 + it) * kCopyBytes % (kCopySourceBytes - kCopyBytes);
   for (int c = 0; c < kCopyBytes; c += kCopyChunk)
@@ -180,16 +190,17 @@ __global__ void __launch_bounds__(
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
         issue_block_mma<N>(a_smem, b_smem + g * N * kBlockK, part);
+        if constexpr (kMathCopies) {
+          if (g == 0 && threadIdx.x == 0 && it + kCopyAhead < iters)
+            issue_copy<kCopyBytes, false>(it + kCopyAhead, smem + L::kCopyOffset, copy_bars,
+                                          copy_src);
+          __syncwarp();
+        }
         ptx::wgmma_wait<0>();
         ptx::fence_operands(part);
         promote_at(it, g, part);
       }
       if (kCopyWarpgroup && threadIdx.x == 0) ptx::st_shared(math_done, it + 1);
-      if constexpr (kMathCopies) {
-        if (threadIdx.x == 0 && it + kCopyAhead < iters)
-          issue_copy<kCopyBytes>(it + kCopyAhead, smem + L::kCopyOffset, copy_bars, copy_src);
-        __syncwarp();
-      }
     }
   } else {
     // Two steps per iteration into two partials (groups 0 and 1 of a K block, or with one group
