@@ -417,6 +417,13 @@ class GroupedFp8TmaMainloop {
     StageView v = at.view(slot);
     issue_block_mma<kHalfN>(v.a, v.b + b_half, part0);
     issue_block_mma<kHalfN>(v.a, v.b + b_half + Shape::kBGroupBytes, part1);
+    // Group 1 of v's block, once nothing younger runs: promoted, its slot handed back.
+    const auto drain_group1 = [&](int held) {
+      ptx::wgmma_wait<0>();
+      ptx::fence_operands(part1);
+      release(held, warp_leader);
+      promote(v.a_scales, v.b_scales[1], part1, acc[1]);
+    };
     for (int kb = 0;;) {
       ptx::wgmma_wait<1>();
       ptx::fence_operands(part0);
@@ -424,19 +431,13 @@ class GroupedFp8TmaMainloop {
       const int held = slot;
       advance(slot, phase);
       if (++kb == n) {
-        ptx::wgmma_wait<0>();
-        ptx::fence_operands(part1);
-        release(held, warp_leader);
-        promote(v.a_scales, v.b_scales[1], part1, acc[1]);
+        drain_group1(held);
         break;
       }
       if (!at.test_full(slot, phase)) {
         // The next stage has not landed (the weight stream sets the rate, as at small M):
         // hand this one back before waiting rather than hold it through the wait.
-        ptx::wgmma_wait<0>();
-        ptx::fence_operands(part1);
-        release(held, warp_leader);
-        promote(v.a_scales, v.b_scales[1], part1, acc[1]);
+        drain_group1(held);
         at.wait_full(slot, phase);
         v = at.view(slot);
         issue_block_mma<kHalfN>(v.a, v.b + b_half, part0);
