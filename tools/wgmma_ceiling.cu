@@ -45,8 +45,14 @@ constexpr int kCopyChunk = 16 * 1024;
 constexpr size_t kCopySourceBytes = 16 << 20;  // global source, small enough to stay in L2
 constexpr int kIdleWarpgroup = -1;
 // As the poll interval: no copy warpgroup; math thread 0 issues each K block's copies itself,
-// kCopyAhead K blocks ahead, after the promotions of its own K block (a 256-thread CTA).
+// kCopyAhead K blocks ahead, under its warpgroup's first wgmma group (a 256-thread CTA).
 constexpr int kCopyByMath = 0;
+
+// Whether a variant has the extra warpgroup (copy warp, or idle) and the main loop's register
+// split.
+constexpr bool has_copy_warpgroup(int copy_bytes, int poll_ns) {
+  return copy_bytes != 0 && poll_ns != kCopyByMath;
+}
 
 template <int N, int kGroups, int kWgs, int kCopyBytes, bool kCopyWarpgroup>
 struct Layout {
@@ -63,11 +69,8 @@ struct Layout {
   static constexpr int kThreads = (kWgs + (kCopyWarpgroup ? 1 : 0)) * kWarpGroupThreads;
 };
 
-// The copy warp: kCopyBytes per K block from `src` into the buffer, each K block's copies
-// completing on one of kCopyAhead mbarriers, never more than kCopyAhead K blocks ahead of the
-// count of K blocks the math has done (`done`, written by math thread 0). It polls that count
-// at most every ~200 ns: a warp polling without pause took the math warps' issue slots (3x
-// slower in the first try).
+// The copies of K block `it`: kCopyBytes from `src` into the buffer, completing on mbarrier
+// it % kCopyAhead once that barrier's previous K block has landed.
 template <int kCopyBytes, bool kBounded = true>
 __device__ void issue_copy(int it, uint8_t* buf, uint64_t* bars, const uint8_t* src) {
   const int slot = it % kCopyAhead;
@@ -97,6 +100,10 @@ __device__ void drain_copies(int iters, uint64_t* bars) {
     ptx::mbarrier_wait(&bars[it % kCopyAhead], (it / kCopyAhead) & 1);
 }
 
+// The copy warp: each K block's copies, never more than kCopyAhead K blocks ahead of the count
+// of K blocks the math has done (`done`, written by math thread 0). It polls that count every
+// kPollNs: a warp polling without pause took the math warps' issue slots (3x slower in the
+// first try).
 template <int kCopyBytes, int kPollNs>
 __device__ void copy_warp(int iters, uint8_t* buf, uint64_t* bars, uint32_t done,
                           const uint8_t* src) {
@@ -111,10 +118,10 @@ __device__ void copy_warp(int iters, uint8_t* buf, uint64_t* bars, uint32_t done
 template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes, int kPollNs,
           int kRegs>
 __global__ void __launch_bounds__(
-    Layout<N, kGroups, kWgs, kCopyBytes, kCopyBytes != 0 && kPollNs != kCopyByMath>::kThreads, 1)
+    Layout<N, kGroups, kWgs, kCopyBytes, has_copy_warpgroup(kCopyBytes, kPollNs)>::kThreads, 1)
     spin(int iters, long long* cycles, float* sink, const uint8_t* copy_src) {
   static_assert(!kPipe || kGroups <= 2, "the pipelined loop alternates two partials");
-  constexpr bool kCopyWarpgroup = kCopyBytes != 0 && kPollNs != kCopyByMath;
+  constexpr bool kCopyWarpgroup = has_copy_warpgroup(kCopyBytes, kPollNs);
   constexpr bool kMathCopies = kCopyBytes > 0 && kPollNs == kCopyByMath;
   using L = Layout<N, kGroups, kWgs, kCopyBytes, kCopyWarpgroup>;
   extern __shared__ uint8_t smem_raw[];
@@ -246,7 +253,7 @@ void check(cudaError_t e, const char* what) {
 template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes = 0,
           int kPollNs = 200, int kRegs = 0>
 void run(const char* what, int sms, long long* cycles, float* sink, const uint8_t* copy_src) {
-  using L = Layout<N, kGroups, kWgs, kCopyBytes, kCopyBytes != 0 && kPollNs != kCopyByMath>;
+  using L = Layout<N, kGroups, kWgs, kCopyBytes, has_copy_warpgroup(kCopyBytes, kPollNs)>;
   auto kernel = spin<N, kGroups, kWgs, kPromote, kPipe, kCopyBytes, kPollNs, kRegs>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024),
         "smem attribute");
