@@ -12,7 +12,8 @@
 // Routing: each token picks topk distinct experts uniformly at random (the benchmarks' uniform
 // routing), rows laid out per expert and padded to kExpertAlignM as the dispatch lays them out.
 // Operands are random bytes and scales filled on the device; no numerics are checked here
-// (tests/test_gpu_gemm.py does that).
+// (tests/test_gpu_gemm.py does that), but the outputs' checksums are printed: two builds that
+// must agree bitwise (a change of scheduling hints only, tools/sass_yield.py) print the same.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -50,6 +51,30 @@ __global__ void fill_scales(float* p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
        i += size_t(gridDim.x) * blockDim.x)
     p[i] = (1.f + 3.f * static_cast<float>(hash(i, seed) >> 8) / 16777216.f) / 128.f;
+}
+
+// An order-independent checksum of n bytes (n a multiple of 8): the sum of a hash of each 8-byte
+// word and its index. Two builds whose kernels must agree bitwise (a change of scheduling hints
+// only) print the same checksums.
+__global__ void checksum(const uint64_t* p, size_t n, unsigned long long* sum) {
+  unsigned long long s = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n / 8;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint64_t h = (p[i] ^ (i * 0x9e3779b97f4a7c15ull)) * 0xbf58476d1ce4e5b9ull;
+    s += h ^ (h >> 31);
+  }
+  atomicAdd(sum, s);
+}
+
+unsigned long long device_checksum(const void* p, size_t bytes) {
+  unsigned long long* sum = nullptr;
+  unsigned long long host = 0;
+  if (cudaMalloc(&sum, sizeof(*sum)) != cudaSuccess) return 0;
+  cudaMemset(sum, 0, sizeof(*sum));
+  checksum<<<1024, 256>>>(static_cast<const uint64_t*>(p), bytes, sum);
+  cudaMemcpy(&host, sum, sizeof(host), cudaMemcpyDeviceToHost);
+  cudaFree(sum);
+  return host;
 }
 
 float median(std::vector<float> v) {
@@ -100,6 +125,11 @@ int main(int argc, char** argv) {
   fill_scales<<<256, 256>>>(buf.row_weight.ptr, buf.row_weight.count, 5);
   fill_scales<<<256, 256>>>(buf.w1_scale.ptr, buf.w1_scale.count, 6);
   fill_scales<<<256, 256>>>(buf.w2_scale.ptr, buf.w2_scale.count, 7);
+  // Outputs poisoned once, so that what the kernels leave unwritten (padding rows) is the same
+  // in every run and the checksums below compare builds.
+  cudaMemset(buf.act.ptr, 0xff, buf.act.count);
+  cudaMemset(buf.act_scale.ptr, 0xff, buf.act_scale.count * sizeof(float));
+  cudaMemset(buf.y.ptr, 0xff, buf.y.count * sizeof(uint16_t));
   if (!ok(cudaDeviceSynchronize(), "fill")) return 2;
 
   const int num_ctas = sms * jax_megamoe::gemm_ctas_per_sm();
@@ -129,5 +159,9 @@ int main(int argc, char** argv) {
               buf.rows, buf.max_blocks(), num_ctas, iters);
   std::printf("L1 %.1f us %.0f TFLOPS | L2 %.1f us %.0f TFLOPS (medians, real rows)\n", l1 * 1e3,
               l1_flop / (l1 * 1e-3) / 1e12, l2 * 1e3, l2_flop / (l2 * 1e-3) / 1e12);
-  return 0;
+  std::printf("checksums: L1 %016llx %016llx | L2 %016llx\n",
+              device_checksum(buf.act.ptr, buf.act.count),
+              device_checksum(buf.act_scale.ptr, buf.act_scale.count * sizeof(float)),
+              device_checksum(buf.y.ptr, buf.y.count * sizeof(uint16_t)));
+  return ok(cudaDeviceSynchronize(), "checksum") ? 0 : 1;
 }
