@@ -58,8 +58,12 @@ install() {
   python3 -m pip install --no-build-isolation --no-deps -Cbuild-dir="${BUILD_DIR:-/tmp/skb}" "$@"
 }
 build_tool() { # BINARY LOG SOURCES...: a tools/ program, built as the GEMM kernels are
+  # (the kernels re-hinted as the extension's build does, in a tree that has the script: an
+  # A/B base from before it stays as ptxas wrote it)
   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
-    -I csrc/include "${@:3}" -o "$1" >"$2" 2>&1 && return 0
+    --no-compress -I csrc/include "${@:3}" -o "$1" >"$2" 2>&1 &&
+    { [[ ! -f tools/sass_yield.py ]] || python3 tools/sass_yield.py "$1" >>"$2" 2>&1; } &&
+    return 0
   tail -20 "$2"
   return 1
 }
