@@ -5,10 +5,13 @@ prints their medians. This runs the builds' binaries in alternation, ``--rounds`
 and tabulates per build the median over rounds of L1's time, L2's time and L2 / L1 of the same
 process.
 
-The ratio column is there because on one machine a process launch sometimes runs in one of two
-modes 10-15 % apart at M = 8192, with L1 and L2 shifting together (seen on H200 on 2026-12-02).
-A build that touches only L2 is then judged by L2 / L1, since L1 runs the same code in both
-builds. Medians over several rounds of alternating launches, not a single run of each build.
+The GEMMs run at the card's power cap. After a pause (a process's start, its fills) the card
+has headroom and runs the first tens of milliseconds 10-20 % faster, so a short measurement
+catches a mix of that transient and the steady state (seen on H200 on 2026-12-02, RESULTS.md
+"the two modes at M = 8192 are a transient"). Hence many launches per process by default (the
+steady state is what a serving loop sees), and the ratio column: L1 and L2 shift together, so
+a build that touches only L2 is judged by L2 / L1, since L1 runs the same code in both builds.
+Medians over several rounds of alternating launches, not a single run of each build.
 
 Usage (``device_run.sh abprof`` builds the binaries and calls this):
 
@@ -49,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("builds", nargs="+", type=_build, help="NAME=BINARY, the first is the base")
     p.add_argument("--tokens", default="2048,8192", help="comma-separated M values")
     p.add_argument("--rounds", type=int, default=3, help="launches of each build per M")
-    p.add_argument("--iters", type=int, default=20, help="gemm_profile's timed launches")
+    p.add_argument("--iters", type=int, default=200, help="gemm_profile's timed launches")
     p.add_argument("--out", default=None, help="also write every run to this JSON file")
     args = p.parse_args(argv)
     names = [n for n, _ in args.builds]

@@ -35,8 +35,9 @@
 #   abprof    benchmarks/ab_gemm_profile.py: tools/gemm_profile.cu built from this checkout
 #             ("this") and from each folder in $AB_TREES (e.g. `git archive main | tar -x -C
 #             ab_main`: an untracked folder travels with the working tree), run in alternation
-#             $AB_ROUNDS times (default 3) at each of $AB_TOKENS (default 2048,8192); medians of
-#             L1, L2 and L2 / L1 per build (the ratio cancels a process-level mode at M = 8192)
+#             $AB_ROUNDS times (default 3) at each of $AB_TOKENS (default 2048,8192), $AB_ITERS
+#             launches each (default 200: the power-capped steady state, not the first tens of
+#             ms after a pause); medians of L1, L2 and L2 / L1 per build
 # The device tool returns at most 8 files from $OUT: after each mode everything under $OUT is
 # packed into $OUT/0_bundle.tgz, which sorts first (Nsight Compute reports left out: too big),
 # so a call cut short by its time limit still brings back the logs of the modes it finished.
@@ -256,7 +257,7 @@ if [[ $modes == *,abprof,* ]]; then
     fi
   done
   python3 benchmarks/ab_gemm_profile.py --tokens "${AB_TOKENS:-2048,8192}" \
-    --rounds "${AB_ROUNDS:-3}" --out "$OUT/abprof.json" "${builds[@]}" 2>&1 |
+    --rounds "${AB_ROUNDS:-3}" --iters "${AB_ITERS:-200}" --out "$OUT/abprof.json" "${builds[@]}" 2>&1 |
     tee "$OUT/abprof.log" | grep -E "^\|"
   status=$((status | PIPESTATUS[0]))
   bundle
