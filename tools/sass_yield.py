@@ -8,10 +8,9 @@ cycle each). With the 256-thread launch ptxas sets no yields and reuses the scal
 FFMA: the math loop alone runs at 95 % of the tensor pipe against 86 % (tools/wgmma_ceiling.cu).
 In the real kernels the warps do need to yield (without any yield L1 was 6.7 % slower: the
 other warps on the scheduler, the producer's and the other warpgroup's, wait through a whole
-promotion), but one yield in four is enough: L1 1.1-1.9 % faster at M = 2048 and 2.2 % at
-M = 8192 at the power-capped steady state (H200, benchmarks/RESULTS.md, 2026-12-02), bitwise
-the same results. L2 did not gain, so only L1's
-kernels are patched by default.
+promotion), but one yield in four is enough: L1 1.5-2.2 % faster at the power-capped steady
+state (H200, benchmarks/RESULTS.md, 2026-12-02), bitwise the same results. L2 did not gain
+from its own re-hinting, so only L1's kernel is patched by default.
 
 What: in every run of at least kMinRun unpredicated accumulate-form FFMA (d == c) inside the
 named kernels, every kPeriod-th instruction yields (and keeps nothing in the reuse cache), the
