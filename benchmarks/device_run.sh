@@ -56,7 +56,7 @@ cd "$repo"
 # install [pip args...]: this checkout's build dir unless BUILD_DIR names another (a second
 # source tree needs its own: scikit-build-core's cache remembers the source it configured).
 install() {
-  python3 -m pip install --no-build-isolation --no-deps -Cbuild-dir="${BUILD_DIR:-/tmp/skb}" "$@"
+  python3 -m pip install -v --no-build-isolation --no-deps -Cbuild-dir="${BUILD_DIR:-/tmp/skb}" "$@"
 }
 build_tool() { # BINARY LOG SOURCES...: a tools/ program, built as the GEMM kernels are
   # (the kernels re-hinted as the extension's build does, in a tree that has the script: an
