@@ -113,6 +113,19 @@ def test_branch_target_cuts_the_run():
     assert words[9] == run[8]
 
 
+def test_bank_conflicts_counted_before_and_after():
+    """Partials in even registers, accumulators in odd ones, the scale in an even one: an FFMA
+    that reads the scale from the register file (none cached) reads two even registers."""
+    words = [
+        ffma(101 + 2 * k, 20 + 2 * k, 200, 101 + 2 * k, yields=k % 2 == 1, reuse_b=k % 2 == 0)
+        for k in range(16)
+    ]
+    run = range(16)
+    assert sy.rf_conflicts(words, run) == 8  # ptxas: every FFMA after a yield, and the first
+    sy.space_yields(words, run, 4)
+    assert sy.rf_conflicts(words, run) == 4  # the first and the three after a yield
+
+
 def test_branch_offsets_decode_as_cuobjdump_prints_them():
     # Words and addresses from cuobjdump -sass of the GEMM kernels (nvcc 13.0):
     #   /*02f0*/ @!P0 BRA 0x180 ;   /*0100*/ @P0 BRA 0x300 ;   /*0070*/ BSSY B0, 0x310 ;
@@ -152,3 +165,18 @@ def test_installed_extension_is_rehinted():
         assert len(runs) >= 2, "L1's promotion runs not found"
         for run in runs:
             check_run(words, run, sy.kPeriod)
+
+
+@pytest.mark.skipif(_installed_extension() is None, reason="CUDA extension not built")
+def test_report_of_installed_extension_matches_its_rehinting():
+    """The report's counts for L1 as built equal what re-hinting would make of it: the installed
+    code is already in that state."""
+    lines = sy.report(_installed_extension().read_bytes(), "sm90_fp8_mega_moe_l")
+    l1 = [line for line in lines if "mega_moe_l1" in line]
+    assert l1 and len(lines) > len(l1), lines  # L2's kernels are reported, not re-hinted
+    for line in l1:
+        before = line.split("; re-hinted by the build: ")
+        assert len(before) == 2, line
+        yields_now = int(before[0].split(" FFMA, ")[1].split(" yield")[0])
+        yields_rehinted = int(before[1].split(" yield")[0])
+        assert yields_now == yields_rehinted, line

@@ -11,6 +11,7 @@ trap 'rm -rf "$out"' EXIT
 
 # shellcheck disable=SC2086  # CHECK_SASS_FLAGS is a list of flags
 if ! nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Xptxas -v \
+  --no-compress \
   ${CHECK_SASS_FLAGS:-} \
   -I csrc/include -c csrc/launch/gemm.cu -o "$out/gemm.o" 2> "$out/ptxas.txt"; then
   grep -v "^ptxas info" "$out/ptxas.txt" | tail -20 >&2  # its stderr went to the file
@@ -29,6 +30,10 @@ if grep -q "wgmma.mma_async instructions are serialized" "$out/ptxas.txt"; then
   echo "FAIL: ptxas serialized the wgmma of a GEMM kernel" >&2
   exit 1
 fi
+
+# The promotion's yield hints and register-bank conflicts, from the cubin itself (no cuobjdump):
+# ptxas's and what the build's re-hinting pass makes of them (tools/sass_yield.py).
+python3 tools/sass_yield.py --report --kernels mega_moe_l "$out/gemm.o"
 
 if ! command -v cuobjdump > /dev/null; then
   echo "cuobjdump not on PATH: skipping SASS counts"

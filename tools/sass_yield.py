@@ -25,7 +25,7 @@ starts at bit 105: bit 109 is set for "do not yield", bits 122-125 are the reuse
 operands a, b, c. Relative branch offsets: BRA and CALL.REL in 4-byte units in bits 16-23 and
 34-63 (signed), BSSY in bytes in bits 32-63 (signed), both from the next instruction.
 
-    python3 tools/sass_yield.py BINARY [--kernels REGEX] [--period N] [--require]
+    python3 tools/sass_yield.py BINARY [--kernels REGEX] [--period N] [--require | --report]
 """
 
 from __future__ import annotations
@@ -117,6 +117,55 @@ def space_yields(words: list[tuple[int, int]], run: range, period: int) -> int:
     return changed
 
 
+def rf_conflicts(words: list[tuple[int, int]], run: range) -> int:
+    """FFMA of the run that read two operands from one register bank: banks by register number
+    mod 2, operands a, b, c counted unless the FFMA before kept them in the reuse cache (its
+    reuse flag on that slot, the same register, no yield)."""
+    conflicts = 0
+    for i in run:
+        lo, hi = words[i]
+        regs = [(lo >> 24) & 0xFF, (lo >> 32) & 0xFF, hi & 0xFF]
+        read = set()
+        for slot, reg in enumerate(regs):
+            if i > run[0]:
+                plo, phi = words[i - 1]
+                prev = [(plo >> 24) & 0xFF, (plo >> 32) & 0xFF, phi & 0xFF][slot]
+                if phi & NO_YIELD and phi >> (58 + slot) & 1 and prev == reg:
+                    continue
+            read.add(reg)
+        conflicts += len({r % 2 for r in read}) < len(read)
+    return conflicts
+
+
+def _hint_counts(words: list[tuple[int, int]], runs: list[range]) -> tuple[int, int]:
+    yields = sum(not words[i][1] & NO_YIELD for r in runs for i in r[:-1])
+    return yields, sum(rf_conflicts(words, r) for r in runs)
+
+
+def report(buf: bytes | bytearray, kernels: str) -> list[str]:
+    """Per kernel matching `kernels`: its FFMA runs, how many yield and how many read two
+    operands from one bank, as ptxas wrote them and, for the kernels the build re-hints
+    (kDefaultKernels), as the build leaves them."""
+    lines = []
+    for name, off, size in cubin_texts(buf):
+        if not re.search(kernels, name):
+            continue
+        words = read_words(buf, off, size)
+        runs = ffma_runs(words)
+        yields, conflicts = _hint_counts(words, runs)
+        line = (
+            f"{name}: {len(runs)} FFMA runs, {sum(len(r) for r in runs)} FFMA, "
+            f"{yields} yield, {conflicts} read two operands from one bank"
+        )
+        if re.search(kDefaultKernels, name):
+            for r in runs:
+                space_yields(words, r, kPeriod)
+            yields, conflicts = _hint_counts(words, runs)
+            line += f"; re-hinted by the build: {yields} yield, {conflicts} from one bank"
+        lines.append(line)
+    return lines
+
+
 def cubin_texts(buf: bytes | bytearray):
     """(kernel name, offset, size) of each kernel's code in the sm_90 cubins embedded in buf."""
     pos = buf.find(b"\x7fELF\x02\x01\x01")
@@ -161,15 +210,22 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default=kDefaultKernels, help="regex over kernel names")
     ap.add_argument("--period", type=int, default=kPeriod, help="one yield per this many FFMA")
     ap.add_argument("--require", action="store_true", help="fail unless a kernel was patched")
+    ap.add_argument(
+        "--report", action="store_true", help="count yields and bank conflicts; change nothing"
+    )
     args = ap.parse_args(argv)
     with open(args.binary, "rb") as f:
         buf = bytearray(f.read())
+    if args.report:
+        for line in report(buf, args.kernels):
+            print(line)
+        return 0
     try:
-        report = patch(buf, args.kernels, args.period)
+        patched = patch(buf, args.kernels, args.period)
     except Unpatchable as e:
         print(f"sass_yield: {args.binary}: {e}", file=sys.stderr)
         return 1
-    if args.require and not any(runs for _, runs, _ in report):
+    if args.require and not any(runs for _, runs, _ in patched):
         print(
             f"sass_yield: no FFMA run in a kernel matching {args.kernels!r} in {args.binary} "
             "(is the fatbin compressed? build with nvcc --no-compress, or configure with "
@@ -179,7 +235,7 @@ def main(argv=None) -> int:
         return 1
     with open(args.binary, "r+b") as f:
         f.write(buf)
-    for name, runs, changed in report:
+    for name, runs, changed in patched:
         print(f"sass_yield: {name}: {runs} FFMA runs, {changed} instructions re-hinted")
     return 0
 
