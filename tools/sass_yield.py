@@ -147,11 +147,7 @@ def report(buf: bytes | bytearray, kernels: str) -> list[str]:
     operands from one bank, as ptxas wrote them and, for the kernels the build re-hints
     (kDefaultKernels), as the build leaves them."""
     lines = []
-    for name, off, size in cubin_texts(buf):
-        if not re.search(kernels, name):
-            continue
-        words = read_words(buf, off, size)
-        runs = ffma_runs(words)
+    for name, _, words, runs in kernel_runs(buf, kernels):
         yields, conflicts = _hint_counts(words, runs)
         line = (
             f"{name}: {len(runs)} FFMA runs, {sum(len(r) for r in runs)} FFMA, "
@@ -189,14 +185,18 @@ def read_words(buf, off: int, size: int) -> list[tuple[int, int]]:
     return [struct.unpack_from("<QQ", buf, p) for p in range(off, off + size, 16)]
 
 
+def kernel_runs(buf, kernels: str):
+    """(name, code offset, instruction words, FFMA runs) of each kernel matching `kernels`."""
+    for name, off, size in cubin_texts(buf):
+        if re.search(kernels, name):
+            words = read_words(buf, off, size)
+            yield name, off, words, ffma_runs(words)
+
+
 def patch(buf: bytearray, kernels: str = kDefaultKernels, period: int = kPeriod):
     """Patches buf in place; returns [(kernel, runs, words changed)] for the matching kernels."""
     report = []
-    for name, off, size in cubin_texts(buf):
-        if not re.search(kernels, name):
-            continue
-        words = read_words(buf, off, size)
-        runs = ffma_runs(words)
+    for name, off, words, runs in kernel_runs(buf, kernels):
         changed = sum(space_yields(words, run, period) for run in runs)
         for p, (lo, hi) in enumerate(words):
             struct.pack_into("<QQ", buf, off + 16 * p, lo, hi)
