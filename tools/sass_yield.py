@@ -17,7 +17,9 @@ named kernels, every kPeriod-th instruction yields (and keeps nothing in the reu
 others do not yield and keep operand b (the scale) cached when the next FFMA reads the same
 register there. The last FFMA of a run keeps the bits ptxas gave it, and a run is cut at every
 branch target, so no instruction relies on the cache across a jump. Only the control bits
-change: the instructions, their registers and their order stay as ptxas wrote them.
+change: the instructions, their registers and their order stay as ptxas wrote them. The rule
+the reuse flags rely on (the cache holds from an instruction that does not yield to the next)
+is the one ptxas itself follows in these kernels, on the FFMA it leaves without a yield.
 
 Encoding (sm_90, 128-bit instructions, little-endian): opcode in bits 0-11, predicate in 12-15
 (7: always), registers d / a / b in bits 16, 24, 32 and c in bits 64-71; the control field
