@@ -93,7 +93,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--ranks", type=int, default=4, help="expert-parallel ranks R emulated (E_l = E / R)"
     )
     p.add_argument("--routing", default="uniform", choices=shapes.ROUTINGS)
-    p.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=20,
+        help="timed calls per measurement (default %(default)s; at M >= 2048 the GEMMs run at "
+        "the power cap and the first tens of calls after a pause run 10-20%% above the steady "
+        "state: 200 measures that, at several minutes per M, mostly reading the profile)",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--sets", type=int, default=2, help="input sets rotated between calls")
     p.add_argument("--seed", type=int, default=0)
