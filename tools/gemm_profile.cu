@@ -15,8 +15,10 @@
 // (tests/test_gpu_gemm.py does that), but the outputs' checksums are printed: two builds that
 // must agree bitwise (a change of scheduling hints only, tools/sass_yield.py) print the same.
 #include <cuda_runtime_api.h>
+#include <dlfcn.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -76,6 +78,39 @@ unsigned long long device_checksum(const void* p, size_t bytes) {
   cudaFree(sum);
   return host;
 }
+
+// The GPU's energy counter (NVML, millijoules since the driver loaded), read through dlopen so
+// that the program needs neither NVML's header nor its library at build time. At M >= 2048 the
+// GEMMs run at the card's power cap, where a change is faster only if it spends less energy per
+// FLOP: the timed loop's energy and average power are printed for that. 0 when unavailable.
+class EnergyMeter {
+ public:
+  EnergyMeter() {
+    void* nvml = dlopen("libnvidia-ml.so.1", RTLD_NOW);
+    if (nvml == nullptr) return;
+    using Init = int (*)();
+    using ByBusId = int (*)(const char*, void**);
+    const auto init = reinterpret_cast<Init>(dlsym(nvml, "nvmlInit_v2"));
+    const auto by_bus_id =
+        reinterpret_cast<ByBusId>(dlsym(nvml, "nvmlDeviceGetHandleByPciBusId_v2"));
+    energy_ = reinterpret_cast<Energy>(dlsym(nvml, "nvmlDeviceGetTotalEnergyConsumption"));
+    char bus_id[32] = {};
+    if (init == nullptr || by_bus_id == nullptr || energy_ == nullptr || init() != 0 ||
+        cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id), 0) != cudaSuccess ||
+        by_bus_id(bus_id, &device_) != 0) {
+      energy_ = nullptr;
+    }
+  }
+  unsigned long long millijoules() const {
+    unsigned long long mj = 0;
+    return energy_ != nullptr && energy_(device_, &mj) == 0 ? mj : 0;
+  }
+
+ private:
+  using Energy = int (*)(void*, unsigned long long*);
+  Energy energy_ = nullptr;
+  void* device_ = nullptr;
+};
 
 float median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
@@ -139,6 +174,9 @@ int main(int argc, char** argv) {
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
   std::vector<float> l1_ms, l2_ms;
+  const EnergyMeter meter;
+  const unsigned long long mj0 = meter.millijoules();
+  const auto t0 = std::chrono::steady_clock::now();
   for (int it = 0; it < iters; ++it) {
     float ms = 0.f;
     for (int kernel = 0; kernel < 2; ++kernel) {
@@ -152,6 +190,9 @@ int main(int argc, char** argv) {
       (kernel == 0 ? l1_ms : l2_ms).push_back(ms);
     }
   }
+  const double loop_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const unsigned long long mj1 = meter.millijoules();
   const double real_rows = double(tokens) * topk, H = hidden, I = intermediate;
   const double l1_flop = 2.0 * real_rows * 2 * I * H, l2_flop = 2.0 * real_rows * H * I;
   const float l1 = median(l1_ms), l2 = median(l2_ms);
@@ -159,6 +200,14 @@ int main(int argc, char** argv) {
               buf.rows, buf.max_blocks(), num_ctas, iters);
   std::printf("L1 %.1f us %.0f TFLOPS | L2 %.1f us %.0f TFLOPS (medians, real rows)\n", l1 * 1e3,
               l1_flop / (l1 * 1e-3) / 1e12, l2 * 1e3, l2_flop / (l2 * 1e-3) / 1e12);
+  if (mj0 != 0 && mj1 > mj0) {
+    const double joules = (mj1 - mj0) * 1e-3;
+    std::printf("energy: %.2f J over %.0f ms (%.0f W), %.0f mJ per L1 + L2, %.2f pJ per FLOP\n",
+                joules, loop_s * 1e3, joules / loop_s, joules / iters * 1e3,
+                joules / iters / (l1_flop + l2_flop) * 1e12);
+  } else {
+    std::printf("energy: not available (NVML)\n");
+  }
   std::printf("checksums: L1 %016llx %016llx | L2 %016llx\n",
               device_checksum(buf.act.ptr, buf.act.count),
               device_checksum(buf.act_scale.ptr, buf.act_scale.count * sizeof(float)),
