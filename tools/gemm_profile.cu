@@ -14,6 +14,8 @@
 // Operands are random bytes and scales filled on the device; no numerics are checked here
 // (tests/test_gpu_gemm.py does that), but the outputs' checksums are printed: two builds that
 // must agree bitwise (a change of scheduling hints only, tools/sass_yield.py) print the same.
+// Also printed: the timed loop's energy and average power (NVML), to see whether it ran at the
+// card's power cap.
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 
