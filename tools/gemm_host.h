@@ -76,8 +76,8 @@ inline Pool make_pool(const std::vector<int>& rows_per_expert, int extra_blocks)
 
 // Everything one L1 and one L2 launch over `pool` read or write, for `experts` experts at
 // hidden size H and intermediate size I. The pool's layout is uploaded; the caller fills the
-// inputs (a, scales, weights) and, where it checks them, poisons the outputs (act, act_scale,
-// y). L2 writes row s of the pool's slots into row s of y (one rank, topk 1).
+// inputs (a, scales, weights) and, where it checks or compares them, poisons the outputs
+// (poison_outputs). L2 writes row s of the pool's slots into row s of y (one rank, topk 1).
 struct GemmBuffers {
   const int experts, hidden, intermediate;
   const size_t rows;  // pool rows
@@ -123,6 +123,16 @@ struct GemmBuffers {
            act_scale.ptr && y.ptr && table.ptr && claims.ptr && block_stored.ptr;
   }
   int max_blocks() const { return static_cast<int>(rows / kBlockM); }
+
+  // Every byte of the outputs (act, act_scale, y) set to kPoisonByte: NaN in e4m3, f32 and bf16
+  // alike, so what the kernels leave unwritten is recognizable, and the same in every run.
+  static constexpr uint8_t kPoisonByte = 0xFF;
+  bool poison_outputs() {
+    return ok(cudaMemset(act.ptr, kPoisonByte, act.count), "poison act") &&
+           ok(cudaMemset(act_scale.ptr, kPoisonByte, act_scale.count * sizeof(float)),
+              "poison act_scale") &&
+           ok(cudaMemset(y.ptr, kPoisonByte, y.count * sizeof(uint16_t)), "poison y");
+  }
 
   // With `overlap`, L1 counts its stored tiles per row block for an L2 launched as its
   // programmatic dependent (l2() then waits for them).

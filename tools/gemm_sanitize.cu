@@ -22,7 +22,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <random>
 #include <vector>
 
@@ -60,12 +59,9 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   buf.w1_scale.upload(random_scales(buf.w1_scale.count, rng));
   buf.w2.upload(random_e4m3(buf.w2.count, rng));
   buf.w2_scale.upload(random_scales(buf.w2_scale.count, rng));
-  constexpr uint8_t kPoisonE4m3 = 0xFF;     // NaN
-  constexpr uint16_t kPoisonBf16 = 0xFFFF;  // NaN
-  buf.act.upload(std::vector<uint8_t>(buf.act.count, kPoisonE4m3));
-  buf.act_scale.upload(
-      std::vector<float>(buf.act_scale.count, std::numeric_limits<float>::quiet_NaN()));
-  buf.y.upload(std::vector<uint16_t>(buf.y.count, kPoisonBf16));
+  constexpr uint8_t kPoisonE4m3 = GemmBuffers::kPoisonByte;             // NaN
+  constexpr uint16_t kPoisonBf16 = GemmBuffers::kPoisonByte * 0x0101u;  // NaN
+  if (!buf.poison_outputs()) return 1;
 
   if (!ok(jax_megamoe::launch_l1(buf.l1(num_ctas, overlap), stream), "launch_l1") ||
       (!overlap && !ok(cudaStreamSynchronize(stream), "L1"))) {
