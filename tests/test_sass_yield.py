@@ -54,16 +54,13 @@ def check_run(words, run, period):
         assert yields == ((k + 1) % period == 0), f"instruction {i}: yield hint misplaced"
         if hi & sy.REUSE_ALL:
             assert not yields, f"instruction {i}: reuse flag on a yielding FFMA"
-        # Operands a, b, c: registers in bits 24, 32 and (high word) 0; reuse flags 58, 59, 60.
-        next_lo, next_hi = words[i + 1]
-        for slot, this_reg, next_reg in (
-            (0, lo >> 24, next_lo >> 24),
-            (1, lo >> 32, next_lo >> 32),
-            (2, hi, next_hi),
+        # Operand slots a, b, c; their reuse flags are bits 58, 59, 60 of the high word.
+        for slot, (this_reg, next_reg) in enumerate(
+            zip(sy.operands(lo, hi), sy.operands(*words[i + 1]), strict=True)
         ):
             if hi >> (58 + slot) & 1:
-                assert this_reg & 0xFF == next_reg & 0xFF, f"instruction {i}: stale reuse"
-                assert (lo >> 16) & 0xFF != this_reg & 0xFF, f"instruction {i}: overwritten"
+                assert this_reg == next_reg, f"instruction {i}: stale reuse"
+                assert (lo >> 16) & 0xFF != this_reg, f"instruction {i}: overwritten"
 
 
 def test_run_is_rehinted_and_only_control_bits_change():

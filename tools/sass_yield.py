@@ -81,6 +81,11 @@ def branch_targets(words: list[tuple[int, int]]) -> set[int]:
     return targets
 
 
+def operands(lo: int, hi: int) -> tuple[int, int, int]:
+    """The registers of an FFMA's operands a, b, c (reuse-flag slots 0, 1, 2)."""
+    return (lo >> 24) & 0xFF, (lo >> 32) & 0xFF, hi & 0xFF
+
+
 def _acc_ffma(lo: int, hi: int) -> bool:
     return _op(lo) == OP_FFMA and (lo >> 12) & 0xF == 7 and (lo >> 16) & 0xFF == hi & 0xFF
 
@@ -109,9 +114,8 @@ def space_yields(words: list[tuple[int, int]], run: range, period: int) -> int:
             new = hi & ~NO_YIELD & ~REUSE_ALL
         else:
             new = (hi | NO_YIELD) & ~REUSE_B
-            next_lo = words[i + 1][0]
-            rb = (lo >> 32) & 0xFF
-            if (next_lo >> 32) & 0xFF == rb and (lo >> 16) & 0xFF != rb:
+            rb = operands(lo, hi)[1]
+            if operands(*words[i + 1])[1] == rb and (lo >> 16) & 0xFF != rb:
                 new |= REUSE_B
         if new != hi:
             words[i] = (lo, new)
@@ -125,16 +129,14 @@ def rf_conflicts(words: list[tuple[int, int]], run: range) -> int:
     reuse flag on that slot, the same register, no yield)."""
     conflicts = 0
     for i in run:
-        lo, hi = words[i]
-        regs = [(lo >> 24) & 0xFF, (lo >> 32) & 0xFF, hi & 0xFF]
-        read = set()
-        for slot, reg in enumerate(regs):
-            if i > run[0]:
-                plo, phi = words[i - 1]
-                prev = [(plo >> 24) & 0xFF, (plo >> 32) & 0xFF, phi & 0xFF][slot]
-                if phi & NO_YIELD and phi >> (58 + slot) & 1 and prev == reg:
-                    continue
-            read.add(reg)
+        regs = operands(*words[i])
+        prev_hi = words[i - 1][1] if i > run[0] else 0  # the run's first: nothing cached
+        prev = operands(*words[i - 1])
+        read = {
+            reg
+            for slot, reg in enumerate(regs)
+            if not (prev_hi & NO_YIELD and prev_hi >> (58 + slot) & 1 and prev[slot] == reg)
+        }
         conflicts += len({r % 2 for r in read}) < len(read)
     return conflicts
 
