@@ -257,7 +257,8 @@ if [[ $modes == *,abprof,* ]]; then
     fi
   done
   python3 benchmarks/ab_gemm_profile.py --tokens "${AB_TOKENS:-2048,8192}" \
-    --rounds "${AB_ROUNDS:-3}" --iters "${AB_ITERS:-200}" --out "$OUT/abprof.json" "${builds[@]}" 2>&1 |
+    --rounds "${AB_ROUNDS:-3}" --iters "${AB_ITERS:-200}" --out "$OUT/abprof.json" \
+    "${builds[@]}" 2>&1 |
     tee "$OUT/abprof.log" | grep -E "^\|"
   status=$((status | PIPESTATUS[0]))
   bundle
