@@ -199,13 +199,13 @@ def kernel_runs(buf, kernels: str):
 
 def patch(buf: bytearray, kernels: str = kDefaultKernels, period: int = kPeriod):
     """Patches buf in place; returns [(kernel, runs, words changed)] for the matching kernels."""
-    report = []
+    done = []
     for name, off, words, runs in kernel_runs(buf, kernels):
         changed = sum(space_yields(words, run, period) for run in runs)
-        for p, (lo, hi) in enumerate(words):
-            struct.pack_into("<QQ", buf, off + 16 * p, lo, hi)
-        report.append((name, len(runs), changed))
-    return report
+        for i in (i for run in runs for i in run):
+            struct.pack_into("<QQ", buf, off + 16 * i, *words[i])
+        done.append((name, len(runs), changed))
+    return done
 
 
 def main(argv=None) -> int:
@@ -220,11 +220,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with open(args.binary, "rb") as f:
         buf = bytearray(f.read())
-    if args.report:
-        for line in report(buf, args.kernels):
-            print(line)
-        return 0
     try:
+        if args.report:
+            print("\n".join(report(buf, args.kernels)))
+            return 0
         patched = patch(buf, args.kernels, args.period)
     except Unpatchable as e:
         print(f"sass_yield: {args.binary}: {e}", file=sys.stderr)
