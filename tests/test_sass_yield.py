@@ -1,6 +1,6 @@
 """tools/sass_yield.py: the post-link pass that spaces the yield hints of L1's promotion FFMA.
 The synthetic cases check the rewrite itself (which bits, where a run is cut, what is refused);
-the last test checks the installed extension (CI builds it: nvcc is there, no GPU needed)."""
+the last two check the installed extension (CI builds it: nvcc is there, no GPU needed)."""
 
 import importlib.util
 import random
@@ -42,7 +42,7 @@ def ptxas_run(n, scale=196, rng=None):
 def bra(at, target):
     """BRA from instruction index `at` to instruction index `target` (offset in 4-byte units)."""
     off = (target - at - 1) * 4 & ((1 << 38) - 1)
-    return 0x947 | (7 << 12) | ((off & 0xFF) << 16) | ((off >> 8) << 34), 0
+    return sy.OP_BRA | (7 << 12) | ((off & 0xFF) << 16) | ((off >> 8) << 34), 0
 
 
 def check_run(words, run, period):
