@@ -15,7 +15,9 @@
 // (tests/test_gpu_gemm.py does that), but the outputs' checksums are printed: two builds that
 // must agree bitwise (a change of scheduling hints only, tools/sass_yield.py) print the same.
 // Also printed: the timed loop's energy and average power (NVML), to see whether it ran at the
-// card's power cap.
+// card's power cap. `--zero padding` zeroes the padding rows of both GEMMs' A operands (pool
+// and act, with their scales), `--zero a` all of L1's A: at the cap, a GEMM's speed depends on
+// how many bits its operands toggle.
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 
@@ -123,16 +125,23 @@ float median(std::vector<float> v) {
 
 int main(int argc, char** argv) {
   int tokens = 8192, experts = 64, topk = 8, hidden = 7168, intermediate = 2048, iters = 20;
+  const char* zero = "none";
   for (int i = 1; i + 1 < argc; i += 2) {
     const int v = std::atoi(argv[i + 1]);
-    if (!std::strcmp(argv[i], "--tokens")) {
+    if (!std::strcmp(argv[i], "--zero") &&
+        (!std::strcmp(argv[i + 1], "none") || !std::strcmp(argv[i + 1], "padding") ||
+         !std::strcmp(argv[i + 1], "a"))) {
+      zero = argv[i + 1];
+    } else if (!std::strcmp(argv[i], "--tokens")) {
       tokens = v;
     } else if (!std::strcmp(argv[i], "--experts")) {
       experts = v;
     } else if (!std::strcmp(argv[i], "--iters")) {
       iters = v;
     } else {
-      std::fprintf(stderr, "usage: gemm_profile [--tokens M] [--experts E] [--iters N]\n");
+      std::fprintf(stderr,
+                   "usage: gemm_profile [--tokens M] [--experts E] [--iters N]"
+                   " [--zero none|padding|a]\n");
       return 2;
     }
   }
@@ -164,7 +173,21 @@ int main(int argc, char** argv) {
   fill_scales<<<256, 256>>>(buf.w2_scale.ptr, buf.w2_scale.count, 7);
   // Outputs poisoned once, so that what the kernels leave unwritten (padding rows) is the same
   // in every run and the checksums below compare builds.
-  if (!buf.poison_outputs() || !ok(cudaDeviceSynchronize(), "fill")) return 2;
+  if (!buf.poison_outputs()) return 2;
+  if (!std::strcmp(zero, "a") && !ok(cudaMemset(buf.a.ptr, 0, buf.a.count), "zero a")) return 2;
+  if (!std::strcmp(zero, "padding")) {  // L1 never writes act's padding rows: they stay zero
+    for (size_t r = 0; r < buf.rows; ++r) {
+      if (pool.row_src[r] >= 0) continue;
+      const size_t h = hidden, i = intermediate, q = kQuantBlock;
+      if (!ok(cudaMemset(buf.a.ptr + r * h, 0, h), "zero padding") ||
+          !ok(cudaMemset(buf.a_scale.ptr + r * h / q, 0, h / q * sizeof(float)), "zero") ||
+          !ok(cudaMemset(buf.act.ptr + r * i, 0, i), "zero padding") ||
+          !ok(cudaMemset(buf.act_scale.ptr + r * i / q, 0, i / q * sizeof(float)), "zero")) {
+        return 2;
+      }
+    }
+  }
+  if (!ok(cudaDeviceSynchronize(), "fill")) return 2;
 
   const int num_ctas = sms * jax_megamoe::gemm_ctas_per_sm();
   const jax_megamoe::L1Params p1 = buf.l1(num_ctas, /*overlap=*/false);
@@ -195,8 +218,8 @@ int main(int argc, char** argv) {
   const double real_rows = double(tokens) * topk, H = hidden, I = intermediate;
   const double l1_flop = 2.0 * real_rows * 2 * I * H, l2_flop = 2.0 * real_rows * H * I;
   const float l1 = median(l1_ms), l2 = median(l2_ms);
-  std::printf("M %d E %d: %zu pool rows (%d blocks), %d CTAs, %d iters\n", tokens, experts,
-              buf.rows, buf.max_blocks(), num_ctas, iters);
+  std::printf("M %d E %d: %zu pool rows (%d blocks), %d CTAs, %d iters, zeroed: %s\n", tokens,
+              experts, buf.rows, buf.max_blocks(), num_ctas, iters, zero);
   std::printf("L1 %.1f us %.0f TFLOPS | L2 %.1f us %.0f TFLOPS (medians, real rows)\n", l1 * 1e3,
               l1_flop / (l1 * 1e-3) / 1e12, l2 * 1e3, l2_flop / (l2 * 1e-3) / 1e12);
   if (mj0 != 0 && mj1 > mj0) {
