@@ -2,6 +2,8 @@
 elsewhere). On a GPU machine, benchmarks/device_run.sh builds and runs them in one command."""
 
 import functools
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,9 @@ from jax.sharding import PartitionSpec as P
 
 from jax_megamoe import calc_diff, fp8_mega_moe, quantize_per_token
 from jax_megamoe.testing import make_activations, make_buffer, make_routing, make_weights
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+import timing  # noqa: E402  (benchmarks/timing.py: kernels from the profiler's trace)
 
 pytestmark = pytest.mark.gpu
 
@@ -97,6 +102,20 @@ def test_bitwise_stable_over_repeated_calls(small):
     for _ in range(200):
         out = small("fused", args)
     np.testing.assert_array_equal(np.asarray(out).view(np.uint16), first.view(np.uint16))
+
+
+def test_kernels_of_one_call(small):
+    """What one call enqueues, from the profiler's trace (docs/design.md §3.2): stage, route
+    count and fill, L1, L2 and combine, and the two epoch syncs only where there are peers to
+    wait for; with one rank the stage kernel decides the call."""
+    args = small.inputs(8, 64)
+    t = timing.time_calls(lambda *a: small("fused", a), [args], iters=3, warmup=1)
+    assert t.source == "profiler", t.source
+    names = " ".join(t.kernel_totals)
+    for kernel in ("stage_kernel", "route_count_kernel", "route_fill_kernel", "combine_kernel"):
+        assert kernel in names, (kernel, sorted(t.kernel_totals))
+    assert "sm90_fp8_mega_moe_l1" in names and "sm90_fp8_mega_moe_l2" in names
+    assert ("epoch_sync_kernel" in names) == (small.mesh.size > 1), sorted(t.kernel_totals)
 
 
 def test_two_layers_share_one_buffer_in_one_jit(small):

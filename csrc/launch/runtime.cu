@@ -29,6 +29,11 @@
 //                      combine_status[d]: a peer that did not run sent no rows.
 //   8. combine         y[m] = bf16(sum over valid k, k = 0..K-1 in order, of f32(combine[k][m])).
 //
+// With one rank (R = 1) steps 2 and 7 are not launched: there is no peer to publish to or wait
+// for. The stage kernel's first thread opens the epoch, checks the call's axis index (it must be
+// 0) and sets the call state (comm::open_call_alone), and x and x_scale are not staged: route_fill
+// reads them from the call's inputs. At M = 8 the two launches took ~8 µs of the layer's ~465.
+//
 // Only the two one-thread sync launches spin; the kernels after them are ordered behind the wait
 // by the stream (the on-stream wait NVSHMEM uses), so no spinning grid ever competes for SMs with
 // a peer's work, even when several ranks share one GPU.
@@ -128,17 +133,22 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   k.topk_ids = args.topk_ids;
   k.topk_weights = args.topk_weights;
   k.y = static_cast<uint16_t*>(args.y);
+  k.expected_rank = args.expected_rank;
+  const bool peers = c.num_ranks > 1;  // else no sync launches (see above)
 
   // Peers may stage a different M; size the pull grids for the case where all match.
   const size_t all_tokens = size_t(c.num_ranks) * m;
   const int budget = args.sm_budget;
 
   cudaError_t err;
-  stage_kernel<<<grid_for(size_t(m) * c.hidden / 16, kThreads, budget), kThreads, 0, stream>>>(k);
+  const size_t stage_items = peers ? size_t(m) * c.hidden / 16 : size_t(m) * c.topk;
+  stage_kernel<<<grid_for(stage_items, kThreads, budget), kThreads, 0, stream>>>(k);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kDispatch,
-                                         args.expected_rank);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (peers) {
+    epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kDispatch,
+                                           args.expected_rank);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
   route_count_kernel<<<grid_for(all_tokens * c.topk, kThreads, budget), kThreads,
                        2 * l.local_experts * sizeof(int32_t), stream>>>(k);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -195,9 +205,11 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   p2.l1_n_tiles = c.intermediate / kQuantBlock;
   if ((err = launch_l2(p2, stream)) != cudaSuccess) return err;
 
-  epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kCombine,
-                                         args.expected_rank);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (peers) {
+    epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kCombine,
+                                           args.expected_rank);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
   combine_kernel<<<grid_for(size_t(m) * c.hidden / 8, kThreads, budget), kThreads, 0, stream>>>(k);
   return cudaGetLastError();
 }

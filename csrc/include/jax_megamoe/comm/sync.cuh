@@ -3,7 +3,8 @@
 // then wait for every rank's flag in its own and read their statuses. It also decides whether
 // the call runs (HeaderFixed::call_state) and records why not (comm/error_record.h).
 // csrc/launch/runtime.cu launches it as steps 2 and 7 of each call and argues there why the
-// protocol cannot deadlock, aborted calls included.
+// protocol cannot deadlock, aborted calls included. A workspace with no peers (R = 1) launches
+// neither: its stage kernel decides the call (open_call_alone).
 #pragma once
 
 #include <cstdint>
@@ -60,6 +61,43 @@ __device__ __forceinline__ bool wait_or_time_out(uint8_t* ws, HeaderFixed* heade
   return false;
 }
 
+// Opens the call's epoch (dispatch opens it, combine closes the same one) and returns it, or 0
+// when the workspace failed before: the handler refuses such a workspace, and calls enqueued
+// before that (later layers of the same program, graph replays) are skipped.
+__device__ __forceinline__ uint64_t open_epoch(HeaderFixed* header) {
+  if (header->error_code != kErrorNone) {
+    header->call_state = kCallSkipped;
+    return 0;
+  }
+  const uint64_t epoch = header->epoch + 1;
+  header->epoch = epoch;
+  return epoch;
+}
+
+// The dispatch phase's last step: the call runs only if rank s ran it as axis index s, for every
+// s; otherwise it is aborted and the first mismatch recorded.
+__device__ __forceinline__ void decide_call(HeaderFixed* header, uint64_t epoch,
+                                            const int32_t* indices, int num_ranks) {
+  for (int s = 0; s < num_ranks; ++s) {
+    const int32_t ran_as = ld_relaxed_sys(indices + s);
+    if (ran_as != s) {
+      record_error(header, kErrorDeviceOrder, Phase::kDispatch, s, epoch, 0, ran_as);
+      header->call_state = kCallAborted;
+      return;
+    }
+  }
+  header->call_state = kCallRun;
+}
+
+// The dispatch phase of a workspace with no peers (R = 1), run by one thread of the stage kernel
+// instead of epoch_sync_kernel's two launches (runtime.cu): nothing to publish or wait for, only
+// the epoch and the call's index, which must be 0.
+__device__ __forceinline__ void open_call_alone(HeaderFixed* header, const int32_t* expected_rank) {
+  if (const uint64_t epoch = open_epoch(header); epoch != 0) {
+    decide_call(header, epoch, expected_rank, 1);
+  }
+}
+
 // `expected_rank` (read by the dispatch phase): the call's index along the expert axis
 // (lax.axis_index), a device scalar; it must equal `rank`, the workspace's rank, or tokens would
 // go to the wrong peers.
@@ -67,30 +105,13 @@ __global__ void epoch_sync_kernel(uint8_t* ws, WorkspaceLayout l, int rank, int 
                                   Phase phase, const int32_t* expected_rank) {
   HeaderFixed* header = header_of(ws, l);
   if (phase == Phase::kDispatch) {
-    // A workspace that failed before is refused by the handler; calls enqueued before that
-    // (later layers of the same program, graph replays) do nothing here.
-    if (header->error_code != kErrorNone) {
-      header->call_state = kCallSkipped;
-      return;
-    }
-    // Dispatch opens the call's epoch; combine closes the same one.
-    const uint64_t epoch = header->epoch + 1;
-    header->epoch = epoch;
-    const int32_t index = *expected_rank;
-    publish(ws, l, rank, num_ranks, l.dispatch_flag, l.dispatch_status, epoch, index);
+    const uint64_t epoch = open_epoch(header);
+    if (epoch == 0) return;
+    publish(ws, l, rank, num_ranks, l.dispatch_flag, l.dispatch_status, epoch, *expected_rank);
     if (!wait_or_time_out(ws, header, l.dispatch_flag, rank, num_ranks, phase, epoch)) return;
     // Every rank reads every rank's index, so a wrong device order aborts the call everywhere:
     // a rank that went on alone would compute with misrouted tokens from its peers.
-    const int32_t* indices = at<int32_t>(ws, l.dispatch_status);
-    for (int s = 0; s < num_ranks; ++s) {
-      const int32_t ran_as = ld_relaxed_sys(indices + s);
-      if (ran_as != s) {
-        record_error(header, kErrorDeviceOrder, phase, s, epoch, 0, ran_as);
-        header->call_state = kCallAborted;
-        return;
-      }
-    }
-    header->call_state = kCallRun;
+    decide_call(header, epoch, at<int32_t>(ws, l.dispatch_status), num_ranks);
     return;
   }
 

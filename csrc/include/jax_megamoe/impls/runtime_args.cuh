@@ -28,6 +28,7 @@ struct KernelArgs {
   const int32_t* topk_ids;
   const float* topk_weights;
   uint16_t* y;
+  const int32_t* expected_rank;  // the call's axis index (a device scalar)
 };
 
 // Base of rank s's workspace, from the peer table that connect_workspace uploaded.

@@ -155,8 +155,10 @@ __global__ void __launch_bounds__(kThreads) route_fill_kernel(KernelArgs a) {
     const int num_tokens = header_of(src, l)->staged_tokens;
     const int32_t* ids = at<int32_t>(src, l.topk_ids);
     const float* weights = at<float>(src, l.topk_weights);
-    const uint4* x = at<uint4>(src, l.x);
-    const float* x_scale = at<float>(src, l.x_scale);
+    // With no peers the stage kernel leaves x and x_scale in the call's inputs.
+    const bool alone = a.num_ranks == 1;
+    const uint4* x = alone ? reinterpret_cast<const uint4*>(a.x) : at<uint4>(src, l.x);
+    const float* x_scale = alone ? a.x_scale : at<float>(src, l.x_scale);
 
     for (int t = team; t < num_tokens; t += num_teams) {
       if (claimer) {
