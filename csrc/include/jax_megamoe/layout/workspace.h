@@ -6,8 +6,9 @@
 //   header   HeaderFixed, dispatch_flag[R] u64, combine_flag[R] u64, dispatch_status[R] i32,
 //            combine_status[R] i32 (flags and statuses written by peers), peer_base[R] (u8*),
 //            combine_base[R] (u16* = peer_base + combine offset)
-//   staging  x [Mmax,H] e4m3, x_scale [Mmax,H/128] f32, topk_ids [Mmax,K] i32 (ids outside [0,E)
-//            stored as -1, i.e. masked), topk_weights [Mmax,K] f32; read by every peer's route
+//   staging  x [Mmax,H] e4m3, x_scale [Mmax,H/128] f32 (both empty when R = 1), topk_ids
+//            [Mmax,K] i32 (ids outside [0,E) stored as -1, i.e. masked), topk_weights [Mmax,K]
+//            f32; read by every peer's route
 //   routing  expert_count/expert_fill/expert_offset [E_l] i32, RouteScalars,
 //            block_expert [max_blocks] i32, block_stored [max_blocks] i32 (L1 tiles stored per
 //            row block, which L2 waits for), row_src [P] i32, row_weight [P] f32
@@ -129,8 +130,10 @@ struct WorkspaceLayout {
     l.peer_base = take(off, R * sizeof(uint64_t));
     l.combine_base = take(off, R * sizeof(uint64_t));
 
-    l.x = take(off, Mmax * H);
-    l.x_scale = take(off, Mmax * (H / kQuantBlock) * sizeof(float));
+    // With no peers x is read from the call's inputs, not staged (csrc/launch/runtime.cu).
+    const size_t staged_x_rows = R > 1 ? Mmax : 0;
+    l.x = take(off, staged_x_rows * H);
+    l.x_scale = take(off, staged_x_rows * (H / kQuantBlock) * sizeof(float));
     l.topk_ids = take(off, Mmax * K * sizeof(int32_t));
     l.topk_weights = take(off, Mmax * K * sizeof(float));
 
