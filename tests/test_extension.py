@@ -30,6 +30,7 @@ CONFIGS = {
     "small": (4, 16, 512, 256, 4, 8),
     "uneven_tokens": (2, 6, 384, 640, 5, 37),
     "dsv3_8": (8, 256, 7168, 2048, 8, 4096),
+    "dsv3_1": (1, 256, 7168, 2048, 8, 4096),
     "max_topk": (2, 64, 256, 128, 32, 3),
 }
 BAD_CONFIGS = {
@@ -72,13 +73,19 @@ class WorkspaceSizeTest(parameterized.TestCase):
 
 
 def test_size_of_the_smallest_workspace_by_hand():
-    """R=E=K=M=1, H=I=128: 128 (header) + 6 x 128 (flags, statuses, bases) + 4 x 128
-    (staging) + 3 x 128 (expert counters) + 128 (route scalars) + 2 x 128 (block_expert,
-    block_stored) + 2 x 512 (row_src, row_weight over a 128-row pool: one expert segment) + 2 x
-    (16384 + 512) (pool, act) + 256 (combine)."""
-    assert workspace_nbytes(
-        num_ranks=1, num_experts=1, hidden=128, intermediate=128, topk=1, max_tokens_per_rank=1
-    ) == (128 + 768 + 512 + 384 + 128 + 2 * 128 + 1024 + 2 * (16384 + 512) + 256)
+    """R=E=K=M=1, H=I=128: 128 (header) + 6 x 128 (flags, statuses, bases) + no staging (one
+    rank reads its inputs) + 3 x 128 (expert counters) + 128 (route scalars) + 2 x 128
+    (block_expert, block_stored) + 2 x 512 (row_src, row_weight over a 128-row pool: one expert
+    segment) + 2 x (16384 + 512) (pool, act) + 256 (combine). With R = E = 2 the staging's four
+    regions are back (4 x 128) and the pool bounds 2 slots + 127 padding rows: 256 rows (4
+    blocks), so 2 x 1024 for row_src and row_weight and 2 x (32768 + 1024) for pool and act."""
+    dims = dict(hidden=128, intermediate=128, topk=1, max_tokens_per_rank=1)
+    assert workspace_nbytes(num_ranks=1, num_experts=1, **dims) == (
+        128 + 768 + 384 + 128 + 2 * 128 + 2 * 512 + 2 * (16384 + 512) + 256
+    )
+    assert workspace_nbytes(num_ranks=2, num_experts=2, **dims) == (
+        128 + 768 + 4 * 128 + 384 + 128 + 2 * 128 + 2 * 1024 + 2 * (32768 + 1024) + 256
+    )
 
 
 @needs_extension

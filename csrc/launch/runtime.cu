@@ -4,7 +4,7 @@
 //
 // Kernels enqueued on rank r's stream, identical on every rank:
 //   1. stage           copy this call's x, x_scale, sanitized topk ids, weights and M into r's
-//                      staging; reset r's routing counters and the GEMMs' tile counters.
+//                      staging.
 //   2. sync dispatch   one thread: epoch = ++header.epoch; write the call's axis index (the
 //                      expected rank) into dispatch_status[r] of every peer; fence; release
 //                      dispatch_flag[r] = epoch into every peer's header; then wait (acquire) for
@@ -12,7 +12,8 @@
 //                      dispatch_status[s]: the call runs only if each equals s.
 //   3. route_count     count the slots of every rank's staged tokens that go to r's experts; the
 //                      last block lays out kExpertAlignM-aligned expert segments (block_expert,
-//                      num_blocks, row_src = -1 on padding rows).
+//                      num_blocks, row_src = -1 on padding rows) and zeroes the counters (the
+//                      fill counts and GEMM tile counters for this call, its own for the next).
 //   4. route_fill      per (source rank, token): claim one pool row per slot routed here, record
 //                      row_src/row_weight, pull the token's fp8 row and scales from the source's
 //                      staging once and write them into every claimed row.
@@ -29,10 +30,11 @@
 //                      combine_status[d]: a peer that did not run sent no rows.
 //   8. combine         y[m] = bf16(sum over valid k, k = 0..K-1 in order, of f32(combine[k][m])).
 //
-// With one rank (R = 1) steps 2 and 7 are not launched: there is no peer to publish to or wait
-// for. The stage kernel's first thread opens the epoch, checks the call's axis index (it must be
-// 0) and sets the call state (comm::open_call_alone), and x and x_scale are not staged: route_fill
-// reads them from the call's inputs. At M = 8 the two launches took ~8 µs of the layer's ~465.
+// With one rank (R = 1) steps 1, 2 and 7 are not launched: there is no peer to stage for,
+// publish to or wait for. route_count's first thread opens the epoch, checks the call's axis
+// index (it must be 0) and sets the call state (comm::open_call_alone), and the route kernels and
+// combine read the call's inputs (token_source). At M = 8 the three launches took ~11 µs of the
+// layer's ~465.
 //
 // Only the two one-thread sync launches spin; the kernels after them are ordered behind the wait
 // by the stream (the on-stream wait NVSHMEM uses), so no spinning grid ever competes for SMs with
@@ -141,10 +143,9 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   const int budget = args.sm_budget;
 
   cudaError_t err;
-  const size_t stage_items = peers ? size_t(m) * c.hidden / 16 : size_t(m) * c.topk;
-  stage_kernel<<<grid_for(stage_items, kThreads, budget), kThreads, 0, stream>>>(k);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (peers) {
+    stage_kernel<<<grid_for(size_t(m) * c.hidden / 16, kThreads, budget), kThreads, 0, stream>>>(k);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
     epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kDispatch,
                                            args.expected_rank);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;

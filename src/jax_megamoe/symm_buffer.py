@@ -46,12 +46,13 @@ def workspace_nbytes(
     local = num_experts // num_ranks
     rows = checks.pool_rows_bound(num_ranks=r, num_experts=num_experts, topk=k, max_tokens=m)
     qb = QUANT_BLOCK
+    staged = m if r > 1 else 0  # one rank stages nothing: its kernels read the call's inputs
     regions = (
         [_REGION_ALIGN]
         + [r * 8] * 2  # HeaderFixed; dispatch/combine flags
         + [r * 4] * 2  # dispatch/combine statuses
         + [r * 8] * 2  # peer/combine bases
-        + [m * h, m * (h // qb) * 4, m * k * 4, m * k * 4]  # staging: x, x_scale, ids, weights
+        + [staged * h, staged * (h // qb) * 4, staged * k * 4, staged * k * 4]  # staging
         + [local * 4] * 3  # expert_count, expert_fill, expert_offset
         + [_REGION_ALIGN]  # RouteScalars
         + [rows // BLOCK_M * 4] * 2  # block_expert, block_stored

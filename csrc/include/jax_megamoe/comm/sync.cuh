@@ -4,7 +4,7 @@
 // the call runs (HeaderFixed::call_state) and records why not (comm/error_record.h).
 // csrc/launch/runtime.cu launches it as steps 2 and 7 of each call and argues there why the
 // protocol cannot deadlock, aborted calls included. A workspace with no peers (R = 1) launches
-// neither: its stage kernel decides the call (open_call_alone).
+// neither: its route_count kernel decides the call (open_call_alone).
 #pragma once
 
 #include <cstdint>
@@ -89,7 +89,7 @@ __device__ __forceinline__ void decide_call(HeaderFixed* header, uint64_t epoch,
   header->call_state = kCallRun;
 }
 
-// The dispatch phase of a workspace with no peers (R = 1), run by one thread of the stage kernel
+// The dispatch phase of a workspace with no peers (R = 1), run by one thread of route_count
 // instead of epoch_sync_kernel's two launches (runtime.cu): nothing to publish or wait for, only
 // the epoch and the call's index, which must be 0.
 __device__ __forceinline__ void open_call_alone(HeaderFixed* header, const int32_t* expected_rank) {

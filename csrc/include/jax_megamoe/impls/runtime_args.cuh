@@ -36,4 +36,27 @@ __device__ __forceinline__ uint8_t* peer_base(const KernelArgs& a, int s) {
   return at<uint8_t*>(a.ws, a.layout.peer_base)[s];
 }
 
+// Source rank s's tokens for this call: its staging (the stage kernel's copy, ids outside
+// [0, E) stored as -1), or with one rank, where nothing is staged, the call's own inputs (raw
+// ids: every reader tests unsigned(id - first expert) against its expert count, which rejects
+// both).
+struct TokenSource {
+  int num_tokens;
+  const int32_t* ids;
+  const float* weights;
+  const uint4* x;
+  const float* x_scale;
+};
+
+__device__ __forceinline__ TokenSource token_source(const KernelArgs& a, int s) {
+  if (a.num_ranks == 1) {
+    return {a.num_tokens, a.topk_ids, a.topk_weights, reinterpret_cast<const uint4*>(a.x),
+            a.x_scale};
+  }
+  uint8_t* src = peer_base(a, s);
+  const WorkspaceLayout& l = a.layout;
+  return {header_of(src, l)->staged_tokens, at<int32_t>(src, l.topk_ids),
+          at<float>(src, l.topk_weights), at<uint4>(src, l.x), at<float>(src, l.x_scale)};
+}
+
 }  // namespace jax_megamoe::sm90

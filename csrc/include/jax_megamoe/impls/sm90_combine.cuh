@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(KernelArgs a) {
   const WorkspaceLayout& l = a.layout;
   const int vecs = a.hidden / 8;  // 8 bf16 per 16-byte vector
   const uint4* combine = at<uint4>(a.ws, l.combine);
-  const int32_t* ids = at<int32_t>(a.ws, l.topk_ids);
+  const int32_t* ids = token_source(a, a.rank).ids;  // staged, or the inputs at R = 1
   uint4* y = reinterpret_cast<uint4*>(a.y);
 
   // A call that did not run everywhere has no trustworthy row: every value is NaN, so nothing
@@ -59,10 +59,11 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(KernelArgs a) {
         v[j] = slot[size_t(k) * slot_stride];
         id[j] = k0 + j < a.topk ? slot_ids[k] : -1;
       }
-      // Slots masked in the sanitized staging were sent nowhere: their rows are not added.
+      // Slots with an id outside [0, E) (-1 in the staging) were sent nowhere: their rows are
+      // not added.
 #pragma unroll
       for (int j = 0; j < kCombineLoads; ++j) {
-        if (id[j] < 0) continue;
+        if (unsigned(id[j]) >= unsigned(a.num_experts)) continue;
         const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v[j]);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cub/block/block_scan.cuh>
 
+#include "jax_megamoe/comm/sync.cuh"
 #include "jax_megamoe/constants.h"
 #include "jax_megamoe/impls/runtime_args.cuh"
 
@@ -15,8 +16,23 @@ namespace jax_megamoe::sm90 {
 // 16-byte vectors each lane keeps in flight while pulling a token row from a peer.
 constexpr int kPullUnroll = 4;
 
+// Whether this call runs. With peers the dispatch sync decided it (call_state). With one rank
+// there is no sync launch: this kernel's first thread opens the call (comm::open_call_alone),
+// and every thread reaches the same answer from what that thread reads. A wrong axis index
+// fails the call whether or not error_code was set yet; a failed workspace fails it anyway.
+__device__ __forceinline__ bool call_runs(const KernelArgs& a, HeaderFixed* header) {
+  if (a.num_ranks > 1) return header->call_state == kCallRun;
+  if (blockIdx.x == 0 && threadIdx.x == 0) comm::open_call_alone(header, a.expected_rank);
+  return *static_cast<volatile int32_t*>(&header->error_code) == kErrorNone &&
+         *a.expected_rank == a.rank;
+}
+
 // Counts slots routed to this rank per local expert; the last block to finish turns the counts
 // into kExpertAlignM-aligned segments. Dynamic shared memory: 2 * local_experts ints.
+// Counters: expert_count and count_done are zero when it starts (zero-filled at creation, and
+// its last block zeroes them again once read); the last block also zeroes expert_fill and the
+// GEMMs' tile counters for this call's route_fill, L1 and L2. A call that does not run leaves
+// them all zero.
 __global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
   using BlockScan = cub::BlockScan<int, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
@@ -26,7 +42,7 @@ __global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
   int32_t* first_block = smem + a.local_experts;  // first row block of each expert's segment
 
   const WorkspaceLayout& l = a.layout;
-  if (header_of(a.ws, l)->call_state != kCallRun) {  // aborted: no rows, so L1/L2 do nothing
+  if (!call_runs(a, header_of(a.ws, l))) {  // aborted or skipped: no rows, so L1/L2 do nothing
     if (blockIdx.x == 0 && threadIdx.x == 0) {
       at<RouteScalars>(a.ws, l.route_scalars)->num_blocks = 0;
     }
@@ -38,9 +54,9 @@ __global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
   __syncthreads();
 
   for (int s = 0; s < a.num_ranks; ++s) {
-    uint8_t* src = peer_base(a, s);
-    const int num_slots = header_of(src, l)->staged_tokens * a.topk;
-    const int32_t* ids = at<int32_t>(src, l.topk_ids);
+    const TokenSource src = token_source(a, s);
+    const int num_slots = src.num_tokens * a.topk;
+    const int32_t* ids = src.ids;
     for (int i = blockIdx.x * kThreads + threadIdx.x; i < num_slots; i += gridDim.x * kThreads) {
       const unsigned e = unsigned(ids[i] - first_expert);
       if (e < unsigned(num_local)) atomicAdd(&counts[e], 1);
@@ -58,13 +74,23 @@ __global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
   if (threadIdx.x == 0) is_last_block = atomicAdd(&scalars->count_done, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!is_last_block) return;
+  if (threadIdx.x == 0) {
+    scalars->count_done = 0;
+    scalars->l1_claims = 0;
+    scalars->l2_claims = 0;
+  }
 
+  int32_t* expert_fill = at<int32_t>(a.ws, l.expert_fill);
   int32_t* expert_offset = at<int32_t>(a.ws, l.expert_offset);
   int total_blocks = 0;
   for (int base = 0; base < num_local; base += kThreads) {
     const int e = base + threadIdx.x;
     // L2 reads: the other blocks' atomics never went through this SM's L1.
     const int count = e < num_local ? __ldcg(expert_count + e) : 0;
+    if (e < num_local) {
+      expert_count[e] = 0;  // for the next call
+      expert_fill[e] = 0;   // for this call's route_fill
+    }
     int first, chunk_blocks;
     constexpr int kAlignBlocks = kExpertAlignM / kBlockM;
     const int segment_blocks = (count + kExpertAlignM - 1) / kExpertAlignM * kAlignBlocks;
@@ -123,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) route_fill_kernel(KernelArgs a) {
   __shared__ int32_t claimed_rows[kTeams][kMaxTopk];
   __shared__ int32_t claimed_count[kTeams];
   const WorkspaceLayout& l = a.layout;
-  if (header_of(a.ws, l)->call_state != kCallRun) return;  // aborted: pull nothing
+  if (header_of(a.ws, l)->call_state != kCallRun) return;  // aborted or skipped: pull nothing
   const int lane = threadIdx.x % 32;
   const int team_in_block = threadIdx.x / kTeamThreads;
   const int tid = threadIdx.x % kTeamThreads;  // thread within the team
@@ -151,14 +177,12 @@ __global__ void __launch_bounds__(kThreads) route_fill_kernel(KernelArgs a) {
   float* pool_scale = at<float>(a.ws, l.pool_a_scale);
 
   for (int s = 0; s < a.num_ranks; ++s) {
-    uint8_t* src = peer_base(a, s);
-    const int num_tokens = header_of(src, l)->staged_tokens;
-    const int32_t* ids = at<int32_t>(src, l.topk_ids);
-    const float* weights = at<float>(src, l.topk_weights);
-    // With no peers the stage kernel leaves x and x_scale in the call's inputs.
-    const bool alone = a.num_ranks == 1;
-    const uint4* x = alone ? reinterpret_cast<const uint4*>(a.x) : at<uint4>(src, l.x);
-    const float* x_scale = alone ? a.x_scale : at<float>(src, l.x_scale);
+    const TokenSource src = token_source(a, s);
+    const int num_tokens = src.num_tokens;
+    const int32_t* ids = src.ids;
+    const float* weights = src.weights;
+    const uint4* x = src.x;
+    const float* x_scale = src.x_scale;
 
     for (int t = team; t < num_tokens; t += num_teams) {
       if (claimer) {

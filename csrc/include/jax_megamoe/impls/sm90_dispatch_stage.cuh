@@ -1,13 +1,11 @@
-// Dispatch step 1 (stage): copies this call's x, x_scale, sanitized top-k ids and weights and M
-// into this rank's staging, where every peer's route kernels read them, and resets this rank's
-// routing counters (unless the workspace has failed: then the call is skipped, see comm/sync.cuh).
-// With no peers (R = 1) it also runs the dispatch phase's decision (comm::open_call_alone), and
-// x and x_scale stay where they are: route_fill reads them from the call's inputs.
+// Dispatch step 1 (stage), launched only where there are peers (R > 1): copies this call's x,
+// x_scale, sanitized top-k ids and weights and M into this rank's staging, where every peer's
+// route kernels read them (unless the workspace has failed: then the call is skipped, see
+// comm/sync.cuh). With one rank the route kernels read the call's inputs instead.
 #pragma once
 
 #include <cstdint>
 
-#include "jax_megamoe/comm/sync.cuh"
 #include "jax_megamoe/constants.h"
 #include "jax_megamoe/impls/runtime_args.cuh"
 
@@ -16,40 +14,21 @@ namespace jax_megamoe::sm90 {
 __global__ void __launch_bounds__(kThreads) stage_kernel(KernelArgs a) {
   const WorkspaceLayout& l = a.layout;
   HeaderFixed* header = header_of(a.ws, l);
-  const bool alone = a.num_ranks == 1;
-  // Before the check below, so that a skipped call is marked so. A call this thread aborts
-  // (a wrong axis index) may make other blocks return early: nothing reads an aborted call's
-  // staging.
-  if (alone && blockIdx.x == 0 && threadIdx.x == 0) comm::open_call_alone(header, a.expected_rank);
   // The workspace failed in an earlier call and this one will be skipped: leave the staging of
   // the failed call as it is, a late peer may still be reading it.
   if (header->error_code != kErrorNone) return;
-  if (blockIdx.x == 0) {
-    for (int e = threadIdx.x; e < a.local_experts; e += kThreads) {
-      at<int32_t>(a.ws, l.expert_count)[e] = 0;
-      at<int32_t>(a.ws, l.expert_fill)[e] = 0;
-    }
-    if (threadIdx.x == 0) {
-      header->staged_tokens = a.num_tokens;
-      RouteScalars* scalars = at<RouteScalars>(a.ws, l.route_scalars);
-      scalars->count_done = 0;
-      scalars->l1_claims = 0;
-      scalars->l2_claims = 0;
-    }
-  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) header->staged_tokens = a.num_tokens;
   const size_t stride = size_t(gridDim.x) * kThreads;
   const size_t first = size_t(blockIdx.x) * kThreads + threadIdx.x;
 
-  if (!alone) {
-    const size_t x_vecs = size_t(a.num_tokens) * a.hidden / 16;
-    const uint4* x_src = reinterpret_cast<const uint4*>(a.x);
-    uint4* x_dst = at<uint4>(a.ws, l.x);
-    for (size_t i = first; i < x_vecs; i += stride) x_dst[i] = x_src[i];
+  const size_t x_vecs = size_t(a.num_tokens) * a.hidden / 16;
+  const uint4* x_src = reinterpret_cast<const uint4*>(a.x);
+  uint4* x_dst = at<uint4>(a.ws, l.x);
+  for (size_t i = first; i < x_vecs; i += stride) x_dst[i] = x_src[i];
 
-    const size_t num_scales = size_t(a.num_tokens) * (a.hidden / kQuantBlock);
-    float* scale_dst = at<float>(a.ws, l.x_scale);
-    for (size_t i = first; i < num_scales; i += stride) scale_dst[i] = a.x_scale[i];
-  }
+  const size_t num_scales = size_t(a.num_tokens) * (a.hidden / kQuantBlock);
+  float* scale_dst = at<float>(a.ws, l.x_scale);
+  for (size_t i = first; i < num_scales; i += stride) scale_dst[i] = a.x_scale[i];
 
   // An id outside [0, E) belongs to no rank, so no L2 will write its combine slot: store it as
   // -1 (masked) so this rank's combine and every peer's routing agree on which slots were sent.

@@ -6,9 +6,9 @@
 //   header   HeaderFixed, dispatch_flag[R] u64, combine_flag[R] u64, dispatch_status[R] i32,
 //            combine_status[R] i32 (flags and statuses written by peers), peer_base[R] (u8*),
 //            combine_base[R] (u16* = peer_base + combine offset)
-//   staging  x [Mmax,H] e4m3, x_scale [Mmax,H/128] f32 (both empty when R = 1), topk_ids
-//            [Mmax,K] i32 (ids outside [0,E) stored as -1, i.e. masked), topk_weights [Mmax,K]
-//            f32; read by every peer's route
+//   staging  x [Mmax,H] e4m3, x_scale [Mmax,H/128] f32, topk_ids [Mmax,K] i32 (ids outside
+//            [0,E) stored as -1, i.e. masked), topk_weights [Mmax,K] f32; read by every peer's
+//            route; empty when R = 1
 //   routing  expert_count/expert_fill/expert_offset [E_l] i32, RouteScalars,
 //            block_expert [max_blocks] i32, block_stored [max_blocks] i32 (L1 tiles stored per
 //            row block, which L2 waits for), row_src [P] i32, row_weight [P] f32
@@ -130,12 +130,12 @@ struct WorkspaceLayout {
     l.peer_base = take(off, R * sizeof(uint64_t));
     l.combine_base = take(off, R * sizeof(uint64_t));
 
-    // With no peers x is read from the call's inputs, not staged (csrc/launch/runtime.cu).
-    const size_t staged_x_rows = R > 1 ? Mmax : 0;
-    l.x = take(off, staged_x_rows * H);
-    l.x_scale = take(off, staged_x_rows * (H / kQuantBlock) * sizeof(float));
-    l.topk_ids = take(off, Mmax * K * sizeof(int32_t));
-    l.topk_weights = take(off, Mmax * K * sizeof(float));
+    // With no peers nothing is staged: the kernels read the call's inputs (runtime.cu).
+    const size_t staged = R > 1 ? Mmax : 0;
+    l.x = take(off, staged * H);
+    l.x_scale = take(off, staged * (H / kQuantBlock) * sizeof(float));
+    l.topk_ids = take(off, staged * K * sizeof(int32_t));
+    l.topk_weights = take(off, staged * K * sizeof(float));
 
     l.expert_count = take(off, size_t(l.local_experts) * sizeof(int32_t));
     l.expert_fill = take(off, size_t(l.local_experts) * sizeof(int32_t));
