@@ -29,6 +29,10 @@ SHAPES = {
     # H % 256 != 0: L2 takes its 128-column tiles.
     "narrow": (384, 384, (65, 0, 130)),
     "dsv3": (7168, 2048, (0, 64, 65, 200, 1, 130, 7, 300)),
+    # L1's swap-AB tail: an expert's last block rides along with its last full pair when it
+    # has at most 16 rows (144: 16, 257: 1), not with 17 (145) or without a full pair before it
+    # (16, 64 + 16 = 80 is a pair).
+    "tails": (512, 256, (144, 145, 257, 16, 80, 0, 271)),
 }
 EXTRA_BLOCKS = 2  # poisoned row blocks past num_blocks
 

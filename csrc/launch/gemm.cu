@@ -35,13 +35,13 @@ constexpr int kL2WideWgN = 128;
 constexpr int kL2NarrowWgN = 64;
 bool l2_wide(int hidden) { return hidden % sm90::TileShape<kL2WideWgN>::kBRows == 0; }
 
-template <int kWgN>
-constexpr int kStageBytes = sm90::TileShape<kWgN>::kStageBytes;
+template <int kWgN, int kTailRows = 0>
+constexpr int kStageBytes = sm90::kRingStageBytes<kWgN, kTailRows>;
 
 // The tile/stage table: every kernel instance, its ring depth and its shared memory.
-constexpr int kL1Stages =
-    stages_for(kStageBytes<sm90::kL1WgN>,
-               sm90::kSmemAlignSlack + sm90::L1Epilogue::kSmemBytes + kBarrierReserve);
+constexpr int kL1Stages = stages_for(kStageBytes<sm90::kL1WgN, sm90::kL1TailRows>,
+                                     sm90::kSmemAlignSlack + sm90::L1Epilogue::kSmemBytes +
+                                         kBarrierReserve + sm90::kTailAccBytes<sm90::kL1TailRows>);
 constexpr int kL2WideStages =
     stages_for(kStageBytes<kL2WideWgN>,
                sm90::kSmemAlignSlack + kBarrierReserve + sm90::L2Epilogue<kL2WideWgN>::kSmemBytes);
@@ -53,6 +53,7 @@ constexpr auto kL1Kernel = sm90::sm90_fp8_mega_moe_l1<kL1Stages>;
 constexpr auto kL2WideKernel = sm90::sm90_fp8_mega_moe_l2<kL2WideWgN, kL2WideStages>;
 constexpr auto kL2NarrowKernel = sm90::sm90_fp8_mega_moe_l2<kL2NarrowWgN, kL2NarrowStages>;
 constexpr int kL1SmemBytes = sm90::l1_smem_bytes<kL1Stages>();
+static_assert(kL1Stages == 4, "L1's ring was measured with 4 stages");
 constexpr int kL2WideSmemBytes = sm90::l2_smem_bytes<kL2WideWgN, kL2WideStages>();
 constexpr int kL2NarrowSmemBytes = sm90::l2_smem_bytes<kL2NarrowWgN, kL2NarrowStages>();
 
@@ -113,6 +114,18 @@ bool claim_tiles() {
   return claim;
 }
 
+// L1's swap-AB tail (impls/sm90_fp8_grouped_tma_mainloop.cuh): an expert's last row block of
+// at most kL1TailRows rows rides along with its last full pair instead of running as a lone
+// tile. JAX_MEGAMOE_L1_TAIL=lone runs every such block as a lone tile, for A/B measurements in
+// one build; read once.
+int l1_tail_rows() {
+  static const int rows = [] {
+    const char* mode = std::getenv("JAX_MEGAMOE_L1_TAIL");
+    return mode != nullptr && std::string(mode) == "lone" ? 0 : sm90::kL1TailRows;
+  }();
+  return rows;
+}
+
 template <class Kernel>
 cudaError_t prepare(Kernel kernel, int smem_bytes) {
   cudaError_t err =
@@ -133,8 +146,10 @@ cudaError_t launch_l1(const L1Params& p, cudaStream_t stream) {
   if (!claim_tiles()) k.p.tile_claims = nullptr;
   const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
   const size_t w_rows = size_t(p.num_experts) * 2 * p.intermediate;
+  k.tail_rows = l1_tail_rows();
   cudaError_t err = encode_rows(&k.a, p.a, pool_rows, p.hidden, kBlockM);
   if (err == cudaSuccess) err = encode_rows(&k.b, p.w1, w_rows, p.hidden, sm90::kL1WgN);
+  if (err == cudaSuccess) err = encode_rows(&k.a_tail, p.a, pool_rows, p.hidden, sm90::kL1TailRows);
   if (err != cudaSuccess) return err;
   kL1Kernel<<<p.num_ctas, sm90::kNumThreads, kL1SmemBytes, stream>>>(k);
   return cudaGetLastError();

@@ -18,7 +18,7 @@ namespace jax_megamoe::sm90 {
 // one committed wgmma group of this warpgroup.
 template <int kWgN>
 __device__ __forceinline__ void issue_block_mma(uint32_t a_smem, uint32_t b_smem,
-                                                float (&part)[TileShape<kWgN>::kAccRegs]) {
+                                                float (&part)[ptx::WgmmaE4m3<kWgN>::kRegs]) {
   using Mma = ptx::WgmmaE4m3<kWgN>;
   const uint32_t a_lo = ptx::smem_desc_lo(a_smem), b_lo = ptx::smem_desc_lo(b_smem);
   ptx::fence_operands(part);
@@ -58,6 +58,41 @@ __device__ __forceinline__ void promote(const RowScales& a_scales, float b_scale
     for (int j = 0; j < kPartRegs / 4; ++j) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
+        const int r = 4 * j + 2 * half + c;
+        acc[r] = fmaf(part[r], scale, acc[r]);
+      }
+    }
+  }
+}
+
+// The activation scales of the token columns (n8 tile j, column c) that warpgroup lane `lane`
+// holds in a swap-AB accumulator (weights as A, kRows token rows as B); tail_scale is the
+// shared-memory address of the K block's kRows token scales.
+template <int kRows>
+struct ColScales {
+  float s[kRows / 8][2];
+};
+template <int kRows>
+__device__ __forceinline__ ColScales<kRows> load_col_scales(uint32_t tail_scale, int lane) {
+  ColScales<kRows> r;
+#pragma unroll
+  for (int j = 0; j < kRows / 8; ++j)
+    ptx::ld_shared_v2(tail_scale + 4 * (8 * j + 2 * (lane % 4)), r.s[j]);
+  return r;
+}
+
+// The swap-AB form of promote: acc += part * b_scale * token_scale[column].
+template <int kRows>
+__device__ __forceinline__ void promote_cols(const ColScales<kRows>& cols, float b_scale,
+                                             const float (&part)[kRows / 2],
+                                             float (&acc)[kRows / 2]) {
+#pragma unroll
+  for (int j = 0; j < kRows / 8; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float scale = cols.s[j][c] * b_scale;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
         const int r = 4 * j + 2 * half + c;
         acc[r] = fmaf(part[r], scale, acc[r]);
       }

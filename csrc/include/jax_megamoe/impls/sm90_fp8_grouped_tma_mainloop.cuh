@@ -21,7 +21,10 @@
 //                           group's master accumulator; release the slot (one arrival per warp)
 //                           once its last shared-memory read is done; then wait for the next
 //                           K block's full barrier. Each tile kind has its own K loop, so the
-//                           loop holds no branch but its end and the wait's retry. When only
+//                           loop holds no branch but its end and the wait's retry. A paired
+//                           tile may carry a tail (kTailRows > 0, L1): the next row block's
+//                           first kTailRows rows, computed swap-AB from the same weight tile
+//                           (below). When only
 //                           one block of the pair works (a lone block: small M, an expert's last
 //                           rows), both warpgroups work on it, splitting the columns as the
 //                           epilogue asks (Epilogue::kLoneSplit): a whole B group each, or half
@@ -59,8 +62,10 @@ constexpr int kNumThreads = kWarpGroupThreads + kNumMathThreads;
 // to the allocation unit of 8): 64512 in all. setmaxnreg only moves registers inside that pool:
 // a math warpgroup's increase waits until the producer's decrease has freed enough, forever if
 // the two do not fit, so the split must satisfy 128 x producer + 256 x math <= 64512.
-// 128 x 40 + 256 x 232 = 64512: two 64-register master accumulators, a partial and the three mma
-// paths (paired, lone by group, lone by halves) without spills.
+// 128 x 40 + 256 x 232 = 64512: two 64-register master accumulators, a partial and the four mma
+// paths (paired, paired with a tail, lone by group, lone by halves). ptxas spills none in the K
+// loops; in L1 it keeps one word of the epilogue's row offsets on the stack, loaded once per
+// tile (every way tried to recompute it instead spilled more).
 constexpr int kRegsAtLaunch = 65536 / kNumThreads / 8 * 8;
 constexpr int kProducerRegs = 40;
 constexpr int kMathRegs = 232;
@@ -69,11 +74,26 @@ static_assert(kWarpGroupThreads * kProducerRegs + kNumMathThreads * kMathRegs <=
               "setmaxnreg would wait forever: the split exceeds the CTA's registers");
 constexpr int kMathWarps = kNumMathThreads / 32;
 constexpr int kFullArrivals = 1 + 32;
+// Shared memory of the tails' master accumulators (GroupedFp8TmaMainloop, kTailRows > 0).
+template <int kTailRows>
+constexpr int kTailAccBytes = kNumMathThreads * kTailRows * static_cast<int>(sizeof(float));
 
-template <int kWgN, int kStages>
+// A tail (kTailRows > 0, the rows of GemmOperands::tail_rows): an expert's last row block with
+// few rows left alone in its pair would cost a lone tile, which loads the whole weight tile for
+// them (0.77 of a paired tile's time at M = 2048 for 1-16 real rows). Instead it rides along
+// with the expert's last full pair, whose stages already hold that weight tile: the producer
+// adds the tail's kTailRows rows (one more TMA box) and their scales to each stage, and after
+// its two B groups each math warpgroup runs the tail swap-AB, the weights as A and the tail's
+// rows as B: wgmma m64n(kTailRows) over its 64 rows of each B group (gate and up of the same
+// columns, so SwiGLU still meets in one thread). The tail's partial takes registers of the
+// pair's, dead by then; its master accumulator (kTailRows floats per thread) lives in shared
+// memory, each thread's own: held in registers through the pair's wgmma, it made ptxas spill.
+template <int kWgN, int kStages, int kTailRows = 0>
 class GroupedFp8TmaMainloop {
   using Shape = TileShape<kWgN>;
-  using Ring = StageRing<kWgN, kStages>;
+  using Ring = StageRing<kWgN, kStages, kTailRows>;
+  static_assert(kTailRows == 0 || (kTailRows == 16 && kWgN == 2 * kBlockM),
+                "a tail is m64n16 over each warpgroup's half of a 128-row B group");
   static_assert(kStages >= 2, "the ring needs one stage in flight while another is consumed");
   static_assert(kBlockM % 32 == 0, "the producer warp copies whole rows of scales per lane");
 
@@ -85,17 +105,23 @@ class GroupedFp8TmaMainloop {
   // and its running count (in shared memory: a register for it made the producer spill at 40).
   static constexpr int kTileCountBytes = 8;
   static constexpr int kNoTileCount = 0x7fffffff;
-  static constexpr int kSmemBytes =
-      Ring::kBytes + (kBarrierBytes + kTileSlotBytes + kTileCountBytes + 127) / 128 * 128;
+  static constexpr int kControlBytes =
+      (kBarrierBytes + kTileSlotBytes + kTileCountBytes + 127) / 128 * 128;
+  // Then the tails' master accumulators: per math thread kTailRows floats, stored as float4
+  // quads, quad q of math thread i at (q * kNumMathThreads + i) * 16 (conflict-free).
+  static constexpr int kTailQuads = kTailRows / 4;
+  static constexpr int kSmemBytes = Ring::kBytes + kControlBytes + kTailAccBytes<kTailRows>;
 
   // `smem` must be kSwizzleAtomBytes-aligned (align_smem). The tensor maps view `op.a` as
   // [pool rows, k] with a box of kBlockM x 128 and `op.b` as [experts * b_rows, k] with a box
   // of kWgN x 128, both 128B-swizzled; they live in kernel parameter space (__grid_constant__).
   // Blocks at or past min(*num_blocks, max_blocks) are skipped; the count is read by each role
   // after the register split (a value held across it would be spilled).
+  // tma_tail views `op.a` like tma_a with a box of kTailRows x 128 (null without a tail).
   __device__ GroupedFp8TmaMainloop(uint8_t* smem, const GemmOperands& op, const int32_t* num_blocks,
                                    int max_blocks, const CUtensorMap* tma_a,
-                                   const CUtensorMap* tma_b, int* tile_claims)
+                                   const CUtensorMap* tma_b, int* tile_claims,
+                                   const CUtensorMap* tma_tail = nullptr)
       : ring_{smem},
         full_(reinterpret_cast<uint64_t*>(smem + Ring::kBytes)),
         empty_(full_ + kStages),
@@ -104,7 +130,8 @@ class GroupedFp8TmaMainloop {
         num_blocks_(num_blocks),
         max_blocks_(max_blocks),
         tma_a_(tma_a),
-        tma_b_(tma_b) {}
+        tma_b_(tma_b),
+        tma_tail_(tma_tail) {}
 
   // Called by every thread of the CTA. epilogue(tile, acc, math_thread) runs on a math
   // warpgroup whose row block works in `tile` (math_thread in [0, 256)), on its own: the
@@ -163,8 +190,10 @@ class GroupedFp8TmaMainloop {
           }
           // Only the working row blocks' A: at small M most pairs have one, and the other
           // block's bytes would only take L2 bandwidth from the weight stream.
-          const int a_blocks = __popc(tile.mask);
-          ptx::mbarrier_arrive_expect_tx(full, a_blocks * Shape::kAWgBytes + Shape::kBBytes);
+          const int a_blocks = __popc(tile.mask & 3);
+          const int tail_bytes = tile.tail() ? Ring::kTailBytes : 0;
+          ptx::mbarrier_arrive_expect_tx(full,
+                                         a_blocks * Shape::kAWgBytes + Shape::kBBytes + tail_bytes);
 #pragma unroll
           for (int w = 0; w < kNumMathWarpGroups; ++w) {
             if (tile.has(w))
@@ -175,6 +204,10 @@ class GroupedFp8TmaMainloop {
           for (int g = 0; g < kNumBGroups; ++g)
             ptx::tma_load_2d(ring_.b(slot) + g * Shape::kBGroupBytes, tma_b_, kb * kBlockK,
                              op_.b_row(tile.expert, tile.n, g), full);
+          if constexpr (kTailRows > 0) {
+            if (tile.tail())
+              ptx::tma_load_2d(ring_.tail(slot), tma_tail_, kb * kBlockK, row0 + kTileM, full);
+          }
         }
         // Only the working blocks' scales: a block past the pool's end has none to read.
         const uint32_t a_scale = ptx::smem_addr(ring_.a_scale(slot));
@@ -189,9 +222,16 @@ class GroupedFp8TmaMainloop {
             ptx::cp_async_4(a_scale + (rows32 * 32 + lane) * 4, a_scale_src + rows32 * src_stride);
           }
         }
+        if constexpr (kTailRows > 0) {  // the tail's, after the pair's (StageRing::tail_scale)
+          constexpr int kRows32 = kNumMathWarpGroups * kBlockM / 32;
+          if (tile.tail() && lane < kTailRows)
+            ptx::cp_async_4(a_scale + (kRows32 * 32 + lane) * 4,
+                            a_scale_src + kRows32 * src_stride);
+        }
         if (lane < kNumBGroups)
           ptx::cp_async_4(ptx::smem_addr(ring_.b_scale(slot) + lane),
                           op_.b_scale_at(tile.expert, tile.n, lane, kb));
+
         ptx::cp_async_mbarrier_arrive(full);
         if (++slot == kStages) {
           slot = 0;
@@ -254,6 +294,30 @@ class GroupedFp8TmaMainloop {
 #pragma unroll
         for (int i = 0; i < Shape::kAccRegs; ++i) acc[g][i] = 0.f;
       }
+      if constexpr (kTailRows > 0) {
+        if (tile.tail()) {
+          TailAccum tail_acc;
+#pragma unroll
+          for (int g = 0; g < kNumBGroups; ++g) {
+#pragma unroll
+            for (int i = 0; i < kTailRegs; ++i) tail_acc[g][i] = 0.f;
+          }
+          const uint32_t master = tail_acc_addr(math_thread);
+          store_tail_acc(master, tail_acc);
+          k_loop(slot, phase, block, t, [&](const StageView& v) {
+            mma_pair(v.a, v.b, v.a_scales, v.b_scales, acc, v.slot, warp_leader, /*tail=*/true);
+            // Fixed offsets from what the pair reads: this warpgroup's 64 rows of B group 0 are
+            // as far from the stage's B as its A tile is from the stage's A (block wg); the
+            // tail's rows follow B, their scales precede the B scales.
+            mma_tail(v.a + Shape::kABytes, v.b + Shape::kBBytes, v.b_scale - kTailRows * 4,
+                     v.b_scales, master, v.slot, threadIdx.x % 32, warp_leader);
+          });
+          epilogue(tile, acc, math_thread);
+          load_tail_acc(master, tail_acc);
+          epilogue.tail(tile, tail_acc, math_thread);
+          continue;
+        }
+      }
       if (!tile.lone()) {
         k_loop(slot, phase, block, t, [&](const StageView& v) {
           mma_pair(v.a, v.b, v.a_scales, v.b_scales, acc, v.slot, warp_leader);
@@ -277,7 +341,7 @@ class GroupedFp8TmaMainloop {
   // (shared-memory addresses), the scales of its accumulator rows and the B groups.
   struct StageView {
     int slot;
-    uint32_t a, b;
+    uint32_t a, b, b_scale;
     RowScales a_scales;
     float b_scales[kNumBGroups];
   };
@@ -314,10 +378,11 @@ class GroupedFp8TmaMainloop {
     __device__ __forceinline__ StageView view(int slot) const {
       StageView v;
       v.slot = slot;
-      v.a = a0 + slot * Shape::kOperandBytes;
-      v.b = b0 + slot * Shape::kOperandBytes;
+      v.a = a0 + slot * Ring::kOperandStride;
+      v.b = b0 + slot * Ring::kOperandStride;
+      v.b_scale = b_scale0 + slot * Shape::kScaleBytes;
       v.a_scales = load_row_scales(a_scale0 + slot * Shape::kScaleBytes, t);
-      ptx::ld_shared_v2(b_scale0 + slot * Shape::kScaleBytes, v.b_scales);
+      ptx::ld_shared_v2(v.b_scale, v.b_scales);
       return v;
     }
     __device__ __forceinline__ void wait_full(int slot, uint32_t phase) const {
@@ -364,11 +429,13 @@ class GroupedFp8TmaMainloop {
             ptx::ld_shared_s32(a + offsetof(Tile, mask))};
   }
 
-  // Paired tile: this warpgroup's own row block times both B groups.
+  // Paired tile: this warpgroup's own row block times both B groups. With a tail to follow, the
+  // slot is still read by it and mma_tail releases it.
   __device__ __forceinline__ void mma_pair(uint32_t a_smem, uint32_t b_smem,
                                            const RowScales& a_scales,
                                            const float (&b_scales)[kNumBGroups],
-                                           TileAccum<kWgN>& acc, int slot, bool warp_leader) {
+                                           TileAccum<kWgN>& acc, int slot, bool warp_leader,
+                                           bool tail = false) {
     float part[Shape::kAccRegs];
 #pragma unroll
     for (int g = 0; g < kNumBGroups; ++g) {
@@ -377,9 +444,49 @@ class GroupedFp8TmaMainloop {
       ptx::fence_operands(part);
       // After the last group's wgmma the warp has read all of the slot: hand it back before
       // the promotion.
-      if (g == kNumBGroups - 1) release(slot, warp_leader);
+      if (g == kNumBGroups - 1 && !tail) release(slot, warp_leader);
       promote(a_scales, b_scales[g], part, acc[g]);
     }
+  }
+
+  // A tail's K block: w_smem is this warpgroup's 64 rows of B group 0 in the stage (group 1's
+  // are kBGroupBytes further), tail_smem the tail's kTailRows rows, tail_scale their scales.
+  static constexpr int kTailRegs = ptx::WgmmaE4m3 < kTailRows == 0 ? 16 : kTailRows > ::kRegs;
+  using TailAccum = float[kNumBGroups][kTailRegs];
+  __device__ __forceinline__ void mma_tail(uint32_t w_smem, uint32_t tail_smem, uint32_t tail_scale,
+                                           const float (&b_scales)[kNumBGroups], uint32_t master,
+                                           int slot, int lane, bool warp_leader) {
+    float part[kNumBGroups][kTailRegs];
+#pragma unroll
+    for (int g = 0; g < kNumBGroups; ++g)
+      issue_block_mma<kTailRows>(w_smem + g * Shape::kBGroupBytes, tail_smem, part[g]);
+    const ColScales<kTailRows> cols = load_col_scales<kTailRows>(tail_scale, lane);
+    TailAccum acc;
+    load_tail_acc(master, acc);
+    ptx::wgmma_wait<0>();
+#pragma unroll
+    for (int g = 0; g < kNumBGroups; ++g) ptx::fence_operands(part[g]);
+    release(slot, warp_leader);
+#pragma unroll
+    for (int g = 0; g < kNumBGroups; ++g) promote_cols(cols, b_scales[g], part[g], acc[g]);
+    store_tail_acc(master, acc);
+  }
+
+  // Math thread i's tail master accumulator (kTailAccBytes): quad q at + q * kNumMathThreads * 16.
+  __device__ uint32_t tail_acc_addr(int math_thread) const {
+    return ptx::smem_addr(full_) + kControlBytes + math_thread * 16;
+  }
+  __device__ __forceinline__ static void load_tail_acc(uint32_t master, TailAccum& acc) {
+#pragma unroll
+    for (int q = 0; q < kTailQuads; ++q)
+      ptx::ld_shared_v4(master + q * kNumMathThreads * 16,
+                        &acc[q * 4 / kTailRegs][q * 4 % kTailRegs]);
+  }
+  __device__ __forceinline__ static void store_tail_acc(uint32_t master, const TailAccum& acc) {
+#pragma unroll
+    for (int q = 0; q < kTailQuads; ++q)
+      ptx::st_shared_v4(master + q * kNumMathThreads * 16,
+                        &acc[q * 4 / kTailRegs][q * 4 % kTailRegs]);
   }
 
   // Lone block, LoneSplit::kOneGroupEach: warpgroup wg takes B group wg whole, into `acc` (the
@@ -475,6 +582,7 @@ class GroupedFp8TmaMainloop {
   int max_blocks_;
   const CUtensorMap* tma_a_;
   const CUtensorMap* tma_b_;
+  const CUtensorMap* tma_tail_;
 };
 
 }  // namespace jax_megamoe::sm90

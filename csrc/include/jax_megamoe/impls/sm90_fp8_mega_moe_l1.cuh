@@ -52,18 +52,21 @@ struct L1Epilogue {
     } else {
       paired(tile, acc, fc, rows);
     }
-    if (p.block_stored != nullptr) {
-      // The warpgroup's stores of this tile, then one release: L2 may start on the block once
-      // every N tile of it has counted (twice per N tile for a lone block: both warpgroups).
-      // L2 reads the rows with TMA, the async proxy: each writer fences its generic stores for
-      // it (and L2 fences again after its acquire).
-      ptx::fence_proxy_async_global();
-      warpgroup_sync(fc.wg);
-      if (fc.t == 0) ptx::red_release_gpu_add(&p.block_stored[row0 / kBlockM], 1);
-    }
+    release_stored(row0 / kBlockM, fc);
   }
 
  private:
+  // The warpgroup's stores of this tile to row block `block`, then one release: L2 may start on
+  // the block once every N tile of it has counted (twice per N tile for a block L2 sees alone,
+  // a lone block or a tail: both warpgroups). L2 reads the rows with TMA, the async proxy: each
+  // writer fences its generic stores for it (and L2 fences again after its acquire).
+  __device__ __forceinline__ void release_stored(int block, const FragCoords& fc) const {
+    if (p.block_stored == nullptr) return;
+    ptx::fence_proxy_async_global();
+    warpgroup_sync(fc.wg);
+    if (fc.t == 0) ptx::red_release_gpu_add(&p.block_stored[block], 1);
+  }
+
   // A thread's two accumulator rows (half 0, 1): pool row, routing weight, has a destination.
   struct Rows {
     int row[2];
@@ -138,6 +141,80 @@ struct L1Epilogue {
     }
   }
 
+ public:
+  // The tail that rode along with a paired tile (GroupedFp8TmaMainloop, kTailRows): swap-AB
+  // accumulators, tail_acc[g][4 j + 2 half + c] is column 64 wg + fc.row(half) of the tile, gate
+  // (g = 0) or up (1), of token row fc.col(j, c) of the row block after the pair. A token's 128
+  // columns are spread over the eight lanes of a warp that share lane % 4 and over all eight
+  // math warps: its amax meets through shuffles, then through lone_amax ([warp][token]).
+  template <int kRegs>
+  __device__ __forceinline__ void tail(const Tile& tile, float (&tail_acc)[kNumBGroups][kRegs],
+                                       int math_thread) const {
+    constexpr int kRows = 2 * kRegs, kJ = kRows / 8;
+    static_assert(kNumMathThreads / 32 * kRows <= kNumMathWarpGroups * kBlockM,
+                  "the tail's amax exchange must fit lone_amax");
+    const FragCoords fc(math_thread);
+    const int block = (tile.pair + 1) * kNumMathWarpGroups;
+    int row[kJ][2];
+    float weight[kJ][2], amax[kJ][2];
+    bool valid[kJ][2];
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        row[j][c] = block * kBlockM + fc.col(j, c);
+        weight[j][c] = p.row_weight[row[j][c]];
+        valid[j][c] = p.row_src[row[j][c]] >= 0;
+      }
+    }
+    const bool clamp = p.clamp < INFINITY;
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        amax[j][c] = 0.f;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = 4 * j + 2 * half + c;
+          const float act = clamp ? epilogue::swiglu(tail_acc[0][r], tail_acc[1][r], p.clamp)
+                                  : epilogue::swiglu(tail_acc[0][r], tail_acc[1][r]);
+          tail_acc[0][r] = act * weight[j][c];
+          amax[j][c] = fmaxf(amax[j][c], fabsf(tail_acc[0][r]));
+        }
+#pragma unroll
+        for (int lanes = 4; lanes < 32; lanes *= 2)
+          amax[j][c] = fmaxf(amax[j][c], __shfl_xor_sync(0xffffffffu, amax[j][c], lanes));
+        if (fc.lane < 4) lone_amax[(math_thread / 32) * kRows + fc.col(j, c)] = amax[j][c];
+      }
+    }
+    math_sync();
+    const int col = tile.n * kQuantBlock + fc.wg * kBlockM + fc.row(0);
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float token_amax = 0.f;
+#pragma unroll
+        for (int w = 0; w < kNumMathThreads / 32; ++w)
+          token_amax = fmaxf(token_amax, lone_amax[w * kRows + fc.col(j, c)]);
+        const float scale = epilogue::e4m3_scale(token_amax);
+        const uint16_t q = epilogue::quantize_e4m3x2(
+            tail_acc[0][4 * j + c], tail_acc[0][4 * j + 2 + c], epilogue::ScaleDivisor(scale));
+        if (valid[j][c]) {
+          // Rows fc.row(0) and fc.row(1) = fc.row(0) + 8 of the warpgroup's columns.
+          uint8_t* dst = p.act + static_cast<size_t>(row[j][c]) * p.intermediate + col;
+          dst[0] = static_cast<uint8_t>(q & 0xff);
+          dst[8] = static_cast<uint8_t>(q >> 8);
+        }
+        if (math_thread < 4) store_scale(row[j][c], valid[j][c], tile.n, scale);
+      }
+    }
+    // The next lone tile or tail rewrites lone_amax; every warp must have read it here.
+    math_sync();
+    release_stored(block, fc);
+  }
+
+ private:
   __device__ __forceinline__ void lone(const Tile& tile, TileAccum<kL1WgN>& acc,
                                        const FragCoords& fc, const Rows& rows) const {
     constexpr int kNT = Shape::kNTiles / kNumMathWarpGroups;
@@ -161,7 +238,12 @@ struct L1Epilogue {
   }
 };
 
-__device__ __forceinline__ GemmOperands l1_operands(const L1Params& p) {
+// Rows of L1's swap-AB tail (GroupedFp8TmaMainloop): an expert's last row block rides along with
+// its last full pair when its valid rows are at most this many.
+constexpr int kL1TailRows = 16;
+
+// tail_rows: kL1TailRows, or 0 to run every lone block as a tile of its own.
+__device__ __forceinline__ GemmOperands l1_operands(const L1Params& p, int tail_rows) {
   return GemmOperands{
       p.a,
       p.a_scale,
@@ -175,15 +257,20 @@ __device__ __forceinline__ GemmOperands l1_operands(const L1Params& p) {
       /*n_tiles=*/p.intermediate / kQuantBlock,
       /*a_ready=*/nullptr,
       /*a_ready_count=*/0,
+      tail_rows,
+      p.row_src,
   };
 }
 
-// Kernel parameters: the launch contract plus the TMA tensor maps of the pool (a) and of w1
-// viewed as [E * 2I, H].
+// Kernel parameters: the launch contract, the TMA tensor maps of the pool (a, and a_tail with a
+// box of kL1TailRows rows) and of w1 viewed as [E * 2I, H], and the tail rows (kL1TailRows or
+// 0).
 struct L1KernelParams {
   L1Params p;
   CUtensorMap a;
   CUtensorMap b;
+  CUtensorMap a_tail;
+  int tail_rows;
 };
 
 template <int kStages>
@@ -192,17 +279,18 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   // An L2 launched as a programmatic dependent may take the SMs this grid's CTAs leave; it waits
   // for the row blocks it reads (L1Params::block_stored), never for the whole grid.
   ptx::launch_dependents();
-  using Mainloop = GroupedFp8TmaMainloop<kL1WgN, kStages>;
+  using Mainloop = GroupedFp8TmaMainloop<kL1WgN, kStages, kL1TailRows>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
   const L1Params& p = k.p;
-  Mainloop mainloop(smem, l1_operands(p), p.num_blocks, p.max_blocks, &k.a, &k.b, p.tile_claims);
+  Mainloop mainloop(smem, l1_operands(p, k.tail_rows), p.num_blocks, p.max_blocks, &k.a, &k.b,
+                    p.tile_claims, &k.a_tail);
   mainloop.run(L1Epilogue{p, reinterpret_cast<float*>(smem + Mainloop::kSmemBytes)});
 }
 
 template <int kStages>
 constexpr int l1_smem_bytes() {
-  return kSmemAlignSlack + GroupedFp8TmaMainloop<kL1WgN, kStages>::kSmemBytes +
+  return kSmemAlignSlack + GroupedFp8TmaMainloop<kL1WgN, kStages, kL1TailRows>::kSmemBytes +
          L1Epilogue::kSmemBytes;
 }
 

@@ -191,6 +191,8 @@ __device__ __forceinline__ GemmOperands l2_operands(const L2Params& p) {
       /*n_tiles=*/p.hidden / TileShape<kWgN>::kBRows,
       /*a_ready=*/p.block_stored,
       /*a_ready_count=*/p.l1_n_tiles,
+      /*tail_rows=*/0,
+      /*row_src=*/nullptr,
   };
 }
 

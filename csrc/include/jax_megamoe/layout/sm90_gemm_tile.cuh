@@ -74,22 +74,35 @@ __device__ __forceinline__ uint8_t* align_smem(uint8_t* p) {
                                     ~static_cast<uintptr_t>(kSwizzleAtomBytes - 1));
 }
 
+// One stage of a ring whose tiles may carry a tail of kTailRows token rows (L1's swap-AB tail,
+// impls/sm90_fp8_grouped_tma_mainloop.cuh): the operands, the tail's rows, the scales.
+template <int kWgN, int kTailRows>
+constexpr int kRingStageBytes = TileShape<kWgN>::kStageBytes + kTailRows * kBlockK;
+
 // The stage ring in shared memory (base kSwizzleAtomBytes-aligned): kStages operand stages
-// (A then B, each 1024-aligned), then kStages scale stages (A scales [128], B scales [2]).
-template <int kWgN, int kStages>
+// (A, B, and with kTailRows > 0 the tail's kTailRows rows, each 1024-aligned and each at a fixed
+// offset from the stage's B), then kStages scale stages (A scales [128], tail scales
+// [kTailRows] as if a third row block's, B scales [2]).
+template <int kWgN, int kStages, int kTailRows = 0>
 struct StageRing {
   using Shape = TileShape<kWgN>;
-  static constexpr int kBytes = kStages * Shape::kStageBytes;
+  static constexpr int kTailBytes = kTailRows * kBlockK;
+  static constexpr int kOperandStride = Shape::kOperandBytes + kTailBytes;
+  static constexpr int kBytes = kStages * kRingStageBytes<kWgN, kTailRows>;
+  static_assert(kTailBytes % kSwizzleAtomBytes == 0, "the tail's rows: whole swizzle atoms");
+  static_assert((kTileM + kNumBGroups + kTailRows) * 4 <= Shape::kScaleBytes,
+                "the tail's scales must fit the scale stage");
 
   uint8_t* base;
 
-  __device__ uint8_t* a(int slot) const { return base + slot * Shape::kOperandBytes; }
+  __device__ uint8_t* a(int slot) const { return base + slot * kOperandStride; }
   __device__ uint8_t* b(int slot) const { return a(slot) + Shape::kABytes; }
+  __device__ uint8_t* tail(int slot) const { return b(slot) + Shape::kBBytes; }
   __device__ float* a_scale(int slot) const {
-    return reinterpret_cast<float*>(base + kStages * Shape::kOperandBytes +
-                                    slot * Shape::kScaleBytes);
+    return reinterpret_cast<float*>(base + kStages * kOperandStride + slot * Shape::kScaleBytes);
   }
-  __device__ float* b_scale(int slot) const { return a_scale(slot) + kTileM; }
+  __device__ float* tail_scale(int slot) const { return a_scale(slot) + kTileM; }
+  __device__ float* b_scale(int slot) const { return tail_scale(slot) + kTailRows; }
 };
 
 // Coordinates of a math thread's accumulator elements (math_thread in [0, kNumMathThreads)):

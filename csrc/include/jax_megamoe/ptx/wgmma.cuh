@@ -54,6 +54,25 @@ __device__ __forceinline__ void fence_operands(float (&d)[kRegs]) {
 template <int N>
 struct WgmmaE4m3;
 
+// n16: L1's swap-AB tail, where the weights are A and up to 16 token rows are B.
+template <>
+struct WgmmaE4m3<16> {
+  static constexpr int kRegs = 8;
+  __device__ __forceinline__ static void mma(float (&d)[kRegs], uint64_t desc_a, uint64_t desc_b,
+                                             bool accumulate) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7])
+        : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+  }
+};
+
 template <>
 struct WgmmaE4m3<64> {
   static constexpr int kRegs = 32;

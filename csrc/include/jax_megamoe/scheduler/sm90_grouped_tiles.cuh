@@ -28,6 +28,12 @@ struct GemmOperands {
   // still running beside this one; the producer waits for it before the tile's first loads.
   const int32_t* a_ready;
   int a_ready_count;
+  // 0, or the rows of a swap-AB tail (L1; with a_ready null): a row block that works alone in
+  // its pair, is its expert's last and follows a full pair of the same expert, and whose valid
+  // rows (row_src >= 0) all lie in its first tail_rows rows, rides along with that pair's tiles
+  // (Tile::tail) instead of being tiles of its own.
+  int tail_rows;
+  const int32_t* row_src;  // [pool rows], read only when tail_rows > 0
 
   // Row of `b` (viewed as [experts * b_rows, k]) where B group `group`'s rows of N tile `n` of
   // `expert` start; one kQuantBlock-row scale block holds all of them.
@@ -50,9 +56,13 @@ struct Tile {
   int pair;   // row blocks 2 * pair (math warpgroup 0) and 2 * pair + 1 (warpgroup 1)
   int n;
   int expert;
-  int mask;  // bit w: row block 2 * pair + w belongs to `expert`
+  // Bit w < 2: row block 2 * pair + w belongs to `expert`. Bit 2 (kTailBit, with both others):
+  // row block 2 * pair + 2 rides along as the tail (GemmOperands::tail_rows).
+  int mask;
 
+  static constexpr int kTailBit = 4;
   __device__ bool has(int block) const { return (mask >> block) & 1; }
+  __device__ bool tail() const { return mask & kTailBit; }
   // One working block: both math warpgroups work on it, each on part of the columns, so a lone
   // block (small M, an expert's last rows) still keeps both issuing wgmma.
   __device__ bool lone() const { return mask == 1 || mask == 2; }
@@ -68,6 +78,11 @@ struct Tile {
 // then the pair is two consecutive tiles of the same index, one per expert, each with one
 // warpgroup working.
 //
+// A tail (GemmOperands::tail_rows) is decided from the pool alone, the same way for the tile it
+// rides with (bit 2 of its mask) and for the pair it leaves (that block is left out of the
+// mask), so every block is computed exactly once. The test is warp-collective: every entry
+// point is called by all 32 lanes of the producer warp.
+//
 // Claimed tiles (a counter given, the default; csrc/launch/gemm.cu): instead of walking index,
 // index + gridDim.x, ... (the static order: first/next), each CTA's producer warp takes the next
 // index from a device counter that is zero at launch (claim/take). The tiles running at any
@@ -79,6 +94,8 @@ class TileScheduler {
  public:
   __device__ TileScheduler(const GemmOperands& op, int num_blocks)
       : block_expert_(op.block_expert),
+        row_src_(op.row_src),
+        tail_rows_(op.tail_rows),
         n_tiles_(op.n_tiles),
         num_blocks_(num_blocks),
         num_tiles_((num_blocks + 1) / 2 * op.n_tiles) {}
@@ -86,7 +103,7 @@ class TileScheduler {
   __device__ Tile first() const { return resolve(static_cast<int>(blockIdx.x)); }
   __device__ Tile next(const Tile& t) const {
     const Tile second = straddle(t);
-    return second.mask != 0 ? second : resolve(t.index + static_cast<int>(gridDim.x));
+    return second.mask != 0 ? second : resolve(t.index + grid_size());
   }
   __device__ bool done(const Tile& t) const { return t.index >= num_tiles_; }
   __device__ Tile done_tile() const { return {num_tiles_, 0, 0, 0, 0}; }
@@ -113,21 +130,45 @@ class TileScheduler {
   }
 
  private:
+  // gridDim.x, read where it is used: otherwise ptxas held it from the kernel's start and, at the
+  // producer's 40 registers, spilled it.
+  __device__ static int grid_size() {
+    int n;
+    asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(n));
+    return n;
+  }
+
   __device__ int expert_of(int block) const {
     return block < num_blocks_ ? block_expert_[block] : -1;
+  }
+
+  // Whether row block b (the first of its pair) of expert e rides along with the pair before it.
+  __device__ bool rides(int b, int e) const {
+    if (tail_rows_ == 0 || b < 2 || expert_of(b) != e || expert_of(b + 1) == e ||
+        expert_of(b - 1) != e || expert_of(b - 2) != e)
+      return false;
+    bool late = false;  // a valid row past the tail's rows
+#pragma unroll
+    for (int r = static_cast<int>(threadIdx.x % 32); r < kBlockM; r += 32)
+      late |= r >= tail_rows_ && row_src_[static_cast<size_t>(b) * kBlockM + r] >= 0;
+    return !__any_sync(0xffffffffu, late);
   }
 
   // The tile at `index`; mask 0 when neither of its blocks works.
   __device__ Tile resolve_at(int index) const {
     const int pair = index / n_tiles_;
     const int n = index - pair * n_tiles_;
-    const int e0 = expert_of(2 * pair), e1 = expert_of(2 * pair + 1);
-    if (e0 >= 0) return {index, pair, n, e0, 1 | (e1 == e0 ? 2 : 0)};
+    int e0 = expert_of(2 * pair);
+    const int e1 = expert_of(2 * pair + 1);
+    if (e0 >= 0 && e1 == e0)
+      return {index, pair, n, e0, 3 | (rides(2 * pair + 2, e0) ? Tile::kTailBit : 0)};
+    if (e0 >= 0 && rides(2 * pair, e0)) e0 = -1;  // computed by the pair before it
+    if (e0 >= 0) return {index, pair, n, e0, 1};
     if (e1 >= 0) return {index, pair, n, e1, 2};
     return {index, pair, n, 0, 0};
   }
   __device__ Tile resolve(int index) const {
-    for (; index < num_tiles_; index += gridDim.x) {
+    for (; index < num_tiles_; index += grid_size()) {
       const Tile t = resolve_at(index);
       if (t.mask != 0) return t;
     }
@@ -135,6 +176,8 @@ class TileScheduler {
   }
 
   const int32_t* block_expert_;
+  const int32_t* row_src_;
+  int tail_rows_;
   int n_tiles_;
   int num_blocks_;
   int num_tiles_;
