@@ -231,7 +231,6 @@ class GroupedFp8TmaMainloop {
         if (lane < kNumBGroups)
           ptx::cp_async_4(ptx::smem_addr(ring_.b_scale(slot) + lane),
                           op_.b_scale_at(tile.expert, tile.n, lane, kb));
-
         ptx::cp_async_mbarrier_arrive(full);
         if (++slot == kStages) {
           slot = 0;
@@ -451,7 +450,7 @@ class GroupedFp8TmaMainloop {
 
   // A tail's K block: w_smem is this warpgroup's 64 rows of B group 0 in the stage (group 1's
   // are kBGroupBytes further), tail_smem the tail's kTailRows rows, tail_scale their scales.
-  static constexpr int kTailRegs = ptx::WgmmaE4m3 < kTailRows == 0 ? 16 : kTailRows > ::kRegs;
+  static constexpr int kTailRegs = ptx::WgmmaE4m3<(kTailRows == 0 ? 16 : kTailRows)>::kRegs;
   using TailAccum = float[kNumBGroups][kTailRegs];
   __device__ __forceinline__ void mma_tail(uint32_t w_smem, uint32_t tail_smem, uint32_t tail_scale,
                                            const float (&b_scales)[kNumBGroups], uint32_t master,
