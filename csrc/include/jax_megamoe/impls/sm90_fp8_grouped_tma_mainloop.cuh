@@ -24,13 +24,12 @@
 //                           loop holds no branch but its end and the wait's retry. A paired
 //                           tile may carry a tail (kTailRows > 0, L1): the next row block's
 //                           first kTailRows rows, computed swap-AB from the same weight tile
-//                           (below). When only
-//                           one block of the pair works (a lone block: small M, an expert's last
-//                           rows), both warpgroups work on it, splitting the columns as the
-//                           epilogue asks (Epilogue::kLoneSplit): a whole B group each, or half
-//                           of every group. The epilogue follows a tile's last K block. The
-//                           two warpgroups drift independently, so one's promotion overlaps the
-//                           other's wgmma.
+//                           (below). When only one block of the pair works (a lone block:
+//                           small M, an expert's last rows), both warpgroups work on it,
+//                           splitting the columns as the epilogue asks (Epilogue::kLoneSplit):
+//                           a whole B group each, or half of every group. The epilogue follows
+//                           a tile's last K block. The two warpgroups drift independently, so
+//                           one's promotion overlaps the other's wgmma.
 //
 // Barrier counts: full[s] completes on 1 (expect_tx arrival) + 32 (cp.async arrivals) arrivals
 // and the stage's TMA bytes; empty[s] on one arrival per math warp. Phases alternate per pass
@@ -64,8 +63,10 @@ constexpr int kNumThreads = kWarpGroupThreads + kNumMathThreads;
 // the two do not fit, so the split must satisfy 128 x producer + 256 x math <= 64512.
 // 128 x 40 + 256 x 232 = 64512: two 64-register master accumulators, a partial and the four mma
 // paths (paired, paired with a tail, lone by group, lone by halves). ptxas spills none in the K
-// loops; in L1 it keeps one word of the epilogue's row offsets on the stack, loaded once per
-// tile (every way tried to recompute it instead spilled more).
+// loops; in L1 it keeps seven words of per-tile values on the stack, stored at entry and
+// loaded once per tile: the tail's 16-register master accumulator, live through its K loop,
+// displaces them (with it in shared memory, one word; every way tried to recompute that one
+// instead spilled more).
 constexpr int kRegsAtLaunch = 65536 / kNumThreads / 8 * 8;
 constexpr int kProducerRegs = 40;
 constexpr int kMathRegs = 232;
@@ -74,7 +75,8 @@ static_assert(kWarpGroupThreads * kProducerRegs + kNumMathThreads * kMathRegs <=
               "setmaxnreg would wait forever: the split exceeds the CTA's registers");
 constexpr int kMathWarps = kNumMathThreads / 32;
 constexpr int kFullArrivals = 1 + 32;
-// Shared memory of the tails' master accumulators (GroupedFp8TmaMainloop, kTailRows > 0).
+// Shared memory where the tails' master accumulators wait through the pair's epilogue
+// (GroupedFp8TmaMainloop, kTailRows > 0).
 template <int kTailRows>
 constexpr int kTailAccBytes = kNumMathThreads * kTailRows * static_cast<int>(sizeof(float));
 
@@ -82,12 +84,13 @@ constexpr int kTailAccBytes = kNumMathThreads * kTailRows * static_cast<int>(siz
 // few rows left alone in its pair would cost a lone tile, which loads the whole weight tile for
 // them (0.77 of a paired tile's time at M = 2048 for 1-16 real rows). Instead it rides along
 // with the expert's last full pair, whose stages already hold that weight tile: the producer
-// adds the tail's kTailRows rows (one more TMA box) and their scales to each stage, and after
-// its two B groups each math warpgroup runs the tail swap-AB, the weights as A and the tail's
-// rows as B: wgmma m64n(kTailRows) over its 64 rows of each B group (gate and up of the same
-// columns, so SwiGLU still meets in one thread). The tail's partial takes registers of the
-// pair's, dead by then; its master accumulator (kTailRows floats per thread) lives in shared
-// memory, each thread's own: held in registers through the pair's wgmma, it made ptxas spill.
+// adds the tail's kTailRows rows (one more TMA box) and their scales to each stage, and each
+// math warpgroup runs the tail swap-AB, the weights as A and the tail's rows as B: wgmma
+// m64n(kTailRows) over its 64 rows of each B group (gate and up of the same columns, so SwiGLU
+// still meets in one thread), issued just before the pair's wgmma of the same group and
+// promoted while those run (mma_pair_tail). Its master accumulator (kTailRows floats per
+// thread) stays in registers through the K loop and waits in shared memory, each thread's own,
+// through the pair's epilogue.
 template <int kWgN, int kStages, int kTailRows = 0>
 class GroupedFp8TmaMainloop {
   using Shape = TileShape<kWgN>;
@@ -302,15 +305,14 @@ class GroupedFp8TmaMainloop {
             for (int i = 0; i < kTailRegs; ++i) tail_acc[g][i] = 0.f;
           }
           const uint32_t master = tail_acc_addr(math_thread);
-          store_tail_acc(master, tail_acc);
           k_loop(slot, phase, block, t, [&](const StageView& v) {
-            mma_pair(v.a, v.b, v.a_scales, v.b_scales, acc, v.slot, warp_leader, /*tail=*/true);
             // Fixed offsets from what the pair reads: this warpgroup's 64 rows of B group 0 are
             // as far from the stage's B as its A tile is from the stage's A (block wg); the
             // tail's rows follow B, their scales precede the B scales.
-            mma_tail(v.a + Shape::kABytes, v.b + Shape::kBBytes, v.b_scale - kTailRows * 4,
-                     v.b_scales, master, v.slot, threadIdx.x % 32, warp_leader);
+            mma_pair_tail(v, v.a + Shape::kABytes, v.b + Shape::kBBytes, v.b_scale - kTailRows * 4,
+                          acc, tail_acc, threadIdx.x % 32, warp_leader);
           });
+          store_tail_acc(master, tail_acc);  // the pair's epilogue needs the registers
           epilogue(tile, acc, math_thread);
           load_tail_acc(master, tail_acc);
           epilogue.tail(tile, tail_acc, math_thread);
@@ -428,13 +430,11 @@ class GroupedFp8TmaMainloop {
             ptx::ld_shared_s32(a + offsetof(Tile, mask))};
   }
 
-  // Paired tile: this warpgroup's own row block times both B groups. With a tail to follow, the
-  // slot is still read by it and mma_tail releases it.
+  // Paired tile: this warpgroup's own row block times both B groups.
   __device__ __forceinline__ void mma_pair(uint32_t a_smem, uint32_t b_smem,
                                            const RowScales& a_scales,
                                            const float (&b_scales)[kNumBGroups],
-                                           TileAccum<kWgN>& acc, int slot, bool warp_leader,
-                                           bool tail = false) {
+                                           TileAccum<kWgN>& acc, int slot, bool warp_leader) {
     float part[Shape::kAccRegs];
 #pragma unroll
     for (int g = 0; g < kNumBGroups; ++g) {
@@ -443,32 +443,40 @@ class GroupedFp8TmaMainloop {
       ptx::fence_operands(part);
       // After the last group's wgmma the warp has read all of the slot: hand it back before
       // the promotion.
-      if (g == kNumBGroups - 1 && !tail) release(slot, warp_leader);
+      if (g == kNumBGroups - 1) release(slot, warp_leader);
       promote(a_scales, b_scales[g], part, acc[g]);
     }
   }
 
-  // A tail's K block: w_smem is this warpgroup's 64 rows of B group 0 in the stage (group 1's
-  // are kBGroupBytes further), tail_smem the tail's kTailRows rows, tail_scale their scales.
+  // Paired tile with a tail, one K block. Per B group, the tail's wgmma (a commit group of its
+  // own) go just before the pair's, and the tail is promoted while the pair's run: the tail then
+  // costs the tensor pipe its wgmma and no wait of its own. (Issued after both of the pair's
+  // groups and waited for there, by both warpgroups at about the same moment, it cost the
+  // carrying tile ~0.7 of a pair's time; both tail groups before the pair's group 0 held 16
+  // more registers and was slower still, RESULTS.md 2026-12-03.) w_smem is this warpgroup's 64
+  // rows of B group 0 in the stage (group 1's are kBGroupBytes further), tail_smem the tail's
+  // kTailRows rows, tail_scale their scales.
   static constexpr int kTailRegs = ptx::WgmmaE4m3<(kTailRows == 0 ? 16 : kTailRows)>::kRegs;
   using TailAccum = float[kNumBGroups][kTailRegs];
-  __device__ __forceinline__ void mma_tail(uint32_t w_smem, uint32_t tail_smem, uint32_t tail_scale,
-                                           const float (&b_scales)[kNumBGroups], uint32_t master,
-                                           int slot, int lane, bool warp_leader) {
-    float part[kNumBGroups][kTailRegs];
-#pragma unroll
-    for (int g = 0; g < kNumBGroups; ++g)
-      issue_block_mma<kTailRows>(w_smem + g * Shape::kBGroupBytes, tail_smem, part[g]);
+  __device__ __forceinline__ void mma_pair_tail(const StageView& v, uint32_t w_smem,
+                                                uint32_t tail_smem, uint32_t tail_scale,
+                                                TileAccum<kWgN>& acc, TailAccum& tail_acc, int lane,
+                                                bool warp_leader) {
     const ColScales<kTailRows> cols = load_col_scales<kTailRows>(tail_scale, lane);
-    TailAccum acc;
-    load_tail_acc(master, acc);
-    ptx::wgmma_wait<0>();
+    float part[Shape::kAccRegs];
 #pragma unroll
-    for (int g = 0; g < kNumBGroups; ++g) ptx::fence_operands(part[g]);
-    release(slot, warp_leader);
-#pragma unroll
-    for (int g = 0; g < kNumBGroups; ++g) promote_cols(cols, b_scales[g], part[g], acc[g]);
-    store_tail_acc(master, acc);
+    for (int g = 0; g < kNumBGroups; ++g) {
+      float tail_part[kTailRegs];
+      issue_block_mma<kTailRows>(w_smem + g * Shape::kBGroupBytes, tail_smem, tail_part);
+      issue_block_mma<kWgN>(v.a, v.b + g * Shape::kBGroupBytes, part);
+      ptx::wgmma_wait<1>();
+      ptx::fence_operands(tail_part);
+      promote_cols(cols, v.b_scales[g], tail_part, tail_acc[g]);
+      ptx::wgmma_wait<0>();
+      ptx::fence_operands(part);
+      if (g == kNumBGroups - 1) release(v.slot, warp_leader);
+      promote(v.a_scales, v.b_scales[g], part, acc[g]);
+    }
   }
 
   // Math thread i's tail master accumulator (kTailAccBytes): quad q at + q * kNumMathThreads * 16.
