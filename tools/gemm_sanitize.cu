@@ -11,8 +11,9 @@
 // sanitizers cannot see: which rows the kernels wrote. Outputs are poisoned first (NaN bytes);
 // afterwards every real row of the pool must be written and nothing else. Each pool mixes the
 // tile kinds of the schedule: pairs of row blocks of one expert, an expert's last partial
-// block, a lone block (its partner names no expert), an expert with no rows, and blocks past
-// the device-side block count. Each pool runs twice: L2 after L1 has finished, then L2 as L1's
+// block, a lone block (its partner names no expert), L1's tails (an expert's last block of at
+// most 16 rows, computed with its last pair), an expert with no rows, and blocks past the
+// device-side block count. Each pool runs twice: L2 after L1 has finished, then L2 as L1's
 // programmatic dependent waiting for L1's per-block counters, as the layer launches them when
 // it has the whole device (on a grid smaller than the device, L2's CTAs wait beside L1's).
 // Exit status 0 when every check passed.
@@ -116,11 +117,15 @@ int main(int argc, char** argv) {
   // Expert 1 has no rows; expert 2's 70 rows end in a partial block; expert 3's 30 rows are a
   // lone block (its partner names no expert); two blocks follow past num_blocks.
   const std::vector<int> mixed = {256, 0, 70, 30};
+  // L1's swap-AB tails: experts 0, 2 and 3 end in a block of 16, 15 and 1 rows after a full
+  // pair, which L1 computes inside that pair's tiles; expert 4's 30 rows stay a lone block.
+  const std::vector<int> tails = {144, 0, 271, 129, 30};
   for (const bool overlap : {false, true}) {
     failed += run_case("mixed, wide L2", 512, 256, mixed, 2, num_ctas, overlap, stream, rng);
     failed += run_case("mixed, narrow L2", 384, 256, mixed, 2, num_ctas, overlap, stream, rng);
     failed +=
         run_case("lone blocks only", 512, 384, {5, 1, 64, 17}, 0, num_ctas, overlap, stream, rng);
+    failed += run_case("L1 tails", 512, 256, tails, 1, num_ctas, overlap, stream, rng);
   }
   cudaStreamDestroy(stream);
   std::printf("%s\n", failed ? "FAILED" : "all checks passed");
