@@ -169,7 +169,7 @@ if [[ $modes == *,mp,* ]]; then
   bundle
 fi
 if [[ $modes == *,gemm,* ]]; then
-  bash tools/check_sass.sh 2>&1 | tee "$OUT/sass.txt" | grep -E "QGMMA|spill|FAIL"
+  bash tools/check_sass.sh 2>&1 | tee "$OUT/sass.txt" | grep -E "QGMMA|spill|K loops|FAIL"
   bench_gemm "$OUT/gemm"
   bundle
 fi

@@ -61,6 +61,13 @@ def _op(lo: int) -> int:
     return lo & 0xFFF
 
 
+def relative_target(i: int, lo: int) -> int:
+    """The instruction index that the BRA or CALL.REL at index i (low word lo) jumps to."""
+    off = ((lo >> 16) & 0xFF) | (((lo >> 34) & ((1 << 30) - 1)) << 8)
+    off -= (off >> 37) << 38
+    return i + 1 + off // 4
+
+
 def branch_targets(words: list[tuple[int, int]]) -> set[int]:
     """Instruction indices that a branch, a call's return or a reconvergence point reaches."""
     targets = set()
@@ -69,9 +76,7 @@ def branch_targets(words: list[tuple[int, int]]) -> set[int]:
         if 0x940 <= op <= 0x95F and op not in KNOWN_CONTROL:
             raise Unpatchable(f"control opcode {op:#x} at {16 * i:#x}: targets unknown")
         if op in (OP_BRA, OP_CALL):
-            off = ((lo >> 16) & 0xFF) | (((lo >> 34) & ((1 << 30) - 1)) << 8)
-            off -= (off >> 37) << 38
-            targets.add(i + 1 + off // 4)
+            targets.add(relative_target(i, lo))
             if op == OP_CALL:
                 targets.add(i + 1)
         elif op == OP_BSSY:

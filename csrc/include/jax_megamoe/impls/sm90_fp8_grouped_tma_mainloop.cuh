@@ -63,10 +63,10 @@ constexpr int kNumThreads = kWarpGroupThreads + kNumMathThreads;
 // the two do not fit, so the split must satisfy 128 x producer + 256 x math <= 64512.
 // 128 x 40 + 256 x 232 = 64512: two 64-register master accumulators, a partial and the four mma
 // paths (paired, paired with a tail, lone by group, lone by halves). ptxas spills none in the K
-// loops; in L1 it keeps seven words of per-tile values on the stack, stored at entry and
-// loaded once per tile: the tail's 16-register master accumulator, live through its K loop,
-// displaces them (with it in shared memory, one word; every way tried to recompute that one
-// instead spilled more).
+// loops (tests/test_sass_kloops.py checks the build); in L1 it keeps seven words of per-tile values
+// on the stack, stored at entry and loaded once per tile: the tail's 16-register master
+// accumulator, live through its K loop, displaces them (with it in shared memory, one word; every
+// way tried to recompute that one instead spilled more).
 constexpr int kRegsAtLaunch = 65536 / kNumThreads / 8 * 8;
 constexpr int kProducerRegs = 40;
 constexpr int kMathRegs = 232;
