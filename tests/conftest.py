@@ -7,6 +7,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -32,3 +35,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def extension_binary() -> Path:
+    """The installed CUDA extension's shared library (its cubins are read by tools/sass_*.py);
+    the test is skipped where the package was installed without it (no nvcc)."""
+    spec = importlib.util.find_spec("jax_megamoe")
+    found = (
+        []
+        if spec is None or spec.origin is None
+        else sorted(Path(spec.origin).parent.glob("_C*.so"))
+    )
+    if not found:
+        pytest.skip("CUDA extension not built")
+    return found[0]

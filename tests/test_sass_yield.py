@@ -2,7 +2,6 @@
 The synthetic cases check the rewrite itself (which bits, where a run is cut, what is refused);
 the last two check the installed extension (CI builds it: nvcc is there, no GPU needed)."""
 
-import importlib.util
 import random
 import sys
 from pathlib import Path
@@ -143,17 +142,8 @@ def test_unknown_control_flow_is_refused():
         sy.ffma_runs(words)
 
 
-def _installed_extension():
-    spec = importlib.util.find_spec("jax_megamoe")
-    if spec is None or spec.origin is None:
-        return None
-    found = sorted(Path(spec.origin).parent.glob("_C*.so"))
-    return found[0] if found else None
-
-
-@pytest.mark.skipif(_installed_extension() is None, reason="CUDA extension not built")
-def test_installed_extension_is_rehinted():
-    buf = _installed_extension().read_bytes()
+def test_installed_extension_is_rehinted(extension_binary):
+    buf = extension_binary.read_bytes()
     texts = [t for t in sy.cubin_texts(buf) if "sm90_fp8_mega_moe_l1" in t[0]]
     assert texts, "no L1 kernel in the extension's cubin (compressed fatbin?)"
     for _, off, size in texts:
@@ -164,11 +154,10 @@ def test_installed_extension_is_rehinted():
             check_run(words, run, sy.kPeriod)
 
 
-@pytest.mark.skipif(_installed_extension() is None, reason="CUDA extension not built")
-def test_report_of_installed_extension_matches_its_rehinting():
+def test_report_of_installed_extension_matches_its_rehinting(extension_binary):
     """The report's counts for L1 as built equal what re-hinting would make of it: the installed
     code is already in that state."""
-    lines = sy.report(_installed_extension().read_bytes(), "sm90_fp8_mega_moe_l")
+    lines = sy.report(extension_binary.read_bytes(), "sm90_fp8_mega_moe_l")
     l1 = [line for line in lines if "mega_moe_l1" in line]
     assert l1 and len(lines) > len(l1), lines  # L2's kernels are reported, not re-hinted
     for line in l1:
