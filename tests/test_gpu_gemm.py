@@ -202,7 +202,7 @@ def test_l2_matches_reference(name):
     check_l2(pool, w, pool.act_in, pool.act_in_scale, label=name)
 
 
-@pytest.mark.parametrize("name", ["small", "dsv3"])
+@pytest.mark.parametrize("name", ["small", "dsv3", "tails"])
 def test_l1_then_l2(name):
     """L2 on L1's real output (the fused layer's data path, without dispatch/combine)."""
     h, i, counts = SHAPES[name]
@@ -212,7 +212,7 @@ def test_l1_then_l2(name):
     check_l2(pool, w, act, act_scale, label=f"{name} chained")
 
 
-@pytest.mark.parametrize("name", ["small", "dsv3"])
+@pytest.mark.parametrize("name", ["small", "dsv3", "tails"])
 def test_pairs_straddling_two_experts(name):
     """Experts on every 64-row block (not the dispatch's 128): a CTA's pair of row blocks may
     name two experts and num_blocks may be odd; each block must still get its own expert."""
