@@ -189,9 +189,12 @@ if [[ $modes == *,ab,* ]]; then
 fi
 if [[ $modes == *,envab,* ]]; then
   what=${AB_BENCH:-gemm}
+  run=0
   for setting in ${AB_ENVS:?envab needs AB_ENVS, e.g. JAX_MEGAMOE_GEMM_TILES=static ...}; do
+    run=$((run + 1))
     echo "== $setting"
-    (export "${setting?}" && "bench_$what" "$OUT/${what}_${setting//[^A-Za-z0-9_-]/_}")
+    # Numbered, so a setting that repeats (to alternate settings) keeps each run's files.
+    (export "${setting?}" && "bench_$what" "$OUT/${what}_${run}_${setting//[^A-Za-z0-9_-]/_}")
   done
   bundle
 fi
