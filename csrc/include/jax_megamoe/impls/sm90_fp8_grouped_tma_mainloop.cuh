@@ -305,13 +305,8 @@ class GroupedFp8TmaMainloop {
             for (int i = 0; i < kTailRegs; ++i) tail_acc[g][i] = 0.f;
           }
           const uint32_t master = tail_acc_addr(math_thread);
-          k_loop(slot, phase, block, t, [&](const StageView& v) {
-            // Fixed offsets from what the pair reads: this warpgroup's 64 rows of B group 0 are
-            // as far from the stage's B as its A tile is from the stage's A (block wg); the
-            // tail's rows follow B, their scales precede the B scales.
-            mma_pair_tail(v, v.a + Shape::kABytes, v.b + Shape::kBBytes, v.b_scale - kTailRows * 4,
-                          acc, tail_acc, threadIdx.x % 32, warp_leader);
-          });
+          k_loop(slot, phase, block, t,
+                 [&](const StageView& v) { mma_pair_tail(v, acc, tail_acc, warp_leader); });
           store_tail_acc(master, tail_acc);  // the pair's epilogue needs the registers
           epilogue(tile, acc, math_thread);
           load_tail_acc(master, tail_acc);
@@ -453,16 +448,17 @@ class GroupedFp8TmaMainloop {
   // costs the tensor pipe its wgmma and no wait of its own. (Issued after both of the pair's
   // groups and waited for there, by both warpgroups at about the same moment, it cost the
   // carrying tile ~0.7 of a pair's time; both tail groups before the pair's group 0 held 16
-  // more registers and was slower still, RESULTS.md 2026-12-03.) w_smem is this warpgroup's 64
-  // rows of B group 0 in the stage (group 1's are kBGroupBytes further), tail_smem the tail's
-  // kTailRows rows, tail_scale their scales.
+  // more registers and was slower still, RESULTS.md 2026-12-03.)
   static constexpr int kTailRegs = ptx::WgmmaE4m3<(kTailRows == 0 ? 16 : kTailRows)>::kRegs;
   using TailAccum = float[kNumBGroups][kTailRegs];
-  __device__ __forceinline__ void mma_pair_tail(const StageView& v, uint32_t w_smem,
-                                                uint32_t tail_smem, uint32_t tail_scale,
-                                                TileAccum<kWgN>& acc, TailAccum& tail_acc, int lane,
-                                                bool warp_leader) {
-    const ColScales<kTailRows> cols = load_col_scales<kTailRows>(tail_scale, lane);
+  __device__ __forceinline__ void mma_pair_tail(const StageView& v, TileAccum<kWgN>& acc,
+                                                TailAccum& tail_acc, bool warp_leader) {
+    // Fixed offsets from what the pair reads: this warpgroup's 64 rows of B group 0 (the tail's
+    // A; group 1's are kBGroupBytes further) are as far from the stage's B as its A tile is from
+    // the stage's A (block wg); the tail's rows follow B, their scales precede the B scales.
+    const uint32_t w_smem = v.a + Shape::kABytes, tail_smem = v.b + Shape::kBBytes;
+    const ColScales<kTailRows> cols =
+        load_col_scales<kTailRows>(v.b_scale - kTailRows * 4, threadIdx.x % 32);
     float part[Shape::kAccRegs];
 #pragma unroll
     for (int g = 0; g < kNumBGroups; ++g) {
