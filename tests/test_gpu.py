@@ -96,6 +96,14 @@ def test_small_shape(small, m, routing):
     check(small, seed=m * 7 + len(routing), m=m, routing=routing)
 
 
+def test_tails_ride_along(small):
+    """132 tokens per rank with slot 0 of every token on one expert: 132 R rows, so that expert
+    ends in a block of 4, 8 or 16 rows (R = 1, 2, 4) after a full pair, which L1 computes inside
+    that pair's tiles (the swap-AB tail), and L2, launched under L1, runs as a lone tile once
+    L1's counts of that block say both warpgroups of its tail have stored it."""
+    check(small, seed=11, m=132, routing="hot")
+
+
 def test_bitwise_stable_over_repeated_calls(small):
     args = small.inputs(5, 64)
     first = np.asarray(small("fused", args))
