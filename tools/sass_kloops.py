@@ -31,11 +31,17 @@ from dataclasses import dataclass
 import sass_yield as sy
 
 OP_LDL, OP_STL, OP_QGMMA = 0x183, 0x187, 0x1F3
+kLocal = {OP_LDL, OP_STL}
 kDefaultKernels = r"sm90_fp8_mega_moe_l[12]"
 
 
 def _kind(lo: int) -> int:
     return lo & 0x1FF
+
+
+def _count(words: list[tuple[int, int]], kinds: set[int]) -> int:
+    """The instructions of `kinds` among words."""
+    return sum(_kind(lo) in kinds for lo, _ in words)
 
 
 @dataclass(frozen=True)
@@ -54,12 +60,8 @@ def loops(words: list[tuple[int, int]]) -> list[Loop]:
             target = sy.relative_target(i, lo)
             if target <= i:
                 ends[target] = max(ends.get(target, i), i)
-
-    def count(kinds, start, end):
-        return sum(_kind(lo) in kinds for lo, _ in words[start : end + 1])
-
     return [
-        Loop(s, e, count({OP_QGMMA}, s, e), count({OP_LDL, OP_STL}, s, e))
+        Loop(s, e, _count(words[s : e + 1], {OP_QGMMA}), _count(words[s : e + 1], kLocal))
         for s, e in sorted(ends.items())
     ]
 
@@ -82,8 +84,7 @@ def check(
     for name, off, size in sy.cubin_texts(buf):
         if re.search(kernels, name):
             words = sy.read_words(buf, off, size)
-            local = sum(_kind(lo) in (OP_LDL, OP_STL) for lo, _ in words)
-            out.append((name, k_loops(words), local))
+            out.append((name, k_loops(words), _count(words, kLocal)))
     return out
 
 
