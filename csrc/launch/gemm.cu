@@ -85,19 +85,26 @@ cudaError_t load_encode_tiled() {
 }
 
 // A row-major [rows, k] e4m3 matrix read in boxes of box_rows x 128 (one K block), 128-byte
-// swizzled as wgmma's descriptors expect. Host-only: no sync, no allocation.
-cudaError_t encode_rows(CUtensorMap* map, const void* base, size_t rows, int k, int box_rows) {
+// swizzled as wgmma's descriptors expect; with groups > 1, viewed as [rows / group_rows]
+// [group_rows][k] and read in boxes of `groups` such row ranges, group_rows apart (the B groups
+// of a tile in one load). Host-only: no sync, no allocation.
+cudaError_t encode_rows(CUtensorMap* map, const void* base, size_t rows, int k, int box_rows,
+                        int group_rows = 0, int groups = 1) {
   const auto encode = g_encode_tiled.load(std::memory_order_acquire);
   if (encode == nullptr) return cudaErrorInitializationError;  // prepare_gemm_kernels not run
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(k)};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(sm90::kBlockK),
-                             static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult r =
-      encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box,
-             element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const bool grouped = groups > 1;
+  if (grouped && (group_rows <= 0 || rows % group_rows != 0)) return cudaErrorInvalidValue;
+  const cuuint64_t row_bytes = static_cast<cuuint64_t>(k);
+  const cuuint64_t dims[3] = {row_bytes, grouped ? static_cast<cuuint64_t>(group_rows) : rows,
+                              grouped ? rows / group_rows : 1};
+  const cuuint64_t strides[2] = {row_bytes, row_bytes * (grouped ? group_rows : rows)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(sm90::kBlockK),
+                             static_cast<cuuint32_t>(box_rows), static_cast<cuuint32_t>(groups)};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, grouped ? 3 : 2,
+                            const_cast<void*>(base), dims, strides, box, element_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
@@ -147,9 +154,12 @@ cudaError_t launch_l1(const L1Params& p, cudaStream_t stream) {
   const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
   const size_t w_rows = size_t(p.num_experts) * 2 * p.intermediate;
   k.tail_rows = l1_tail_rows();
-  cudaError_t err = encode_rows(&k.a, p.a, pool_rows, p.hidden, kBlockM);
-  if (err == cudaSuccess) err = encode_rows(&k.b, p.w1, w_rows, p.hidden, sm90::kL1WgN);
-  if (err == cudaSuccess) err = encode_rows(&k.a_tail, p.a, pool_rows, p.hidden, sm90::kL1TailRows);
+  cudaError_t err = encode_rows(&k.maps.a, p.a, pool_rows, p.hidden, kBlockM);
+  if (err == cudaSuccess) err = encode_rows(&k.maps.a_pair, p.a, pool_rows, p.hidden, sm90::kTileM);
+  if (err == cudaSuccess)  // the gate and the up rows of a tile: I rows apart
+    err = encode_rows(&k.maps.b, p.w1, w_rows, p.hidden, sm90::kL1WgN, p.intermediate, 2);
+  if (err == cudaSuccess)
+    err = encode_rows(&k.maps.tail, p.a, pool_rows, p.hidden, sm90::kL1TailRows);
   if (err != cudaSuccess) return err;
   kL1Kernel<<<p.num_ctas, sm90::kNumThreads, kL1SmemBytes, stream>>>(k);
   return cudaGetLastError();
@@ -164,8 +174,11 @@ cudaError_t launch_l2_as(Kernel kernel, int smem_bytes, const L2Params& p, cudaS
   if (!claim_tiles()) k.p.tile_claims = nullptr;
   const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
   const size_t w_rows = size_t(p.num_experts) * p.hidden;
-  cudaError_t err = encode_rows(&k.a, p.act, pool_rows, p.intermediate, kBlockM);
-  if (err == cudaSuccess) err = encode_rows(&k.b, p.w2, w_rows, p.intermediate, kWgN);
+  cudaError_t err = encode_rows(&k.maps.a, p.act, pool_rows, p.intermediate, kBlockM);
+  if (err == cudaSuccess)
+    err = encode_rows(&k.maps.a_pair, p.act, pool_rows, p.intermediate, sm90::kTileM);
+  if (err == cudaSuccess)  // a tile's two groups of kWgN hidden rows, adjacent
+    err = encode_rows(&k.maps.b, p.w2, w_rows, p.intermediate, kWgN, kWgN, 2);
   if (err != cudaSuccess) return err;
   if (p.block_stored == nullptr) {
     kernel<<<p.num_ctas, sm90::kNumThreads, smem_bytes, stream>>>(k);

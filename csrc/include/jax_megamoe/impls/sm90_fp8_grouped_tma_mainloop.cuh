@@ -115,16 +115,16 @@ class GroupedFp8TmaMainloop {
   static constexpr int kTailQuads = kTailRows / 4;
   static constexpr int kSmemBytes = Ring::kBytes + kControlBytes + kTailAccBytes<kTailRows>;
 
-  // `smem` must be kSwizzleAtomBytes-aligned (align_smem). The tensor maps view `op.a` as
-  // [pool rows, k] with a box of kBlockM x 128 and `op.b` as [experts * b_rows, k] with a box
-  // of kWgN x 128, both 128B-swizzled; they live in kernel parameter space (__grid_constant__).
+  // `smem` must be kSwizzleAtomBytes-aligned (align_smem). The tensor maps, all 128B-swizzled
+  // and in kernel parameter space (__grid_constant__): `maps.a` views `op.a` as [pool rows, k]
+  // with a box of kBlockM x 128 (one row block), `maps.a_pair` the same with a box of kTileM x
+  // 128 (a pair), `maps.b` views `op.b` as [experts * b_rows / b_group_stride][b_group_stride][k]
+  // with a box of 2 x kWgN x 128 (both B groups of a tile, GemmOperands::b_coords), and
+  // `maps.tail` views `op.a` with a box of kTailRows x 128 (null without a tail).
   // Blocks at or past min(*num_blocks, max_blocks) are skipped; the count is read by each role
   // after the register split (a value held across it would be spilled).
-  // tma_tail views `op.a` like tma_a with a box of kTailRows x 128 (null without a tail).
   __device__ GroupedFp8TmaMainloop(uint8_t* smem, const GemmOperands& op, const int32_t* num_blocks,
-                                   int max_blocks, const CUtensorMap* tma_a,
-                                   const CUtensorMap* tma_b, int* tile_claims,
-                                   const CUtensorMap* tma_tail = nullptr)
+                                   int max_blocks, const GemmTensorMaps& maps, int* tile_claims)
       : ring_{smem},
         full_(reinterpret_cast<uint64_t*>(smem + Ring::kBytes)),
         empty_(full_ + kStages),
@@ -132,9 +132,10 @@ class GroupedFp8TmaMainloop {
         op_(op),
         num_blocks_(num_blocks),
         max_blocks_(max_blocks),
-        tma_a_(tma_a),
-        tma_b_(tma_b),
-        tma_tail_(tma_tail) {}
+        tma_a_(&maps.a),
+        tma_a_pair_(&maps.a_pair),
+        tma_b_(&maps.b),
+        tma_tail_(&maps.tail) {}
 
   // Called by every thread of the CTA. epilogue(tile, acc, math_thread) runs on a math
   // warpgroup whose row block works in `tile` (math_thread in [0, 256)), on its own: the
@@ -176,45 +177,52 @@ class GroupedFp8TmaMainloop {
     uint32_t phase = 0;
     const TileScheduler sched = scheduler();
     const bool dynamic = claims_ != nullptr;
+    // Slot 0's shared-memory addresses, computed once: from the generic pointers, each K block
+    // recomputed the aligned ring base (a dozen instructions) on a warp whose latency per K block
+    // is on both GEMMs' critical path (benchmarks/RESULTS.md, 2026-12-03).
+    const ProducerAddrs at(ring_);
     // A claim's latency (one atomic) is hidden by the ring: when a tile's last K block has
     // been issued, the producer is kStages K blocks ahead of the math.
     Tile tile = dynamic ? sched.take(sched.claim(claims_, lane), claims_, lane) : sched.first();
     if (lane == 0) ptx::st_shared(tiles_taken(), 0);
     while (!sched.done(tile)) {
       const int row0 = tile.pair * kTileM;
+      const int a_first = (tile.mask & 3) == 2 ? 1 : 0;  // the first working row block
+      const GemmOperands::BCoords b_at = op_.b_coords(tile.expert, tile.n);
       if (op_.a_ready != nullptr) wait_a_ready(tile, lane);
       for (int kb = 0; kb < num_kb(); ++kb) {
-        ptx::mbarrier_wait(&empty_[slot], phase ^ 1);
-        uint64_t* full = &full_[slot];
+        ptx::mbarrier_wait(at.empty0() + slot * kBarrierStride, phase ^ 1);
+        uint64_t* full = ptx::barrier_at(at.full0() + slot * kBarrierStride);
         if (lane == 0) {
           if (kb == 0) {
             publish(slot, tile);  // made visible by the arrival below
             ptx::st_shared(tiles_taken(), ptx::ld_shared_s32(tiles_taken()) + 1);
           }
           // Only the working row blocks' A: at small M most pairs have one, and the other
-          // block's bytes would only take L2 bandwidth from the weight stream.
+          // block's bytes would only take L2 bandwidth from the weight stream. One TMA for A
+          // (a pair's 128 rows in one box) and one for both B groups: the producer's latency per
+          // K block is on the critical path (benchmarks/RESULTS.md, 2026-12-03).
           const int a_blocks = __popc(tile.mask & 3);
           const int tail_bytes = tile.tail() ? Ring::kTailBytes : 0;
           ptx::mbarrier_arrive_expect_tx(full,
                                          a_blocks * Shape::kAWgBytes + Shape::kBBytes + tail_bytes);
-#pragma unroll
-          for (int w = 0; w < kNumMathWarpGroups; ++w) {
-            if (tile.has(w))
-              ptx::tma_load_2d(ring_.a(slot) + w * Shape::kAWgBytes, tma_a_, kb * kBlockK,
-                               row0 + w * kBlockM, full);
-          }
-#pragma unroll
-          for (int g = 0; g < kNumBGroups; ++g)
-            ptx::tma_load_2d(ring_.b(slot) + g * Shape::kBGroupBytes, tma_b_, kb * kBlockK,
-                             op_.b_row(tile.expert, tile.n, g), full);
+          const uint32_t a = at.a0 + slot * Ring::kOperandStride;
+          ptx::tma_load_2d(ptx::smem_ptr(a + a_first * Shape::kAWgBytes),
+                           a_blocks == 2 ? tma_a_pair_ : tma_a_, kb * kBlockK,
+                           row0 + a_first * kBlockM, full);
+          ptx::tma_load_3d(ptx::smem_ptr(a + Shape::kABytes), tma_b_, kb * kBlockK, b_at.row,
+                           b_at.outer, full);
           if constexpr (kTailRows > 0) {
             if (tile.tail())
-              ptx::tma_load_2d(ring_.tail(slot), tma_tail_, kb * kBlockK, row0 + kTileM, full);
+              ptx::tma_load_2d(ptx::smem_ptr(a + Shape::kABytes + Shape::kBBytes), tma_tail_,
+                               kb * kBlockK, row0 + kTileM, full);
           }
         }
         // Only the working blocks' scales: a block past the pool's end has none to read.
-        const uint32_t a_scale = ptx::smem_addr(ring_.a_scale(slot));
-        const float* a_scale_src = op_.a_scale_at(size_t(row0) + lane, kb);
+        const uint32_t a_scale = at.a_scale0() + slot * Shape::kScaleBytes;
+        // The tile's first row's scales, then a 32-bit offset: the lane's row as a 64-bit index
+        // made the producer spill, a stack reload before the copies.
+        const float* a_scale_src = op_.a_scale_at(row0, 0) + (lane * (op_.k / kQuantBlock) + kb);
         const size_t src_stride = op_.k / kQuantBlock * 32;  // 32 rows
 #pragma unroll
         for (int w = 0; w < kNumMathWarpGroups; ++w) {
@@ -232,7 +240,7 @@ class GroupedFp8TmaMainloop {
                             a_scale_src + kRows32 * src_stride);
         }
         if (lane < kNumBGroups)
-          ptx::cp_async_4(ptx::smem_addr(ring_.b_scale(slot) + lane),
+          ptx::cp_async_4(a_scale + Ring::kBScaleOffset + 4 * lane,
                           op_.b_scale_at(tile.expert, tile.n, lane, kb));
         ptx::cp_async_mbarrier_arrive(full);
         if (++slot == kStages) {
@@ -259,6 +267,17 @@ class GroupedFp8TmaMainloop {
     __syncwarp();
     ptx::mbarrier_arrive(&full_[slot]);
   }
+
+  static constexpr uint32_t kBarrierStride = sizeof(uint64_t);
+  // One register: everything the producer addresses is at a fixed offset from the ring's base
+  // (the barriers follow the ring, kSmemBytes' layout).
+  struct ProducerAddrs {
+    uint32_t a0;
+    __device__ explicit ProducerAddrs(const Ring& ring) : a0(ptx::smem_addr(ring.a(0))) {}
+    __device__ uint32_t a_scale0() const { return a0 + Ring::kScalesOffset; }
+    __device__ uint32_t full0() const { return a0 + Ring::kBytes; }
+    __device__ uint32_t empty0() const { return full0() + kStages * kBarrierStride; }
+  };
 
   // GemmOperands::a_ready: lane 0 acquires the counts of the tile's working blocks (bounded,
   // like every mbarrier wait), then orders the TMA reads after them; the other lanes' scale
@@ -584,6 +603,7 @@ class GroupedFp8TmaMainloop {
   const int32_t* num_blocks_;
   int max_blocks_;
   const CUtensorMap* tma_a_;
+  const CUtensorMap* tma_a_pair_;
   const CUtensorMap* tma_b_;
   const CUtensorMap* tma_tail_;
 };

@@ -262,14 +262,11 @@ __device__ __forceinline__ GemmOperands l1_operands(const L1Params& p, int tail_
   };
 }
 
-// Kernel parameters: the launch contract, the TMA tensor maps of the pool (a, and a_tail with a
-// box of kL1TailRows rows) and of w1 viewed as [E * 2I, H], and the tail rows (kL1TailRows or
-// 0).
+// Kernel parameters: the launch contract, the TMA tensor maps of the pool and of w1 viewed as
+// [2E][I][H] (the gate and the up half of each expert), and the tail rows (kL1TailRows or 0).
 struct L1KernelParams {
   L1Params p;
-  CUtensorMap a;
-  CUtensorMap b;
-  CUtensorMap a_tail;
+  GemmTensorMaps maps;
   int tail_rows;
 };
 
@@ -283,8 +280,8 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
   const L1Params& p = k.p;
-  Mainloop mainloop(smem, l1_operands(p, k.tail_rows), p.num_blocks, p.max_blocks, &k.a, &k.b,
-                    p.tile_claims, &k.a_tail);
+  Mainloop mainloop(smem, l1_operands(p, k.tail_rows), p.num_blocks, p.max_blocks, k.maps,
+                    p.tile_claims);
   mainloop.run(L1Epilogue{p, reinterpret_cast<float*>(smem + Mainloop::kSmemBytes)});
 }
 

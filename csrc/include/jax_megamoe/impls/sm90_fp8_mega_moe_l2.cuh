@@ -196,12 +196,11 @@ __device__ __forceinline__ GemmOperands l2_operands(const L2Params& p) {
   };
 }
 
-// Kernel parameters: the launch contract plus the TMA tensor maps of act (a) and of w2 viewed as
-// [E * H, I].
+// Kernel parameters: the launch contract plus the TMA tensor maps of act and of w2 viewed as
+// [E * H / kWgN][kWgN][I] (no tail: maps.tail unused).
 struct L2KernelParams {
   L2Params p;
-  CUtensorMap a;
-  CUtensorMap b;
+  GemmTensorMaps maps;
 };
 
 template <int kWgN, int kStages>
@@ -211,8 +210,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
   const L2Params& p = k.p;
-  Mainloop mainloop(smem, l2_operands<kWgN>(p), p.num_blocks, p.max_blocks, &k.a, &k.b,
-                    p.tile_claims);
+  Mainloop mainloop(smem, l2_operands<kWgN>(p), p.num_blocks, p.max_blocks, k.maps, p.tile_claims);
   L2Epilogue<kWgN> epilogue{p, ptx::smem_addr(smem + Mainloop::kSmemBytes)};
   if (threadIdx.x == 0) epilogue.init_barriers();  // published by run()'s CTA-wide barrier
   mainloop.run(epilogue);

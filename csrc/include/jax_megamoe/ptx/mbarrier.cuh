@@ -104,4 +104,12 @@ __device__ __forceinline__ void tma_load_2d(void* smem_dst, const void* tensor_m
                                   tensor_map, coords, bar);
 }
 
+// The 3-D form: coordinates (inner, middle, outer).
+__device__ __forceinline__ void tma_load_3d(void* smem_dst, const void* tensor_map, int inner,
+                                            int middle, int outer, uint64_t* bar) {
+  const int32_t coords[3] = {inner, middle, outer};
+  cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_cluster, cuda::ptx::space_global, smem_dst,
+                                  tensor_map, coords, bar);
+}
+
 }  // namespace jax_megamoe::ptx

@@ -4,12 +4,23 @@
 // its first K block (impls/sm90_fp8_grouped_tma_mainloop.cuh).
 #pragma once
 
+#include <cuda.h>
+
 #include <cstddef>
 #include <cstdint>
 
 #include "jax_megamoe/launch.h"
 
 namespace jax_megamoe::sm90 {
+
+// The TMA tensor maps of one grouped GEMM (GroupedFp8TmaMainloop's constructor says what each
+// views); in kernel parameter space.
+struct GemmTensorMaps {
+  CUtensorMap a;       // a row block of the pool
+  CUtensorMap a_pair;  // a pair of row blocks
+  CUtensorMap b;       // both B groups of an N tile
+  CUtensorMap tail;    // a swap-AB tail's rows (unused without tails)
+};
 
 struct GemmOperands {
   const uint8_t* a;             // [pool_rows, k]
@@ -39,6 +50,16 @@ struct GemmOperands {
   // `expert` start; one kQuantBlock-row scale block holds all of them.
   __device__ int b_row(int expert, int n, int group) const {
     return expert * b_rows + n * b_tile_stride + group * b_group_stride;
+  }
+  // Where N tile n of `expert` starts in the 3-D view of `b` that the B tensor map takes:
+  // [experts * b_rows / b_group_stride][b_group_stride][k], so that one box of two along the
+  // outer dimension holds both B groups (group 1 is b_group_stride rows after group 0).
+  struct BCoords {
+    int row, outer;
+  };
+  __device__ BCoords b_coords(int expert, int n) const {
+    const int row = b_row(expert, n, 0);
+    return {row % b_group_stride, row / b_group_stride};
   }
   // The weight scale of those rows for K block kb.
   __device__ const float* b_scale_at(int expert, int n, int group, int kb) const {
