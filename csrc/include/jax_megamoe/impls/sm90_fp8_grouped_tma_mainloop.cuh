@@ -233,7 +233,7 @@ class GroupedFp8TmaMainloop {
             ptx::cp_async_4(a_scale + (rows32 * 32 + lane) * 4, a_scale_src + rows32 * src_stride);
           }
         }
-        if constexpr (kTailRows > 0) {  // the tail's, after the pair's (StageRing::tail_scale)
+        if constexpr (kTailRows > 0) {  // the tail's, after the pair's (StageRing's layout)
           constexpr int kRows32 = kNumMathWarpGroups * kBlockM / 32;
           if (tile.tail() && lane < kTailRows)
             ptx::cp_async_4(a_scale + (kRows32 * 32 + lane) * 4,

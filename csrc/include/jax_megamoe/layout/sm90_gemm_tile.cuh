@@ -97,7 +97,6 @@ struct StageRing {
 
   __device__ uint8_t* a(int slot) const { return base + slot * kOperandStride; }
   __device__ uint8_t* b(int slot) const { return a(slot) + Shape::kABytes; }
-  __device__ uint8_t* tail(int slot) const { return b(slot) + Shape::kBBytes; }
   // Byte offsets: of scale stage 0 from the ring's base, of a stage's B scales from its A scales.
   static constexpr int kScalesOffset = kStages * kOperandStride;
   static constexpr int kBScaleOffset = (kTileM + kTailRows) * 4;
@@ -105,7 +104,6 @@ struct StageRing {
   __device__ float* a_scale(int slot) const {
     return reinterpret_cast<float*>(base + kScalesOffset + slot * Shape::kScaleBytes);
   }
-  __device__ float* tail_scale(int slot) const { return a_scale(slot) + kTileM; }
   __device__ float* b_scale(int slot) const { return a_scale(slot) + kBScaleOffset / 4; }
 };
 
