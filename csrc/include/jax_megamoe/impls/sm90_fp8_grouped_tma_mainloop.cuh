@@ -7,14 +7,15 @@
 //   warpgroup 0, producer   setmaxnreg down to kProducerRegs; warp 0 takes the CTA's tiles
 //                           (claimed from a counter, or a static sequence: scheduler/) and walks
 //                           their K blocks: waits until the slot is empty, then lane 0 writes the
-//                           tile into the stage's slot if it is the tile's first, announces the
-//                           stage's bytes and issues the TMA loads of A (the working row
-//                           blocks' 64 pool rows each) and of the two B groups, while the 32
-//                           lanes cp.async the activation scales of the working row blocks and
-//                           the 2 weight scales and arrive on the slot's full barrier when those
-//                           land. After the last tile, one stage carries only the end. Warps
-//                           1 .. Epilogue::kStoreWarps run the epilogue's store role
-//                           (epilogue.store(warp - 1)); the others exit.
+//                           tile into the stage's slot and arrives on the stage's desc barrier,
+//                           announces the stage's bytes and issues the TMA loads of A (the
+//                           working row blocks' 64 pool rows each) and of the two B groups.
+//                           Warp kScaleWarp, the scale warp, waits for each stage's desc
+//                           barrier, reads the tile, and its 32 lanes cp.async the activation
+//                           scales of the working row blocks and the 2 weight scales and arrive
+//                           on the slot's full barrier when those land. After the last tile, one
+//                           stage carries only the end. Warps 1 .. Epilogue::kStoreWarps run the
+//                           epilogue's store role (epilogue.store(warp - 1)); the others exit.
 //   warpgroups 1-2, math    setmaxnreg up to kMathRegs; read each tile from the slot of its first
 //                           stage; warpgroup w takes row block w of the pair. Per K block: per
 //                           B group, four wgmma into a partial, wait for them, promote into the
@@ -31,12 +32,15 @@
 //                           a tile's last K block. The two warpgroups drift independently, so
 //                           one's promotion overlaps the other's wgmma.
 //
-// Barrier counts: full[s] completes on 1 (expect_tx arrival) + 32 (cp.async arrivals) arrivals
-// and the stage's TMA bytes; empty[s] on one arrival per math warp. Phases alternate per pass
-// over the ring; the producer's first pass waits on parity 1, which a fresh barrier reports as
-// complete. A math warp arrives on empty[s] only after its wait on full[s] of the same pass, so
-// no warp can arrive twice in one phase. The end's stage completes on 33 arrivals of the
-// producer warp (lane 0 twice) and no bytes; nobody releases it.
+// Barrier counts: full[s] completes on 1 (the producer's expect_tx arrival) + 32 (the scale
+// warp's cp.async arrivals) arrivals and the stage's TMA bytes; empty[s] on one arrival per math
+// warp; desc[s] on the producer's one arrival. Phases alternate per pass over the ring; the
+// producer's first pass waits on parity 1, which a fresh barrier reports as complete. A math
+// warp arrives on empty[s] only after its wait on full[s] of the same pass, so no warp can
+// arrive twice in one phase; the producer rewrites a slot's tile only after that slot's empty
+// phase, which needs the scale warp's arrivals, so the scale warp has read it. The end's stage
+// completes on 33 arrivals (the producer's lane 0 and the scale warp's 32) and no bytes; nobody
+// releases it.
 #pragma once
 
 #include <cuda.h>
@@ -74,7 +78,10 @@ static_assert(kWarpGroupThreads * kProducerRegs + kNumMathThreads * kMathRegs <=
                   kNumThreads * kRegsAtLaunch,
               "setmaxnreg would wait forever: the split exceeds the CTA's registers");
 constexpr int kMathWarps = kNumMathThreads / 32;
+// A full barrier's phase: the producer's lane 0 (announcing the TMA bytes) and the scale warp's
+// 32 lanes (each when its cp.async have landed). The scale warp is the producer warpgroup's last.
 constexpr int kFullArrivals = 1 + 32;
+constexpr int kScaleWarp = 3;
 // Shared memory where the tails' master accumulators wait through the pair's epilogue
 // (GroupedFp8TmaMainloop, kTailRows > 0).
 template <int kTailRows>
@@ -101,7 +108,8 @@ class GroupedFp8TmaMainloop {
   static_assert(kBlockM % 32 == 0, "the producer warp copies whole rows of scales per lane");
 
  public:
-  static constexpr int kBarrierBytes = 2 * kStages * static_cast<int>(sizeof(uint64_t));
+  // Per stage a full, an empty and a desc barrier (the producer has named the stage's tile).
+  static constexpr int kBarrierBytes = 3 * kStages * static_cast<int>(sizeof(uint64_t));
   // Per stage, the tile whose first K block it holds (tile_slot).
   static constexpr int kTileSlotBytes = kStages * static_cast<int>(sizeof(Tile));
   // Then the number of tiles the producer took, written after its last (kNoTileCount before),
@@ -128,6 +136,7 @@ class GroupedFp8TmaMainloop {
       : ring_{smem},
         full_(reinterpret_cast<uint64_t*>(smem + Ring::kBytes)),
         empty_(full_ + kStages),
+        desc_(empty_ + kStages),
         claims_(tile_claims),
         op_(op),
         num_blocks_(num_blocks),
@@ -150,6 +159,7 @@ class GroupedFp8TmaMainloop {
       for (int s = 0; s < kStages; ++s) {
         ptx::mbarrier_init(&full_[s], kFullArrivals);
         ptx::mbarrier_init(&empty_[s], kMathWarps);
+        ptx::mbarrier_init(&desc_[s], 1);
       }
       ptx::st_shared(tile_count(), kNoTileCount);
       ptx::fence_barrier_init();
@@ -159,7 +169,9 @@ class GroupedFp8TmaMainloop {
       ptx::setmaxnreg_dec<kProducerRegs>();
       constexpr int kStoreWarps = std::remove_reference_t<Epilogue>::kStoreWarps;
       const int warp = threadIdx.x / 32;
+      static_assert(kStoreWarps < kScaleWarp, "the store warps are warps 1 .. kStoreWarps");
       if (warp == 0) produce();
+      if (warp == kScaleWarp) copy_scales();
       if constexpr (kStoreWarps > 0) {
         if (warp >= 1 && warp <= kStoreWarps) epilogue.store(warp - 1, tile_count());
       }
@@ -189,19 +201,20 @@ class GroupedFp8TmaMainloop {
       const int row0 = tile.pair * kTileM;
       const int a_first = (tile.mask & 3) == 2 ? 1 : 0;  // the first working row block
       const GemmOperands::BCoords b_at = op_.b_coords(tile.expert, tile.n);
-      if (op_.a_ready != nullptr) wait_a_ready(tile, lane);
+      if (op_.a_ready != nullptr && lane == 0) wait_a_ready(tile);
       for (int kb = 0; kb < num_kb(); ++kb) {
         ptx::mbarrier_wait(at.empty0() + slot * kBarrierStride, phase ^ 1);
         uint64_t* full = ptx::barrier_at(at.full0() + slot * kBarrierStride);
         if (lane == 0) {
-          if (kb == 0) {
-            publish(slot, tile);  // made visible by the arrival below
-            ptx::st_shared(tiles_taken(), ptx::ld_shared_s32(tiles_taken()) + 1);
-          }
+          // Every stage names its tile for the scale warp (the math reads it at the first).
+          publish(slot, tile);
+          ptx::mbarrier_arrive(ptx::barrier_at(at.desc0() + slot * kBarrierStride));
+          if (kb == 0) ptx::st_shared(tiles_taken(), ptx::ld_shared_s32(tiles_taken()) + 1);
           // Only the working row blocks' A: at small M most pairs have one, and the other
           // block's bytes would only take L2 bandwidth from the weight stream. One TMA for A
-          // (a pair's 128 rows in one box) and one for both B groups: the producer's latency per
-          // K block is on the critical path (benchmarks/RESULTS.md, 2026-12-03).
+          // (a pair's 128 rows in one box) and one for both B groups, the scales on another warp:
+          // this warp's latency per K block is on the critical path (benchmarks/RESULTS.md,
+          // 2026-12-03).
           const int a_blocks = __popc(tile.mask & 3);
           const int tail_bytes = tile.tail() ? Ring::kTailBytes : 0;
           ptx::mbarrier_arrive_expect_tx(full,
@@ -218,31 +231,6 @@ class GroupedFp8TmaMainloop {
                                kb * kBlockK, row0 + kTileM, full);
           }
         }
-        // Only the working blocks' scales: a block past the pool's end has none to read.
-        const uint32_t a_scale = at.a_scale0() + slot * Shape::kScaleBytes;
-        // The tile's first row's scales, then a 32-bit offset: the lane's row as a 64-bit index
-        // made the producer spill, a stack reload before the copies.
-        const float* a_scale_src = op_.a_scale_at(row0, 0) + (lane * (op_.k / kQuantBlock) + kb);
-        const size_t src_stride = op_.k / kQuantBlock * 32;  // 32 rows
-#pragma unroll
-        for (int w = 0; w < kNumMathWarpGroups; ++w) {
-          if (!tile.has(w)) continue;
-#pragma unroll
-          for (int i = 0; i < kBlockM / 32; ++i) {
-            const int rows32 = w * (kBlockM / 32) + i;
-            ptx::cp_async_4(a_scale + (rows32 * 32 + lane) * 4, a_scale_src + rows32 * src_stride);
-          }
-        }
-        if constexpr (kTailRows > 0) {  // the tail's, after the pair's (StageRing's layout)
-          constexpr int kRows32 = kNumMathWarpGroups * kBlockM / 32;
-          if (tile.tail() && lane < kTailRows)
-            ptx::cp_async_4(a_scale + (kRows32 * 32 + lane) * 4,
-                            a_scale_src + kRows32 * src_stride);
-        }
-        if (lane < kNumBGroups)
-          ptx::cp_async_4(a_scale + Ring::kBScaleOffset + 4 * lane,
-                          op_.b_scale_at(tile.expert, tile.n, lane, kb));
-        ptx::cp_async_mbarrier_arrive(full);
         if (++slot == kStages) {
           slot = 0;
           phase ^= 1;
@@ -256,16 +244,70 @@ class GroupedFp8TmaMainloop {
         tile = sched.take(sched.claim(claims_, lane), claims_, lane);
       }
     }
-    // One more stage that holds no data, only the end (mask 0): its 33 arrivals complete the
-    // phase.
+    // One more stage that holds no data, only the end (mask 0): this arrival and the scale
+    // warp's 32 complete the phase.
     ptx::mbarrier_wait(&empty_[slot], phase ^ 1);
     if (lane == 0) {
       publish(slot, sched.done_tile());
+      ptx::mbarrier_arrive(ptx::barrier_at(at.desc0() + slot * kBarrierStride));
       ptx::mbarrier_arrive(&full_[slot]);
       ptx::st_shared(tile_count(), ptx::ld_shared_s32(tiles_taken()));
     }
-    __syncwarp();
-    ptx::mbarrier_arrive(&full_[slot]);
+  }
+
+  // Scale warp: per stage, once the producer has named its tile (the stage's desc barrier, one
+  // phase per use of the slot, like the full barrier; the producer arrives after its wait for the
+  // empty slot, so the slot's scales are free), the 32 lanes copy the working row blocks' scales
+  // and the two weight scales with cp.async, each lane arriving on the full barrier when its
+  // copies land. The producer's stage names the same tile for all its K blocks; the end (mask 0)
+  // gets the lanes' arrivals alone.
+  __device__ __forceinline__ void copy_scales() {
+    const int lane = threadIdx.x % 32;
+    const ProducerAddrs at(ring_);
+    int slot = 0;
+    uint32_t phase = 0;
+    for (;;) {
+      ptx::mbarrier_wait(at.desc0() + slot * kBarrierStride, phase);
+      const Tile tile = read_published(slot);
+      uint64_t* full = ptx::barrier_at(at.full0() + slot * kBarrierStride);
+      if (tile.mask == 0) {
+        ptx::mbarrier_arrive(full);
+        return;
+      }
+      const int row0 = tile.pair * kTileM;
+      // The tile's first row's scales, then a 32-bit offset: a 64-bit row index spilled.
+      const float* a_scale_src = op_.a_scale_at(row0, 0) + lane * (op_.k / kQuantBlock);
+      const size_t src_stride = op_.k / kQuantBlock * 32;  // 32 rows
+      for (int kb = 0; kb < num_kb(); ++kb) {
+        if (kb > 0) ptx::mbarrier_wait(at.desc0() + slot * kBarrierStride, phase);
+        // Only the working blocks' scales: a block past the pool's end has none to read.
+        const uint32_t a_scale = at.a_scale0() + slot * Shape::kScaleBytes;
+#pragma unroll
+        for (int w = 0; w < kNumMathWarpGroups; ++w) {
+          if (!tile.has(w)) continue;
+#pragma unroll
+          for (int i = 0; i < kBlockM / 32; ++i) {
+            const int rows32 = w * (kBlockM / 32) + i;
+            ptx::cp_async_4(a_scale + (rows32 * 32 + lane) * 4,
+                            a_scale_src + (rows32 * src_stride + kb));
+          }
+        }
+        if constexpr (kTailRows > 0) {  // the tail's, after the pair's (StageRing's layout)
+          constexpr int kRows32 = kNumMathWarpGroups * kBlockM / 32;
+          if (tile.tail() && lane < kTailRows)
+            ptx::cp_async_4(a_scale + (kRows32 * 32 + lane) * 4,
+                            a_scale_src + (kRows32 * src_stride + kb));
+        }
+        if (lane < kNumBGroups)
+          ptx::cp_async_4(a_scale + Ring::kBScaleOffset + 4 * lane,
+                          op_.b_scale_at(tile.expert, tile.n, lane, kb));
+        ptx::cp_async_mbarrier_arrive(ptx::barrier_at(at.full0() + slot * kBarrierStride));
+        if (++slot == kStages) {
+          slot = 0;
+          phase ^= 1;
+        }
+      }
+    }
   }
 
   static constexpr uint32_t kBarrierStride = sizeof(uint64_t);
@@ -277,23 +319,21 @@ class GroupedFp8TmaMainloop {
     __device__ uint32_t a_scale0() const { return a0 + Ring::kScalesOffset; }
     __device__ uint32_t full0() const { return a0 + Ring::kBytes; }
     __device__ uint32_t empty0() const { return full0() + kStages * kBarrierStride; }
+    __device__ uint32_t desc0() const { return empty0() + kStages * kBarrierStride; }
   };
 
-  // GemmOperands::a_ready: lane 0 acquires the counts of the tile's working blocks (bounded,
-  // like every mbarrier wait), then orders the TMA reads after them; the other lanes' scale
-  // copies follow through the warp barrier.
-  __device__ __forceinline__ void wait_a_ready(const Tile& tile, int lane) const {
-    if (lane == 0) {
-      const int need = op_.a_ready_count * (tile.lone() ? 2 : 1);
+  // GemmOperands::a_ready, on the producer's lane 0: acquires the counts of the tile's working
+  // blocks (bounded, like every mbarrier wait), then orders its TMA reads after them; the scale
+  // warp's copies follow through the stages' desc barriers, on which this lane arrives after.
+  __device__ __forceinline__ void wait_a_ready(const Tile& tile) const {
+    const int need = op_.a_ready_count * (tile.lone() ? 2 : 1);
 #pragma unroll
-      for (int w = 0; w < kNumMathWarpGroups; ++w) {
-        if (!tile.has(w)) continue;
-        const int32_t* count = op_.a_ready + tile.pair * kNumMathWarpGroups + w;
-        ptx::spin_until([&] { return ptx::ld_acquire_gpu(count) >= need; });
-      }
-      ptx::fence_proxy_async_global();
+    for (int w = 0; w < kNumMathWarpGroups; ++w) {
+      if (!tile.has(w)) continue;
+      const int32_t* count = op_.a_ready + tile.pair * kNumMathWarpGroups + w;
+      ptx::spin_until([&] { return ptx::ld_acquire_gpu(count) >= need; });
     }
-    __syncwarp();
+    ptx::fence_proxy_async_global();
   }
 
   // Math warpgroups. One K loop per tile kind (paired, lone): no branch on the kind inside it.
@@ -434,7 +474,16 @@ class GroupedFp8TmaMainloop {
     const uint32_t a = tile_slot(slot);
     ptx::st_shared(a + offsetof(Tile, pair), t.pair);
     ptx::st_shared(a + offsetof(Tile, n), t.n);
+    ptx::st_shared(a + offsetof(Tile, expert), t.expert);  // for the scale warp
     ptx::st_shared(a + offsetof(Tile, mask), t.mask);
+  }
+  // What the scale warp reads, after its wait on the stage's desc barrier.
+  __device__ __forceinline__ Tile read_published(int slot) const {
+    const uint32_t a = tile_slot(slot);
+    return {0, ptx::ld_shared_s32(a + offsetof(Tile, pair)),
+            ptx::ld_shared_s32(a + offsetof(Tile, n)),
+            ptx::ld_shared_s32(a + offsetof(Tile, expert)),
+            ptx::ld_shared_s32(a + offsetof(Tile, mask))};
   }
   __device__ __forceinline__ Tile published(int slot, uint32_t phase) const {
     ptx::mbarrier_wait(&full_[slot], phase);
@@ -598,6 +647,7 @@ class GroupedFp8TmaMainloop {
   Ring ring_;
   uint64_t* full_;
   uint64_t* empty_;
+  uint64_t* desc_;
   int* claims_;  // claimed tiles (scheduler/sm90_grouped_tiles.cuh), or null: static order
   GemmOperands op_;
   const int32_t* num_blocks_;
