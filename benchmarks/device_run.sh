@@ -37,7 +37,8 @@
 #             ab_main`: an untracked folder travels with the working tree), run in alternation
 #             $AB_ROUNDS times (default 3) at each of $AB_TOKENS (default 2048,8192), $AB_ITERS
 #             launches each (default 200: the power-capped steady state, not the first tens of
-#             ms after a pause); medians of L1, L2 and L2 / L1 per build
+#             ms after a pause), both GEMMs or only those in $AB_KERNELS (l1 or l2: one GEMM's
+#             time at the cap without the other's energy); medians of L1, L2 and L2 / L1 per build
 # The device tool returns at most 8 files from $OUT: after each mode everything under $OUT is
 # packed into $OUT/0_bundle.tgz, which sorts first (Nsight Compute reports left out: too big),
 # so a call cut short by its time limit still brings back the logs of the modes it finished.
@@ -260,7 +261,8 @@ if [[ $modes == *,abprof,* ]]; then
     fi
   done
   python3 benchmarks/ab_gemm_profile.py --tokens "${AB_TOKENS:-2048,8192}" \
-    --rounds "${AB_ROUNDS:-3}" --iters "${AB_ITERS:-200}" --out "$OUT/abprof.json" \
+    --rounds "${AB_ROUNDS:-3}" --iters "${AB_ITERS:-200}" --kernels "${AB_KERNELS:-both}" \
+    --out "$OUT/abprof.json" \
     "${builds[@]}" 2>&1 |
     tee "$OUT/abprof.log" | grep -E "^\|"
   status=$((status | PIPESTATUS[0]))

@@ -90,3 +90,27 @@ def test_errors_name_the_problem(tmp_path):
     failing.chmod(failing.stat().st_mode | stat.S_IXUSR)
     with pytest.raises(RuntimeError, match="exited 1"):
         ab_gemm_profile.main(["--tokens", "8", "--rounds", "1", f"base={good}", f"f={failing}"])
+
+
+def test_one_kernel_passes_the_flag_and_reads_its_own_change(tmp_path):
+    """--kernels l1 reaches the binary; L1's change is read against the first build, and the L2
+    columns of a left-out L2 (0 µs) read 0 instead of dividing by zero."""
+    script = tmp_path / "one"
+    script.write_text(
+        f"#!{sys.executable}\nimport sys\n"
+        "args = dict(zip(sys.argv[1::2], sys.argv[2::2]))\n"
+        "assert args['--kernels'] == 'l1', args\n"
+        "l1 = 900.0 if sys.argv[0].endswith('fast') else 1000.0\n"
+        "print(f'L1 {l1:.1f} us 1 TFLOPS | L2 0.0 us 0 TFLOPS (medians, real rows)')\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    fast = tmp_path / "fast"
+    fast.symlink_to(script)
+    rows = ab_gemm_profile.main(
+        ["--tokens", "8", "--rounds", "2", "--kernels", "l1", f"base={script}", f"new={fast}"]
+    )
+    assert rows[1]["l1_change"] == pytest.approx(-0.1)
+    assert rows[1]["l2_change"] == 0.0 and rows[1]["l2_over_l1"] == 0.0
+    assert "| 8 | new | 2 | 900.0 | 0.0 | 0.000 | -10.0 % | +0.0 % | +0.0 % |" in (
+        ab_gemm_profile.table(rows)
+    )

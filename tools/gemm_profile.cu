@@ -17,7 +17,9 @@
 // Also printed: the timed loop's energy and average power (NVML), to see whether it ran at the
 // card's power cap. `--zero padding` zeroes the padding rows of both GEMMs' A operands (pool
 // and act, with their scales), `--zero a` all of L1's A: at the cap, a GEMM's speed depends on
-// how many bits its operands toggle.
+// how many bits its operands toggle. `--kernels l1` (or `l2`) launches only that GEMM, so that
+// its time at the cap does not depend on the energy the other one spends (the one left out
+// prints 0 us; with `l2`, L2 reads act as poisoned, not as L1 would write it).
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 
@@ -126,12 +128,18 @@ float median(std::vector<float> v) {
 int main(int argc, char** argv) {
   int tokens = 8192, experts = 64, topk = 8, hidden = 7168, intermediate = 2048, iters = 20;
   const char* zero = "none";
+  bool run[2] = {true, true};  // L1, L2
   for (int i = 1; i + 1 < argc; i += 2) {
     const int v = std::atoi(argv[i + 1]);
     if (!std::strcmp(argv[i], "--zero") &&
         (!std::strcmp(argv[i + 1], "none") || !std::strcmp(argv[i + 1], "padding") ||
          !std::strcmp(argv[i + 1], "a"))) {
       zero = argv[i + 1];
+    } else if (!std::strcmp(argv[i], "--kernels") &&
+               (!std::strcmp(argv[i + 1], "both") || !std::strcmp(argv[i + 1], "l1") ||
+                !std::strcmp(argv[i + 1], "l2"))) {
+      run[0] = std::strcmp(argv[i + 1], "l2") != 0;
+      run[1] = std::strcmp(argv[i + 1], "l1") != 0;
     } else if (!std::strcmp(argv[i], "--tokens")) {
       tokens = v;
     } else if (!std::strcmp(argv[i], "--experts")) {
@@ -141,7 +149,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: gemm_profile [--tokens M] [--experts E] [--iters N]"
-                   " [--zero none|padding|a]\n");
+                   " [--zero none|padding|a] [--kernels both|l1|l2]\n");
       return 2;
     }
   }
@@ -202,6 +210,7 @@ int main(int argc, char** argv) {
   for (int it = 0; it < iters; ++it) {
     float ms = 0.f;
     for (int kernel = 0; kernel < 2; ++kernel) {
+      if (!run[kernel]) continue;
       if (!ok(cudaMemsetAsync(buf.claims.ptr, 0, 2 * sizeof(int32_t)), "memset")) return 1;
       cudaEventRecord(start);
       const cudaError_t err =
@@ -217,16 +226,20 @@ int main(int argc, char** argv) {
   const unsigned long long mj1 = meter.millijoules();
   const double real_rows = double(tokens) * topk, H = hidden, I = intermediate;
   const double l1_flop = 2.0 * real_rows * 2 * I * H, l2_flop = 2.0 * real_rows * H * I;
-  const float l1 = median(l1_ms), l2 = median(l2_ms);
+  const float l1 = run[0] ? median(l1_ms) : 0.f, l2 = run[1] ? median(l2_ms) : 0.f;
   std::printf("M %d E %d: %zu pool rows (%d blocks), %d CTAs, %d iters, zeroed: %s\n", tokens,
               experts, buf.rows, buf.max_blocks(), num_ctas, iters, zero);
+  const auto tflops = [](double flop, float ms) {
+    return ms > 0.f ? flop / (ms * 1e-3) / 1e12 : 0;
+  };
   std::printf("L1 %.1f us %.0f TFLOPS | L2 %.1f us %.0f TFLOPS (medians, real rows)\n", l1 * 1e3,
-              l1_flop / (l1 * 1e-3) / 1e12, l2 * 1e3, l2_flop / (l2 * 1e-3) / 1e12);
+              tflops(l1_flop, l1), l2 * 1e3, tflops(l2_flop, l2));
   if (mj0 != 0 && mj1 > mj0) {
     const double joules = (mj1 - mj0) * 1e-3;
-    std::printf("energy: %.2f J over %.0f ms (%.0f W), %.0f mJ per L1 + L2, %.2f pJ per FLOP\n",
+    const double flop = (run[0] ? l1_flop : 0) + (run[1] ? l2_flop : 0);
+    std::printf("energy: %.2f J over %.0f ms (%.0f W), %.0f mJ per iteration, %.2f pJ per FLOP\n",
                 joules, loop_s * 1e3, joules / loop_s, joules / iters * 1e3,
-                joules / iters / (l1_flop + l2_flop) * 1e12);
+                joules / iters / flop * 1e12);
   } else {
     std::printf("energy: not available (NVML)\n");
   }
