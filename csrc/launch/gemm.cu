@@ -21,8 +21,8 @@ constexpr int kSm90MaxSmemBytes = 227 * 1024;
 constexpr int kMaxStages = 8;
 // One CTA per SM: the ring takes most of shared memory and the accumulators most registers.
 constexpr int kCtasPerSm = 1;
-// Room for the TMA main loop's full/empty/desc barriers (3 x kMaxStages x 8 bytes), its tile
-// slots (one per stage) and its two tile counts.
+// Room for the TMA main loop's control block: its full/empty/desc barriers, its tile slots
+// (one per stage) and its two tile counts (GroupedFp8TmaMainloop::kControlBytes).
 constexpr int kBarrierReserve = 384;
 
 constexpr int stages_for(int stage_bytes, int reserved_bytes) {
@@ -62,7 +62,9 @@ static_assert(kL1Stages >= 3 && kL2WideStages >= 3 && kL2NarrowStages >= 3,
 static_assert(kL1SmemBytes <= kSm90MaxSmemBytes && kL2WideSmemBytes <= kSm90MaxSmemBytes &&
                   kL2NarrowSmemBytes <= kSm90MaxSmemBytes,
               "kernel exceeds SM90 shared memory");
-static_assert(3 * kMaxStages * 8 + kMaxStages * int(sizeof(sm90::Tile)) + 8 <= kBarrierReserve,
+// The main loop's own layout of its control block (barriers, tile slots, tile counts) at the
+// deepest ring the table may pick; it depends on the ring's depth only.
+static_assert(sm90::GroupedFp8TmaMainloop<kL2WideWgN, kMaxStages>::kControlBytes <= kBarrierReserve,
               "barrier reserve too small");
 
 // --- TMA tensor maps --------------------------------------------------------------------------
