@@ -211,7 +211,8 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
                                            args.expected_rank);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  combine_kernel<<<grid_for(size_t(m) * c.hidden / 8, kThreads, budget), kThreads, 0, stream>>>(k);
+  combine_kernel<<<grid_for(size_t(m) * c.hidden / (8 * sm90::kCombineVecs), kThreads, budget),
+                   kThreads, 0, stream>>>(k);
   return cudaGetLastError();
 }
 
