@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cuda/ptx>
 
+#include "jax_megamoe/ptx/cp_async.cuh"
+
 namespace jax_megamoe::ptx {
 
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
@@ -25,7 +27,7 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) { cuda::ptx::mbar
 // takes two registers) calls the forms below; the compiler folds this conversion and the
 // wrappers' conversion back into one shared address (the SASS is as with inline PTX on `bar`).
 __device__ __forceinline__ uint64_t* barrier_at(uint32_t bar) {
-  return static_cast<uint64_t*>(__cvta_shared_to_generic(bar));
+  return static_cast<uint64_t*>(smem_ptr(bar));
 }
 
 __device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t arrivals) {

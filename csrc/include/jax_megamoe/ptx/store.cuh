@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cuda/ptx>
 
+#include "jax_megamoe/ptx/cp_async.cuh"
+
 namespace jax_megamoe::ptx {
 
 __device__ __forceinline__ void st_global_v4(void* ptr, const uint4& v) {
@@ -31,10 +33,10 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 
 // `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared memory at 32-bit
 // address `src` (ptx::smem_addr) to global memory, asynchronously, in this thread's current bulk
-// group. CCCL's wrapper takes a generic source; the compiler folds the conversion back.
+// group. CCCL's wrapper takes a generic source (smem_ptr).
 __device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t bytes) {
-  cuda::ptx::cp_async_bulk(cuda::ptx::space_global, cuda::ptx::space_shared, dst,
-                           __cvta_shared_to_generic(src), bytes);
+  cuda::ptx::cp_async_bulk(cuda::ptx::space_global, cuda::ptx::space_shared, dst, smem_ptr(src),
+                           bytes);
 }
 __device__ __forceinline__ void bulk_commit() { cuda::ptx::cp_async_bulk_commit_group(); }
 // Until this thread's committed bulk groups, but the newest kPending, have read their source.
