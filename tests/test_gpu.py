@@ -112,20 +112,44 @@ def test_bitwise_stable_over_repeated_calls(small):
     np.testing.assert_array_equal(np.asarray(out).view(np.uint16), first.view(np.uint16))
 
 
+def kernels_of_one_call(runner, args):
+    t = timing.time_calls(lambda *a: runner("fused", a), [args], iters=3, warmup=1)
+    assert t.source == "profiler", t.source
+    return " ".join(t.kernel_totals)
+
+
 def test_kernels_of_one_call(small):
     """What one call enqueues, from the profiler's trace (docs/design.md §3.2): route count and
     fill, L1, L2 and combine, and the stage and the two epoch syncs only where there are peers
-    to stage for and wait for; with one rank route_count decides the call."""
-    args = small.inputs(8, 64)
-    t = timing.time_calls(lambda *a: small("fused", a), [args], iters=3, warmup=1)
-    assert t.source == "profiler", t.source
-    names = " ".join(t.kernel_totals)
-    for kernel in ("route_count_kernel", "route_fill_kernel", "combine_kernel"):
-        assert kernel in names, (kernel, sorted(t.kernel_totals))
-    assert "sm90_fp8_mega_moe_l1" in names and "sm90_fp8_mega_moe_l2" in names
+    to stage for and wait for; with one rank and a block per token, route count and fill are
+    one launch (route_alone), which decides the call."""
+    names = kernels_of_one_call(small, small.inputs(8, 64))
     peers = small.mesh.size > 1
-    assert ("stage_kernel" in names) == peers, sorted(t.kernel_totals)
-    assert ("epoch_sync_kernel" in names) == peers, sorted(t.kernel_totals)
+    route = ("route_count_kernel", "route_fill_kernel") if peers else ("route_alone_kernel",)
+    for kernel in (*route, "combine_kernel", "sm90_fp8_mega_moe_l1", "sm90_fp8_mega_moe_l2"):
+        assert kernel in names, (kernel, names)
+    assert ("route_alone_kernel" in names) != peers, names
+    assert ("stage_kernel" in names) == peers, names
+    assert ("epoch_sync_kernel" in names) == peers, names
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_one_rank_route_paths(extra):
+    """With one rank, route_alone takes the call up to 4 tokens per SM (a block each), and
+    route_count + route_fill above that; both against the mirror, on all three routings in turn
+    on one buffer (the two-launch path's counters must be zero after route_alone's calls)."""
+    m = 4 * gpus()[0].core_count + extra
+    r = Runner(1, SMALL, max_tokens=4 * gpus()[0].core_count + 1)
+    try:
+        names = kernels_of_one_call(r, r.inputs(3, m))
+        assert ("route_alone_kernel" in names) == (extra == 0), (m, names)
+        assert ("route_count_kernel" in names) == (extra == 1), (m, names)
+        for routing in ("uniform", "hot", "skewed"):
+            check(r, seed=m + len(routing), m=m, routing=routing)
+        check(r, seed=5, m=m + 1 - 2 * extra)  # the other path, then this one again
+        check(r, seed=6, m=m)
+    finally:
+        r.close()
 
 
 def test_two_layers_share_one_buffer_in_one_jit(small):

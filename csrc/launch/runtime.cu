@@ -34,7 +34,8 @@
 // publish to or wait for. route_count's first thread opens the epoch, checks the call's axis
 // index (it must be 0) and sets the call state (comm::open_call_alone), and the route kernels and
 // combine read the call's inputs (token_source). At M = 8 the three launches took ~11 µs of the
-// layer's ~465.
+// layer's ~465. While each token can have a block, steps 3 and 4 are one launch, route_alone,
+// whose first thread opens the call instead.
 //
 // Only the two one-thread sync launches spin; the kernels after them are ordered behind the wait
 // by the stream (the on-stream wait NVSHMEM uses), so no spinning grid ever competes for SMs with
@@ -97,6 +98,7 @@ using sm90::combine_kernel;
 using sm90::KernelArgs;
 using sm90::kThreads;
 using sm90::kWarps;
+using sm90::route_alone_kernel;
 using sm90::route_count_kernel;
 using sm90::route_fill_kernel;
 using sm90::stage_kernel;
@@ -150,14 +152,20 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
                                            args.expected_rank);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  route_count_kernel<<<grid_for(all_tokens * c.topk, kThreads, budget), kThreads,
-                       2 * l.local_experts * sizeof(int32_t), stream>>>(k);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
   // A block per token while the tokens do not fill the budget's blocks, else a warp per token.
-  if (all_tokens <= size_t(budget) * kBlocksPerSm) {
-    route_fill_kernel<kWarps><<<grid_for(all_tokens, 1, budget), kThreads, 0, stream>>>(k);
+  const bool block_per_token = all_tokens <= size_t(budget) * kBlocksPerSm;
+  if (!peers && block_per_token) {  // steps 3 and 4 in one launch
+    route_alone_kernel<<<grid_for(all_tokens, 1, budget), kThreads,
+                         3 * l.local_experts * sizeof(int32_t), stream>>>(k);
   } else {
-    route_fill_kernel<1><<<grid_for(all_tokens, kWarps, budget), kThreads, 0, stream>>>(k);
+    route_count_kernel<<<grid_for(all_tokens * c.topk, kThreads, budget), kThreads,
+                         2 * l.local_experts * sizeof(int32_t), stream>>>(k);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if (block_per_token) {
+      route_fill_kernel<kWarps><<<grid_for(all_tokens, 1, budget), kThreads, 0, stream>>>(k);
+    } else {
+      route_fill_kernel<1><<<grid_for(all_tokens, kWarps, budget), kThreads, 0, stream>>>(k);
+    }
   }
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
@@ -222,6 +230,7 @@ cudaError_t prepare_runtime_kernels() {
   const void* kernels[] = {
       reinterpret_cast<const void*>(stage_kernel),
       reinterpret_cast<const void*>(epoch_sync_kernel),
+      reinterpret_cast<const void*>(route_alone_kernel),
       reinterpret_cast<const void*>(route_count_kernel),
       reinterpret_cast<const void*>(route_fill_kernel<1>),
       reinterpret_cast<const void*>(route_fill_kernel<kWarps>),
