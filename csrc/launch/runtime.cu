@@ -35,7 +35,7 @@
 // index (it must be 0) and sets the call state (comm::open_call_alone), and the route kernels and
 // combine read the call's inputs (token_source). At M = 8 the three launches took ~11 µs of the
 // layer's ~465. While each token can have a block, steps 3 and 4 are one launch, route_alone,
-// whose first thread opens the call instead.
+// whose first thread opens the call instead (route phase 9.7 -> 5.5 µs at M = 8).
 //
 // Only the two one-thread sync launches spin; the kernels after them are ordered behind the wait
 // by the stream (the on-stream wait NVSHMEM uses), so no spinning grid ever competes for SMs with
