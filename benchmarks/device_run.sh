@@ -20,6 +20,8 @@
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
 #   bench     benchmarks/bench_mega_moe.py with $BENCH_ARGS
 #   scan      benchmarks/bench_scan.py (per-layer overhead in a lax.scan step) with $SCAN_ARGS
+#   hbmwrite  benchmarks/bench_hbm_write.py (the card's write rate over the route phase's bytes)
+#             with $HBM_WRITE_ARGS
 #   ab        bench_gemm.py ($GEMM_ARGS), or with AB_BENCH=layer bench_mega_moe.py
 #             ($BENCH_ARGS), on two builds in one run: first the checkout at $AB_BASE (e.g.
 #             `git worktree add --detach ab_base main`, sent with the run tool's carry), then
@@ -87,7 +89,7 @@ bundle() { # everything under $OUT (but the bundle and Nsight Compute reports) i
   (cd "$OUT" && tar -czf "$b" --exclude=0_bundle.tgz --exclude='*.ncu-rep' . &&
     mv "$b" 0_bundle.tgz)
 }
-if [[ $modes =~ ,(test|mp|gemm|ab|envab|bench|scan), ]]; then
+if [[ $modes =~ ,(test|mp|gemm|ab|envab|bench|scan|hbmwrite), ]]; then
   t0=$(date +%s)
   if ! install . >"$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"
@@ -209,6 +211,12 @@ if [[ $modes == *,scan,* ]]; then
   # shellcheck disable=SC2086  # SCAN_ARGS is a list of flags
   python3 benchmarks/bench_scan.py --out "$OUT/scan" ${SCAN_ARGS:-} 2>&1 |
     tee "$OUT/bench_scan.log" | grep -E "^\[M|^\|" | tail -20
+  bundle
+fi
+if [[ $modes == *,hbmwrite,* ]]; then
+  # shellcheck disable=SC2086  # HBM_WRITE_ARGS is a list of flags
+  python3 benchmarks/bench_hbm_write.py --out "$OUT/hbm_write" ${HBM_WRITE_ARGS:-} 2>&1 |
+    tee "$OUT/hbm_write.log" | grep -E "^\|" | tail -20
   bundle
 fi
 if [[ $modes == *,ncu,* ]]; then

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "ben
 
 import baselines  # noqa: E402
 import bench_gemm  # noqa: E402
+import bench_hbm_write  # noqa: E402
 import bench_mega_moe  # noqa: E402
 import bench_scan  # noqa: E402
 import bench_wall  # noqa: E402
@@ -92,6 +93,24 @@ def test_bench_wall_splits_each_call(tmp_path):
     for name in ("fused", "trivial"):
         events = row["host_events"][name]
         assert events and all(us >= 0 for _, us, _ in events)
+
+
+def test_bench_hbm_write_times_route_fill_bytes(tmp_path):
+    """The write-rate benchmark: its ops produce what they claim, over route_fill's bytes."""
+    m, k, h = 3, shapes.DSV3["topk"], shapes.DSV3["hidden"]
+    fns = bench_hbm_write.ops(m, h, k)
+    x = fns["fan_out"][1][0]
+    fan = np.asarray(fns["fan_out"][0](x))
+    assert fan.shape == (m, k, h // 4) and (fan == np.asarray(x)[:, None]).all()
+    assert (np.asarray(fns["write"][0](jnp.int32(5))) == 5).all()
+    res = bench_hbm_write.main(["--tokens", str(m), "--iters", "2", "--out", str(tmp_path)])
+    assert [r["op"] for r in res["rows"]] == ["write", "fan_out", "copy"]
+    by_op = {r["op"]: r for r in res["rows"]}
+    assert by_op["write"]["bytes_written"] == m * k * h
+    assert by_op["fan_out"]["bytes_moved"] == m * k * h + m * h
+    assert by_op["copy"]["bytes_moved"] == 2 * m * k * h
+    assert all(r["us"] > 0 for r in res["rows"])
+    assert json.load(open(tmp_path / "results.json"))["rows"] == res["rows"]
 
 
 def test_bench_scan_rejects_one_layer():
