@@ -3,6 +3,7 @@ elsewhere). On a GPU machine, benchmarks/device_run.sh builds and runs them in o
 
 import functools
 import os
+import re
 import sys
 
 import jax
@@ -13,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_megamoe import calc_diff, fp8_mega_moe, quantize_per_token
+from jax_megamoe.constants import BLOCK_M
 from jax_megamoe.testing import make_activations, make_buffer, make_routing, make_weights
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
@@ -148,6 +150,28 @@ def test_one_rank_route_paths(extra):
             check(r, seed=m + len(routing), m=m, routing=routing)
         check(r, seed=5, m=m + 1 - 2 * extra)  # the other path, then this one again
         check(r, seed=6, m=m)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_one_rank_gather_paths(extra):
+    """With one rank and a block per token, L1 reads A from the tokens' own rows (route_alone
+    copies none into the pool) while the local experts average at most half a row block of rows
+    (runtime.cu's kGatherRowsPerExpert), and from the pool that route_alone fills above that; both
+    against the mirror, on all three routings, switching paths on one buffer."""
+    m = BLOCK_M // 2 * SMALL["e"] // SMALL["k"] + extra
+    gather = extra == 0
+    r = Runner(1, SMALL, max_tokens=m + 1)
+    try:
+        names = kernels_of_one_call(r, r.inputs(3, m))
+        assert ("route_alone_kernel<false>" in names) == gather, (m, names)
+        assert ("route_alone_kernel<true>" in names) != gather, (m, names)
+        assert bool(re.search(r"mega_moe_l1<\d+, true>", names)) == gather, (m, names)
+        for routing in ("uniform", "hot", "skewed"):
+            check(r, seed=m + len(routing), m=m, routing=routing)
+        check(r, seed=7, m=m + 1 - 2 * extra)  # the other path, then this one again
+        check(r, seed=8, m=m)
     finally:
         r.close()
 

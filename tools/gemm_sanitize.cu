@@ -15,7 +15,9 @@
 // most 16 rows, computed with its last pair), an expert with no rows, and blocks past the
 // device-side block count. Each pool runs twice: L2 after L1 has finished, then L2 as L1's
 // programmatic dependent waiting for L1's per-block counters, as the layer launches them when
-// it has the whole device (on a grid smaller than the device, L2's CTAs wait beside L1's).
+// it has the whole device (on a grid smaller than the device, L2's CTAs wait beside L1's). After
+// the first, L1 runs once more with A gathered from a token matrix (L1Params::x, the layer's
+// one-rank path): slot s's token row is pool row s's, so act must come out bitwise the same.
 // Exit status 0 when every check passed.
 #include <cuda_runtime_api.h>
 
@@ -46,6 +48,43 @@ std::vector<float> random_scales(size_t n, std::mt19937& rng) {
   return v;
 }
 
+// L1 again on `buf`, whose act holds the pool path's result, with A gathered from a token
+// matrix (token s = the pool row whose slot is s, topk 1); returns the bytes of act and act_scale
+// that differ (or 1 if a step failed).
+int run_gathered(GemmBuffers& buf, const Pool& pool, const std::vector<uint8_t>& a,
+                 const std::vector<float>& a_scale, int num_ctas, cudaStream_t stream) {
+  const size_t H = buf.hidden, scales = H / kQuantBlock;
+  std::vector<uint8_t> x(size_t(pool.slots) * H);
+  std::vector<float> x_scale(size_t(pool.slots) * scales);
+  for (size_t r = 0; r < buf.rows; ++r) {
+    const int s = pool.row_src[r];
+    if (s < 0) continue;
+    std::memcpy(&x[s * H], &a[r * H], H);
+    std::memcpy(&x_scale[s * scales], &a_scale[r * scales], scales * sizeof(float));
+  }
+  DeviceArray<uint8_t> x_dev(x);
+  DeviceArray<float> x_scale_dev(x_scale);
+  const auto act_pool = buf.act.read();
+  const auto act_scale_pool = buf.act_scale.read();
+  jax_megamoe::L1Params p = buf.l1(num_ctas, /*overlap=*/false);
+  p.x = x_dev.ptr;
+  p.x_scale = x_scale_dev.ptr;
+  p.topk = 1;
+  if (!x_dev.ptr || !x_scale_dev.ptr || !buf.poison_outputs() ||
+      !ok(cudaMemset(buf.claims.ptr, 0, buf.claims.count * sizeof(int32_t)), "claims") ||
+      !ok(jax_megamoe::launch_l1(p, stream), "launch_l1 (gathered)") ||
+      !ok(cudaStreamSynchronize(stream), "L1 (gathered)")) {
+    return 1;
+  }
+  const auto act = buf.act.read();
+  const auto act_scale = buf.act_scale.read();
+  int differ = 0;
+  for (size_t i = 0; i < act.size(); ++i) differ += act[i] != act_pool[i];
+  for (size_t i = 0; i < act_scale.size(); ++i)
+    differ += std::memcmp(&act_scale[i], &act_scale_pool[i], sizeof(float)) != 0;
+  return differ;
+}
+
 // One L1 then one L2 launch on `pool`; returns the number of failed checks.
 int run_case(const char* name, int hidden, int intermediate, const std::vector<int>& rows,
              int extra_blocks, int num_ctas, bool overlap, cudaStream_t stream, std::mt19937& rng) {
@@ -53,8 +92,10 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   const int E = static_cast<int>(rows.size()), H = hidden, I = intermediate;
   GemmBuffers buf(pool, E, H, I);
   if (!buf.allocated()) return 1;
-  buf.a.upload(random_e4m3(buf.a.count, rng));
-  buf.a_scale.upload(random_scales(buf.a_scale.count, rng));
+  const std::vector<uint8_t> a = random_e4m3(buf.a.count, rng);
+  const std::vector<float> a_scale = random_scales(buf.a_scale.count, rng);
+  buf.a.upload(a);
+  buf.a_scale.upload(a_scale);
   buf.row_weight.upload(random_scales(buf.row_weight.count, rng));
   buf.w1.upload(random_e4m3(buf.w1.count, rng));
   buf.w1_scale.upload(random_scales(buf.w1_scale.count, rng));
@@ -91,10 +132,14 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   for (int s = 0; s < pool.slots; ++s) {
     for (int c = 0; c < H; ++c) y_bad += slot_used[s] == (y_out[size_t(s) * H + c] == kPoisonBf16);
   }
-  std::printf("%-22s %-12s H %5d I %4d E %2d pool %5zu rows, %3d of %3d blocks: L1 %s, L2 %s\n",
+  const int gathered_bad = overlap ? 0 : run_gathered(buf, pool, a, a_scale, num_ctas, stream);
+  std::printf("%-22s %-12s H %5d I %4d E %2d pool %5zu rows, %3d of %3d blocks: L1 %s, L2 %s%s\n",
               name, overlap ? "L2 under L1" : "L2 after L1", H, I, E, buf.rows, pool.num_blocks,
-              buf.max_blocks(), act_bad ? "WRONG ROWS" : "ok", y_bad ? "WRONG ROWS" : "ok");
-  return (act_bad != 0) + (y_bad != 0);
+              buf.max_blocks(), act_bad ? "WRONG ROWS" : "ok", y_bad ? "WRONG ROWS" : "ok",
+              overlap        ? ""
+              : gathered_bad ? ", gathered L1 DIFFERS"
+                             : ", gathered L1 same");
+  return (act_bad != 0) + (y_bad != 0) + (gathered_bad != 0);
 }
 
 }  // namespace

@@ -38,10 +38,12 @@ bool l2_wide(int hidden) { return hidden % sm90::TileShape<kL2WideWgN>::kBRows =
 template <int kWgN, int kTailRows = 0>
 constexpr int kStageBytes = sm90::kRingStageBytes<kWgN, kTailRows>;
 
-// The tile/stage table: every kernel instance, its ring depth and its shared memory.
-constexpr int kL1Stages = stages_for(kStageBytes<sm90::kL1WgN, sm90::kL1TailRows>,
-                                     sm90::kSmemAlignSlack + sm90::L1Epilogue::kSmemBytes +
-                                         kBarrierReserve + sm90::kTailAccBytes<sm90::kL1TailRows>);
+// The tile/stage table: every kernel instance, its ring depth and its shared memory. L1's two
+// instances (A from the pool, A gathered from the tokens) share one ring depth.
+constexpr int kL1Stages =
+    stages_for(kStageBytes<sm90::kL1WgN, sm90::kL1TailRows>,
+               sm90::kSmemAlignSlack + sm90::L1Epilogue::kSmemBytes + kBarrierReserve +
+                   sm90::kTailAccBytes<sm90::kL1TailRows> + sm90::kGatherBytes<sm90::kL1TailRows>);
 constexpr int kL2WideStages =
     stages_for(kStageBytes<kL2WideWgN>,
                sm90::kSmemAlignSlack + kBarrierReserve + sm90::L2Epilogue<kL2WideWgN>::kSmemBytes);
@@ -49,18 +51,20 @@ constexpr int kL2NarrowStages =
     stages_for(kStageBytes<kL2NarrowWgN>, sm90::kSmemAlignSlack + kBarrierReserve +
                                               sm90::L2Epilogue<kL2NarrowWgN>::kSmemBytes);
 
-constexpr auto kL1Kernel = sm90::sm90_fp8_mega_moe_l1<kL1Stages>;
+constexpr auto kL1Kernel = sm90::sm90_fp8_mega_moe_l1<kL1Stages, false>;
+constexpr auto kL1GatherKernel = sm90::sm90_fp8_mega_moe_l1<kL1Stages, true>;
 constexpr auto kL2WideKernel = sm90::sm90_fp8_mega_moe_l2<kL2WideWgN, kL2WideStages>;
 constexpr auto kL2NarrowKernel = sm90::sm90_fp8_mega_moe_l2<kL2NarrowWgN, kL2NarrowStages>;
-constexpr int kL1SmemBytes = sm90::l1_smem_bytes<kL1Stages>();
+constexpr int kL1SmemBytes = sm90::l1_smem_bytes<kL1Stages, false>();
+constexpr int kL1GatherSmemBytes = sm90::l1_smem_bytes<kL1Stages, true>();
 static_assert(kL1Stages == 4, "L1's ring was measured with 4 stages");
 constexpr int kL2WideSmemBytes = sm90::l2_smem_bytes<kL2WideWgN, kL2WideStages>();
 constexpr int kL2NarrowSmemBytes = sm90::l2_smem_bytes<kL2NarrowWgN, kL2NarrowStages>();
 
 static_assert(kL1Stages >= 3 && kL2WideStages >= 3 && kL2NarrowStages >= 3,
               "shallower rings expose load latency");
-static_assert(kL1SmemBytes <= kSm90MaxSmemBytes && kL2WideSmemBytes <= kSm90MaxSmemBytes &&
-                  kL2NarrowSmemBytes <= kSm90MaxSmemBytes,
+static_assert(kL1SmemBytes <= kSm90MaxSmemBytes && kL1GatherSmemBytes <= kSm90MaxSmemBytes &&
+                  kL2WideSmemBytes <= kSm90MaxSmemBytes && kL2NarrowSmemBytes <= kSm90MaxSmemBytes,
               "kernel exceeds SM90 shared memory");
 // The main loop's own layout of its control block (barriers, tile slots, tile counts) at the
 // deepest ring the table may pick; it depends on the ring's depth only.
@@ -156,14 +160,22 @@ cudaError_t launch_l1(const L1Params& p, cudaStream_t stream) {
   const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
   const size_t w_rows = size_t(p.num_experts) * 2 * p.intermediate;
   k.tail_rows = l1_tail_rows();
-  cudaError_t err = encode_rows(&k.maps.a, p.a, pool_rows, p.hidden, kBlockM);
-  if (err == cudaSuccess) err = encode_rows(&k.maps.a_pair, p.a, pool_rows, p.hidden, sm90::kTileM);
-  if (err == cudaSuccess)  // the gate and the up rows of a tile: I rows apart
-    err = encode_rows(&k.maps.b, p.w1, w_rows, p.hidden, sm90::kL1WgN, p.intermediate, 2);
-  if (err == cudaSuccess)
+  const bool gather = p.x != nullptr;  // then A's maps stay unused, and `a` may name no memory
+  if (gather && (p.x_scale == nullptr || p.topk <= 0)) return cudaErrorInvalidValue;
+  // The gate and the up rows of a tile: I rows apart.
+  cudaError_t err = encode_rows(&k.maps.b, p.w1, w_rows, p.hidden, sm90::kL1WgN, p.intermediate, 2);
+  if (err == cudaSuccess && !gather)
+    err = encode_rows(&k.maps.a, p.a, pool_rows, p.hidden, kBlockM);
+  if (err == cudaSuccess && !gather)
+    err = encode_rows(&k.maps.a_pair, p.a, pool_rows, p.hidden, sm90::kTileM);
+  if (err == cudaSuccess && !gather)
     err = encode_rows(&k.maps.tail, p.a, pool_rows, p.hidden, sm90::kL1TailRows);
   if (err != cudaSuccess) return err;
-  kL1Kernel<<<p.num_ctas, sm90::kNumThreads, kL1SmemBytes, stream>>>(k);
+  if (gather) {
+    kL1GatherKernel<<<p.num_ctas, sm90::kNumThreads, kL1GatherSmemBytes, stream>>>(k);
+  } else {
+    kL1Kernel<<<p.num_ctas, sm90::kNumThreads, kL1SmemBytes, stream>>>(k);
+  }
   return cudaGetLastError();
 }
 
@@ -214,6 +226,7 @@ cudaError_t launch_l2(const L2Params& p, cudaStream_t stream) {
 cudaError_t prepare_gemm_kernels() {
   cudaError_t err = load_encode_tiled();
   if (err == cudaSuccess) err = prepare(kL1Kernel, kL1SmemBytes);
+  if (err == cudaSuccess) err = prepare(kL1GatherKernel, kL1GatherSmemBytes);
   if (err == cudaSuccess) err = prepare(kL2WideKernel, kL2WideSmemBytes);
   if (err == cudaSuccess) err = prepare(kL2NarrowKernel, kL2NarrowSmemBytes);
   return err;

@@ -35,7 +35,12 @@
 // index (it must be 0) and sets the call state (comm::open_call_alone), and the route kernels and
 // combine read the call's inputs (token_source). At M = 8 the three launches took ~11 µs of the
 // layer's ~465. While each token can have a block, steps 3 and 4 are one launch, route_alone,
-// whose first thread opens the call instead (route phase 9.7 -> 5.5 µs at M = 8).
+// whose first thread opens the call instead (route phase 9.7 -> 5.5 µs at M = 8). While the
+// local experts average at most kGatherRowsPerExpert rows, route_alone copies no row into the
+// pool either: L1 reads each pool row's token row of x itself (L1Params::x), and the layer gains
+// 7-12 µs at M <= 256 on DeepSeek-V3's shape. L1's gather warps keep up with blocks of a few rows
+// but not with full ones: the gather lost at M = 320 under skewed routing and made L1 1.4x slower
+// at M = 2048 (benchmarks/RESULTS.md, 2026-12-03), so fuller experts keep the pool.
 //
 // Only the two one-thread sync launches spin; the kernels after them are ordered behind the wait
 // by the stream (the on-stream wait NVSHMEM uses), so no spinning grid ever competes for SMs with
@@ -106,6 +111,9 @@ using sm90::stage_kernel;
 // Blocks per budgeted SM of the grid-stride kernels: enough resident warps to cover NVLink and
 // HBM latency without needing the whole device.
 constexpr int kBlocksPerSm = 4;
+// Mean rows per local expert up to which L1 gathers A from the tokens' rows (half a row block;
+// measured on DeepSeek-V3's shape, see above).
+constexpr size_t kGatherRowsPerExpert = kBlockM / 2;
 
 int grid_for(size_t work_items, int items_per_block, int sm_budget) {
   const size_t blocks = (work_items + items_per_block - 1) / items_per_block;
@@ -154,9 +162,17 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   }
   // A block per token while the tokens do not fill the budget's blocks, else a warp per token.
   const bool block_per_token = all_tokens <= size_t(budget) * kBlocksPerSm;
-  if (!peers && block_per_token) {  // steps 3 and 4 in one launch
-    route_alone_kernel<<<grid_for(all_tokens, 1, budget), kThreads,
-                         3 * l.local_experts * sizeof(int32_t), stream>>>(k);
+  const bool alone = !peers && block_per_token;  // steps 3 and 4 in one launch
+  const bool gather =
+      alone && all_tokens * c.topk <= kGatherRowsPerExpert * size_t(l.local_experts);
+  if (alone) {
+    const int grid = grid_for(all_tokens, 1, budget);
+    const size_t smem = 3 * l.local_experts * sizeof(int32_t);
+    if (gather) {
+      route_alone_kernel<false><<<grid, kThreads, smem, stream>>>(k);
+    } else {
+      route_alone_kernel<true><<<grid, kThreads, smem, stream>>>(k);
+    }
   } else {
     route_count_kernel<<<grid_for(all_tokens * c.topk, kThreads, budget), kThreads,
                          2 * l.local_experts * sizeof(int32_t), stream>>>(k);
@@ -171,8 +187,6 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
 
   const int num_ctas = budget * gemm_ctas_per_sm();
   L1Params p1{};
-  p1.a = at<uint8_t>(ws, l.pool_a);
-  p1.a_scale = at<float>(ws, l.pool_a_scale);
   p1.row_weight = at<float>(ws, l.row_weight);
   p1.row_src = at<int32_t>(ws, l.row_src);
   p1.block_expert = at<int32_t>(ws, l.block_expert);
@@ -191,6 +205,14 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   // L2 overlaps L1's last tiles: a programmatic dependent that waits per row block.
   int32_t* block_stored = args.whole_device ? at<int32_t>(ws, l.block_stored) : nullptr;
   p1.block_stored = block_stored;
+  if (gather) {
+    p1.x = k.x;
+    p1.x_scale = k.x_scale;
+    p1.topk = c.topk;
+  } else {
+    p1.a = at<uint8_t>(ws, l.pool_a);
+    p1.a_scale = at<float>(ws, l.pool_a_scale);
+  }
   if ((err = launch_l1(p1, stream)) != cudaSuccess) return err;
 
   L2Params p2{};
@@ -230,7 +252,8 @@ cudaError_t prepare_runtime_kernels() {
   const void* kernels[] = {
       reinterpret_cast<const void*>(stage_kernel),
       reinterpret_cast<const void*>(epoch_sync_kernel),
-      reinterpret_cast<const void*>(route_alone_kernel),
+      reinterpret_cast<const void*>(route_alone_kernel<false>),
+      reinterpret_cast<const void*>(route_alone_kernel<true>),
       reinterpret_cast<const void*>(route_count_kernel),
       reinterpret_cast<const void*>(route_fill_kernel<1>),
       reinterpret_cast<const void*>(route_fill_kernel<kWarps>),

@@ -37,6 +37,12 @@ struct L1Params {
   // count, with release, once it has stored the block's act rows and scales of a tile (an L2
   // launched as its programmatic dependent waits for them; L2Params::block_stored).
   int32_t* block_stored;
+  // Null, or A read from the tokens themselves (one rank): pool row r is token row_src[r] / topk
+  // of x [tokens, hidden] e4m3 with scales x_scale [tokens, hidden / 128], and `a`, `a_scale`
+  // are not read (nobody need fill them).
+  const uint8_t* x;
+  const float* x_scale;
+  int topk;
 };
 
 // L2: act x W2[e]^T with per-128 scale promotion; each valid row is rounded to bf16 and stored

@@ -288,10 +288,14 @@ __device__ __forceinline__ void load_id_pass(const int32_t* ids, int num_slots, 
 // ranks its token's slots after the earlier tokens' slots of the same expert, so it knows its
 // rows without an atomic, a counter or another block. Each block publishes a share of the layout
 // (publish_segments); block 0 the scalars. Rows within a segment are in (token, k) order, the
-// same every call. Reads are issued before the decision to run and before the count, so their
-// latencies overlap: inputs are read whatever the call state, nothing is written unless it runs.
+// same every call. With kCopyRows the block copies its token's row and scales into each of its
+// pool rows; without, it copies nothing and L1 reads the token's row itself (L1Params::x;
+// runtime.cu chooses). Reads are issued before the decision to run and before the count, so
+// their latencies overlap: inputs are read whatever the call state, nothing is written unless it
+// runs.
 // Dynamic shared memory: 3 * local_experts ints. Touches none of route_count's counters, which
 // stay zero for a later call that takes the two-launch path.
+template <bool kCopyRows>
 __global__ void __launch_bounds__(kThreads) route_alone_kernel(KernelArgs a) {
   using BlockScan = cub::BlockScan<int, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
@@ -315,7 +319,9 @@ __global__ void __launch_bounds__(kThreads) route_alone_kernel(KernelArgs a) {
   const float my_weight = claimer ? src.weights[first_slot + lane] : 0.0f;
   const int vecs = a.hidden / 16;
   uint4 v[kPullUnroll];
-  if (has_token) load_row_pass<kThreads>(src.x + size_t(t) * vecs, vecs, threadIdx.x, v);
+  if (kCopyRows && has_token) {
+    load_row_pass<kThreads>(src.x + size_t(t) * vecs, vecs, threadIdx.x, v);
+  }
   const int num_slots = src.num_tokens * a.topk;
   int32_t id[kCountUnroll];
   load_id_pass(src.ids, num_slots, threadIdx.x, first_expert, id);
@@ -359,13 +365,15 @@ __global__ void __launch_bounds__(kThreads) route_alone_kernel(KernelArgs a) {
       const int row = first_block[e] * kBlockM + earlier[e] + __popc(same & lower);
       at<int32_t>(a.ws, l.row_src)[row] = first_slot + lane;
       at<float>(a.ws, l.row_weight)[row] = my_weight;
-      claimed_rows[__popc(mask & lower)] = row;
+      if constexpr (kCopyRows) claimed_rows[__popc(mask & lower)] = row;
     }
-    if (lane == 0) claimed_count = __popc(mask);
+    if (kCopyRows && lane == 0) claimed_count = __popc(mask);
   }
-  __syncthreads();
-  if (claimed_count > 0) {
-    copy_token_rows<kThreads>(a, src, t, claimed_rows, claimed_count, threadIdx.x, v);
+  if constexpr (kCopyRows) {
+    __syncthreads();
+    if (claimed_count > 0) {
+      copy_token_rows<kThreads>(a, src, t, claimed_rows, claimed_count, threadIdx.x, v);
+    }
   }
 }
 

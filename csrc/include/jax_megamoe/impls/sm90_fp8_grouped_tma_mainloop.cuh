@@ -16,6 +16,10 @@
 //                           on the slot's full barrier when those land. After the last tile, one
 //                           stage carries only the end. Warps 1 .. Epilogue::kStoreWarps run the
 //                           epilogue's store role (epilogue.store(warp - 1)); the others exit.
+//                           With kGatherA (one rank: A read from the tokens' rows, not from a
+//                           pool copy of them), warps 1 .. kGatherWarps, the gather warps, copy
+//                           the stage's A rows instead of A's TMA loads (below), and the scale
+//                           warp takes the rows' scales from the tokens' scales.
 //   warpgroups 1-2, math    setmaxnreg up to kMathRegs; read each tile from the slot of its first
 //                           stage; warpgroup w takes row block w of the pair. Per K block: per
 //                           B group, four wgmma into a partial, wait for them, promote into the
@@ -33,14 +37,25 @@
 //                           one's promotion overlaps the other's wgmma.
 //
 // Barrier counts: full[s] completes on 1 (the producer's expect_tx arrival) + 32 (the scale
-// warp's cp.async arrivals) arrivals and the stage's TMA bytes; empty[s] on one arrival per math
-// warp; desc[s] on the producer's one arrival. Phases alternate per pass over the ring; the
-// producer's first pass waits on parity 1, which a fresh barrier reports as complete. A math
-// warp arrives on empty[s] only after its wait on full[s] of the same pass, so no warp can
-// arrive twice in one phase; the producer rewrites a slot's tile only after that slot's empty
-// phase, which needs the scale warp's arrivals, so the scale warp has read it. The end's stage
-// completes on 33 arrivals (the producer's lane 0 and the scale warp's 32) and no bytes; nobody
-// releases it.
+// warp's cp.async arrivals) (+ 64, the gather warps', with kGatherA) arrivals and the stage's TMA
+// bytes; empty[s] on one arrival per math warp; desc[s] on the producer's one arrival. Phases
+// alternate per pass over the ring; the producer's first pass waits on parity 1, which a fresh
+// barrier reports as complete. A math warp arrives on empty[s] only after its wait on full[s] of
+// the same pass, so no warp can arrive twice in one phase; the producer rewrites a slot's tile
+// only after that slot's empty phase, which needs the scale warp's (and the gather warps')
+// arrivals, so they have read it. The end's stage completes on 33 arrivals (the producer's lane
+// 0 and the scale warp's 32; with kGatherA 64 more, the gather warps' lanes) and no bytes;
+// nobody releases it.
+//
+// Gathered A (kGatherA): at one rank a pool row is a copy of a token's row, so L1 can read the
+// token's row of x instead and the route phase writes no row (at M = 2048, 117 MB of writes and
+// as many reads). No TMA box can name a pair's 128 scattered rows (and a box of one row would
+// start inside the 128-byte swizzle's 1024-byte period), so the gather warps copy them with
+// 16-byte cp.async, each warp-wide copy 4 rows x 128 B of one K block, applying the swizzle by
+// hand; a padding row is zero-filled and reads nothing. Those copies are generic-proxy writes
+// that the wgmma read through the async proxy: each math thread fences the proxies once a stage
+// has landed (StageAddrs::view). Two warps keep up with tiles of a few rows, not with full ones,
+// so the runtime gathers only at small M (runtime.cu, kGatherRowsPerExpert).
 #pragma once
 
 #include <cuda.h>
@@ -55,6 +70,7 @@
 #include "jax_megamoe/ptx/dependent_launch.cuh"
 #include "jax_megamoe/ptx/mbarrier.cuh"
 #include "jax_megamoe/ptx/shared.cuh"
+#include "jax_megamoe/ptx/store.cuh"
 #include "jax_megamoe/ptx/warpgroup.cuh"
 #include "jax_megamoe/scheduler/sm90_grouped_tiles.cuh"
 
@@ -82,6 +98,13 @@ constexpr int kMathWarps = kNumMathThreads / 32;
 // 32 lanes (each when its cp.async have landed). The scale warp is the producer warpgroup's last.
 constexpr int kFullArrivals = 1 + 32;
 constexpr int kScaleWarp = 3;
+// Gathered A: warps 1 .. kGatherWarps of the producer warpgroup, each lane one more full-barrier
+// arrival.
+constexpr int kGatherWarps = 2;
+constexpr int kGatherArrivals = kGatherWarps * 32;
+// Rows a gather lane copies at a time (4 kGatherBatch rows per warp): a warp's share of every
+// tile (half of 64, 80, 128 or 144 rows) is a multiple.
+constexpr int kGatherBatch = 2;
 // Shared memory where the tails' master accumulators wait through the pair's epilogue
 // (GroupedFp8TmaMainloop, kTailRows > 0).
 template <int kTailRows>
@@ -98,7 +121,12 @@ constexpr int kTailAccBytes = kNumMathThreads * kTailRows * static_cast<int>(siz
 // promoted while those run (mma_pair_tail). Its master accumulator (kTailRows floats per
 // thread) stays in registers through the K loop and waits in shared memory, each thread's own,
 // through the pair's epilogue.
-template <int kWgN, int kStages, int kTailRows = 0>
+// Shared memory of the gather warps (kGatherA): the token of each row of the current tile (a
+// pair's and a tail's; each warp writes and reads its own half).
+template <int kTailRows>
+constexpr int kGatherBytes = (kTileM + kTailRows) * 4;
+
+template <int kWgN, int kStages, int kTailRows = 0, bool kGatherA = false>
 class GroupedFp8TmaMainloop {
   using Shape = TileShape<kWgN>;
   using Ring = StageRing<kWgN, kStages, kTailRows>;
@@ -121,7 +149,10 @@ class GroupedFp8TmaMainloop {
   // Then the tails' master accumulators: per math thread kTailRows floats, stored as float4
   // quads, quad q of math thread i at (q * kNumMathThreads + i) * 16 (conflict-free).
   static constexpr int kTailQuads = kTailRows / 4;
-  static constexpr int kSmemBytes = Ring::kBytes + kControlBytes + kTailAccBytes<kTailRows>;
+  // Then, with kGatherA, the gather warps' tokens (kGatherBytes).
+  static constexpr int kSmemBytes = Ring::kBytes + kControlBytes + kTailAccBytes<kTailRows> +
+                                    (kGatherA ? kGatherBytes<kTailRows> : 0);
+  static constexpr int kFullCount = kFullArrivals + (kGatherA ? kGatherArrivals : 0);
 
   // `smem` must be kSwizzleAtomBytes-aligned (align_smem). The tensor maps, all 128B-swizzled
   // and in kernel parameter space (__grid_constant__): `maps.a` views `op.a` as [pool rows, k]
@@ -157,7 +188,7 @@ class GroupedFp8TmaMainloop {
   __device__ __forceinline__ void run(Epilogue&& epilogue) {
     if (threadIdx.x == 0) {
       for (int s = 0; s < kStages; ++s) {
-        ptx::mbarrier_init(&full_[s], kFullArrivals);
+        ptx::mbarrier_init(&full_[s], kFullCount);
         ptx::mbarrier_init(&empty_[s], kMathWarps);
         ptx::mbarrier_init(&desc_[s], 1);
       }
@@ -170,8 +201,13 @@ class GroupedFp8TmaMainloop {
       constexpr int kStoreWarps = std::remove_reference_t<Epilogue>::kStoreWarps;
       const int warp = threadIdx.x / 32;
       static_assert(kStoreWarps < kScaleWarp, "the store warps are warps 1 .. kStoreWarps");
+      static_assert(!kGatherA || (kStoreWarps == 0 && kGatherWarps < kScaleWarp),
+                    "the gather warps are warps 1 .. kGatherWarps, which no other role takes");
       if (warp == 0) produce();
       if (warp == kScaleWarp) copy_scales();
+      if constexpr (kGatherA) {
+        if (warp >= 1 && warp <= kGatherWarps) gather_a(warp - 1);
+      }
       if constexpr (kStoreWarps > 0) {
         if (warp >= 1 && warp <= kStoreWarps) epilogue.store(warp - 1, tile_count());
       }
@@ -217,15 +253,19 @@ class GroupedFp8TmaMainloop {
           // 2026-12-03).
           const int a_blocks = __popc(tile.mask & 3);
           const int tail_bytes = tile.tail() ? Ring::kTailBytes : 0;
-          ptx::mbarrier_arrive_expect_tx(full,
-                                         a_blocks * Shape::kAWgBytes + Shape::kBBytes + tail_bytes);
           const uint32_t a = at.a0 + slot * Ring::kOperandStride;
-          ptx::tma_load_2d(ptx::smem_ptr(a + a_first * Shape::kAWgBytes),
-                           a_blocks == 2 ? tma_a_pair_ : tma_a_, kb * kBlockK,
-                           row0 + a_first * kBlockM, full);
+          if constexpr (kGatherA) {  // A and the tail: the gather warps' copies
+            ptx::mbarrier_arrive_expect_tx(full, Shape::kBBytes);
+          } else {
+            ptx::mbarrier_arrive_expect_tx(
+                full, a_blocks * Shape::kAWgBytes + Shape::kBBytes + tail_bytes);
+            ptx::tma_load_2d(ptx::smem_ptr(a + a_first * Shape::kAWgBytes),
+                             a_blocks == 2 ? tma_a_pair_ : tma_a_, kb * kBlockK,
+                             row0 + a_first * kBlockM, full);
+          }
           ptx::tma_load_3d(ptx::smem_ptr(a + Shape::kABytes), tma_b_, kb * kBlockK, b_at.row,
                            b_at.outer, full);
-          if constexpr (kTailRows > 0) {
+          if constexpr (kTailRows > 0 && !kGatherA) {
             if (tile.tail())
               ptx::tma_load_2d(ptx::smem_ptr(a + Shape::kABytes + Shape::kBBytes), tma_tail_,
                                kb * kBlockK, row0 + kTileM, full);
@@ -278,21 +318,51 @@ class GroupedFp8TmaMainloop {
       // The tile's first row's scales, then a 32-bit offset: a 64-bit row index spilled.
       const float* a_scale_src = op_.a_scale_at(row0, 0) + lane * (op_.k / kQuantBlock);
       const size_t src_stride = op_.k / kQuantBlock * 32;  // 32 rows
+      // kGatherA: the token of each of this lane's rows (lane + 32 i of the pair, then of the
+      // tail), -1 for a padding row or a block that does not work.
+      int token[kGatherA ? kNumMathWarpGroups * kBlockM / 32 + 1 : 1];
+      if constexpr (kGatherA) {
+#pragma unroll
+        for (int i = 0; i < kNumMathWarpGroups * kBlockM / 32 + 1; ++i) {
+          const int r = i * 32 + lane;  // the tail's rows follow the pair's in the pool
+          const bool read = i < kNumMathWarpGroups * kBlockM / 32 ? tile.has(i / (kBlockM / 32))
+                                                                  : tile.tail() && lane < kTailRows;
+          const int src = read ? op_.row_src[row0 + r] : -1;
+          token[i] = src < 0 ? -1 : src / op_.a_src_div;
+        }
+      }
       for (int kb = 0; kb < num_kb(); ++kb) {
         if (kb > 0) ptx::mbarrier_wait(at.desc0() + slot * kBarrierStride, phase);
         // Only the working blocks' scales: a block past the pool's end has none to read.
         const uint32_t a_scale = at.a_scale0() + slot * Shape::kScaleBytes;
+        if constexpr (kGatherA) {  // from the tokens' scales; a padding row's zero-filled
 #pragma unroll
-        for (int w = 0; w < kNumMathWarpGroups; ++w) {
-          if (!tile.has(w)) continue;
+          for (int i = 0; i < kNumMathWarpGroups * kBlockM / 32 + 1; ++i) {
+            const bool real = token[i] >= 0;
+            const uint32_t at_token = real ? static_cast<uint32_t>(token[i]) : 0u;
+            const bool copy = i < kNumMathWarpGroups * kBlockM / 32
+                                  ? tile.has(i / (kBlockM / 32))
+                                  : tile.tail() && lane < kTailRows;
+            if (copy) {
+              ptx::cp_async_4_zfill(
+                  a_scale + (i * 32 + lane) * 4,
+                  op_.a_src_scale + at_token * static_cast<uint32_t>(op_.k / kQuantBlock) + kb,
+                  real ? 4 : 0);
+            }
+          }
+        } else {
 #pragma unroll
-          for (int i = 0; i < kBlockM / 32; ++i) {
-            const int rows32 = w * (kBlockM / 32) + i;
-            ptx::cp_async_4(a_scale + (rows32 * 32 + lane) * 4,
-                            a_scale_src + (rows32 * src_stride + kb));
+          for (int w = 0; w < kNumMathWarpGroups; ++w) {
+            if (!tile.has(w)) continue;
+#pragma unroll
+            for (int i = 0; i < kBlockM / 32; ++i) {
+              const int rows32 = w * (kBlockM / 32) + i;
+              ptx::cp_async_4(a_scale + (rows32 * 32 + lane) * 4,
+                              a_scale_src + (rows32 * src_stride + kb));
+            }
           }
         }
-        if constexpr (kTailRows > 0) {  // the tail's, after the pair's (StageRing's layout)
+        if constexpr (kTailRows > 0 && !kGatherA) {  // the tail's, after the pair's
           constexpr int kRows32 = kNumMathWarpGroups * kBlockM / 32;
           if (tile.tail() && lane < kTailRows)
             ptx::cp_async_4(a_scale + (kRows32 * 32 + lane) * 4,
@@ -306,6 +376,84 @@ class GroupedFp8TmaMainloop {
           slot = 0;
           phase ^= 1;
         }
+      }
+    }
+  }
+
+  // Gather warp gw of kGatherWarps (kGatherA): per stage, once the producer has named its tile
+  // (the desc barrier, as for the scale warp), the warp copies its half of the stage's rows (the
+  // working row blocks' 64 each, then a tail's kTailRows) from the tokens' rows of op_.a_src, and
+  // each lane arrives on the full barrier when its copies land (as the scale warp's). One
+  // warp-wide copy takes 4 rows x 128 B (lane: row lane / 8, 16-byte chunk lane % 8), so each
+  // row's K block is one whole 128-byte line. The tokens of a tile's rows are looked up when its
+  // row blocks change (not per N tile), into shared memory (a register each would not fit).
+  // (One warp copying every row and its scale, ~20 instructions a row, took ~2.3 us per K block
+  // of a pair against the ~0.85 us the math takes: RESULTS.md, 2026-12-03. Here a row costs a
+  // handful: the token's address in one wide multiply-add, the scales on the scale warp.)
+  __device__ __forceinline__ void gather_a(int gw) {
+    const int lane = threadIdx.x % 32;
+    // Row p of a tile lands at byte 128 p of the stage's A tile plus the first working block's
+    // offset, a tail's rows kBBytes further (they follow B), each 16-byte chunk swizzled by p % 8.
+    // A warp's rows start at a multiple of 8 and a lane takes rows lane / 8 + 4 j, so its chunk's
+    // swizzled offset is one of two.
+    const int chunk = lane % 8;
+    const uint32_t swizzled[2] = {static_cast<uint32_t>((chunk ^ (lane / 8)) << 4),
+                                  static_cast<uint32_t>((chunk ^ (lane / 8 + 4)) << 4)};
+    const ProducerAddrs at(ring_);
+    const uint32_t tokens = gather_tokens_addr();
+    int slot = 0;
+    uint32_t phase = 0;
+    int rows_pair = -1, rows_mask = 0;  // the row blocks whose tokens `tokens` holds
+    for (;;) {
+      ptx::mbarrier_wait(at.desc0() + slot * kBarrierStride, phase);
+      const Tile tile = read_published(slot);
+      if (tile.mask == 0) {
+        ptx::mbarrier_arrive(ptx::barrier_at(at.full0() + slot * kBarrierStride));
+        return;
+      }
+      // The tile's rows: the working blocks' (pool rows first_row + p for p < main_rows), then a
+      // tail's, which follow them in the pool. This warp's: [p0, p0 + half).
+      const int a_first = (tile.mask & 3) == 2 ? 1 : 0;
+      const int main_rows = __popc(tile.mask & 3) * kBlockM;
+      const int half = (main_rows + (tile.tail() ? kTailRows : 0)) / kGatherWarps;
+      const int p0 = gw * half;
+      if (tile.pair != rows_pair || tile.mask != rows_mask) {
+        const int first_row = tile.pair * kTileM + a_first * kBlockM;
+        __syncwarp();  // every lane has issued its copies from the old tokens
+        for (int i = p0 + lane; i < p0 + half; i += 32) {
+          const int src = op_.row_src[first_row + i];
+          ptx::st_shared(tokens + i * 4, src < 0 ? -1 : src / op_.a_src_div);
+        }
+        __syncwarp();
+        rows_pair = tile.pair;
+        rows_mask = tile.mask;
+      }
+      for (int kb = 0; kb < num_kb(); ++kb) {
+        if (kb > 0) ptx::mbarrier_wait(at.desc0() + slot * kBarrierStride, phase);
+        // Row p's 16 bytes: at a_dst + 128 p (+ kBBytes for a tail's), from row `token` of a_src.
+        const uint32_t a_dst =
+            at.a0 + slot * Ring::kOperandStride + a_first * Shape::kAWgBytes + swizzled[0];
+        const uint8_t* a_src = op_.a_src + kb * kBlockK + chunk * 16;
+        const uint32_t k = static_cast<uint32_t>(op_.k);
+        for (int pb = p0 + lane / 8; pb < p0 + half; pb += 4 * kGatherBatch) {
+          int token[kGatherBatch];  // read first, so their latencies overlap
+#pragma unroll
+          for (int j = 0; j < kGatherBatch; ++j)
+            token[j] = ptx::ld_shared_s32(tokens + (pb + 4 * j) * 4);
+#pragma unroll
+          for (int j = 0; j < kGatherBatch; ++j) {
+            const int p = pb + 4 * j;
+            const bool real = token[j] >= 0;
+            const uint32_t dst = a_dst + p * kBlockK + (p < main_rows ? 0 : Shape::kBBytes) +
+                                 (j % 2 == 1 ? swizzled[1] - swizzled[0] : 0);
+            // 32 x 32 -> 64 bits: one wide multiply-add with a_src.
+            const uint64_t at =
+                static_cast<uint64_t>(real ? static_cast<uint32_t>(token[j]) : 0u) * k;
+            ptx::cp_async_16_zfill(dst, a_src + at, real ? 16 : 0);
+          }
+        }
+        ptx::cp_async_mbarrier_arrive(ptx::barrier_at(at.full0() + slot * kBarrierStride));
+        advance(slot, phase);
       }
     }
   }
@@ -431,6 +579,9 @@ class GroupedFp8TmaMainloop {
           full0(ptx::smem_addr(full)),
           t(t) {}
     __device__ __forceinline__ StageView view(int slot) const {
+      // Gathered A: the stage's A rows are generic-proxy writes (cp.async) that this thread has
+      // acquired through the full barrier; order them before its wgmma, async-proxy reads.
+      if constexpr (kGatherA) ptx::fence_proxy_async_shared();
       StageView v;
       v.slot = slot;
       v.a = a0 + slot * Ring::kOperandStride;
@@ -541,6 +692,11 @@ class GroupedFp8TmaMainloop {
       if (g == kNumBGroups - 1) release(v.slot, warp_leader);
       promote(v.a_scales, v.b_scales[g], part, acc[g]);
     }
+  }
+
+  // The gather warps' tokens (kGatherBytes), after the tails' master accumulators.
+  __device__ uint32_t gather_tokens_addr() const {
+    return ptx::smem_addr(full_) + kControlBytes + kTailAccBytes<kTailRows>;
   }
 
   // Math thread i's tail master accumulator (kTailAccBytes): quad q at + q * kNumMathThreads * 16.

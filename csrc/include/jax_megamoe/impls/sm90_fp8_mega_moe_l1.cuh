@@ -259,6 +259,9 @@ __device__ __forceinline__ GemmOperands l1_operands(const L1Params& p, int tail_
       /*a_ready_count=*/0,
       tail_rows,
       p.row_src,
+      p.x,
+      p.x_scale,
+      /*a_src_div=*/p.topk,
   };
 }
 
@@ -270,13 +273,14 @@ struct L1KernelParams {
   int tail_rows;
 };
 
-template <int kStages>
+// kGatherA: A read from the tokens' rows (L1Params::x), not from the pool.
+template <int kStages, bool kGatherA>
 __global__ void __launch_bounds__(kNumThreads, 1)
     sm90_fp8_mega_moe_l1(const __grid_constant__ L1KernelParams k) {
   // An L2 launched as a programmatic dependent may take the SMs this grid's CTAs leave; it waits
   // for the row blocks it reads (L1Params::block_stored), never for the whole grid.
   ptx::launch_dependents();
-  using Mainloop = GroupedFp8TmaMainloop<kL1WgN, kStages, kL1TailRows>;
+  using Mainloop = GroupedFp8TmaMainloop<kL1WgN, kStages, kL1TailRows, kGatherA>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
   const L1Params& p = k.p;
@@ -285,9 +289,10 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   mainloop.run(L1Epilogue{p, reinterpret_cast<float*>(smem + Mainloop::kSmemBytes)});
 }
 
-template <int kStages>
+template <int kStages, bool kGatherA>
 constexpr int l1_smem_bytes() {
-  return kSmemAlignSlack + GroupedFp8TmaMainloop<kL1WgN, kStages, kL1TailRows>::kSmemBytes +
+  return kSmemAlignSlack +
+         GroupedFp8TmaMainloop<kL1WgN, kStages, kL1TailRows, kGatherA>::kSmemBytes +
          L1Epilogue::kSmemBytes;
 }
 

@@ -1,6 +1,7 @@
 // cp.async (SM80+) global -> shared copies. The TMA main loop's producer uses the 4-byte form for
-// the scale factors, which are strided in global memory (a TMA box needs 16-byte rows), and
-// signals their completion on an mbarrier (ptx/mbarrier.cuh).
+// the scale factors, which are strided in global memory (a TMA box needs 16-byte rows), and the
+// 16-byte form to gather rows that no TMA box can name (one row each, scattered); it signals
+// their completion on an mbarrier (ptx/mbarrier.cuh).
 #pragma once
 
 #include <cstdint>
@@ -18,6 +19,19 @@ __device__ __forceinline__ void* smem_ptr(uint32_t addr) { return __cvta_shared_
 // 4 bytes (only .ca allows sizes below 16).
 __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+
+// The zero-filling forms: `src_bytes` of the source (0 or the full size) are read, the rest of
+// the destination is written with zeros, so src_bytes = 0 reads nothing.
+__device__ __forceinline__ void cp_async_4_zfill(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+// 16 bytes, cached in L2 only (.cg: every row is read once per CTA and K block).
+__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
 }
 
 }  // namespace jax_megamoe::ptx

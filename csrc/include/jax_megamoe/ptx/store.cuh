@@ -26,7 +26,8 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t smem_row_addr, const uint32
       : "memory");
 }
 
-// Makes this thread's shared-memory writes visible to the async proxy (bulk copies read it).
+// Orders this thread's generic-proxy view of shared memory (its own writes, and those it has
+// acquired through an mbarrier) before its later async-proxy accesses (bulk copies, wgmma).
 __device__ __forceinline__ void fence_proxy_async_shared() {
   cuda::ptx::fence_proxy_async(cuda::ptx::space_shared);
 }

@@ -44,7 +44,14 @@ struct GemmOperands {
   // rows (row_src >= 0) all lie in its first tail_rows rows, rides along with that pair's tiles
   // (Tile::tail) instead of being tiles of its own.
   int tail_rows;
-  const int32_t* row_src;  // [pool rows], read only when tail_rows > 0
+  const int32_t* row_src;  // [pool rows], read only when tail_rows > 0 or A is gathered
+  // Null, or A gathered from the tokens' own rows (GroupedFp8TmaMainloop's kGatherA, one rank):
+  // pool row r is token row_src[r] / a_src_div of a_src [tokens, k] e4m3, whose scales are
+  // a_src_scale [tokens, k / 128]; `a` and `a_scale` are not read, and a padding row (row_src
+  // -1) reads as zeros.
+  const uint8_t* a_src = nullptr;
+  const float* a_src_scale = nullptr;
+  int a_src_div = 1;
 
   // Row of `b` (viewed as [experts * b_rows, k]) where B group `group`'s rows of N tile `n` of
   // `expert` start; one kQuantBlock-row scale block holds all of them.
