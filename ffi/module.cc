@@ -60,6 +60,8 @@ NB_MODULE(_C, m) {
         constants["MAX_TOPK"] = kMaxTopk;
         constants["MAX_LOCAL_EXPERTS"] = kMaxLocalExperts;
         constants["DEFAULT_TIMEOUT_S"] = kDefaultTimeoutS;
+        constants["ROUTE_BLOCKS_PER_SM"] = kRouteBlocksPerSm;
+        constants["GATHER_ROWS_PER_EXPERT"] = kGatherRowsPerExpert;
         return constants;
       },
       "The limits and block sizes the kernels are built with (jax_megamoe/constants.h).");

@@ -97,6 +97,8 @@ def test_constants_equal_the_extension():
         "MAX_TOPK",
         "MAX_LOCAL_EXPERTS",
         "DEFAULT_TIMEOUT_S",
+        "ROUTE_BLOCKS_PER_SM",
+        "GATHER_ROWS_PER_EXPERT",
     )
     assert _ffi.extension().constants() == {n: getattr(constants, n) for n in names}
 

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_megamoe import calc_diff, fp8_mega_moe, quantize_per_token
-from jax_megamoe.constants import BLOCK_M
+from jax_megamoe.constants import GATHER_ROWS_PER_EXPERT, ROUTE_BLOCKS_PER_SM
 from jax_megamoe.testing import make_activations, make_buffer, make_routing, make_weights
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
@@ -135,45 +135,48 @@ def test_kernels_of_one_call(small):
     assert ("epoch_sync_kernel" in names) == peers, names
 
 
-@pytest.mark.parametrize("extra", [0, 1])
-def test_one_rank_route_paths(extra):
-    """With one rank, route_alone takes the call up to 4 tokens per SM (a block each), and
-    route_count + route_fill above that; both against the mirror, on all three routings in turn
-    on one buffer (the two-launch path's counters must be zero after route_alone's calls)."""
-    m = 4 * gpus()[0].core_count + extra
-    r = Runner(1, SMALL, max_tokens=4 * gpus()[0].core_count + 1)
+def check_one_rank_paths(last_m, extra, check_kernels):
+    """One rank at the last M of one path (extra 0) or the first of the next (extra 1): the
+    kernels of one call (check_kernels(m, names)), the mirror on all three routings, then the
+    other path and this one again, all on one buffer."""
+    m = last_m + extra
+    r = Runner(1, SMALL, max_tokens=last_m + 1)
     try:
-        names = kernels_of_one_call(r, r.inputs(3, m))
-        assert ("route_alone_kernel" in names) == (extra == 0), (m, names)
-        assert ("route_count_kernel" in names) == (extra == 1), (m, names)
+        check_kernels(m, kernels_of_one_call(r, r.inputs(3, m)))
         for routing in ("uniform", "hot", "skewed"):
             check(r, seed=m + len(routing), m=m, routing=routing)
-        check(r, seed=5, m=m + 1 - 2 * extra)  # the other path, then this one again
+        check(r, seed=5, m=m + 1 - 2 * extra)
         check(r, seed=6, m=m)
     finally:
         r.close()
 
 
 @pytest.mark.parametrize("extra", [0, 1])
+def test_one_rank_route_paths(extra):
+    """With one rank, route_alone takes the call up to ROUTE_BLOCKS_PER_SM tokens per SM (a block
+    each), and route_count + route_fill above that (whose counters must be zero after
+    route_alone's calls)."""
+
+    def check_kernels(m, names):
+        assert ("route_alone_kernel" in names) == (extra == 0), (m, names)
+        assert ("route_count_kernel" in names) == (extra == 1), (m, names)
+
+    check_one_rank_paths(ROUTE_BLOCKS_PER_SM * gpus()[0].core_count, extra, check_kernels)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
 def test_one_rank_gather_paths(extra):
     """With one rank and a block per token, L1 reads A from the tokens' own rows (route_alone
     copies none into the pool) while the local experts average at most half a row block of rows
-    (runtime.cu's kGatherRowsPerExpert), and from the pool that route_alone fills above that; both
-    against the mirror, on all three routings, switching paths on one buffer."""
-    m = BLOCK_M // 2 * SMALL["e"] // SMALL["k"] + extra
+    (GATHER_ROWS_PER_EXPERT), and from the pool that route_alone fills above that."""
     gather = extra == 0
-    r = Runner(1, SMALL, max_tokens=m + 1)
-    try:
-        names = kernels_of_one_call(r, r.inputs(3, m))
+
+    def check_kernels(m, names):
         assert ("route_alone_kernel<false>" in names) == gather, (m, names)
         assert ("route_alone_kernel<true>" in names) != gather, (m, names)
         assert bool(re.search(r"mega_moe_l1<\d+, true>", names)) == gather, (m, names)
-        for routing in ("uniform", "hot", "skewed"):
-            check(r, seed=m + len(routing), m=m, routing=routing)
-        check(r, seed=7, m=m + 1 - 2 * extra)  # the other path, then this one again
-        check(r, seed=8, m=m)
-    finally:
-        r.close()
+
+    check_one_rank_paths(GATHER_ROWS_PER_EXPERT * SMALL["e"] // SMALL["k"], extra, check_kernels)
 
 
 def test_two_layers_share_one_buffer_in_one_jit(small):

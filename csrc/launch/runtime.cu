@@ -36,11 +36,11 @@
 // combine read the call's inputs (token_source). At M = 8 the three launches took ~11 µs of the
 // layer's ~465. While each token can have a block, steps 3 and 4 are one launch, route_alone,
 // whose first thread opens the call instead (route phase 9.7 -> 5.5 µs at M = 8). While the
-// local experts average at most kGatherRowsPerExpert rows, route_alone copies no row into the
-// pool either: L1 reads each pool row's token row of x itself (L1Params::x), and the layer gains
-// 7-12 µs at M <= 256 on DeepSeek-V3's shape. L1's gather warps keep up with blocks of a few rows
-// but not with full ones: the gather lost at M = 320 under skewed routing and made L1 1.4x slower
-// at M = 2048 (benchmarks/RESULTS.md, 2026-12-03), so fuller experts keep the pool.
+// local experts average at most kGatherRowsPerExpert rows (constants.h), route_alone copies no
+// row into the pool either: L1 reads each pool row's token row of x itself (L1Params::x), and the
+// layer gains 7-12 µs at M <= 256 on DeepSeek-V3's shape. L1's gather warps keep up with blocks
+// of a few rows but not with full ones: the gather lost at M = 320 under skewed routing and made
+// L1 1.4x slower at M = 2048 (benchmarks/RESULTS.md, 2026-12-03), so fuller experts keep the pool.
 //
 // Only the two one-thread sync launches spin; the kernels after them are ordered behind the wait
 // by the stream (the on-stream wait NVSHMEM uses), so no spinning grid ever competes for SMs with
@@ -108,16 +108,10 @@ using sm90::route_count_kernel;
 using sm90::route_fill_kernel;
 using sm90::stage_kernel;
 
-// Blocks per budgeted SM of the grid-stride kernels: enough resident warps to cover NVLink and
-// HBM latency without needing the whole device.
-constexpr int kBlocksPerSm = 4;
-// Mean rows per local expert up to which L1 gathers A from the tokens' rows (half a row block;
-// measured on DeepSeek-V3's shape, see above).
-constexpr size_t kGatherRowsPerExpert = kBlockM / 2;
-
+// At most kRouteBlocksPerSm blocks per budgeted SM (constants.h).
 int grid_for(size_t work_items, int items_per_block, int sm_budget) {
   const size_t blocks = (work_items + items_per_block - 1) / items_per_block;
-  const size_t cap = size_t(sm_budget) * kBlocksPerSm;
+  const size_t cap = size_t(sm_budget) * kRouteBlocksPerSm;
   return int(blocks < 1 ? 1 : blocks > cap ? cap : blocks);
 }
 
@@ -161,10 +155,10 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   // A block per token while the tokens do not fill the budget's blocks, else a warp per token.
-  const bool block_per_token = all_tokens <= size_t(budget) * kBlocksPerSm;
+  const bool block_per_token = all_tokens <= size_t(budget) * kRouteBlocksPerSm;
   const bool alone = !peers && block_per_token;  // steps 3 and 4 in one launch
   const bool gather =
-      alone && all_tokens * c.topk <= kGatherRowsPerExpert * size_t(l.local_experts);
+      alone && all_tokens * c.topk <= size_t(kGatherRowsPerExpert) * l.local_experts;
   if (alone) {
     const int grid = grid_for(all_tokens, 1, budget);
     const size_t smem = 3 * l.local_experts * sizeof(int32_t);

@@ -12,3 +12,7 @@ QUANT_BLOCK = 128  # FP8 scale block: 1x128 for activations, 128x128 for weights
 MAX_TOPK = 32  # slots per token the routing kernels hold in shared memory
 MAX_LOCAL_EXPERTS = 4096  # experts per rank the routing kernels count in shared memory
 DEFAULT_TIMEOUT_S = 300  # seconds a cross-rank wait spins before the call fails
+# One rank: route count and fill are one launch up to this many tokens per SM (a block each) ...
+ROUTE_BLOCKS_PER_SM = 4
+# ... and L1 reads A from the tokens' rows up to this many rows per local expert on average.
+GATHER_ROWS_PER_EXPERT = 32

@@ -17,6 +17,15 @@ constexpr int kMaxTopk = 32;
 // Largest experts per rank: the route scan keeps two ints per local expert in static-limit
 // (48 KiB) shared memory.
 constexpr int kMaxLocalExperts = 4096;
+// Blocks per budgeted SM of the dispatch and combine grids: enough resident warps to cover NVLink
+// and HBM latency without needing the whole device. With one rank, while the tokens number at
+// most this many per SM, each has a block and route count and fill are one launch.
+constexpr int kRouteBlocksPerSm = 4;
+// With one rank and a block per token, while the local experts average at most this many rows
+// (half a row block), L1 reads A from the tokens' rows and nothing is copied into the pool: its
+// gather warps keep up with tiles of a few rows, not with full ones (measured on DeepSeek-V3's
+// shape: docs/design.md §3.2).
+constexpr int kGatherRowsPerExpert = kBlockM / 2;
 // Seconds a cross-rank wait spins before the call fails (SymmBuffer.create(timeout_s=) and
 // JAX_MEGAMOE_TIMEOUT_S override it): long enough for a peer that is compiling or loading.
 constexpr int kDefaultTimeoutS = 300;

@@ -55,7 +55,7 @@
 // hand; a padding row is zero-filled and reads nothing. Those copies are generic-proxy writes
 // that the wgmma read through the async proxy: each math thread fences the proxies once a stage
 // has landed (StageAddrs::view). Two warps keep up with tiles of a few rows, not with full ones,
-// so the runtime gathers only at small M (runtime.cu, kGatherRowsPerExpert).
+// so the runtime gathers only at small M (kGatherRowsPerExpert).
 #pragma once
 
 #include <cuda.h>
