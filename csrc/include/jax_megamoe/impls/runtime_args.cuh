@@ -46,6 +46,11 @@ struct TokenSource {
   const float* weights;
   const uint4* x;
   const float* x_scale;
+
+  // Token t's fp8 row: `vecs` 16-byte vectors (hidden / 16).
+  __device__ __forceinline__ const uint4* row(int t, int vecs) const {
+    return x + size_t(t) * vecs;
+  }
 };
 
 __device__ __forceinline__ TokenSource token_source(const KernelArgs& a, int s) {

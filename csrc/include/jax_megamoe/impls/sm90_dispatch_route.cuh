@@ -183,7 +183,7 @@ __device__ __forceinline__ void copy_token_rows(const KernelArgs& a, const Token
   const int scales = a.hidden / kQuantBlock;
   uint4* pool = at<uint4>(a.ws, l.pool_a);
   float* pool_scale = at<float>(a.ws, l.pool_a_scale);
-  const uint4* x_row = src.x + size_t(t) * vecs;
+  const uint4* x_row = src.row(t, vecs);
   for (int c0 = tid; c0 < vecs; c0 += kTeamThreads * kPullUnroll) {
     if (c0 != tid) load_row_pass<kTeamThreads>(x_row, vecs, c0, v);
     for (int j = 0; j < n; ++j) {
@@ -257,8 +257,9 @@ __global__ void __launch_bounds__(kThreads) route_fill_kernel(KernelArgs a) {
       team_sync();
       const int n = claimed_count[team_in_block];
       if (n > 0) {
+        const int vecs = a.hidden / 16;
         uint4 v[kPullUnroll];
-        load_row_pass<kTeamThreads>(src.x + size_t(t) * (a.hidden / 16), a.hidden / 16, tid, v);
+        load_row_pass<kTeamThreads>(src.row(t, vecs), vecs, tid, v);
         copy_token_rows<kTeamThreads>(a, src, t, rows, n, tid, v);
       }
       team_sync();  // the next token's claims overwrite rows
@@ -320,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) route_alone_kernel(KernelArgs a) {
   const int vecs = a.hidden / 16;
   uint4 v[kPullUnroll];
   if (kCopyRows && has_token) {
-    load_row_pass<kThreads>(src.x + size_t(t) * vecs, vecs, threadIdx.x, v);
+    load_row_pass<kThreads>(src.row(t, vecs), vecs, threadIdx.x, v);
   }
   const int num_slots = src.num_tokens * a.topk;
   int32_t id[kCountUnroll];
