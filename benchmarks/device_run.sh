@@ -15,6 +15,9 @@
 #             its operands resident in shared memory, per way of issuing and promoting
 #   stream    tools/tma_stream.cu: how fast one CTA per SM streams weights with TMA and no math,
 #             per weight layout, ring depth and pause per tile (the small-M weight stream)
+#   tmarow    tools/tma_row_gather.cu: whether a one-row TMA box lands where wgmma expects a
+#             row of a 128B-swizzled tile, and how fast one warp gathers a pair's K block so
+#             (the gather L1 could use at every M instead of cp.async)
 #   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs, the two
 #             timeout cases also on one)
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
@@ -165,6 +168,7 @@ run_tool() { # NAME: tools/NAME.cu, built as the GEMM kernels are and run; outpu
 }
 if [[ $modes == *,ceiling,* ]]; then run_tool wgmma_ceiling; bundle; fi
 if [[ $modes == *,stream,* ]]; then run_tool tma_stream; bundle; fi
+if [[ $modes == *,tmarow,* ]]; then run_tool tma_row_gather; bundle; fi
 if [[ $modes == *,mp,* ]]; then
   timeout 600 python3 -m pytest -m gpu -q -s -rA tests/test_gpu_multiprocess.py 2>&1 |
     tee "$OUT/gpu_mp_tests.log" | tail -40
