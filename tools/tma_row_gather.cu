@@ -31,11 +31,13 @@
 
 #include "jax_megamoe/layout/sm90_gemm_tile.cuh"
 #include "jax_megamoe/ptx/mbarrier.cuh"
+#include "tma_host.h"
 
 namespace {
 
 using namespace jax_megamoe::sm90;
 namespace ptx = jax_megamoe::ptx;
+using tma_tools::check;
 
 constexpr int kRows = 128;                   // a pair's rows: one stage of A
 constexpr int kTileBytes = kRows * kBlockK;  // 16 KB
@@ -44,13 +46,6 @@ constexpr int kHidden = 7168;
 constexpr int kNumKb = kHidden / kBlockK;
 // Ring (and room for the shifted placement check's tile), barriers.
 constexpr int kSmemBytes = (kStages + 1) * kTileBytes + kSwizzleAtomBytes + 2 * kStages * 8;
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
 
 // Issues row p's K block kb (p = lane, lane + 32, ...) into tile + 128 p: every lane of the warp
 // its share, after lane 0 has announced the tile's bytes on `bar`.
@@ -109,14 +104,7 @@ __global__ void __launch_bounds__(64, 1)
   uint8_t* ring = align_smem(smem_raw);
   uint64_t* full = reinterpret_cast<uint64_t*>(ring + (kStages + 1) * kTileBytes);
   uint64_t* empty = full + kStages;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      ptx::mbarrier_init(&full[s], 1);
-      ptx::mbarrier_init(&empty[s], 1);
-    }
-    ptx::fence_barrier_init();
-  }
-  __syncthreads();
+  tma_tools::init_ring(full, empty, kStages);
   const bool producer = threadIdx.x < 32, consumer = threadIdx.x == 32;
   if (!producer && !consumer) return;
   int slot = 0;
@@ -141,27 +129,13 @@ __global__ void __launch_bounds__(64, 1)
   if (consumer) sink[blockIdx.x] = seen;
 }
 
-// cuTensorMapEncodeTiled from the driver through the runtime (no link-time libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 lookup_encode_tiled() {
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
-                                         &found),
-        "cuTensorMapEncodeTiled lookup");
-  if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
-    std::fprintf(stderr, "cuTensorMapEncodeTiled not found\n");
-    std::exit(1);
-  }
-  return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-}
-
 // [rows, kHidden] bytes in boxes of box_rows rows x 128 B, 128B-swizzled like the GEMMs' maps.
 CUtensorMap encode(void* base, size_t rows, int box_rows) {
   const cuuint64_t dims[2] = {kHidden, rows};
   const cuuint64_t strides[1] = {kHidden};
   const cuuint32_t box[2] = {kBlockK, static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t element_strides[2] = {1, 1};
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode_tiled = lookup_encode_tiled();
+  const PFN_cuTensorMapEncodeTiled_v12000 encode_tiled = tma_tools::encode_tiled();
   CUtensorMap map;
   const CUresult r =
       encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, base, dims, strides, box,

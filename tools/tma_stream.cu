@@ -30,11 +30,13 @@
 
 #include "jax_megamoe/layout/sm90_gemm_tile.cuh"
 #include "jax_megamoe/ptx/mbarrier.cuh"
+#include "tma_host.h"
 
 namespace {
 
 using namespace jax_megamoe::sm90;
 namespace ptx = jax_megamoe::ptx;
+using tma_tools::check;
 
 constexpr int kBoxRows = 128;
 constexpr int kBoxBytes = kBoxRows * kBlockK;  // 16 KB
@@ -66,14 +68,7 @@ __global__ void __launch_bounds__(64, 1)
   uint8_t* ring = align_smem(smem_raw);
   uint64_t* full = reinterpret_cast<uint64_t*>(ring + kStages * kStageBytes);
   uint64_t* empty = full + kStages;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      ptx::mbarrier_init(&full[s], 1);
-      ptx::mbarrier_init(&empty[s], 1);
-    }
-    ptx::fence_barrier_init();
-  }
-  __syncthreads();
+  tma_tools::init_ring(full, empty, kStages);
   const bool producer = threadIdx.x == 0, consumer = threadIdx.x == 32;
   if (!producer && !consumer) return;
   int slot = 0;
@@ -106,28 +101,6 @@ __global__ void __launch_bounds__(64, 1)
   if (consumer) sink[blockIdx.x] = seen;
 }
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-
-// cuTensorMapEncodeTiled from the driver through the runtime, as csrc/launch/gemm.cu gets it:
-// no link-time libcuda.
-PFN_cuTensorMapEncodeTiled_v12000 lookup_encode_tiled() {
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
-                                         &found),
-        "cuTensorMapEncodeTiled lookup");
-  if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
-    std::fprintf(stderr, "cuTensorMapEncodeTiled not found\n");
-    std::exit(1);
-  }
-  return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-}
-
 // The weights as the variant reads them: [rows, K] in boxes of 128 rows x 128 B, or
 // [rows * num_kb, 128] so that one box is 16 KB contiguous; 128B-swizzled like the GEMMs' maps.
 CUtensorMap encode(void* base, size_t rows, int num_kb, Layout layout, bool promote_256) {
@@ -137,7 +110,7 @@ CUtensorMap encode(void* base, size_t rows, int num_kb, Layout layout, bool prom
   const cuuint64_t strides[1] = {tiled ? cuuint64_t(kBlockK) : cuuint64_t(num_kb) * kBlockK};
   const cuuint32_t box[2] = {kBlockK, kBoxRows};
   const cuuint32_t element_strides[2] = {1, 1};
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode_tiled = lookup_encode_tiled();
+  const PFN_cuTensorMapEncodeTiled_v12000 encode_tiled = tma_tools::encode_tiled();
   CUtensorMap map;
   const CUresult r = encode_tiled(
       &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, base, dims, strides, box, element_strides,
