@@ -318,16 +318,19 @@ class GroupedFp8TmaMainloop {
       // The tile's first row's scales, then a 32-bit offset: a 64-bit row index spilled.
       const float* a_scale_src = op_.a_scale_at(row0, 0) + lane * (op_.k / kQuantBlock);
       const size_t src_stride = op_.k / kQuantBlock * 32;  // 32 rows
-      // kGatherA: the token of each of this lane's rows (lane + 32 i of the pair, then of the
-      // tail), -1 for a padding row or a block that does not work.
-      int token[kGatherA ? kNumMathWarpGroups * kBlockM / 32 + 1 : 1];
+      // Rows of the pair in 32-row groups; with kGatherA, group kRows32 is the tail's.
+      constexpr int kRows32 = kNumMathWarpGroups * kBlockM / 32;
+      // Whether this lane's row of group i (row i * 32 + lane) is in a working block or the tail.
+      const auto lane_row_works = [&](int i) {
+        return i < kRows32 ? tile.has(i / (kBlockM / 32)) : tile.tail() && lane < kTailRows;
+      };
+      // kGatherA: the token of each of this lane's rows (the tail's rows follow the pair's in the
+      // pool), -1 for a padding row or a block that does not work.
+      int token[kGatherA ? kRows32 + 1 : 1];
       if constexpr (kGatherA) {
 #pragma unroll
-        for (int i = 0; i < kNumMathWarpGroups * kBlockM / 32 + 1; ++i) {
-          const int r = i * 32 + lane;  // the tail's rows follow the pair's in the pool
-          const bool read = i < kNumMathWarpGroups * kBlockM / 32 ? tile.has(i / (kBlockM / 32))
-                                                                  : tile.tail() && lane < kTailRows;
-          const int src = read ? op_.row_src[row0 + r] : -1;
+        for (int i = 0; i < kRows32 + 1; ++i) {
+          const int src = lane_row_works(i) ? op_.row_src[row0 + i * 32 + lane] : -1;
           token[i] = src < 0 ? -1 : src / op_.a_src_div;
         }
       }
@@ -337,13 +340,10 @@ class GroupedFp8TmaMainloop {
         const uint32_t a_scale = at.a_scale0() + slot * Shape::kScaleBytes;
         if constexpr (kGatherA) {  // from the tokens' scales; a padding row's zero-filled
 #pragma unroll
-          for (int i = 0; i < kNumMathWarpGroups * kBlockM / 32 + 1; ++i) {
+          for (int i = 0; i < kRows32 + 1; ++i) {
             const bool real = token[i] >= 0;
             const uint32_t at_token = real ? static_cast<uint32_t>(token[i]) : 0u;
-            const bool copy = i < kNumMathWarpGroups * kBlockM / 32
-                                  ? tile.has(i / (kBlockM / 32))
-                                  : tile.tail() && lane < kTailRows;
-            if (copy) {
+            if (lane_row_works(i)) {
               ptx::cp_async_4_zfill(
                   a_scale + (i * 32 + lane) * 4,
                   op_.a_src_scale + at_token * static_cast<uint32_t>(op_.k / kQuantBlock) + kb,
@@ -363,7 +363,6 @@ class GroupedFp8TmaMainloop {
           }
         }
         if constexpr (kTailRows > 0 && !kGatherA) {  // the tail's, after the pair's
-          constexpr int kRows32 = kNumMathWarpGroups * kBlockM / 32;
           if (tile.tail() && lane < kTailRows)
             ptx::cp_async_4(a_scale + (kRows32 * 32 + lane) * 4,
                             a_scale_src + (kRows32 * src_stride + kb));
