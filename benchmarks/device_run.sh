@@ -43,7 +43,9 @@
 #             $AB_ROUNDS times (default 3) at each of $AB_TOKENS (default 2048,8192), $AB_ITERS
 #             launches each (default 200: the power-capped steady state, not the first tens of
 #             ms after a pause), both GEMMs or only those in $AB_KERNELS (l1 or l2: one GEMM's
-#             time at the cap without the other's energy); medians of L1, L2 and L2 / L1 per build
+#             time at the cap without the other's energy); medians of L1, L2 and L2 / L1 per build.
+#             With $AB_ENVS (as for envab), this checkout's binary runs once per setting instead,
+#             each a build of its own in the table
 # The device tool returns at most 8 files from $OUT: after each mode everything under $OUT is
 # packed into $OUT/0_bundle.tgz, which sorts first (Nsight Compute reports left out: too big),
 # so a call cut short by its time limit still brings back the logs of the modes it finished.
@@ -272,6 +274,15 @@ if [[ $modes == *,abprof,* ]]; then
       status=1
     fi
   done
+  if [[ -n ${AB_ENVS:-} && ${builds[-1]:-} == this=* ]]; then
+    unset 'builds[-1]'
+    for setting in $AB_ENVS; do  # a wrapper per setting, named by it without '='
+      wrapper="/tmp/gemm_profile_env${#builds[@]}"
+      printf '#!/bin/sh\nexec env %q /tmp/gemm_profile_this "$@"\n' "$setting" >"$wrapper"
+      chmod +x "$wrapper"
+      builds+=("${setting//=/:}=$wrapper")
+    done
+  fi
   python3 benchmarks/ab_gemm_profile.py --tokens "${AB_TOKENS:-2048,8192}" \
     --rounds "${AB_ROUNDS:-3}" --iters "${AB_ITERS:-200}" --kernels "${AB_KERNELS:-both}" \
     --out "$OUT/abprof.json" \

@@ -19,6 +19,8 @@
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //     -I csrc/include tools/tma_row_gather.cu -o tma_row_gather && ./tma_row_gather
 // Exit status 0 when the placement matches the address-based swizzle.
+// Answered on an H200 (2026-12-03, benchmarks/RESULTS.md "one TMA per token row"): placed by
+// address, but ~39 ns per row box per SM, 5 us per K block of a pair: too slow to gather with.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime_api.h>
