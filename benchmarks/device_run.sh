@@ -274,7 +274,7 @@ if [[ $modes == *,abprof,* ]]; then
       status=1
     fi
   done
-  if [[ -n ${AB_ENVS:-} && ${builds[-1]:-} == this=* ]]; then
+  if [[ -n ${AB_ENVS:-} && ${#builds[@]} -gt 0 && ${builds[-1]} == this=* ]]; then
     unset 'builds[-1]'
     for setting in $AB_ENVS; do  # a wrapper per setting, named by it without '='
       wrapper="/tmp/gemm_profile_env${#builds[@]}"
