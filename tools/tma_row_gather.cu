@@ -118,14 +118,9 @@ __global__ void __launch_bounds__(64, 1)
         gather_rows(ring + slot * kTileBytes, &rows_map, &pair_map,
                     tokens + size_t(tile * kNumKb + kb) * kRows, kb, per_row, &full[slot]);
       } else {
-        ptx::mbarrier_wait(&full[slot], phase);
-        seen ^= *reinterpret_cast<volatile uint32_t*>(ring + slot * kTileBytes);
-        ptx::mbarrier_arrive(&empty[slot]);
+        seen ^= tma_tools::consume_stage(full, empty, ring + slot * kTileBytes, slot, phase);
       }
-      if (++slot == kStages) {
-        slot = 0;
-        phase ^= 1;
-      }
+      tma_tools::next_stage(slot, phase, kStages);
     }
   }
   if (consumer) sink[blockIdx.x] = seen;
@@ -208,20 +203,12 @@ int main() {
   // Rate.
   check(cudaFuncSetAttribute(rate, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
         "smem attribute");
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
   for (const bool per_row : {false, true}) {
-    float best = 1e30f;
-    for (int rep = 0; rep < 6; ++rep) {  // the first is a warm-up
-      cudaEventRecord(e0);
+    const auto launch = [&] {
       rate<<<sms, 64, kSmemBytes>>>(rows_map, pair_map, tokens_dev, tiles, per_row, sink);
-      cudaEventRecord(e1);
-      check(cudaEventSynchronize(e1), "rate kernel");
-      float ms = 0.f;
-      cudaEventElapsedTime(&ms, e0, e1);
-      if (rep > 0 && ms < best) best = ms;
-    }
+    };
+    launch();  // warm-up
+    const float best = tma_tools::best_ms(5, "rate kernel", launch);
     const double per_kb_us = best * 1e3 / (double(tiles) / sms * kNumKb);
     std::printf("rate: %-34s %8.1f us, %.3f us per K block of a pair per SM, %.0f GB/s\n",
                 per_row ? "128 one-row boxes per K block" : "one 128-row box per K block (pool)",

@@ -36,6 +36,7 @@ namespace {
 
 using namespace jax_megamoe::sm90;
 namespace ptx = jax_megamoe::ptx;
+using tma_tools::best_ms;
 using tma_tools::check;
 
 constexpr int kBoxRows = 128;
@@ -87,14 +88,9 @@ __global__ void __launch_bounds__(64, 1)
             ptx::tma_load_2d(dst, &map, 0, (box * a.num_kb + kb) * kBoxRows, &full[slot]);
         }
       } else {
-        ptx::mbarrier_wait(&full[slot], phase);
-        seen ^= *reinterpret_cast<volatile uint32_t*>(ring + slot * kStageBytes);
-        ptx::mbarrier_arrive(&empty[slot]);
+        seen ^= tma_tools::consume_stage(full, empty, ring + slot * kStageBytes, slot, phase);
       }
-      if (++slot == kStages) {
-        slot = 0;
-        phase ^= 1;
-      }
+      tma_tools::next_stage(slot, phase, kStages);
     }
     if (consumer && a.pause_ns > 0) spin_ns(a.pause_ns);
   }
@@ -133,25 +129,6 @@ struct Variant {
   long long pause_ns;
   bool promote_256;
 };
-
-// The fastest of `reps` runs of launch(), in ms, by CUDA events.
-template <class Launch>
-float best_ms(int reps, const char* what, Launch&& launch) {
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
-  float best = 1e30f;
-  for (int rep = 0; rep < reps; ++rep) {
-    cudaEventRecord(e0);
-    launch();
-    cudaEventRecord(e1);
-    check(cudaEventSynchronize(e1), what);
-    float ms = 0.f;
-    cudaEventElapsedTime(&ms, e0, e1);
-    best = ms < best ? ms : best;
-  }
-  return best;
-}
 
 template <int kStages>
 float time_variant(const CUtensorMap& map, const StreamArgs& a, int sms, uint32_t* sink) {
