@@ -26,6 +26,11 @@ two processes may share one GPU). ``timeout``: process 1 never calls on a first 
 a plain jnp op; then both close it and run on a fresh buffer (``timeout_s=60``). ``slow``:
 process 1 sleeps --delay-s before its first call; both record their error against the
 reference and check().
+
+Scenario ``share`` (GPU, any number of processes, possibly all on one GPU): for each mesh in
+--meshes, the fused layer --repeat times, each process's rows against the reference of the whole
+batch computed in that process (no cross-process collective), whether the repeated calls were
+bitwise equal, and check(); written to ``{out}/share.p{process}.json``.
 """
 
 from __future__ import annotations
@@ -436,11 +441,64 @@ def fake(args):
         json.dump(result, f)
 
 
+def share(args):
+    import jax
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    from jax_megamoe import calc_diff, fp8_mega_moe
+    from jax_megamoe.testing import make_buffer, make_inputs
+
+    me = jax.process_index()
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    reference = jax.jit(functools.partial(fp8_mega_moe, impl="reference"))
+    result = {}
+    for name in args.meshes.split(","):
+        mesh, rows = mesh_of(name, devices)
+        inp = make_inputs(
+            args.seed, m=args.tokens * len(devices), num_ranks=mesh.shape["ep"], **DIMS
+        )
+        ref = np.asarray(reference(*(inp[n] for n in NAMES), inp["weights"]), np.float32)
+        data = [global_array(inp[n], mesh, P(rows)) for n in NAMES]
+        put = functools.partial(global_array, mesh=mesh, spec=P("ep"))
+        weights = jax.tree.map(put, inp["weights"])
+        buf = make_buffer(mesh, DIMS, args.tokens)
+        fn = functools.partial(fp8_mega_moe, axis_name="ep", buffer=buf, impl="fused")
+        specs = (P(rows),) * 4 + (P("ep"),)
+        step = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(rows)))
+        calls = []
+        for _ in range(max(1, args.repeat)):  # the epochs advance; the result must not change
+            y = step(*data, weights)
+            calls.append({s.index[0].start or 0: np.asarray(s.data) for s in y.addressable_shards})
+        first = calls[0]
+        same = all(
+            np.array_equal(c[k].view(np.uint16), first[k].view(np.uint16))
+            for c in calls[1:]
+            for k in first
+        )
+        diff = max(
+            float(calc_diff(np.asarray(v, np.float32), ref[k : k + len(v)]))
+            for k, v in first.items()
+        )
+        result[name] = {
+            "ranks": int(mesh.shape["ep"]),
+            "diff": diff,
+            "bitwise_repeat": bool(same),
+            "check": device_error(buf),
+        }
+        buf.close()
+        print(f"process {me} mesh {name}: {result[name]}", flush=True)
+    with open(os.path.join(args.out, f"share.p{me}.json"), "w") as f:
+        json.dump(result, f)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument(
-        "--scenario", default="run", choices=["run", "errors", "hosts", "fake", "timeout", "slow"]
+        "--scenario",
+        default="run",
+        choices=["run", "errors", "hosts", "fake", "timeout", "slow", "share"],
     )
     parser.add_argument("--meshes", default="1d,2d,2d_t")
     parser.add_argument("--impls", default="reference")
@@ -455,7 +513,7 @@ def main():
 
     try:
         scenarios = {"run": run, "errors": errors, "hosts": hosts, "fake": fake}
-        scenarios.update(timeout=timeout, slow=slow)
+        scenarios.update(timeout=timeout, slow=slow, share=share)
         scenarios[args.scenario](args)
     except BaseException:
         traceback.print_exc()

@@ -4,7 +4,9 @@ host: N processes x 1 GPU and 2 processes x 2 GPUs give bitwise the single-proce
 on a machine with 4 (or 2) Hopper GPUs; each case starts fresh processes with the launcher.
 
 The cross-rank timeout (docs/design.md §3.3) needs a peer that is missing or late, i.e. another
-process: those two cases run two processes, on two GPUs, or both on the one GPU there is."""
+process: those two cases run two processes, on two GPUs, or both on the one GPU there is. The
+multi-rank paths of the kernels also run as 2 and 4 processes sharing GPU 0, so that one GPU
+checks them too."""
 
 import json
 import os
@@ -159,6 +161,36 @@ def test_late_peer_within_the_timeout_is_waited_for(tmp_path):
     assert p0["elapsed_s"] >= 4, p0  # process 0 really waited for the late peer
     for p in (p0, p1):
         assert p["check"] == "no error" and p["diff"] <= 1e-4, p
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_ranks_sharing_one_gpu(num_processes, tmp_path):
+    """R ranks as R processes on GPU 0: CUDA IPC maps each process's workspace into the others,
+    and the kernels time-share the GPU. So every R > 1 path of the kernels (the stage, both
+    syncs, route work over the peers' staged tokens, the pool pulled from peers, L2's stores into
+    a peer's combine slots) runs where only one GPU is lent. On each mesh, each process's rows
+    match the reference of the whole batch, five calls are bitwise equal, and check() finds no
+    error."""
+    meshes = {"1d": num_processes, "2d": num_processes // 2, "2d_t": num_processes // 2}
+    results = launch(
+        [WORKER, "--out", str(tmp_path), "--scenario", "share", "--tokens", "32"]
+        + ["--repeat", "5", "--meshes", ",".join(meshes)],
+        num_processes,
+        platform="gpu",
+        local_devices=[[0]] * num_processes,
+        env=GPU_ENV,
+        timeout_s=TIMEOUT_S,
+    )
+    assert all(r.returncode == 0 for r in results), describe(results)
+    for p in range(num_processes):
+        with open(tmp_path / f"share.p{p}.json") as f:
+            found = json.load(f)
+        assert sorted(found) == sorted(meshes), found
+        for mesh, info in found.items():
+            assert info["ranks"] == meshes[mesh], (p, mesh, info)
+            assert info["check"] == "no error", (p, mesh, info)
+            assert info["bitwise_repeat"], (p, mesh, info)
+            assert info["diff"] <= 1e-4, (p, mesh, info)
 
 
 def test_expert_group_across_hosts_is_refused(tmp_path):
