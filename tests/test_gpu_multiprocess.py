@@ -187,6 +187,10 @@ def test_ranks_sharing_one_gpu(num_processes, tmp_path):
             found = json.load(f)
         assert sorted(found) == sorted(meshes), found
         for mesh, info in found.items():
+            print(
+                f"R={info['ranks']} as {num_processes} processes, {mesh}, process {p}: "
+                f"calc_diff {info['diff']:.2e}"
+            )
             assert info["ranks"] == meshes[mesh], (p, mesh, info)
             assert info["check"] == "no error", (p, mesh, info)
             assert info["bitwise_repeat"], (p, mesh, info)
