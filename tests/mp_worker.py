@@ -28,9 +28,9 @@ process 1 sleeps --delay-s before its first call; both record their error agains
 reference and check().
 
 Scenario ``share`` (GPU, any number of processes, possibly all on one GPU): for each mesh in
---meshes, the fused layer --repeat times, each process's rows against the reference of the whole
-batch computed in that process (no cross-process collective), whether the repeated calls were
-bitwise equal, and check(); written to ``{out}/share.p{process}.json``.
+--meshes, the fused layer --repeat times on --routing, each process's rows against the reference
+of the whole batch computed in that process (no cross-process collective), whether the repeated
+calls were bitwise equal, and check(); written to ``{out}/share.p{process}.json``.
 """
 
 from __future__ import annotations
@@ -455,9 +455,9 @@ def share(args):
     result = {}
     for name in args.meshes.split(","):
         mesh, rows = mesh_of(name, devices)
-        inp = make_inputs(
-            args.seed, m=args.tokens * len(devices), num_ranks=mesh.shape["ep"], **DIMS
-        )
+        ranks = mesh.shape["ep"]
+        m = args.tokens * len(devices)
+        inp = make_inputs(args.seed, m=m, num_ranks=ranks, routing=args.routing, **DIMS)
         ref = np.asarray(reference(*(inp[n] for n in NAMES), inp["weights"]), np.float32)
         data = [global_array(inp[n], mesh, P(rows)) for n in NAMES]
         put = functools.partial(global_array, mesh=mesh, spec=P("ep"))
@@ -481,7 +481,7 @@ def share(args):
             for k, v in first.items()
         )
         result[name] = {
-            "ranks": int(mesh.shape["ep"]),
+            "ranks": int(ranks),
             "diff": diff,
             "bitwise_repeat": bool(same),
             "check": device_error(buf),
@@ -507,6 +507,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--num-devices", type=int, default=0, help="use the first N (0 = all)")
     parser.add_argument("--delay-s", type=float, default=0.0, help="slow: process 1's delay")
+    parser.add_argument("--routing", default="uniform", help="share: testing.ROUTINGS")
     args = parser.parse_args()
     init_process()
     import jax

@@ -163,18 +163,20 @@ def test_late_peer_within_the_timeout_is_waited_for(tmp_path):
         assert p["check"] == "no error" and p["diff"] <= 1e-4, p
 
 
-@pytest.mark.parametrize("num_processes", [2, 4])
-def test_ranks_sharing_one_gpu(num_processes, tmp_path):
+@pytest.mark.parametrize(
+    "num_processes, routing", [(2, "uniform"), (4, "uniform"), (4, "hot"), (4, "one_rank")]
+)
+def test_ranks_sharing_one_gpu(num_processes, routing, tmp_path):
     """R ranks as R processes on GPU 0: CUDA IPC maps each process's workspace into the others,
     and the kernels time-share the GPU. So every R > 1 path of the kernels (the stage, both
     syncs, route work over the peers' staged tokens, the pool pulled from peers, L2's stores into
     a peer's combine slots) runs where only one GPU is lent. On each mesh, each process's rows
     match the reference of the whole batch, five calls are bitwise equal, and check() finds no
-    error."""
+    error; at R = 4 also with a hot expert and with every token routed to one rank's experts."""
     meshes = {"1d": num_processes, "2d": num_processes // 2, "2d_t": num_processes // 2}
     results = launch(
         [WORKER, "--out", str(tmp_path), "--scenario", "share", "--tokens", "32"]
-        + ["--repeat", "5", "--meshes", ",".join(meshes)],
+        + ["--repeat", "5", "--meshes", ",".join(meshes), "--routing", routing],
         num_processes,
         platform="gpu",
         local_devices=[[0]] * num_processes,
@@ -188,7 +190,7 @@ def test_ranks_sharing_one_gpu(num_processes, tmp_path):
         assert sorted(found) == sorted(meshes), found
         for mesh, info in found.items():
             print(
-                f"R={info['ranks']} as {num_processes} processes, {mesh}, process {p}: "
+                f"R={info['ranks']} as {num_processes} processes, {routing}, {mesh}, process {p}: "
                 f"calc_diff {info['diff']:.2e}"
             )
             assert info["ranks"] == meshes[mesh], (p, mesh, info)
