@@ -330,8 +330,7 @@ class GroupedFp8TmaMainloop {
       if constexpr (kGatherA) {
 #pragma unroll
         for (int i = 0; i < kRows32 + 1; ++i) {
-          const int src = lane_row_works(i) ? op_.row_src[row0 + i * 32 + lane] : -1;
-          token[i] = src < 0 ? -1 : src / op_.a_src_div;
+          token[i] = lane_row_works(i) ? op_.gathered_token(row0 + i * 32 + lane) : -1;
         }
       }
       for (int kb = 0; kb < num_kb(); ++kb) {
@@ -420,8 +419,7 @@ class GroupedFp8TmaMainloop {
         const int first_row = tile.pair * kTileM + a_first * kBlockM;
         __syncwarp();  // every lane has issued its copies from the old tokens
         for (int i = p0 + lane; i < p0 + half; i += 32) {
-          const int src = op_.row_src[first_row + i];
-          ptx::st_shared(tokens + i * 4, src < 0 ? -1 : src / op_.a_src_div);
+          ptx::st_shared(tokens + i * 4, op_.gathered_token(first_row + i));
         }
         __syncwarp();
         rows_pair = tile.pair;

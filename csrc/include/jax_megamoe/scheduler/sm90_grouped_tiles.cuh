@@ -53,6 +53,11 @@ struct GemmOperands {
   const float* a_src_scale = nullptr;
   int a_src_div = 1;
 
+  // With A gathered: the token row of a_src that pool row `row` reads, or -1 (padding).
+  __device__ int gathered_token(int row) const {
+    const int src = row_src[row];
+    return src < 0 ? -1 : src / a_src_div;
+  }
   // Row of `b` (viewed as [experts * b_rows, k]) where B group `group`'s rows of N tile `n` of
   // `expert` start; one kQuantBlock-row scale block holds all of them.
   __device__ int b_row(int expert, int n, int group) const {
