@@ -114,6 +114,31 @@ cudaError_t encode_rows(CUtensorMap* map, const void* base, size_t rows, int k, 
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// L1's weights [experts * 2I, H] e4m3 as the 5-D view [2 experts][I / 128][16][8][H]: dims 1 and 2
+// split a 128-row block's row r = 16 m + j into j (stride H) and m (stride 16 H), and the box
+// (2 x 1 x 16 x 8 x 128) visits m first, so shared-memory row c of a group holds weight row
+// 16 (c % 8) + c / 8: BRowOrder::kLaneRuns. The gate and the up half of an expert (I rows
+// apart) are the outermost dimension's two entries. Host-only: no sync, no allocation.
+cudaError_t encode_l1_weights(CUtensorMap* map, const void* w1, int experts, int hidden,
+                              int intermediate) {
+  const auto encode = g_encode_tiled.load(std::memory_order_acquire);
+  if (encode == nullptr) return cudaErrorInitializationError;  // prepare_gemm_kernels not run
+  constexpr int kRuns = 8, kRunLength = kQuantBlock / kRuns;   // m, j
+  const cuuint64_t h = static_cast<cuuint64_t>(hidden);
+  const cuuint64_t dims[5] = {h, kRuns, kRunLength,
+                              static_cast<cuuint64_t>(intermediate / kQuantBlock),
+                              2 * static_cast<cuuint64_t>(experts)};
+  const cuuint64_t strides[4] = {kRunLength * h, h, kQuantBlock * h,
+                                 static_cast<cuuint64_t>(intermediate) * h};
+  const cuuint32_t box[5] = {static_cast<cuuint32_t>(sm90::kBlockK), kRuns, kRunLength, 1, 2};
+  const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+  const CUresult r =
+      encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 5, const_cast<void*>(w1), dims, strides, box,
+             element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 // Tile order: claimed from the caller's counter (scheduler/sm90_grouped_tiles.cuh) when it
 // gives one. Against the static order on one H200 (benchmarks/RESULTS.md, 2026-12-02): L1 10 %
 // and L2 7 % faster at M = 2048, L2 3 % at 8192, the rest within 1 %.
@@ -158,12 +183,10 @@ cudaError_t launch_l1(const L1Params& p, cudaStream_t stream) {
   k.p = p;
   if (!claim_tiles()) k.p.tile_claims = nullptr;
   const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
-  const size_t w_rows = size_t(p.num_experts) * 2 * p.intermediate;
   k.tail_rows = l1_tail_rows();
   const bool gather = p.x != nullptr;  // then A's maps stay unused, and `a` may name no memory
   if (gather && (p.x_scale == nullptr || p.topk <= 0)) return cudaErrorInvalidValue;
-  // The gate and the up rows of a tile: I rows apart.
-  cudaError_t err = encode_rows(&k.maps.b, p.w1, w_rows, p.hidden, sm90::kL1WgN, p.intermediate, 2);
+  cudaError_t err = encode_l1_weights(&k.maps.b, p.w1, p.num_experts, p.hidden, p.intermediate);
   if (err == cudaSuccess && !gather)
     err = encode_rows(&k.maps.a, p.a, pool_rows, p.hidden, kBlockM);
   if (err == cudaSuccess && !gather)

@@ -83,7 +83,7 @@ constexpr int kNumThreads = kWarpGroupThreads + kNumMathThreads;
 // the two do not fit, so the split must satisfy 128 x producer + 256 x math <= 64512.
 // 128 x 40 + 256 x 232 = 64512: two 64-register master accumulators, a partial and the four mma
 // paths (paired, paired with a tail, lone by group, lone by halves). ptxas spills none in the K
-// loops (tests/test_sass_kloops.py checks the build); in L1 it keeps seven words of per-tile values
+// loops (tests/test_sass_kloops.py checks the build); in L1 it keeps five words of per-tile values
 // on the stack, stored at entry and loaded once per tile: the tail's 16-register master
 // accumulator, live through its K loop, displaces them (with it in shared memory, one word; every
 // way tried to recompute that one instead spilled more).
@@ -126,10 +126,13 @@ constexpr int kTailAccBytes = kNumMathThreads * kTailRows * static_cast<int>(siz
 template <int kTailRows>
 constexpr int kGatherBytes = (kTileM + kTailRows) * 4;
 
-template <int kWgN, int kStages, int kTailRows = 0, bool kGatherA = false>
+template <int kWgN, int kStages, int kTailRows = 0, bool kGatherA = false,
+          BRowOrder kBOrder = BRowOrder::kAsStored>
 class GroupedFp8TmaMainloop {
   using Shape = TileShape<kWgN>;
   using Ring = StageRing<kWgN, kStages, kTailRows>;
+  static_assert(kBOrder == BRowOrder::kAsStored || kWgN == kQuantBlock,
+                "lane runs reorder whole 128-row B groups");
   static_assert(kTailRows == 0 || (kTailRows == 16 && kWgN == 2 * kBlockM),
                 "a tail is m64n16 over each warpgroup's half of a 128-row B group");
   static_assert(kStages >= 2, "the ring needs one stage in flight while another is consumed");
@@ -158,7 +161,9 @@ class GroupedFp8TmaMainloop {
   // and in kernel parameter space (__grid_constant__): `maps.a` views `op.a` as [pool rows, k]
   // with a box of kBlockM x 128 (one row block), `maps.a_pair` the same with a box of kTileM x
   // 128 (a pair), `maps.b` views `op.b` as [experts * b_rows / b_group_stride][b_group_stride][k]
-  // with a box of 2 x kWgN x 128 (both B groups of a tile, GemmOperands::b_coords), and
+  // with a box of 2 x kWgN x 128 (both B groups of a tile, GemmOperands::b_coords; with
+  // kLaneRuns as [experts * b_rows / b_group_stride][b_group_stride / 128][16][8][k] with a box of
+  // 2 x 1 x 16 x 8 x 128, which puts each group's rows in lane-run order), and
   // `maps.tail` views `op.a` with a box of kTailRows x 128 (null without a tail).
   // Blocks at or past min(*num_blocks, max_blocks) are skipped; the count is read by each role
   // after the register split (a value held across it would be spilled).
@@ -237,6 +242,8 @@ class GroupedFp8TmaMainloop {
       const int row0 = tile.pair * kTileM;
       const int a_first = (tile.mask & 3) == 2 ? 1 : 0;  // the first working row block
       const GemmOperands::BCoords b_at = op_.b_coords(tile.expert, tile.n);
+      // kLaneRuns: the 5-D view's coordinates [outer][row / 128][16][8][k] (launch/gemm.cu).
+      const int b_row_at = kBOrder == BRowOrder::kLaneRuns ? b_at.row / kQuantBlock : b_at.row;
       if (op_.a_ready != nullptr && lane == 0) wait_a_ready(tile);
       for (int kb = 0; kb < num_kb(); ++kb) {
         ptx::mbarrier_wait(at.empty0() + slot * kBarrierStride, phase ^ 1);
@@ -263,8 +270,13 @@ class GroupedFp8TmaMainloop {
                              a_blocks == 2 ? tma_a_pair_ : tma_a_, kb * kBlockK,
                              row0 + a_first * kBlockM, full);
           }
-          ptx::tma_load_3d(ptx::smem_ptr(a + Shape::kABytes), tma_b_, kb * kBlockK, b_at.row,
-                           b_at.outer, full);
+          if constexpr (kBOrder == BRowOrder::kLaneRuns) {
+            ptx::tma_load_5d(ptx::smem_ptr(a + Shape::kABytes), tma_b_,
+                             {kb * kBlockK, 0, 0, b_row_at, b_at.outer}, full);
+          } else {
+            ptx::tma_load_3d(ptx::smem_ptr(a + Shape::kABytes), tma_b_, kb * kBlockK, b_row_at,
+                             b_at.outer, full);
+          }
           if constexpr (kTailRows > 0 && !kGatherA) {
             if (tile.tail())
               ptx::tma_load_2d(ptx::smem_ptr(a + Shape::kABytes + Shape::kBBytes), tma_tail_,

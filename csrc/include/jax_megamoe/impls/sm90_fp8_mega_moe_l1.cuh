@@ -2,13 +2,13 @@
 // A CTA tile covers 128 output columns j in [n0, n0 + 128) of a pair of row blocks: B group 0 is
 // the W1 gate rows [n0, +128), group 1 the up rows [I + n0, +128), so a thread holds gate and up
 // of the same (row, column) in the same register of its two accumulators, and a tile's row is
-// exactly one 1x128 requant group.
+// exactly one 1x128 requant group. Both groups' rows arrive in lane-run order
+// (BRowOrder::kLaneRuns), so each lane's columns of a row are two runs of consecutive columns.
 #pragma once
 
 #include <cstdint>
 
 #include "jax_megamoe/epilogue/fp8_quant.cuh"
-#include "jax_megamoe/epilogue/quad_transpose.cuh"
 #include "jax_megamoe/epilogue/swiglu.cuh"
 #include "jax_megamoe/impls/sm90_fp8_grouped_tma_mainloop.cuh"
 #include "jax_megamoe/launch.h"
@@ -20,9 +20,9 @@ namespace jax_megamoe::sm90 {
 constexpr int kL1WgN = kQuantBlock;  // 128 columns per B group: gate or up
 
 // Straight from registers. A paired tile: each warpgroup on its own, its row block's 64 x 128 act
-// tile. A lone block: warpgroup wg holds columns [64 wg, +64) of the block's rows (half of the
-// gate and of the up group), so the two warpgroups exchange their row maxima through shared
-// memory for the 1x128 scale.
+// tile; lane q of a quad holds columns [32 q, +32) of its rows. A lone block: warpgroup wg holds
+// half of the gate and of the up group, the columns [32 q + 8 wg, +8) and [32 q + 16 + 8 wg, +8),
+// so the two warpgroups exchange their row maxima through shared memory for the 1x128 scale.
 struct L1Epilogue {
   using Shape = TileShape<kL1WgN>;
   static constexpr LoneSplit kLoneSplit = LoneSplit::kHalfOfEachGroup;
@@ -103,25 +103,32 @@ struct L1Epilogue {
     return epilogue::quad_max(row_amax);
   }
 
-  // Quantizes the first kNT n8 tiles of half `half`'s row with `scale` and stores them at
-  // column col0 of the tile with 16-byte stores (padding rows, !valid, are never written).
+  // Quantizes the first kNT n8 tiles of half `half`'s row with `scale` and stores them (padding
+  // rows, !valid, are never written). Lane q's values of n8 tile j are the tile's columns
+  // col0 + 32 q + j (e = 0) and col0 + 32 q + 16 + j (e = 1) (BRowOrder::kLaneRuns): two runs of
+  // kNT bytes, each in one store.
   template <int kNT>
   __device__ __forceinline__ void store_row(const TileAccum<kL1WgN>& acc, int half, int row,
                                             bool valid, int n, int col0, float scale,
                                             int lane) const {
-    const epilogue::ScaleDivisor divisor(scale);
-    uint16_t q[kNT];
-#pragma unroll
-    for (int j = 0; j < kNT; ++j)
-      q[j] = epilogue::quantize_e4m3x2(acc[0][4 * j + 2 * half], acc[0][4 * j + 2 * half + 1],
-                                       divisor);
-    uint4 out[kNT / 8];
-    epilogue::quad_transpose_e4m3(q, out);  // every lane shuffles; valid rows store
     if (!valid) return;
+    const epilogue::ScaleDivisor divisor(scale);
+    const auto value = [&](int j, int e) { return acc[0][4 * j + 2 * half + e]; };
     uint8_t* dst = p.act + static_cast<size_t>(row) * p.intermediate + n * kQuantBlock + col0 +
-                   (lane % 4) * (kNT * 2);
+                   (lane % 4) * 32;
 #pragma unroll
-    for (int v = 0; v < kNT / 8; ++v) ptx::st_global_v4(dst + 16 * v, out[v]);
+    for (int e = 0; e < 2; ++e) {
+      uint32_t run[kNT / 4];
+#pragma unroll
+      for (int w = 0; w < kNT / 4; ++w) {
+        const uint16_t lo =
+            epilogue::quantize_e4m3x2(value(4 * w, e), value(4 * w + 1, e), divisor);
+        const uint16_t hi =
+            epilogue::quantize_e4m3x2(value(4 * w + 2, e), value(4 * w + 3, e), divisor);
+        run[w] = __byte_perm(lo, hi, 0x5410);
+      }
+      ptx::st_global_words(dst + 16 * e, run);
+    }
   }
 
   __device__ __forceinline__ void store_scale(int row, bool valid, int n, float scale) const {
@@ -143,8 +150,9 @@ struct L1Epilogue {
 
  public:
   // The tail that rode along with a paired tile (GroupedFp8TmaMainloop, kTailRows): swap-AB
-  // accumulators, tail_acc[g][4 j + 2 half + c] is column 64 wg + fc.row(half) of the tile, gate
-  // (g = 0) or up (1), of token row fc.col(j, c) of the row block after the pair. A token's 128
+  // accumulators, tail_acc[g][4 j + 2 half + c] is B row 64 wg + fc.row(half) of the group, gate
+  // (g = 0) or up (1), of token row fc.col(j, c) of the row block after the pair; in lane-run
+  // order that is column lane_run_row(64 wg + fc.row(0)) + half of the tile. A token's 128
   // columns are spread over the eight lanes of a warp that share lane % 4 and over all eight
   // math warps: its amax meets through shuffles, then through lone_amax ([warp][token]).
   template <int kRegs>
@@ -188,7 +196,9 @@ struct L1Epilogue {
       }
     }
     math_sync();
-    const int col = tile.n * kQuantBlock + fc.wg * kBlockM + fc.row(0);
+    // Opaque: hoisted out of the tile loop, the column took a register there and pushed six more
+    // words of per-tile values to the stack.
+    const int col = tile.n * kQuantBlock + lane_run_row(ptx::opaque(fc.wg * kBlockM + fc.row(0)));
 #pragma unroll
     for (int j = 0; j < kJ; ++j) {
 #pragma unroll
@@ -200,11 +210,9 @@ struct L1Epilogue {
         const float scale = epilogue::e4m3_scale(token_amax);
         const uint16_t q = epilogue::quantize_e4m3x2(
             tail_acc[0][4 * j + c], tail_acc[0][4 * j + 2 + c], epilogue::ScaleDivisor(scale));
-        if (valid[j][c]) {
-          // Rows fc.row(0) and fc.row(1) = fc.row(0) + 8 of the warpgroup's columns.
-          uint8_t* dst = p.act + static_cast<size_t>(row[j][c]) * p.intermediate + col;
-          dst[0] = static_cast<uint8_t>(q & 0xff);
-          dst[8] = static_cast<uint8_t>(q >> 8);
+        if (valid[j][c]) {  // halves 0 and 1: adjacent columns, an even one first
+          *reinterpret_cast<uint16_t*>(p.act + static_cast<size_t>(row[j][c]) * p.intermediate +
+                                       col) = q;
         }
         if (math_thread < 4) store_scale(row[j][c], valid[j][c], tile.n, scale);
       }
@@ -230,7 +238,7 @@ struct L1Epilogue {
       const int row = rows.row[half];
       const float other = lone_amax[(1 - fc.wg) * kBlockM + fc.row(half)];
       const float scale = epilogue::e4m3_scale(fmaxf(amax[half], other));
-      store_row<kNT>(acc, half, row, rows.valid[half], tile.n, fc.wg * (kNT * 8), scale, fc.lane);
+      store_row<kNT>(acc, half, row, rows.valid[half], tile.n, fc.wg * kNT, scale, fc.lane);
       if (fc.wg == 0 && fc.lane % 4 == 0) store_scale(row, rows.valid[half], tile.n, scale);
     }
     // The next lone tile rewrites lone_amax; both warpgroups must have read it here.
@@ -273,6 +281,10 @@ struct L1KernelParams {
   int tail_rows;
 };
 
+template <int kStages, bool kGatherA>
+using L1Mainloop =
+    GroupedFp8TmaMainloop<kL1WgN, kStages, kL1TailRows, kGatherA, BRowOrder::kLaneRuns>;
+
 // kGatherA: A read from the tokens' rows (L1Params::x), not from the pool.
 template <int kStages, bool kGatherA>
 __global__ void __launch_bounds__(kNumThreads, 1)
@@ -280,7 +292,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   // An L2 launched as a programmatic dependent may take the SMs this grid's CTAs leave; it waits
   // for the row blocks it reads (L1Params::block_stored), never for the whole grid.
   ptx::launch_dependents();
-  using Mainloop = GroupedFp8TmaMainloop<kL1WgN, kStages, kL1TailRows, kGatherA>;
+  using Mainloop = L1Mainloop<kStages, kGatherA>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
   const L1Params& p = k.p;
@@ -291,9 +303,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
 
 template <int kStages, bool kGatherA>
 constexpr int l1_smem_bytes() {
-  return kSmemAlignSlack +
-         GroupedFp8TmaMainloop<kL1WgN, kStages, kL1TailRows, kGatherA>::kSmemBytes +
-         L1Epilogue::kSmemBytes;
+  return kSmemAlignSlack + L1Mainloop<kStages, kGatherA>::kSmemBytes + L1Epilogue::kSmemBytes;
 }
 
 }  // namespace jax_megamoe::sm90

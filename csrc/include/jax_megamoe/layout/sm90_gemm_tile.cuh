@@ -57,6 +57,17 @@ using Accum = float[TileShape<kWgN>::kAccRegs];
 template <int kWgN>
 using TileAccum = Accum<kWgN>[kNumBGroups];
 
+// The order of a 128-row B group's weight rows in shared memory, which is the order of the
+// wgmma accumulator's columns. kAsStored: row c is the group's weight row c. kLaneRuns (L1): row c
+// is weight row lane_run_row(c) = 16 (c % 8) + c / 8, so that the columns lane q of a quad holds
+// in n8 tile j (8 j + 2 q + e, e = 0, 1) are output columns 32 q + 16 e + j: each lane holds two
+// runs of 16 consecutive columns of its rows and stores their FP8 bytes without exchanging them
+// across the quad. The TMA box reorders the rows (a 5-D view of the weights, launch/gemm.cu); the
+// weights in memory stay as given, and so do their per-128-row scales (the order only permutes
+// rows inside one scale block).
+enum class BRowOrder { kAsStored, kLaneRuns };
+__device__ __forceinline__ int lane_run_row(int c) { return 16 * (c % 8) + c / 8; }
+
 // How the two math warpgroups share the columns of a tile whose pair has one working row block:
 // B group w each (L2: its columns are independent), or half w of every group (L1: gate and up
 // of a column must meet in one thread).

@@ -114,4 +114,11 @@ __device__ __forceinline__ void tma_load_3d(void* smem_dst, const void* tensor_m
                                   tensor_map, coords, bar);
 }
 
+// The 5-D form: coordinates from the innermost.
+__device__ __forceinline__ void tma_load_5d(void* smem_dst, const void* tensor_map,
+                                            const int32_t (&coords)[5], uint64_t* bar) {
+  cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_cluster, cuda::ptx::space_global, smem_dst,
+                                  tensor_map, coords, bar);
+}
+
 }  // namespace jax_megamoe::ptx

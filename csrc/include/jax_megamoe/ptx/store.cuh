@@ -10,10 +10,17 @@
 
 namespace jax_megamoe::ptx {
 
-__device__ __forceinline__ void st_global_v4(void* ptr, const uint4& v) {
-  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "r"(v.x), "r"(v.y),
-               "r"(v.z), "r"(v.w)
-               : "memory");
+// kWords consecutive 32-bit words (2 or 4) in one 8- or 16-byte store.
+template <int kWords>
+__device__ __forceinline__ void st_global_words(void* ptr, const uint32_t (&w)[kWords]) {
+  static_assert(kWords == 2 || kWords == 4, "one vector store");
+  if constexpr (kWords == 4) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(ptr), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3])
+                 : "memory");
+  } else {
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(ptr), "r"(w[0]), "r"(w[1]) : "memory");
+  }
 }
 
 // Four 8x8 b16 matrices from mma fragments (register i: matrix i, row lane / 4, columns

@@ -49,6 +49,14 @@ __device__ __forceinline__ void fence_operands(float (&d)[kRegs]) {
   for (int i = 0; i < kRegs; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// v, hidden from the compiler: what is computed from it is computed after this point. For a
+// value that depends on the thread alone, which the compiler would otherwise hoist out of a
+// persistent kernel's tile loop and keep in a register across every K loop.
+__device__ __forceinline__ int opaque(int v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+
 // D(64 x N) (+)= A(64 x 32) x B(N x 32)^T, e4m3 inputs, f32 accumulate; accumulate = false
 // overwrites D. Both operands K-major in shared memory (the only layout e4m3 allows).
 template <int N>
