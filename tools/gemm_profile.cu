@@ -20,6 +20,9 @@
 // how many bits its operands toggle. `--kernels l1` (or `l2`) launches only that GEMM, so that
 // its time at the cap does not depend on the energy the other one spends (the one left out
 // prints 0 us; with `l2`, L2 reads act as poisoned, not as L1 would write it).
+// GEMM_PROFILE_OVERLAP=1 in the environment launches the GEMMs as the layer does when it has the
+// whole device: L1 counts its stored tiles per row block (a release per tile and warpgroup) and
+// L2 runs as its programmatic dependent, waiting for those counts (zeroed before each L1).
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 
@@ -198,8 +201,10 @@ int main(int argc, char** argv) {
   if (!ok(cudaDeviceSynchronize(), "fill")) return 2;
 
   const int num_ctas = sms * jax_megamoe::gemm_ctas_per_sm();
-  const jax_megamoe::L1Params p1 = buf.l1(num_ctas, /*overlap=*/false);
-  const jax_megamoe::L2Params p2 = buf.l2(num_ctas, /*overlap=*/false);
+  const char* overlap_env = std::getenv("GEMM_PROFILE_OVERLAP");
+  const bool overlap = overlap_env != nullptr && !std::strcmp(overlap_env, "1");
+  const jax_megamoe::L1Params p1 = buf.l1(num_ctas, overlap);
+  const jax_megamoe::L2Params p2 = buf.l2(num_ctas, overlap);
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
@@ -212,6 +217,11 @@ int main(int argc, char** argv) {
     for (int kernel = 0; kernel < 2; ++kernel) {
       if (!run[kernel]) continue;
       if (!ok(cudaMemsetAsync(buf.claims.ptr, 0, 2 * sizeof(int32_t)), "memset")) return 1;
+      if (overlap && kernel == 0 &&
+          !ok(cudaMemsetAsync(buf.block_stored.ptr, 0, buf.block_stored.count * sizeof(int32_t)),
+              "memset")) {
+        return 1;
+      }
       cudaEventRecord(start);
       const cudaError_t err =
           kernel == 0 ? jax_megamoe::launch_l1(p1, nullptr) : jax_megamoe::launch_l2(p2, nullptr);
@@ -227,8 +237,9 @@ int main(int argc, char** argv) {
   const double real_rows = double(tokens) * topk, H = hidden, I = intermediate;
   const double l1_flop = 2.0 * real_rows * 2 * I * H, l2_flop = 2.0 * real_rows * H * I;
   const float l1 = run[0] ? median(l1_ms) : 0.f, l2 = run[1] ? median(l2_ms) : 0.f;
-  std::printf("M %d E %d: %zu pool rows (%d blocks), %d CTAs, %d iters, zeroed: %s\n", tokens,
-              experts, buf.rows, buf.max_blocks(), num_ctas, iters, zero);
+  std::printf("M %d E %d: %zu pool rows (%d blocks), %d CTAs, %d iters, zeroed: %s%s\n", tokens,
+              experts, buf.rows, buf.max_blocks(), num_ctas, iters, zero,
+              overlap ? ", overlap" : "");
   const auto tflops = [](double flop, float ms) {
     return ms > 0.f ? flop / (ms * 1e-3) / 1e12 : 0;
   };
