@@ -9,7 +9,8 @@
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck on the GEMM kernels, run from
 #             a host program without JAX (tools/gemm_sanitize.cu); $SANITIZE_TIMEOUT s per
 #             tool run (default 300), tools $SANITIZE_TOOLS (default all three) on grids of
-#             $SANITIZE_CTAS CTAs (default "0 8", 0 = full); then racecheck on
+#             $SANITIZE_CTAS CTAs (default "0 8", 0 = full), each printing at most
+#             $SANITIZE_PRINT_LIMIT reports (default 20); then racecheck on
 #             tools/racecheck_mbarrier_probe.cu
 #   ceiling   tools/wgmma_ceiling.cu: the tensor-pipe share the main loop's math reaches with
 #             its operands resident in shared memory, per way of issuing and promoting
@@ -139,8 +140,9 @@ if [[ $modes == *,sanitize,* ]]; then
     for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
       for ctas in ${SANITIZE_CTAS:-0 8}; do
         log="$OUT/sanitize_${tool}_$ctas.log"
-        timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" --print-limit 20 \
-          --error-exitcode 3 /tmp/gemm_sanitize --ctas "$ctas" >"$log" 2>&1
+        timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" \
+          --print-limit "${SANITIZE_PRINT_LIMIT:-20}" --error-exitcode 3 /tmp/gemm_sanitize \
+          --ctas "$ctas" >"$log" 2>&1
         rc=$?
         status=$((status | rc))
         echo "$tool ctas=$ctas rc=$rc: $(grep -E "$summary_re" "$log" | tr '\n' ' ')"

@@ -42,7 +42,7 @@ constexpr int kStageBytes = sm90::kRingStageBytes<kWgN, kTailRows>;
 // instances (A from the pool, A gathered from the tokens) share one ring depth.
 constexpr int kL1Stages =
     stages_for(kStageBytes<sm90::kL1WgN, sm90::kL1TailRows>,
-               sm90::kSmemAlignSlack + sm90::L1Epilogue::kSmemBytes + kBarrierReserve +
+               sm90::kSmemAlignSlack + sm90::L1Epilogue<true>::kSmemBytes + kBarrierReserve +
                    sm90::kTailAccBytes<sm90::kL1TailRows> + sm90::kGatherBytes<sm90::kL1TailRows>);
 constexpr int kL2WideStages =
     stages_for(kStageBytes<kL2WideWgN>,

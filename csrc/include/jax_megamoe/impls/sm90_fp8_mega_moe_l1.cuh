@@ -23,16 +23,75 @@ constexpr int kL1WgN = kQuantBlock;  // 128 columns per B group: gate or up
 // tile; lane q of a quad holds columns [32 q, +32) of its rows. A lone block: warpgroup wg holds
 // half of the gate and of the up group, the columns [32 q + 8 wg, +8) and [32 q + 16 + 8 wg, +8),
 // so the two warpgroups exchange their row maxima through shared memory for the 1x128 scale.
+//
+// kReleaseWarps: each tile's releases for L2 (release_stored) run on warp 1 + wg of the
+// producer warpgroup, the release warp of math warpgroup wg, as L2's sends run on its store
+// warps; without (the gathered-A kernel, whose warps 1 and 2 gather), on the math warpgroup's
+// thread 0. Handshake per math warpgroup, one phase per tile, as L2's: `staged` completes on the
+// four warps' arrivals (the stores are done and the record names their blocks), `freed` on the
+// release warp's (it has read the record), which the math warpgroup's thread 0 waits for before
+// it writes the next record, a tile's K loop later.
+template <bool kReleaseWarps>
 struct L1Epilogue {
   using Shape = TileShape<kL1WgN>;
   static constexpr LoneSplit kLoneSplit = LoneSplit::kHalfOfEachGroup;
-  static constexpr int kStoreWarps = 0;  // stores straight from the math warps' registers
+  // The stores go straight from the math warps' registers; the release warps, if any, release.
+  static constexpr int kStoreWarps = kReleaseWarps ? kNumMathWarpGroups : 0;
   static_assert(Shape::kNTiles == 16, "one row of the tile is one 128-column requant group");
-  // Row maxima of a lone block, [warpgroup][row].
-  static constexpr int kSmemBytes = kNumMathWarpGroups * kBlockM * sizeof(float);
+  // Row maxima of a lone block, [warpgroup][row]; then per math warpgroup its handshake: the
+  // staged and the freed mbarrier, the record (the tile's two row blocks: the pair's or lone
+  // one, and a tail or -1) and the number of records written.
+  static constexpr int kAmaxBytes = kNumMathWarpGroups * kBlockM * sizeof(float);
+  static constexpr int kHandshakeBytes = 32;
+  static constexpr int kSmemBytes = kAmaxBytes + kNumMathWarpGroups * kHandshakeBytes;
+  static_assert(kAmaxBytes % 8 == 0, "mbarriers must be 8-byte aligned");
+  static constexpr uint32_t kWaitSleepNs = 4000;  // a release warp's longest sleep in one wait
 
   const L1Params& p;
   float* lone_amax;
+  uint32_t handshake;  // shared-memory address of the first warpgroup's
+
+  __device__ uint32_t staged_bar(int wg) const { return handshake + wg * kHandshakeBytes; }
+  __device__ uint32_t freed_bar(int wg) const { return staged_bar(wg) + 8; }
+  __device__ uint32_t record(int wg) const { return staged_bar(wg) + 16; }
+  __device__ uint32_t records_written(int wg) const { return staged_bar(wg) + 24; }
+
+  // By one thread, before the main loop's CTA-wide barrier.
+  __device__ void init_handshake() const {
+    for (int wg = 0; wg < kNumMathWarpGroups; ++wg) {
+      ptx::mbarrier_init(staged_bar(wg), kWarpGroupThreads / 32);
+      ptx::mbarrier_init(freed_bar(wg), 1);
+      ptx::st_shared(records_written(wg), 0);
+    }
+  }
+
+  // Release warp `wg` (kReleaseWarps): per tile of math warpgroup wg, the release of the record's
+  // blocks, until the CTA's tile count (the main loop's, at shared address tile_count) says
+  // there are no more. Waits as L2's store warps do (L2Epilogue::store).
+  __device__ __forceinline__ void store(int wg, uint32_t tile_count) const {
+    if (p.block_stored == nullptr) return;  // nothing to release: the math warps hand nothing
+    const int lane = threadIdx.x % 32;
+    uint32_t ph = 0;
+    for (int n = 0;; ++n, ph ^= 1) {
+      bool last = false;
+      ptx::spin_until([&] {
+        if (ptx::mbarrier_test_wait(staged_bar(wg), ph)) return true;
+        last = ptx::ld_volatile_shared_s32(tile_count) <= n;
+        return last || ptx::mbarrier_try_wait_sleep(staged_bar(wg), ph, kWaitSleepNs);
+      });
+      if (last) return;
+      if (lane == 0) {
+        // The staged phase's acquire, then these releases: cumulative over the math
+        // warpgroup's stores, which its warps' arrivals ordered before that phase.
+        const int first = ptx::ld_shared_s32(record(wg));
+        const int tail = ptx::ld_shared_s32(record(wg) + 4);
+        ptx::red_release_gpu_add(&p.block_stored[first], 1);
+        if (tail >= 0) ptx::red_release_gpu_add(&p.block_stored[tail], 1);
+        ptx::mbarrier_arrive(freed_bar(wg));
+      }
+      __syncwarp();
+    }
+  }
 
   __device__ __forceinline__ void operator()(const Tile& tile, TileAccum<kL1WgN>& acc,
                                              int math_thread) const {
@@ -52,19 +111,44 @@ struct L1Epilogue {
     } else {
       paired(tile, acc, fc, rows);
     }
-    release_stored(row0 / kBlockM, fc);
+    // A tail's epilogue follows this one and hands both blocks over.
+    release_stored(row0 / kBlockM, fc, /*first=*/true, /*last=*/!tile.tail());
   }
 
  private:
   // The warpgroup's stores of this tile to row block `block`, then one release: L2 may start on
   // the block once every N tile of it has counted (twice per N tile for a block L2 sees alone,
   // a lone block or a tail: both warpgroups). L2 reads the rows with TMA, the async proxy: each
-  // writer fences its generic stores for it (and L2 fences again after its acquire).
-  __device__ __forceinline__ void release_stored(int block, const FragCoords& fc) const {
+  // writer fences its generic stores for it (and L2 fences again after its acquire). A release
+  // waits until the releasing thread's earlier stores have landed (MEMBAR.GPU in SASS): on
+  // thread 0 right after the tile's stores, that held warp 0, and with it the warpgroup's next
+  // wgmma, ~0.6 us a tile (L1 1.1 % slower at M = 8192 with the releases than without,
+  // RESULTS.md 2026-12-03); a release warp takes that wait off the math warps. first: the
+  // tile's first block (a pair's or a lone one; a tail is second), last: its last.
+  __device__ __forceinline__ void release_stored(int block, const FragCoords& fc, bool first,
+                                                 bool last) const {
     if (p.block_stored == nullptr) return;
     ptx::fence_proxy_async_global();
-    warpgroup_sync(fc.wg);
-    if (fc.t == 0) ptx::red_release_gpu_add(&p.block_stored[block], 1);
+    if constexpr (!kReleaseWarps) {
+      warpgroup_sync(fc.wg);
+      if (fc.t == 0) ptx::red_release_gpu_add(&p.block_stored[block], 1);
+    } else {
+      if (fc.t == 0) {
+        if (first) {  // the release warp has read the previous record (its first: at once)
+          const int written = ptx::ld_shared_s32(records_written(fc.wg));
+          ptx::mbarrier_wait(freed_bar(fc.wg), (written & 1) ^ 1);
+          ptx::st_shared(record(fc.wg) + 4, -1);
+        }
+        ptx::st_shared(record(fc.wg) + (first ? 0 : 4), block);
+        if (last) {
+          ptx::st_shared(records_written(fc.wg), ptx::ld_shared_s32(records_written(fc.wg)) + 1);
+        }
+      }
+      if (last) {  // one arrival per warp, after its lanes' stores (thread 0's record included)
+        __syncwarp();
+        if (fc.lane == 0) ptx::mbarrier_arrive(staged_bar(fc.wg));
+      }
+    }
   }
 
   // A thread's two accumulator rows (half 0, 1): pool row, routing weight, has a destination.
@@ -219,7 +303,7 @@ struct L1Epilogue {
     }
     // The next lone tile or tail rewrites lone_amax; every warp must have read it here.
     math_sync();
-    release_stored(block, fc);
+    release_stored(block, fc, /*first=*/false, /*last=*/true);
   }
 
  private:
@@ -285,6 +369,10 @@ template <int kStages, bool kGatherA>
 using L1Mainloop =
     GroupedFp8TmaMainloop<kL1WgN, kStages, kL1TailRows, kGatherA, BRowOrder::kLaneRuns>;
 
+// The gathered-A kernel's warps 1 and 2 gather, so it has no release warps.
+template <bool kGatherA>
+using L1EpilogueFor = L1Epilogue<!kGatherA>;
+
 // kGatherA: A read from the tokens' rows (L1Params::x), not from the pool.
 template <int kStages, bool kGatherA>
 __global__ void __launch_bounds__(kNumThreads, 1)
@@ -298,12 +386,18 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   const L1Params& p = k.p;
   Mainloop mainloop(smem, l1_operands(p, k.tail_rows), p.num_blocks, p.max_blocks, k.maps,
                     p.tile_claims);
-  mainloop.run(L1Epilogue{p, reinterpret_cast<float*>(smem + Mainloop::kSmemBytes)});
+  uint8_t* epilogue_smem = smem + Mainloop::kSmemBytes;
+  using Epilogue = L1EpilogueFor<kGatherA>;
+  const Epilogue epilogue{p, reinterpret_cast<float*>(epilogue_smem),
+                          ptx::smem_addr(epilogue_smem + Epilogue::kAmaxBytes)};
+  if (threadIdx.x == 0) epilogue.init_handshake();  // published by run()'s CTA-wide barrier
+  mainloop.run(epilogue);
 }
 
 template <int kStages, bool kGatherA>
 constexpr int l1_smem_bytes() {
-  return kSmemAlignSlack + L1Mainloop<kStages, kGatherA>::kSmemBytes + L1Epilogue::kSmemBytes;
+  return kSmemAlignSlack + L1Mainloop<kStages, kGatherA>::kSmemBytes +
+         L1EpilogueFor<kGatherA>::kSmemBytes;
 }
 
 }  // namespace jax_megamoe::sm90
