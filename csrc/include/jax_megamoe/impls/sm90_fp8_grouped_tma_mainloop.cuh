@@ -77,6 +77,27 @@
 namespace jax_megamoe::sm90 {
 
 constexpr int kNumThreads = kWarpGroupThreads + kNumMathThreads;
+
+// A store warp's wait (epilogue.store, Epilogue::kStoreWarps > 0) for its math warpgroup's tile
+// n: true once the phase of the staged barrier at shared address `staged` with parity `parity`
+// (n's) has completed, false if the CTA runs no tile n (then that phase never completes), as
+// the main loop's tile count at shared address tile_count says. The count is tested before each
+// sleeping wait, so after its last tile the warp normally ends at once (the producer writes the
+// count when it issues the end, while the math warps still run that tile's last K blocks; if
+// not yet, the next test is at most kStoreWarpSleepNs later). The wait sleeps until the phase
+// completes or kStoreWarpSleepNs pass: a polling warp took issue slots from the math warps
+// beside it (L2 3 % slower at M <= 128).
+constexpr uint32_t kStoreWarpSleepNs = 4000;
+__device__ __forceinline__ bool store_warp_wait(uint32_t staged, uint32_t parity, int n,
+                                                uint32_t tile_count) {
+  bool last = false;
+  ptx::spin_until([&] {
+    if (ptx::mbarrier_test_wait(staged, parity)) return true;
+    last = ptx::ld_volatile_shared_s32(tile_count) <= n;
+    return last || ptx::mbarrier_try_wait_sleep(staged, parity, kStoreWarpSleepNs);
+  });
+  return !last;
+}
 // One CTA per SM of 384 threads starts with 168 registers per thread (65536 / 384 rounded down
 // to the allocation unit of 8): 64512 in all. setmaxnreg only moves registers inside that pool:
 // a math warpgroup's increase waits until the producer's decrease has freed enough, forever if

@@ -45,7 +45,6 @@ struct L1Epilogue {
   static constexpr int kHandshakeBytes = 32;
   static constexpr int kSmemBytes = kAmaxBytes + kNumMathWarpGroups * kHandshakeBytes;
   static_assert(kAmaxBytes % 8 == 0, "mbarriers must be 8-byte aligned");
-  static constexpr uint32_t kWaitSleepNs = 4000;  // a release warp's longest sleep in one wait
 
   const L1Params& p;
   float* lone_amax;
@@ -67,19 +66,13 @@ struct L1Epilogue {
 
   // Release warp `wg` (kReleaseWarps): per tile of math warpgroup wg, the release of the record's
   // blocks, until the CTA's tile count (the main loop's, at shared address tile_count) says
-  // there are no more. Waits as L2's store warps do (L2Epilogue::store).
+  // there are no more (store_warp_wait).
   __device__ __forceinline__ void store(int wg, uint32_t tile_count) const {
     if (p.block_stored == nullptr) return;  // nothing to release: the math warps hand nothing
     const int lane = threadIdx.x % 32;
     uint32_t ph = 0;
     for (int n = 0;; ++n, ph ^= 1) {
-      bool last = false;
-      ptx::spin_until([&] {
-        if (ptx::mbarrier_test_wait(staged_bar(wg), ph)) return true;
-        last = ptx::ld_volatile_shared_s32(tile_count) <= n;
-        return last || ptx::mbarrier_try_wait_sleep(staged_bar(wg), ph, kWaitSleepNs);
-      });
-      if (last) return;
+      if (!store_warp_wait(staged_bar(wg), ph, n, tile_count)) return;
       if (lane == 0) {
         // The staged phase's acquire, then these releases: cumulative over the math
         // warpgroup's stores, which its warps' arrivals ordered before that phase.

@@ -51,7 +51,6 @@ struct L2Epilogue {
   static_assert(kStagedRowBytes % 128 == 16, "padding must shift each row by four banks");
   static_assert(Shape::kNTiles % 2 == 0, "one stmatrix x4 covers two n8 tiles");
   static_assert(kHandshakeOffset % 8 == 0, "mbarriers must be 8-byte aligned");
-  static constexpr uint32_t kWaitSleepNs = 4000;  // a store warp's longest sleep in one wait
 
   const L2Params& p;
   // kSmemBytes at this 32-bit shared-memory address, 16-byte aligned (the math threads hold it
@@ -111,19 +110,7 @@ struct L2Epilogue {
     const int slots_per_rank = p.max_tokens * p.topk;
     uint32_t ph = 0;
     for (int n = 0;; ++n, ph ^= 1) {
-      // Tile n is staged, or the CTA runs no tile n (then phase n never completes). The count is
-      // tested before each sleeping wait, so after its last tile the warp normally ends at once
-      // (the producer writes the count when it issues the end, while the math warps still run
-      // that tile's last K blocks; if not yet, the next test is at most kWaitSleepNs later).
-      // The wait sleeps until the phase completes or kWaitSleepNs pass: a polling warp took
-      // issue slots from the math warps beside it (L2 3 % slower at M <= 128).
-      bool last = false;
-      ptx::spin_until([&] {
-        if (ptx::mbarrier_test_wait(staged_bar(wg), ph)) return true;
-        last = ptx::ld_volatile_shared_s32(tile_count) <= n;
-        return last || ptx::mbarrier_try_wait_sleep(staged_bar(wg), ph, kWaitSleepNs);
-      });
-      if (last) break;
+      if (!store_warp_wait(staged_bar(wg), ph, n, tile_count)) break;
       const int row0 = ptx::ld_shared_s32(record(wg));
       const int col0 = ptx::ld_shared_s32(record(wg) + 4);
       const int bytes = ptx::ld_shared_s32(record(wg) + 8);
