@@ -98,14 +98,15 @@ __device__ __forceinline__ bool store_warp_wait(uint32_t staged, uint32_t parity
   });
   return !last;
 }
+
 // One CTA per SM of 384 threads starts with 168 registers per thread (65536 / 384 rounded down
 // to the allocation unit of 8): 64512 in all. setmaxnreg only moves registers inside that pool:
 // a math warpgroup's increase waits until the producer's decrease has freed enough, forever if
 // the two do not fit, so the split must satisfy 128 x producer + 256 x math <= 64512.
 // 128 x 40 + 256 x 232 = 64512: two 64-register master accumulators, a partial and the four mma
 // paths (paired, paired with a tail, lone by group, lone by halves). ptxas spills none in the K
-// loops (tests/test_sass_kloops.py checks the build); in L1 it keeps five words of per-tile values
-// on the stack, stored at entry and loaded once per tile: the tail's 16-register master
+// loops (tests/test_sass_kloops.py checks the build); in L1 it keeps five or six words of per-tile
+// values on the stack, stored at entry and loaded once per tile: the tail's 16-register master
 // accumulator, live through its K loop, displaces them (with it in shared memory, one word; every
 // way tried to recompute that one instead spilled more).
 constexpr int kRegsAtLaunch = 65536 / kNumThreads / 8 * 8;
