@@ -123,14 +123,14 @@ cudaError_t encode_l1_weights(CUtensorMap* map, const void* w1, int experts, int
                               int intermediate) {
   const auto encode = g_encode_tiled.load(std::memory_order_acquire);
   if (encode == nullptr) return cudaErrorInitializationError;  // prepare_gemm_kernels not run
-  constexpr int kRuns = 8, kRunLength = kQuantBlock / kRuns;   // m, j
+  constexpr int kRuns = sm90::kLaneRuns, kRunRows = sm90::kLaneRunRows;  // m, j
   const cuuint64_t h = static_cast<cuuint64_t>(hidden);
-  const cuuint64_t dims[5] = {h, kRuns, kRunLength,
+  const cuuint64_t dims[5] = {h, kRuns, kRunRows,
                               static_cast<cuuint64_t>(intermediate / kQuantBlock),
                               2 * static_cast<cuuint64_t>(experts)};
-  const cuuint64_t strides[4] = {kRunLength * h, h, kQuantBlock * h,
+  const cuuint64_t strides[4] = {kRunRows * h, h, kQuantBlock * h,
                                  static_cast<cuuint64_t>(intermediate) * h};
-  const cuuint32_t box[5] = {static_cast<cuuint32_t>(sm90::kBlockK), kRuns, kRunLength, 1, 2};
+  const cuuint32_t box[5] = {static_cast<cuuint32_t>(sm90::kBlockK), kRuns, kRunRows, 1, 2};
   const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
   const CUresult r =
       encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 5, const_cast<void*>(w1), dims, strides, box,

@@ -66,7 +66,12 @@ using TileAccum = Accum<kWgN>[kNumBGroups];
 // weights in memory stay as given, and so do their per-128-row scales (the order only permutes
 // rows inside one scale block).
 enum class BRowOrder { kAsStored, kLaneRuns };
-__device__ __forceinline__ int lane_run_row(int c) { return 16 * (c % 8) + c / 8; }
+// A group's 128 rows as kLaneRuns runs of kLaneRunRows: row 16 m + j is j of run m.
+constexpr int kLaneRuns = 8, kLaneRunRows = 16;
+static_assert(kLaneRuns * kLaneRunRows == kQuantBlock, "the runs cover one 128-row B group");
+__device__ __forceinline__ int lane_run_row(int c) {
+  return kLaneRunRows * (c % kLaneRuns) + c / kLaneRuns;
+}
 
 // How the two math warpgroups share the columns of a tile whose pair has one working row block:
 // B group w each (L2: its columns are independent), or half w of every group (L1: gate and up
