@@ -78,6 +78,28 @@ namespace jax_megamoe::sm90 {
 
 constexpr int kNumThreads = kWarpGroupThreads + kNumMathThreads;
 
+// The handshake of each math warpgroup with its store warp (epilogue.store, Epilogue::kStoreWarps
+// > 0), kBytes per warpgroup from shared address `base` (8-byte aligned): the staged mbarrier
+// (one arrival per warp of the math warpgroup, one phase per tile), the freed mbarrier (the
+// store warp's one arrival: it has read the record), then kRecordBytes of record, which the
+// epilogue lays out.
+struct StoreWarpHandshake {
+  static constexpr int kRecordBytes = 16, kBytes = 16 + kRecordBytes;
+  uint32_t base;
+
+  __device__ uint32_t staged(int wg) const { return base + wg * kBytes; }
+  __device__ uint32_t freed(int wg) const { return staged(wg) + 8; }
+  __device__ uint32_t record(int wg) const { return staged(wg) + 16; }
+
+  // By one thread, before the main loop's CTA-wide barrier (only threads use these barriers).
+  __device__ void init() const {
+    for (int wg = 0; wg < kNumMathWarpGroups; ++wg) {
+      ptx::mbarrier_init(staged(wg), kWarpGroupThreads / 32);
+      ptx::mbarrier_init(freed(wg), 1);
+    }
+  }
+};
+
 // A store warp's wait (epilogue.store, Epilogue::kStoreWarps > 0) for its math warpgroup's tile
 // n: true once the phase of the staged barrier at shared address `staged` with parity `parity`
 // (n's) has completed, false if the CTA runs no tile n (then that phase never completes), as

@@ -38,30 +38,24 @@ struct L1Epilogue {
   // The stores go straight from the math warps' registers; the release warps, if any, release.
   static constexpr int kStoreWarps = kReleaseWarps ? kNumMathWarpGroups : 0;
   static_assert(Shape::kNTiles == 16, "one row of the tile is one 128-column requant group");
-  // Row maxima of a lone block, [warpgroup][row]; then per math warpgroup its handshake: the
-  // staged and the freed mbarrier, the record (the tile's two row blocks: the pair's or lone
-  // one, and a tail or -1) and the number of records written.
+  // Row maxima of a lone block, [warpgroup][row]; then the store-warp handshake, its record:
+  // the tile's two row blocks (the pair's or lone one, and a tail or -1), then the number of
+  // records written.
   static constexpr int kAmaxBytes = kNumMathWarpGroups * kBlockM * sizeof(float);
-  static constexpr int kHandshakeBytes = 32;
-  static constexpr int kSmemBytes = kAmaxBytes + kNumMathWarpGroups * kHandshakeBytes;
+  static constexpr int kSmemBytes = kAmaxBytes + kNumMathWarpGroups * StoreWarpHandshake::kBytes;
+  static_assert(3 * sizeof(int) <= StoreWarpHandshake::kRecordBytes, "two blocks, the count");
   static_assert(kAmaxBytes % 8 == 0, "mbarriers must be 8-byte aligned");
 
   const L1Params& p;
   float* lone_amax;
-  uint32_t handshake;  // shared-memory address of the first warpgroup's
+  StoreWarpHandshake handshake;
 
-  __device__ uint32_t staged_bar(int wg) const { return handshake + wg * kHandshakeBytes; }
-  __device__ uint32_t freed_bar(int wg) const { return staged_bar(wg) + 8; }
-  __device__ uint32_t record(int wg) const { return staged_bar(wg) + 16; }
-  __device__ uint32_t records_written(int wg) const { return staged_bar(wg) + 24; }
+  __device__ uint32_t records_written(int wg) const { return handshake.record(wg) + 8; }
 
   // By one thread, before the main loop's CTA-wide barrier.
   __device__ void init_handshake() const {
-    for (int wg = 0; wg < kNumMathWarpGroups; ++wg) {
-      ptx::mbarrier_init(staged_bar(wg), kWarpGroupThreads / 32);
-      ptx::mbarrier_init(freed_bar(wg), 1);
-      ptx::st_shared(records_written(wg), 0);
-    }
+    handshake.init();
+    for (int wg = 0; wg < kNumMathWarpGroups; ++wg) ptx::st_shared(records_written(wg), 0);
   }
 
   // Release warp `wg` (kReleaseWarps): per tile of math warpgroup wg, the release of the record's
@@ -72,15 +66,15 @@ struct L1Epilogue {
     const int lane = threadIdx.x % 32;
     uint32_t ph = 0;
     for (int n = 0;; ++n, ph ^= 1) {
-      if (!store_warp_wait(staged_bar(wg), ph, n, tile_count)) return;
+      if (!store_warp_wait(handshake.staged(wg), ph, n, tile_count)) return;
       if (lane == 0) {
         // The staged phase's acquire, then these releases: cumulative over the math
         // warpgroup's stores, which its warps' arrivals ordered before that phase.
-        const int first = ptx::ld_shared_s32(record(wg));
-        const int tail = ptx::ld_shared_s32(record(wg) + 4);
+        const int first = ptx::ld_shared_s32(handshake.record(wg));
+        const int tail = ptx::ld_shared_s32(handshake.record(wg) + 4);
         ptx::red_release_gpu_add(&p.block_stored[first], 1);
         if (tail >= 0) ptx::red_release_gpu_add(&p.block_stored[tail], 1);
-        ptx::mbarrier_arrive(freed_bar(wg));
+        ptx::mbarrier_arrive(handshake.freed(wg));
       }
       __syncwarp();
     }
@@ -129,17 +123,17 @@ struct L1Epilogue {
       if (fc.t == 0) {
         if (first) {  // the release warp has read the previous record (its first: at once)
           const int written = ptx::ld_shared_s32(records_written(fc.wg));
-          ptx::mbarrier_wait(freed_bar(fc.wg), (written & 1) ^ 1);
-          ptx::st_shared(record(fc.wg) + 4, -1);
+          ptx::mbarrier_wait(handshake.freed(fc.wg), (written & 1) ^ 1);
+          ptx::st_shared(handshake.record(fc.wg) + 4, -1);
         }
-        ptx::st_shared(record(fc.wg) + (first ? 0 : 4), block);
+        ptx::st_shared(handshake.record(fc.wg) + (first ? 0 : 4), block);
         if (last) {
           ptx::st_shared(records_written(fc.wg), ptx::ld_shared_s32(records_written(fc.wg)) + 1);
         }
       }
       if (last) {  // one arrival per warp, after its lanes' stores (thread 0's record included)
         __syncwarp();
-        if (fc.lane == 0) ptx::mbarrier_arrive(staged_bar(fc.wg));
+        if (fc.lane == 0) ptx::mbarrier_arrive(handshake.staged(fc.wg));
       }
     }
   }
@@ -381,8 +375,9 @@ __global__ void __launch_bounds__(kNumThreads, 1)
                     p.tile_claims);
   uint8_t* epilogue_smem = smem + Mainloop::kSmemBytes;
   using Epilogue = L1EpilogueFor<kGatherA>;
-  const Epilogue epilogue{p, reinterpret_cast<float*>(epilogue_smem),
-                          ptx::smem_addr(epilogue_smem + Epilogue::kAmaxBytes)};
+  const Epilogue epilogue{p,
+                          reinterpret_cast<float*>(epilogue_smem),
+                          {ptx::smem_addr(epilogue_smem + Epilogue::kAmaxBytes)}};
   if (threadIdx.x == 0) epilogue.init_handshake();  // published by run()'s CTA-wide barrier
   mainloop.run(epilogue);
 }

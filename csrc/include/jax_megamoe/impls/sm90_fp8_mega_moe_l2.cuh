@@ -24,7 +24,7 @@ namespace jax_megamoe::sm90 {
 // eight rows of one stmatrix phase hit distinct banks), a proxy fence, then one arrival per warp
 // on `staged`. Its store warp then sends each row's 512 (lone: 256) contiguous bytes to the
 // row's combine slot with a bulk copy, waits until the copies have read the buffer and arrives on
-// `free`, which the math warpgroup waits for before it stages its next tile (a tile's K loop
+// `freed`, which the math warpgroup waits for before it stages its next tile (a tile's K loop
 // later, so it rarely waits). When the math warps issued the copies themselves, one sender
 // thread per row, the uniform bulk-copy instruction ran once per sender in a loop and the wait
 // for the previous copies sat in their path: with the next tile's first-stage wait, ~11 % of
@@ -32,9 +32,9 @@ namespace jax_megamoe::sm90 {
 // (quad shuffles + 16-byte stores) had taken ~1400 instructions per warp and tile.
 //
 // Handshake per math warpgroup w, one phase per staged tile: `staged[w]` completes on the four
-// warp arrivals (release: the rows and the record below are written), `free[w]` on the store
+// warp arrivals (release: the rows and the record below are written), `freed[w]` on the store
 // warp's one arrival (its copies have read the buffer). A record {row0, col0, bytes} says what
-// the buffer holds; the math warpgroup writes it only after waiting on `free` of the previous
+// the buffer holds; the math warpgroup writes it only after waiting on `freed` of the previous
 // one, so the store warp has read that. The store warp stops at the CTA's tile count.
 template <int kWgN>
 struct L2Epilogue {
@@ -44,10 +44,12 @@ struct L2Epilogue {
   static constexpr int kRowBytes = Shape::kBRows * 2;  // bf16
   static constexpr int kStagedRowBytes = kRowBytes + 16;
   static constexpr int kWgStagingBytes = kBlockM * kStagedRowBytes;
-  // Per math warpgroup after the staging buffers: staged and free mbarriers, then the record.
-  static constexpr int kHandshakeBytes = 32;
+  // After the staging buffers, the store-warp handshake (its record: first row, first column,
+  // bytes per row).
   static constexpr int kHandshakeOffset = kNumMathWarpGroups * kWgStagingBytes;
-  static constexpr int kSmemBytes = kHandshakeOffset + kNumMathWarpGroups * kHandshakeBytes;
+  static constexpr int kSmemBytes =
+      kHandshakeOffset + kNumMathWarpGroups * StoreWarpHandshake::kBytes;
+  static_assert(3 * sizeof(int) <= StoreWarpHandshake::kRecordBytes, "row, column, bytes");
   static_assert(kStagedRowBytes % 128 == 16, "padding must shift each row by four banks");
   static_assert(Shape::kNTiles % 2 == 0, "one stmatrix x4 covers two n8 tiles");
   static_assert(kHandshakeOffset % 8 == 0, "mbarriers must be 8-byte aligned");
@@ -58,19 +60,7 @@ struct L2Epilogue {
   uint32_t staging;
   uint32_t phase = 0;  // a math thread's count of staged tiles, mod 2
 
-  __device__ uint32_t staged_bar(int wg) const {
-    return staging + kHandshakeOffset + wg * kHandshakeBytes;
-  }
-  __device__ uint32_t free_bar(int wg) const { return staged_bar(wg) + 8; }
-  __device__ uint32_t record(int wg) const { return staged_bar(wg) + 16; }
-
-  // By one thread, before the main loop's CTA-wide barrier (only threads use these barriers).
-  __device__ void init_barriers() const {
-    for (int wg = 0; wg < kNumMathWarpGroups; ++wg) {
-      ptx::mbarrier_init(staged_bar(wg), kWarpGroupThreads / 32);
-      ptx::mbarrier_init(free_bar(wg), 1);
-    }
-  }
+  __device__ StoreWarpHandshake handshake() const { return {staging + kHandshakeOffset}; }
 
   // Math warpgroup: stage one tile's rows and hand them to the store warp.
   __device__ __forceinline__ void operator()(const Tile& tile, TileAccum<kWgN>& acc,
@@ -78,7 +68,7 @@ struct L2Epilogue {
     const FragCoords fc(math_thread);
     const uint32_t buf = staging + fc.wg * kWgStagingBytes;
     // The first wait sees a fresh barrier, whose phase of parity 1 reports complete.
-    ptx::mbarrier_wait(free_bar(fc.wg), phase ^ 1);
+    ptx::mbarrier_wait(handshake().freed(fc.wg), phase ^ 1);
 
     // stmatrix s of group g: n8 tiles 2s, 2s + 1 of the warp's 16 rows, matrix i = lane / 8 is
     // tile 2s + i / 2, rows (i % 2) * 8 + lane % 8.
@@ -110,10 +100,10 @@ struct L2Epilogue {
     const int slots_per_rank = p.max_tokens * p.topk;
     uint32_t ph = 0;
     for (int n = 0;; ++n, ph ^= 1) {
-      if (!store_warp_wait(staged_bar(wg), ph, n, tile_count)) break;
-      const int row0 = ptx::ld_shared_s32(record(wg));
-      const int col0 = ptx::ld_shared_s32(record(wg) + 4);
-      const int bytes = ptx::ld_shared_s32(record(wg) + 8);
+      if (!store_warp_wait(handshake().staged(wg), ph, n, tile_count)) break;
+      const int row0 = ptx::ld_shared_s32(handshake().record(wg));
+      const int col0 = ptx::ld_shared_s32(handshake().record(wg) + 4);
+      const int bytes = ptx::ld_shared_s32(handshake().record(wg) + 8);
       const int src[2] = {p.row_src[row0 + lane], p.row_src[row0 + lane + 32]};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -128,7 +118,7 @@ struct L2Epilogue {
       ptx::bulk_commit();
       ptx::bulk_wait_read<0>();
       __syncwarp();
-      if (lane == 0) ptx::mbarrier_arrive(free_bar(wg));
+      if (lane == 0) ptx::mbarrier_arrive(handshake().freed(wg));
     }
     ptx::bulk_wait_all();
     __threadfence_system();
@@ -151,14 +141,14 @@ struct L2Epilogue {
 
  private:
   __device__ __forceinline__ void write_record(int wg, int row0, int col0, int bytes) const {
-    ptx::st_shared(record(wg), row0);
-    ptx::st_shared(record(wg) + 4, col0);
-    ptx::st_shared(record(wg) + 8, bytes);
+    ptx::st_shared(handshake().record(wg), row0);
+    ptx::st_shared(handshake().record(wg) + 4, col0);
+    ptx::st_shared(handshake().record(wg) + 8, bytes);
   }
   // One arrival per warp, after all its lanes' writes (the record's writer is warp 0's leader).
   __device__ __forceinline__ void hand_over(const FragCoords& fc) {
     __syncwarp();
-    if (fc.lane == 0) ptx::mbarrier_arrive(staged_bar(fc.wg));
+    if (fc.lane == 0) ptx::mbarrier_arrive(handshake().staged(fc.wg));
     phase ^= 1;
   }
 };
@@ -199,7 +189,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   const L2Params& p = k.p;
   Mainloop mainloop(smem, l2_operands<kWgN>(p), p.num_blocks, p.max_blocks, k.maps, p.tile_claims);
   L2Epilogue<kWgN> epilogue{p, ptx::smem_addr(smem + Mainloop::kSmemBytes)};
-  if (threadIdx.x == 0) epilogue.init_barriers();  // published by run()'s CTA-wide barrier
+  if (threadIdx.x == 0) epilogue.handshake().init();  // published by run()'s CTA-wide barrier
   mainloop.run(epilogue);
 }
 
