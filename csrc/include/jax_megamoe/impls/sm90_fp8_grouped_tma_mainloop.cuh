@@ -166,9 +166,11 @@ constexpr int kTailAccBytes = kNumMathThreads * kTailRows * static_cast<int>(siz
 // thread) stays in registers through the K loop and waits in shared memory, each thread's own,
 // through the pair's epilogue.
 // Shared memory of the gather warps (kGatherA): the token of each row of the current tile (a
-// pair's and a tail's; each warp writes and reads its own half).
+// pair's and a tail's), per warp a fixed region of its own for its half of the rows.
 template <int kTailRows>
-constexpr int kGatherBytes = (kTileM + kTailRows) * 4;
+constexpr int kGatherWarpBytes = (kTileM + kTailRows) / kGatherWarps * 4;
+template <int kTailRows>
+constexpr int kGatherBytes = kGatherWarps * kGatherWarpBytes<kTailRows>;
 
 template <int kWgN, int kStages, int kTailRows = 0, bool kGatherA = false,
           BRowOrder kBOrder = BRowOrder::kAsStored>
@@ -454,7 +456,11 @@ class GroupedFp8TmaMainloop {
     const uint32_t swizzled[2] = {static_cast<uint32_t>((chunk ^ (lane / 8)) << 4),
                                   static_cast<uint32_t>((chunk ^ (lane / 8 + 4)) << 4)};
     const ProducerAddrs at(ring_);
-    const uint32_t tokens = gather_tokens_addr();
+    // Token q of this warp's rows (row p0 + q of the tile) at tokens + 4 q. A region per warp:
+    // where the warps' halves meet depends on the tile, and one warp may already be rewriting
+    // its tokens for its next tile (the desc barrier waits only for the producer) while the
+    // other still copies rows of the last one (racecheck, benchmarks/RESULTS.md 2026-12-04).
+    const uint32_t tokens = gather_tokens_addr(gw);
     int slot = 0;
     uint32_t phase = 0;
     int rows_pair = -1, rows_mask = 0;  // the row blocks whose tokens `tokens` holds
@@ -474,8 +480,8 @@ class GroupedFp8TmaMainloop {
       if (tile.pair != rows_pair || tile.mask != rows_mask) {
         const int first_row = tile.pair * kTileM + a_first * kBlockM;
         __syncwarp();  // every lane has issued its copies from the old tokens
-        for (int i = p0 + lane; i < p0 + half; i += 32) {
-          ptx::st_shared(tokens + i * 4, op_.gathered_token(first_row + i));
+        for (int q = lane; q < half; q += 32) {
+          ptx::st_shared(tokens + q * 4, op_.gathered_token(first_row + p0 + q));
         }
         __syncwarp();
         rows_pair = tile.pair;
@@ -488,14 +494,14 @@ class GroupedFp8TmaMainloop {
             at.a0 + slot * Ring::kOperandStride + a_first * Shape::kAWgBytes + swizzled[0];
         const uint8_t* a_src = op_.a_src + kb * kBlockK + chunk * 16;
         const uint32_t k = static_cast<uint32_t>(op_.k);
-        for (int pb = p0 + lane / 8; pb < p0 + half; pb += 4 * kGatherBatch) {
+        for (int qb = lane / 8; qb < half; qb += 4 * kGatherBatch) {
           int token[kGatherBatch];  // read first, so their latencies overlap
 #pragma unroll
           for (int j = 0; j < kGatherBatch; ++j)
-            token[j] = ptx::ld_shared_s32(tokens + (pb + 4 * j) * 4);
+            token[j] = ptx::ld_shared_s32(tokens + (qb + 4 * j) * 4);
 #pragma unroll
           for (int j = 0; j < kGatherBatch; ++j) {
-            const int p = pb + 4 * j;
+            const int p = p0 + qb + 4 * j;
             const bool real = token[j] >= 0;
             const uint32_t dst = a_dst + p * kBlockK + (p < main_rows ? 0 : Shape::kBBytes) +
                                  (j % 2 == 1 ? swizzled[1] - swizzled[0] : 0);
@@ -747,9 +753,10 @@ class GroupedFp8TmaMainloop {
     }
   }
 
-  // The gather warps' tokens (kGatherBytes), after the tails' master accumulators.
-  __device__ uint32_t gather_tokens_addr() const {
-    return ptx::smem_addr(full_) + kControlBytes + kTailAccBytes<kTailRows>;
+  // Gather warp gw's tokens (kGatherWarpBytes), after the tails' master accumulators.
+  __device__ uint32_t gather_tokens_addr(int gw) const {
+    return ptx::smem_addr(full_) + kControlBytes + kTailAccBytes<kTailRows> +
+           gw * kGatherWarpBytes<kTailRows>;
   }
 
   // Math thread i's tail master accumulator (kTailAccBytes): quad q at + q * kNumMathThreads * 16.
