@@ -11,7 +11,8 @@
 #             tool run (default 300), tools $SANITIZE_TOOLS (default all three) on grids of
 #             $SANITIZE_CTAS CTAs (default "0 8", 0 = full), each printing at most
 #             $SANITIZE_PRINT_LIMIT reports (default 20); then racecheck on
-#             tools/racecheck_mbarrier_probe.cu
+#             tools/racecheck_mbarrier_probe.cu (map racecheck's reports to SASS and shared
+#             addresses with tools/racecheck_sass.py, against a build of the same source)
 #   ceiling   tools/wgmma_ceiling.cu: the tensor-pipe share the main loop's math reaches with
 #             its operands resident in shared memory, per way of issuing and promoting
 #   stream    tools/tma_stream.cu: how fast one CTA per SM streams weights with TMA and no math,
