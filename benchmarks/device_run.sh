@@ -10,9 +10,10 @@
 #             a host program without JAX (tools/gemm_sanitize.cu); $SANITIZE_TIMEOUT s per
 #             tool run (default 300), tools $SANITIZE_TOOLS (default all three) on grids of
 #             $SANITIZE_CTAS CTAs (default "0 8", 0 = full), each printing at most
-#             $SANITIZE_PRINT_LIMIT reports (default 20); then racecheck on
-#             tools/racecheck_mbarrier_probe.cu (map racecheck's reports to SASS and shared
-#             addresses with tools/racecheck_sass.py, against a build of the same source)
+#             $SANITIZE_PRINT_LIMIT reports (default 1000); racecheck's reports mapped to
+#             SASS by tools/racecheck_sass.py, which fails the mode on one that names a range
+#             no two warps share (launch.h's gemm_private_smem: a race); then racecheck on
+#             tools/racecheck_mbarrier_probe.cu
 #   ceiling   tools/wgmma_ceiling.cu: the tensor-pipe share the main loop's math reaches with
 #             its operands resident in shared memory, per way of issuing and promoting
 #   stream    tools/tma_stream.cu: how fast one CTA per SM streams weights with TMA and no math,
@@ -142,13 +143,28 @@ if [[ $modes == *,sanitize,* ]]; then
       for ctas in ${SANITIZE_CTAS:-0 8}; do
         log="$OUT/sanitize_${tool}_$ctas.log"
         timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" \
-          --print-limit "${SANITIZE_PRINT_LIMIT:-20}" --error-exitcode 3 /tmp/gemm_sanitize \
+          --print-limit "${SANITIZE_PRINT_LIMIT:-1000}" --error-exitcode 3 /tmp/gemm_sanitize \
           --ctas "$ctas" >"$log" 2>&1
         rc=$?
         status=$((status | rc))
         echo "$tool ctas=$ctas rc=$rc: $(grep -E "$summary_re" "$log" | tr '\n' ' ')"
       done
     done
+    # racecheck reports every mbarrier hand-off; one on a range that no two warps share but
+    # through a barrier it follows is a race (tools/racecheck_sass.py, status 3)
+    racecheck_logs=("$OUT"/sanitize_racecheck_*.log)
+    if [[ -f ${racecheck_logs[0]} ]] && command -v cuobjdump >/dev/null &&
+      command -v c++filt >/dev/null; then
+      cuobjdump -sass /tmp/gemm_sanitize >/tmp/gemm_sanitize.sass &&
+        /tmp/gemm_sanitize --private-smem >"$OUT/private_smem.txt" &&
+        python3 tools/racecheck_sass.py --private "$OUT/private_smem.txt" \
+          /tmp/gemm_sanitize.sass "${racecheck_logs[@]}" >"$OUT/racecheck_sass.txt" 2>&1
+      rc=$?
+      status=$((status | rc))
+      echo "racecheck reports mapped to SASS rc=$rc: $(tail -1 "$OUT/racecheck_sass.txt")"
+    elif [[ -f ${racecheck_logs[0]} ]]; then
+      echo "no cuobjdump or c++filt here: map racecheck's reports with tools/racecheck_sass.py"
+    fi
   else
     status=1
   fi

@@ -4,8 +4,12 @@ inputs are in the formats of the H200 machines' compute-sanitizer and of cuobjdu
 shows as an address that only the gather warps' tokens use."""
 
 import io
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -61,8 +65,7 @@ def test_racecheck_and_cxxfilt_spellings_of_a_kernel_meet():
 
 def test_accesses_grouped_by_the_shared_operand_immediate():
     out = io.StringIO()
-    missing = rs.summarize(rs.parse_reports(io.StringIO(LOG)), kernels(), out)
-    assert missing == 0
+    assert rs.summarize(rs.parse_reports(io.StringIO(LOG)), kernels(), out).missing == 0
     table = out.getvalue().split("immediate (R/W + offset):\n")[1].splitlines()
     assert table == [
         "  sm90_fp8_mega_moe_l1<(int)4, (bool)1> 0x32a70: R0x620 W0x200c0",
@@ -75,7 +78,7 @@ def test_sass_of_another_build_is_flagged():
     """An offset that holds no shared-memory instruction (a branch here), or none at all."""
     log = LOG.replace("+0x23c70", "+0x23c80").replace("+0x620", "+0x630")
     out = io.StringIO()
-    assert rs.summarize(rs.parse_reports(io.StringIO(log)), kernels(), out) == 2
+    assert rs.summarize(rs.parse_reports(io.StringIO(log)), kernels(), out).missing == 2
     assert "no shared-memory access here: @!P0 BRA 0x23a20" in out.getvalue()
     assert "no shared-memory access here: None" in out.getvalue()
 
@@ -84,3 +87,53 @@ def test_predicated_and_register_only_operands():
     assert rs.shared_address("@P4 LDGSTS.E [R33+0x32000], desc[UR44][R4.64] ;") == "0x32000"
     assert rs.shared_address("LDS R199, [R198] ;") is None
     assert rs.shared_address("LDG.E R2, desc[UR4][R2.64+0x10] ;") is None
+
+
+def test_an_access_to_a_private_range_is_a_race_and_only_in_its_kernel():
+    """The gather warps' tokens (gemm_sanitize --private-smem's format) are named by report 1;
+    report 0's address lies in a range of the other L1 instance, so it is no race."""
+    private = rs.parse_private(
+        io.StringIO(
+            "jax_megamoe::sm90::sm90_fp8_mega_moe_l1<4, true>\t0x36b00\t0x36d40\tgather tokens\n"
+            "jax_megamoe::sm90::sm90_fp8_mega_moe_l1<4, false>\t0x32a00\t0x32b00\tother\n"
+        )
+    )
+    out = io.StringIO()
+    result = rs.summarize(rs.parse_reports(io.StringIO(LOG)), kernels(), out, private)
+    assert result.missing == 0
+    assert result.races == [
+        "report 1: Write sm90_fp8_mega_moe_l1<(int)4, (bool)1>+0x22070 (gather tokens)",
+        "report 1: Read sm90_fp8_mega_moe_l1<(int)4, (bool)1>+0x23a20 (gather tokens)",
+        "report 1: Read sm90_fp8_mega_moe_l1<(int)4, (bool)1>+0x23c70 (gather tokens)",
+    ]
+    assert "RACE in a private range: report 1: Write" in out.getvalue()
+    # Without the private ranges the same reports are the hand-offs racecheck always shows.
+    assert rs.summarize(rs.parse_reports(io.StringIO(LOG)), kernels(), io.StringIO()).races == []
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH")
+def test_gemm_sanitize_prints_private_ranges_the_script_reads(tmp_path):
+    """`gemm_sanitize --private-smem` runs without a GPU (built here at -O1: the ranges are
+    constants): every range the script reads is non-empty, and a kernel's ranges are disjoint."""
+    binary = tmp_path / "gemm_sanitize"
+    cmd = [
+        "nvcc", "-std=c++17", "-O1", "-gencode=arch=compute_90a,code=sm_90a",
+        "--expt-relaxed-constexpr", f"-I{REPO / 'csrc' / 'include'}",
+        str(REPO / "tools" / "gemm_sanitize.cu"), str(REPO / "csrc" / "launch" / "gemm.cu"),
+        "-o", str(binary),
+    ]  # fmt: skip
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stderr[-4000:]
+    printed = subprocess.run([binary, "--private-smem"], capture_output=True, text=True)
+    assert printed.returncode == 0, printed.stderr
+    ranges = rs.parse_private(io.StringIO(printed.stdout))
+    kinds = {(r.kernel, r.what) for r in ranges}
+    for gather in ("0", "1"):
+        kernel = f"jax_megamoe::sm90::sm90_fp8_mega_moe_l1<4,{gather}>"
+        assert {(kernel, "tail accumulators"), (kernel, "lone-block row maxima")} <= kinds
+    assert ("jax_megamoe::sm90::sm90_fp8_mega_moe_l1<4,1>", "gather tokens") in kinds
+    for r in ranges:
+        assert 0 < r.begin < r.end <= 227 * 1024
+        for other in ranges:
+            if other is not r and other.kernel == r.kernel:
+                assert other.end <= r.begin or r.end <= other.begin, (r, other)

@@ -145,6 +145,13 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
 }  // namespace
 
 int main(int argc, char** argv) {
+  // --private-smem: the shared-memory ranges where a racecheck report is a race, one per line
+  // (kernel, begin, end, what), for tools/racecheck_sass.py; needs no GPU.
+  if (argc == 2 && std::strcmp(argv[1], "--private-smem") == 0) {
+    for (const auto& r : jax_megamoe::gemm_private_smem())
+      std::printf("%s\t%#x\t%#x\t%s\n", r.kernel.c_str(), r.begin, r.end, r.what.c_str());
+    return 0;
+  }
   int device = 0, sms = 0;
   if (!ok(cudaSetDevice(device), "cudaSetDevice") ||
       !ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count") ||

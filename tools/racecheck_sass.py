@@ -9,11 +9,17 @@ map (the tile slots, the tile count, the scale stages, the store-warp records an
 warps' tokens; design §4.2). On 2026-12-04 this is how a race between L1's gather warps showed:
 one address that none of the known hand-offs use (benchmarks/RESULTS.md).
 
+With `--private FILE` (what `gemm_sanitize --private-smem` prints: per line a kernel, the
+begin and end of a shared-memory range, and its name) it also checks the ranges that no two
+warps share but through a barrier racecheck follows (launch.h's gemm_private_smem): a report
+that names one is a race, and the exit status is 3.
+
 The SASS must come from a build of the same source with the same flags (device_run.sh's
 `build_tool`, then tools/sass_yield.py), e.g. a local build of tools/gemm_sanitize.cu:
 
     cuobjdump -sass /tmp/gemm_sanitize > gemm_sanitize.sass
-    python3 tools/racecheck_sass.py gemm_sanitize.sass sanitize_racecheck_8.log [...]
+    /tmp/gemm_sanitize --private-smem > private_smem.txt
+    python3 tools/racecheck_sass.py --private private_smem.txt gemm_sanitize.sass LOG [...]
 
 Run racecheck with a print limit above its report count (`SANITIZE_PRINT_LIMIT`), or the
 reports past the limit are not in the log.
@@ -53,10 +59,30 @@ class Report:
 
 def normalize_kernel(name: str) -> str:
     """One spelling for racecheck's and c++filt's demangled names: racecheck writes template
-    arguments as `(int)4, (bool)0`, c++filt as `4, false`."""
+    arguments as `(int)4, (bool)0`, c++filt as `4, false`; the return type and the parameters
+    are left out."""
+    name = re.sub(r"^void |\([^()]*\)$", "", name.strip())
     name = re.sub(r"\((?:int|bool|unsigned int|long)\)", "", name)
     name = re.sub(r"\bfalse\b", "0", re.sub(r"\btrue\b", "1", name))
     return re.sub(r"\s+", "", name)
+
+
+@dataclass
+class PrivateRange:
+    kernel: str  # normalized
+    begin: int
+    end: int
+    what: str
+
+
+def parse_private(lines) -> list[PrivateRange]:
+    """`gemm_sanitize --private-smem` output: kernel, begin, end, what (tab-separated)."""
+    ranges = []
+    for line in lines:
+        if line.strip():
+            kernel, begin, end, what = line.rstrip("\n").split("\t")
+            ranges.append(PrivateRange(normalize_kernel(kernel), int(begin, 0), int(end, 0), what))
+    return ranges
 
 
 def parse_reports(lines) -> list[Report]:
@@ -120,21 +146,35 @@ def cxx_demangler():
     return demangle
 
 
-def summarize(reports: list[Report], kernels: dict[str, dict[int, str]], out) -> int:
-    """Prints each report's instructions, then the accesses per (kernel, shared address);
-    returns how many accesses name no shared-memory instruction of the SASS (another build)."""
+@dataclass
+class Summary:
+    missing: int = 0  # accesses that name no shared-memory instruction (another build)
+    races: list[str] = field(default_factory=list)  # accesses in a private range
+
+
+def summarize(
+    reports: list[Report], kernels: dict[str, dict[int, str]], out, private=()
+) -> Summary:
+    """Prints each report's instructions, then the accesses per (kernel, shared address)."""
     by_address: dict[tuple[str, str], list[str]] = defaultdict(list)
-    missing = 0
+    result = Summary()
     for n, report in enumerate(reports):
         print(f"report {n}:", file=out)
         for a in report.accesses:
             sass = kernels.get(normalize_kernel(a.kernel), {})
             instruction = sass.get(a.offset)
             if instruction is None or not accesses_shared(instruction):
-                missing += 1
+                result.missing += 1
                 instruction = f"(no shared-memory access here: {instruction})"
-            address = shared_address(instruction) if instruction else None
+            address = shared_address(instruction)
             short = re.sub(r"^void |\([^()]*\)$", "", a.kernel).split("::")[-1]
+            for r in private:
+                if (
+                    address is not None
+                    and r.kernel == normalize_kernel(a.kernel)
+                    and r.begin <= int(address, 16) < r.end
+                ):
+                    result.races.append(f"report {n}: {a.kind} {short}+{a.offset:#x} ({r.what})")
             print(
                 f"  {a.kind:5} {short}+{a.offset:#x} {instruction}"
                 + (f" [{a.hazards} hazards]" if a.hazards else ""),
@@ -145,25 +185,37 @@ def summarize(reports: list[Report], kernels: dict[str, dict[int, str]], out) ->
     print("\naccesses per kernel and shared operand's immediate (R/W + offset):", file=out)
     for (kernel, address), seen in sorted(by_address.items()):
         print(f"  {kernel} {address}: {' '.join(sorted(set(seen)))}", file=out)
-    return missing
+    for race in result.races:
+        print(f"RACE in a private range: {race}", file=out)
+    return result
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sass", help="cuobjdump -sass output of the binary that racecheck ran")
     p.add_argument("logs", nargs="+", help="racecheck logs")
+    p.add_argument("--private", help="gemm_sanitize --private-smem output")
     args = p.parse_args(argv)
     with open(args.sass) as f:
         kernels = parse_sass(f, cxx_demangler())
+    private = []
+    if args.private:
+        with open(args.private) as f:
+            private = parse_private(f)
     reports = []
     for path in args.logs:
         with open(path) as f:
             reports += parse_reports(f)
-    missing = summarize(reports, kernels, sys.stdout)
-    if missing:
+    result = summarize(reports, kernels, sys.stdout, private)
+    print(
+        f"{len(reports)} reports, {len(result.races)} accesses in private ranges",
+        file=sys.stderr,
+    )
+    if result.missing:
         what = "accesses name no shared-memory instruction"
-        print(f"{missing} {what}: the SASS of another build?", file=sys.stderr)
-    return 1 if missing else 0
+        print(f"{result.missing} {what}: the SASS of another build?", file=sys.stderr)
+        return 1
+    return 3 if result.races else 0
 
 
 if __name__ == "__main__":

@@ -257,4 +257,27 @@ cudaError_t prepare_gemm_kernels() {
 
 int gemm_ctas_per_sm() { return kCtasPerSm; }
 
+namespace {
+template <bool kGatherA>
+void add_l1_private_smem(std::vector<SmemRange>& ranges) {
+  using Mainloop = sm90::L1Mainloop<kL1Stages, kGatherA>;
+  const std::string l1 = "jax_megamoe::sm90::sm90_fp8_mega_moe_l1<" + std::to_string(kL1Stages) +
+                         (kGatherA ? ", true>" : ", false>");
+  // The epilogue's shared memory follows the main loop's; its lone-block row maxima come first.
+  ranges.push_back({l1, "lone-block row maxima", Mainloop::kSmemBytes,
+                    Mainloop::kSmemBytes + sm90::L1EpilogueFor<kGatherA>::kAmaxBytes});
+  ranges.push_back({l1, "tail accumulators", Mainloop::kTailAccOffset,
+                    Mainloop::kTailAccOffset + sm90::kTailAccBytes<sm90::kL1TailRows>});
+  if constexpr (kGatherA)
+    ranges.push_back({l1, "gather tokens", Mainloop::kGatherTokensOffset, Mainloop::kSmemBytes});
+}
+}  // namespace
+
+std::vector<SmemRange> gemm_private_smem() {
+  std::vector<SmemRange> ranges;
+  add_l1_private_smem<false>(ranges);
+  add_l1_private_smem<true>(ranges);
+  return ranges;
+}
+
 }  // namespace jax_megamoe

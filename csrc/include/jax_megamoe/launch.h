@@ -5,6 +5,8 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "jax_megamoe/constants.h"
 
@@ -78,5 +80,14 @@ cudaError_t launch_l2(const L2Params& p, cudaStream_t stream);
 cudaError_t prepare_gemm_kernels();
 // CTAs per SM the persistent GEMM kernels are sized for.
 int gemm_ctas_per_sm();
+// A range of a GEMM kernel's shared memory, as offsets from its aligned base, that no two
+// threads share but through a barrier (bar.sync), which racecheck follows (it follows no
+// mbarrier): a racecheck report on it is a race (tools/racecheck_sass.py). `kernel` names the
+// instance as c++filt does, without its parameters.
+struct SmemRange {
+  std::string kernel, what;
+  int begin, end;
+};
+std::vector<SmemRange> gemm_private_smem();
 
 }  // namespace jax_megamoe

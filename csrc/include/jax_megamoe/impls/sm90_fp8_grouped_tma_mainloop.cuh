@@ -201,6 +201,11 @@ class GroupedFp8TmaMainloop {
   // Then, with kGatherA, the gather warps' tokens (kGatherBytes).
   static constexpr int kSmemBytes = Ring::kBytes + kControlBytes + kTailAccBytes<kTailRows> +
                                     (kGatherA ? kGatherBytes<kTailRows> : 0);
+  // Where, from `smem`, the two regions start that no thread shares with another warp's: the
+  // tails' master accumulators (each math thread's own) and the gather warps' tokens (each
+  // warp's own). So a racecheck report on them is a race (launch.h's gemm_private_smem).
+  static constexpr int kTailAccOffset = Ring::kBytes + kControlBytes;
+  static constexpr int kGatherTokensOffset = kTailAccOffset + kTailAccBytes<kTailRows>;
   static constexpr int kFullCount = kFullArrivals + (kGatherA ? kGatherArrivals : 0);
 
   // `smem` must be kSwizzleAtomBytes-aligned (align_smem). The tensor maps, all 128B-swizzled
@@ -755,13 +760,12 @@ class GroupedFp8TmaMainloop {
 
   // Gather warp gw's tokens (kGatherWarpBytes), after the tails' master accumulators.
   __device__ uint32_t gather_tokens_addr(int gw) const {
-    return ptx::smem_addr(full_) + kControlBytes + kTailAccBytes<kTailRows> +
-           gw * kGatherWarpBytes<kTailRows>;
+    return ptx::smem_addr(ring_.a(0)) + kGatherTokensOffset + gw * kGatherWarpBytes<kTailRows>;
   }
 
   // Math thread i's tail master accumulator (kTailAccBytes): quad q at + q * kNumMathThreads * 16.
   __device__ uint32_t tail_acc_addr(int math_thread) const {
-    return ptx::smem_addr(full_) + kControlBytes + math_thread * 16;
+    return ptx::smem_addr(ring_.a(0)) + kTailAccOffset + math_thread * 16;
   }
   __device__ __forceinline__ static void load_tail_acc(uint32_t master, TailAccum& acc) {
 #pragma unroll
