@@ -137,3 +137,16 @@ def test_gemm_sanitize_prints_private_ranges_the_script_reads(tmp_path):
         for other in ranges:
             if other is not r and other.kernel == r.kernel:
                 assert other.end <= r.begin or r.end <= other.begin, (r, other)
+
+
+def test_status_and_a_private_range_of_a_kernel_the_sass_lacks():
+    """A renamed kernel would leave its ranges unchecked: that is an error, not a pass."""
+    reports = rs.parse_reports(io.StringIO(LOG))
+    tokens = "jax_megamoe::sm90::sm90_fp8_mega_moe_l1<4, true>\t0x36b00\t0x36d40\ttokens\n"
+    err = io.StringIO()
+    private = rs.parse_private(io.StringIO(tokens))
+    assert rs.check(kernels(), reports, private, io.StringIO(), err) == 3
+    assert rs.check(kernels(), reports, [], io.StringIO(), io.StringIO()) == 0
+    renamed = rs.parse_private(io.StringIO(tokens.replace("mega_moe_l1", "mega_moe_gemm1")))
+    assert rs.check(kernels(), reports, renamed, io.StringIO(), err) == 1
+    assert "private ranges of kernels the SASS lacks" in err.getvalue()

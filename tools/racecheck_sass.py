@@ -190,6 +190,22 @@ def summarize(
     return result
 
 
+def check(kernels, reports: list[Report], private: list[PrivateRange], out, err) -> int:
+    """The exit status: 0, 1 (the SASS is of another build, or lacks a kernel of a private
+    range: its ranges would go unchecked) or 3 (a report in a private range)."""
+    unknown = sorted({r.kernel for r in private} - set(kernels))
+    if unknown:
+        print(f"private ranges of kernels the SASS lacks: {unknown}", file=err)
+        return 1
+    result = summarize(reports, kernels, out, private)
+    print(f"{len(reports)} reports, {len(result.races)} accesses in private ranges", file=err)
+    if result.missing:
+        what = "accesses name no shared-memory instruction"
+        print(f"{result.missing} {what}: the SASS of another build?", file=err)
+        return 1
+    return 3 if result.races else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sass", help="cuobjdump -sass output of the binary that racecheck ran")
@@ -206,16 +222,7 @@ def main(argv=None) -> int:
     for path in args.logs:
         with open(path) as f:
             reports += parse_reports(f)
-    result = summarize(reports, kernels, sys.stdout, private)
-    print(
-        f"{len(reports)} reports, {len(result.races)} accesses in private ranges",
-        file=sys.stderr,
-    )
-    if result.missing:
-        what = "accesses name no shared-memory instruction"
-        print(f"{result.missing} {what}: the SASS of another build?", file=sys.stderr)
-        return 1
-    return 3 if result.races else 0
+    return check(kernels, reports, private, sys.stdout, sys.stderr)
 
 
 if __name__ == "__main__":

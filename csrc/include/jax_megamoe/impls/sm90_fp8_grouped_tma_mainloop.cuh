@@ -201,9 +201,9 @@ class GroupedFp8TmaMainloop {
   // Then, with kGatherA, the gather warps' tokens (kGatherBytes).
   static constexpr int kSmemBytes = Ring::kBytes + kControlBytes + kTailAccBytes<kTailRows> +
                                     (kGatherA ? kGatherBytes<kTailRows> : 0);
-  // Where, from `smem`, the two regions start that no thread shares with another warp's: the
-  // tails' master accumulators (each math thread's own) and the gather warps' tokens (each
-  // warp's own). So a racecheck report on them is a race (launch.h's gemm_private_smem).
+  // Where (from `smem`) the two regions start whose bytes each belong to one thread or one
+  // warp: the tails' master accumulators (each math thread's) and the gather warps' tokens
+  // (each warp's). A racecheck report on them is a race (launch.h's gemm_private_smem).
   static constexpr int kTailAccOffset = Ring::kBytes + kControlBytes;
   static constexpr int kGatherTokensOffset = kTailAccOffset + kTailAccBytes<kTailRows>;
   static constexpr int kFullCount = kFullArrivals + (kGatherA ? kGatherArrivals : 0);
