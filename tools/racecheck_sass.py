@@ -5,9 +5,9 @@ mbarrier ordering: tools/racecheck_mbarrier_probe.cu), so a run always has repor
 race hides among them. A report names only `kernel+0xOFFSET` per access. This script prints the
 instruction at each offset and the shared-memory address it names (the immediate of `[Rx+0x..]`),
 and sums the reports per address, so each address can be matched with the kernel's shared-memory
-map (the tile slots, the tile count, the scale stages, the store-warp records and the gather
-warps' tokens; design §4.2). On 2026-12-04 this is how a race between L1's gather warps showed:
-one address that none of the known hand-offs use (benchmarks/RESULTS.md).
+map: the known hand-offs are the tile slots, the tile count, the scale stages and L2's
+store-warp records (design §4.2). On 2026-12-04 this is how a race between L1's gather warps
+showed: one address that none of them use, the warps' tokens (benchmarks/RESULTS.md).
 
 With `--private FILE` (what `gemm_sanitize --private-smem` prints: per line a kernel, the
 begin and end of a shared-memory range, and its name) it also checks the ranges that no two
