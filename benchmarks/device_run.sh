@@ -157,8 +157,9 @@ if [[ $modes == *,sanitize,* ]]; then
     # through a barrier it follows is a race (tools/racecheck_sass.py, status 3). Without the
     # mapping, any report fails the mode.
     racecheck_logs=("$OUT"/sanitize_racecheck_*.log)
-    if [[ -f ${racecheck_logs[0]} ]] && command -v cuobjdump >/dev/null &&
-      command -v c++filt >/dev/null; then
+    if [[ ! -f ${racecheck_logs[0]} ]]; then
+      :  # racecheck did not run
+    elif command -v cuobjdump >/dev/null && command -v c++filt >/dev/null; then
       cuobjdump -sass /tmp/gemm_sanitize >/tmp/gemm_sanitize.sass &&
         /tmp/gemm_sanitize --private-smem >"$OUT/private_smem.txt" &&
         python3 tools/racecheck_sass.py --private "$OUT/private_smem.txt" \
@@ -166,7 +167,7 @@ if [[ $modes == *,sanitize,* ]]; then
       rc=$?
       status=$((status | rc))
       echo "racecheck reports mapped to SASS rc=$rc: $(tail -1 "$OUT/racecheck_sass.txt")"
-    elif [[ -f ${racecheck_logs[0]} ]]; then
+    else
       echo "no cuobjdump or c++filt here: map racecheck's reports with tools/racecheck_sass.py"
       status=$((status | racecheck_reported))
     fi

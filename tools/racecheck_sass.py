@@ -57,11 +57,16 @@ class Report:
     accesses: list[Access] = field(default_factory=list)
 
 
+def without_signature(name: str) -> str:
+    """A demangled kernel name without its return type and parameters."""
+    return re.sub(r"^void |\([^()]*\)$", "", name.strip())
+
+
 def normalize_kernel(name: str) -> str:
     """One spelling for racecheck's and c++filt's demangled names: racecheck writes template
     arguments as `(int)4, (bool)0`, c++filt as `4, false`; the return type and the parameters
     are left out."""
-    name = re.sub(r"^void |\([^()]*\)$", "", name.strip())
+    name = without_signature(name)
     name = re.sub(r"\((?:int|bool|unsigned int|long)\)", "", name)
     name = re.sub(r"\bfalse\b", "0", re.sub(r"\btrue\b", "1", name))
     return re.sub(r"\s+", "", name)
@@ -161,17 +166,17 @@ def summarize(
     for n, report in enumerate(reports):
         print(f"report {n}:", file=out)
         for a in report.accesses:
-            sass = kernels.get(normalize_kernel(a.kernel), {})
-            instruction = sass.get(a.offset)
+            kernel = normalize_kernel(a.kernel)
+            instruction = kernels.get(kernel, {}).get(a.offset)
             if instruction is None or not accesses_shared(instruction):
                 result.missing += 1
                 instruction = f"(no shared-memory access here: {instruction})"
             address = shared_address(instruction)
-            short = re.sub(r"^void |\([^()]*\)$", "", a.kernel).split("::")[-1]
+            short = without_signature(a.kernel).split("::")[-1]
             for r in private:
                 if (
                     address is not None
-                    and r.kernel == normalize_kernel(a.kernel)
+                    and r.kernel == kernel
                     and r.begin <= int(address, 16) < r.end
                 ):
                     result.races.append(f"report {n}: {a.kind} {short}+{a.offset:#x} ({r.what})")

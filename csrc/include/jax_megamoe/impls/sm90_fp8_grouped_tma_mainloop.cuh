@@ -198,14 +198,13 @@ class GroupedFp8TmaMainloop {
   // Then the tails' master accumulators: per math thread kTailRows floats, stored as float4
   // quads, quad q of math thread i at (q * kNumMathThreads + i) * 16 (conflict-free).
   static constexpr int kTailQuads = kTailRows / 4;
-  // Then, with kGatherA, the gather warps' tokens (kGatherBytes).
-  static constexpr int kSmemBytes = Ring::kBytes + kControlBytes + kTailAccBytes<kTailRows> +
-                                    (kGatherA ? kGatherBytes<kTailRows> : 0);
-  // Where (from `smem`) the two regions start whose bytes each belong to one thread or one
-  // warp: the tails' master accumulators (each math thread's) and the gather warps' tokens
-  // (each warp's). A racecheck report on them is a race (launch.h's gemm_private_smem).
+  // Then, with kGatherA, the gather warps' tokens (kGatherBytes). Where (from `smem`) these two
+  // regions start, whose bytes each belong to one thread or one warp: the tails' master
+  // accumulators (each math thread's) and the tokens (each warp's). A racecheck report on them
+  // is a race (launch.h's gemm_private_smem).
   static constexpr int kTailAccOffset = Ring::kBytes + kControlBytes;
   static constexpr int kGatherTokensOffset = kTailAccOffset + kTailAccBytes<kTailRows>;
+  static constexpr int kSmemBytes = kGatherTokensOffset + (kGatherA ? kGatherBytes<kTailRows> : 0);
   static constexpr int kFullCount = kFullArrivals + (kGatherA ? kGatherArrivals : 0);
 
   // `smem` must be kSwizzleAtomBytes-aligned (align_smem). The tensor maps, all 128B-swizzled
