@@ -225,6 +225,7 @@ def one_point(args, m: int, fns: dict, weights, hbm: float) -> dict:
         "dense_rows": dense_rows,
         "touched_experts": touched,
         "max_expert_rows": int(counts.max()),
+        "expert_counts": counts.tolist(),  # the pool, for bench_peer_gemm.py
     }
     flops = {
         "l1": 2.0 * n * 2 * i * h,

@@ -25,6 +25,14 @@
 #   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs, the two
 #             timeout cases also on one)
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
+#   peer      benchmarks/bench_peer_gemm.py with $PEER_ARGS: DeepGEMM's grouped FP8 GEMM and
+#             PyTorch's cuBLAS on the pools of the gemm mode's run (bench_gemm.py with
+#             $GEMM_ARGS, run here first if gemm is not among the modes), or on those of the
+#             results.json that $PEER_GEMM_RESULTS names (then this package is not built).
+#             DeepGEMM is built in place, beside this package's build, from the source tree
+#             $PEER_DEEPGEMM (default peers/DeepGEMM, an ignored folder sent with the run
+#             tool's carry: DeepGEMM's files with its third-party/cutlass/include and
+#             third-party/fmt/include at the submodule commits it pins); needs PyTorch
 #   bench     benchmarks/bench_mega_moe.py with $BENCH_ARGS
 #   scan      benchmarks/bench_scan.py (per-layer overhead in a lax.scan step) with $SCAN_ARGS
 #   hbmwrite  benchmarks/bench_hbm_write.py (the card's write rate over the route phase's bytes)
@@ -98,7 +106,60 @@ bundle() { # everything under $OUT (but the bundle and Nsight Compute reports) i
   (cd "$OUT" && tar -czf "$b" --exclude=0_bundle.tgz --exclude='*.ncu-rep' . &&
     mv "$b" 0_bundle.tgz)
 }
-if [[ $modes =~ ,(test|mp|gemm|ab|envab|bench|scan|hbmwrite), ]]; then
+peer_tree=${PEER_DEEPGEMM:-peers/DeepGEMM}
+peer_build() { # DeepGEMM's extension, in place in $peer_tree (its setup.py wants git and wheel)
+  [[ -d $peer_tree/third-party/cutlass/include && -d $peer_tree/third-party/fmt/include ]] || {
+    echo "peer: $peer_tree is not a DeepGEMM tree with third-party/{cutlass,fmt}/include"
+    return 1
+  }
+  local dg
+  dg=$(cd "$peer_tree" && pwd)
+  # Its kernels are compiled when first called, against cute and cutlass beside its own headers.
+  ln -sfn "$dg/third-party/cutlass/include/cutlass" "$dg/deep_gemm/include/cutlass"
+  ln -sfn "$dg/third-party/cutlass/include/cute" "$dg/deep_gemm/include/cute"
+  (cd "$dg" && python3 - <<'SETUP'
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+
+print("PyTorch", torch.__version__, "C++11 ABI", torch.compiled_with_cxx11_abi())
+includes = ["include", "include/cccl"]
+# Absolute paths: ninja compiles from the build folder.
+headers = ["deep_gemm/include", "third-party/cutlass/include", "third-party/fmt/include"]
+third_party = [os.path.abspath(d) for d in headers]
+ext = CUDAExtension(
+    "deep_gemm._C",
+    ["csrc/python_api.cpp"],
+    include_dirs=[f"{CUDA_HOME}/{d}" for d in includes] + third_party,
+    libraries=["cudart", "nvrtc"],
+    library_dirs=[f"{CUDA_HOME}/lib64"],
+    # PyTorch's C++ ABI, as DeepGEMM's setup.py passes it. Built without it (2026-12-04), the
+    # extension imported, then crashed in std::regex, the known symptom of mixing the two ABIs
+    # (not yet run with it).
+    extra_compile_args=[
+        "-O3",
+        "-Wno-psabi",
+        "-Wno-deprecated-declarations",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+    ],
+)
+setup(
+    name="deep_gemm",
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+    script_args=["build_ext", "--inplace"],
+)
+SETUP
+  )
+}
+if [[ $modes == *,peer,* ]]; then
+  peer_build >"$OUT/peer_build.log" 2>&1 &
+  peer_pid=$!
+fi
+if [[ $modes =~ ,(test|mp|gemm|ab|envab|bench|scan|hbmwrite), ||
+  ($modes == *,peer,* && -z ${PEER_GEMM_RESULTS:-}) ]]; then
   t0=$(date +%s)
   if ! install . >"$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"
@@ -205,6 +266,25 @@ fi
 if [[ $modes == *,gemm,* ]]; then
   bash tools/check_sass.sh 2>&1 | tee "$OUT/sass.txt" | grep -E "QGMMA|spill|K loops|FAIL"
   bench_gemm "$OUT/gemm"
+  bundle
+fi
+if [[ $modes == *,peer,* ]]; then
+  gemm_results=${PEER_GEMM_RESULTS:-$OUT/gemm/results.json}
+  [[ -f $gemm_results ]] || bench_gemm "$OUT/gemm"
+  t0=$(date +%s)
+  if wait "$peer_pid"; then
+    echo "peer build: waited $(($(date +%s) - t0)) s for it"
+    # shellcheck disable=SC2086  # PEER_ARGS is a list of flags
+    PYTHONPATH="$peer_tree" python3 -X faulthandler benchmarks/bench_peer_gemm.py \
+      --gemm-results "$gemm_results" --out "$OUT/peer" ${PEER_ARGS:-} 2>&1 |
+      tee "$OUT/peer.log" | grep -E "^\[M|^\||Error|error|Fatal" | tail -30
+    rc=${PIPESTATUS[0]}
+    echo "bench_peer_gemm.py exit status $rc"
+    status=$((status | rc))
+  else
+    tail -30 "$OUT/peer_build.log"
+    status=1
+  fi
   bundle
 fi
 if [[ $modes == *,ab,* ]]; then

@@ -33,8 +33,6 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import jax
-
 # Lines of a GPU device plane that are derived from the stream events (same time again).
 _DERIVED_LINES = (
     "XLA Modules",
@@ -235,6 +233,12 @@ def parse_profile(trace_dir: str, n_calls: int, module: str | None = None, top: 
         }
         if any(mine.values()):
             per_device = mine
+    return timing_from_kernels(per_device, n_calls, top)
+
+
+def timing_from_kernels(per_device: dict[str, list[Kernel]], n_calls: int, top: int = 8) -> Timing:
+    """Per device, per call device time from the kernels of ``n_calls`` blocking calls (any
+    profiler's: ``bench_peer_gemm.py`` feeds it PyTorch's)."""
     per_device = {d: ks for d, ks in per_device.items() if ks}
     if not per_device:
         raise ValueError("the profile holds no device kernel events")
@@ -285,6 +289,8 @@ def time_calls(
     that each timed loop stays within about ``budget_s`` (never fewer than ``min_iters``):
     the sweep must fit a device session.
     """
+
+    import jax  # here, not at the top: bench_peer_gemm.py's PyTorch process must not load JAX
 
     def call(j):
         jax.block_until_ready(fn(*arg_sets[j % len(arg_sets)]))

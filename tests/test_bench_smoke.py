@@ -341,6 +341,23 @@ def test_timeline_is_the_median_call_with_its_idle_gaps():
     assert rows == [["a", 0.0, 6.0, 0.0], ["b", 5.0, 4.0, 0.0], ["c", 11.0, 1.0, 2.0]]
 
 
+def test_timing_from_kernels_splits_blocking_calls_at_their_idle_gaps():
+    """Kernels from any profiler (bench_peer_gemm.py feeds PyTorch's): calls are cut at the
+    largest idle gaps, overlapping kernels count once in a call's busy time, and the median
+    is over calls."""
+    K = timing.Kernel
+    starts, kernels = [0, 100_000, 230_000], []
+    for t0, width in zip(starts, (2_000, 4_000, 3_000), strict=True):
+        kernels += [K("gemm", t0, t0 + width), K("scale", t0 + width - 500, t0 + width + 500)]
+    t = timing.timing_from_kernels({"/device:GPU:0": kernels}, 3)
+    assert t.busy_us["/device:GPU:0"] == [2.5, 4.5, 3.5]  # union: 0.5 µs of overlap once
+    assert t.sum_us["/device:GPU:0"] == [3.0, 5.0, 4.0]
+    assert t.summary()["max_us"] == 3.5
+    assert t.kernels[0][0] == "gemm" and t.grouping == "idle gaps"
+    with pytest.raises(ValueError, match="2 busy segments for 3 calls"):
+        timing.timing_from_kernels({"/device:GPU:0": kernels[:4]}, 3)
+
+
 def test_phases_name_every_fused_kernel():
     """Each kernel of the fused layer lands in its own phase, the epoch sync included."""
     totals = {
