@@ -6,7 +6,7 @@ Not part of the package and not one of its dependencies: it needs PyTorch and an
 ``deep_gemm``. ``device_run.sh``'s ``peer`` mode builds DeepGEMM from a source tree that you
 send with the device call (nothing of it is stored in this repository) and runs this script.
 It has not yet timed anything: on 2026-12-04 that build crashed at DeepGEMM's first call
-(``benchmarks/RESULTS.md``), and the build flag that should fix it has not run.
+(``benchmarks/RESULTS.md``), and the changed build (the system compiler) has not run.
 
 Usage (one Hopper GPU, PyTorch and deep_gemm; run bench_gemm.py first, in the same session,
 for the pools)::

@@ -117,7 +117,13 @@ peer_build() { # DeepGEMM's extension, in place in $peer_tree (its setup.py want
   # Its kernels are compiled when first called, against cute and cutlass beside its own headers.
   ln -sfn "$dg/third-party/cutlass/include/cutlass" "$dg/deep_gemm/include/cutlass"
   ln -sfn "$dg/third-party/cutlass/include/cute" "$dg/deep_gemm/include/cute"
-  (cd "$dg" && python3 - <<'SETUP'
+  # Built by the compiler in python's sysconfig (/opt/gcc on the device's image), the extension
+  # crashed in std::regex inside its own copy of libstdc++'s locale code (2026-12-04,
+  # RESULTS.md): the system compiler, whose libstdc++ the process loads, goes first.
+  local cxx=${PEER_CXX:-/usr/bin/g++}
+  [[ -x $cxx ]] || cxx=$(command -v g++)
+  echo "compiler: $cxx, $("$cxx" --version | head -1)"
+  (cd "$dg" && CXX=$cxx CC=${cxx/%g++/gcc} LDSHARED="$cxx -shared" python3 - <<'SETUP'
 import os
 
 import torch
@@ -135,9 +141,7 @@ ext = CUDAExtension(
     include_dirs=[f"{CUDA_HOME}/{d}" for d in includes] + third_party,
     libraries=["cudart", "nvrtc"],
     library_dirs=[f"{CUDA_HOME}/lib64"],
-    # PyTorch's C++ ABI, as DeepGEMM's setup.py passes it. Built without it (2026-12-04), the
-    # extension imported, then crashed in std::regex, the known symptom of mixing the two ABIs
-    # (not yet run with it).
+    # PyTorch's C++ ABI, as DeepGEMM's setup.py passes it.
     extra_compile_args=[
         "-O3",
         "-Wno-psabi",
@@ -152,7 +156,12 @@ setup(
     script_args=["build_ext", "--inplace"],
 )
 SETUP
-  )
+  ) || return 1
+  local so
+  so=$(ls "$dg"/deep_gemm/_C*.so) || return 1
+  ldd "$so" | grep -E "libstdc|libgcc_s"
+  echo "libstdc++ locale code compiled into it (expect 0):" \
+    "$(nm -C --defined-only "$so" | grep -c "std::codecvt<char16_t")"
 }
 if [[ $modes == *,peer,* ]]; then
   peer_build >"$OUT/peer_build.log" 2>&1 &
@@ -274,6 +283,7 @@ if [[ $modes == *,peer,* ]]; then
   t0=$(date +%s)
   if wait "$peer_pid"; then
     echo "peer build: waited $(($(date +%s) - t0)) s for it"
+    grep -E "^compiler:|^PyTorch|libstdc|libgcc_s|locale code" "$OUT/peer_build.log"
     # shellcheck disable=SC2086  # PEER_ARGS is a list of flags
     PYTHONPATH="$peer_tree" python3 -X faulthandler benchmarks/bench_peer_gemm.py \
       --gemm-results "$gemm_results" --out "$OUT/peer" ${PEER_ARGS:-} 2>&1 |
