@@ -40,6 +40,7 @@ import gc
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules
@@ -205,6 +206,7 @@ def hbm_copy_rate(args) -> float:
 
 
 def one_point(args, m: int, fns: dict, weights, hbm: float) -> dict:
+    t_setup = time.perf_counter()
     h, i = args.hidden, args.intermediate
     seed = args.seed * 1_000_003 + m
     counts = expert_counts(args, m, seed)
@@ -248,10 +250,13 @@ def one_point(args, m: int, fns: dict, weights, hbm: float) -> dict:
         "cublas_l1": [(s[0][:dense_rows], w1[0], scale) for s in sets],
         "cublas_l2": [(s[4][:dense_rows], w2[0], scale) for s in sets],
     }
+    jax.block_until_ready(sets)
+    row["setup_s"] = time.perf_counter() - t_setup  # device time a run costs: where it goes
     for kind in KERNELS:
         if kind not in args.kernels:
             row[kind] = {"status": "skipped", "flops": flops[kind]}
             continue
+        t0 = time.perf_counter()
         try:
             args_k = [jax.block_until_ready(a) for a in arg_sets[kind]]
             r, _ = timing.measure(fns[kind], args_k, args, MODULES[kind])
@@ -259,6 +264,7 @@ def one_point(args, m: int, fns: dict, weights, hbm: float) -> dict:
             r["tflops"] = flops[kind] / (r["max_us"] * 1e-6) / 1e12
         except Exception as e:  # one failing point must not end the sweep
             r = {"status": timing.failure(e), "flops": flops[kind]}
+        r["measure_s"] = time.perf_counter() - t0
         row[kind] = r
         print(_progress(m, kind, r), flush=True)
     for kind in ("l1", "l2"):
@@ -277,7 +283,7 @@ def _progress(m: int, kind: str, r: dict) -> str:
         return f"{head} {r.get('status')}"
     return (
         f"{head} {r['max_us']:10.1f} µs {r['tflops']:7.1f} TFLOPS, wall {r['wall_us']:10.1f} µs,"
-        f" {r['source']}"
+        f" {r['source']}, measured in {r['measure_s']:.0f} s"
     )
 
 
@@ -292,13 +298,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     os.makedirs(args.out, exist_ok=True)
     num_local = args.experts // args.ranks
+    t0 = time.perf_counter()
     weights = jax.block_until_ready(make_weights(args, num_local))
     fns = make_functions(args.num_ctas)
     hbm = hbm_copy_rate(args)
-    print(f"HBM copy rate: {hbm / 1e12:.2f} TB/s (read + write)", flush=True)
+    print(
+        f"HBM copy rate: {hbm / 1e12:.2f} TB/s (read + write); weights and the copy probe took "
+        f"{time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
     rows = []
     for m in args.tokens:
         rows.append(one_point(args, m, fns, weights, hbm))
+        print(f"[M={m:>5}] pool and inputs took {rows[-1]['setup_s']:.0f} s", flush=True)
         with open(os.path.join(args.out, "results_partial.json"), "w") as f:
             json.dump(rows, f, indent=1, default=str)
         gc.collect()
