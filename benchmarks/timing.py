@@ -290,7 +290,7 @@ def time_calls(
     the sweep must fit a device session.
     """
 
-    import jax  # here, not at the top: bench_peer_gemm.py's PyTorch process must not load JAX
+    import jax  # here, not at the top: bench_peer_gemm.py (PyTorch) needs only the grouping
 
     def call(j):
         jax.block_until_ready(fn(*arg_sets[j % len(arg_sets)]))
