@@ -32,7 +32,9 @@
 #             DeepGEMM is built in place, beside this package's build, from the source tree
 #             $PEER_DEEPGEMM (default peers/DeepGEMM, an ignored folder sent with the run
 #             tool's carry: DeepGEMM's files with its third-party/cutlass/include and
-#             third-party/fmt/include at the submodule commits it pins); needs PyTorch
+#             third-party/fmt/include at the submodule commits it pins); needs PyTorch. With
+#             PEER_NCU=1 also the ncu mode's Nsight Compute report on one launch of DeepGEMM's
+#             L1-shape kernel (ncu_peer_l1*)
 #   bench     benchmarks/bench_mega_moe.py with $BENCH_ARGS
 #   scan      benchmarks/bench_scan.py (per-layer overhead in a lax.scan step) with $SCAN_ARGS
 #   hbmwrite  benchmarks/bench_hbm_write.py (the card's write rate over the route phase's bytes)
@@ -99,6 +101,24 @@ bench_gemm() { # OUT_DIR: bench_gemm.py with $GEMM_ARGS, the summary lines to st
     grep -E "^\[M|HBM|^\|" | tail -30
 }
 
+ncu_one() { # NAME REGEX COMMAND...: Nsight Compute (clocks left alone) on the second launch of
+  # a kernel matching REGEX in COMMAND: $OUT/NAME.ncu-rep, its details and per-SASS CSV beside
+  # it, the key lines to stdout
+  local name=$1 regex=$2
+  shift 2
+  ncu --clock-control none -k "regex:$regex" --launch-skip 1 --launch-count 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    --section SchedulerStats --section WarpStateStats --section SourceCounters \
+    --section LaunchStats --section Occupancy --export "$OUT/$name" "$@" >"$OUT/$name.txt" 2>&1
+  # (--metrics regex:... or --import-source made ncu 2025.3 segfault here on 2026-12-02.)
+  ncu --import "$OUT/$name.ncu-rep" --page details --print-details all \
+    >"$OUT/${name}_details.txt" 2>&1
+  grep -E "Throughput|Eligible|Issued|Stall [A-Z]|Duration|Hit Rate|Grid Size|Cluster|Waves" \
+    "$OUT/${name}_details.txt" | head -60
+  # Per-SASS-instruction stall samples, for finding where the math warps wait.
+  ncu --import "$OUT/$name.ncu-rep" --page source --print-source sass --csv \
+    >"$OUT/${name}_sass.csv" 2>&1
+}
 nvidia-smi -L | tee "$OUT/devices.txt"
 date -u | tee -a "$OUT/devices.txt"
 bundle() { # everything under $OUT (but the bundle and Nsight Compute reports) into 0_bundle.tgz
@@ -293,6 +313,12 @@ if [[ $modes == *,peer,* ]]; then
     rc=${PIPESTATUS[0]}
     echo "bench_peer_gemm.py exit status $rc"
     status=$((status | rc))
+    if [[ -n ${PEER_NCU:-} ]]; then  # DeepGEMM's L1-shape kernel at the first M, profiled
+      # shellcheck disable=SC2086  # PEER_ARGS is a list of flags
+      PYTHONPATH="$peer_tree" ncu_one ncu_peer_l1 sm90_fp8_gemm_1d2d python3 \
+        benchmarks/bench_peer_gemm.py --gemm-results "$gemm_results" --out "$OUT/peer_ncu" \
+        --iters 1 ${PEER_ARGS:-}
+    fi
   else
     tail -30 "$OUT/peer_build.log"
     status=1
@@ -353,19 +379,7 @@ if [[ $modes == *,ncu,* ]]; then
       /tmp/gemm_profile --tokens "$m" | tee -a "$OUT/gemm_profile.txt"
     done
     for k in ${NCU_KERNELS:-l1 l2}; do
-      ncu --clock-control none -k "regex:sm90_fp8_mega_moe_$k" --launch-skip 1 --launch-count 1 \
-        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-        --section SchedulerStats --section WarpStateStats --section SourceCounters \
-        --section LaunchStats --section Occupancy --export "$OUT/ncu_$k" \
-        /tmp/gemm_profile --tokens "${tokens%% *}" --iters 2 >"$OUT/ncu_$k.txt" 2>&1
-      # (--metrics regex:... or --import-source made ncu 2025.3 segfault here on 2026-12-02.)
-      ncu --import "$OUT/ncu_$k.ncu-rep" --page details --print-details all \
-        >"$OUT/ncu_${k}_details.txt" 2>&1
-      grep -E "Throughput|Eligible|Issued|Stall [A-Z]|Duration|Hit Rate|Grid Size|Cluster|Waves" \
-        "$OUT/ncu_${k}_details.txt" | head -60
-      # Per-SASS-instruction stall samples, for finding where the math warps wait.
-      ncu --import "$OUT/ncu_$k.ncu-rep" --page source --print-source sass --csv \
-        >"$OUT/ncu_${k}_sass.csv" 2>&1
+      ncu_one "ncu_$k" "sm90_fp8_mega_moe_$k" /tmp/gemm_profile --tokens "${tokens%% *}" --iters 2
     done
   else
     status=1
