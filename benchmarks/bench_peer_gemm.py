@@ -68,6 +68,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", default="", help="only these M of it (comma-separated)")
     p.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--chill-gb", type=float, default=0.0, help="as bench_gemm.py's (DeepGEMM's method: 8)"
+    )
     p.add_argument("--sets", type=int, default=2, help="input sets rotated between calls")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_peer_gemm_out")
@@ -153,31 +156,52 @@ def check_dg(dg, a, a_s, w, w_s, layout: torch.Tensor, experts: Sequence[int]) -
     return worst
 
 
-def measure(fn, arg_sets: list[tuple], args) -> dict:
-    """bench_gemm.py's method with PyTorch's profiler: warm-up, a wall-clock loop, a profiled
-    loop; every call blocks."""
+def device_kernels(prof) -> list:
+    return [  # FunctionEvent times are µs
+        timing.Kernel(e.name, e.time_range.start * 1e3, e.time_range.end * 1e3)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
 
-    def call(j):
+
+class Chill:
+    """``--chill-gb``: zeros over a buffer of that many GB before every call, as bench_gemm.py
+    writes them; the profile leaves out the kernels that writing them launched once here."""
+
+    def __init__(self, gb: float):
+        self.buf = torch.empty(int(gb * 1e9) // 4, device="cuda", dtype=torch.int32)
+        acts = [torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            self()
+        self.names = {k.name for k in device_kernels(prof)}
+
+    def __call__(self):
+        self.buf.zero_()
+        torch.cuda.synchronize()
+
+
+def measure(fn, arg_sets: list[tuple], args, chill: Chill | None) -> dict:
+    """bench_gemm.py's method with PyTorch's profiler: warm-up, a wall-clock loop, a profiled
+    loop; every call blocks, each after ``chill`` if given."""
+
+    def call(j) -> float:  # µs on the wall clock, the pause before it left out
+        if chill is not None:
+            chill()
+        t0 = time.perf_counter()
         fn(*arg_sets[j % len(arg_sets)])
         torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e6
 
     for j in range(max(args.warmup, 1)):
         call(j)
-    wall = []
-    for j in range(args.iters):
-        t0 = time.perf_counter()
-        call(j)
-        wall.append((time.perf_counter() - t0) * 1e6)
+    wall = [call(j) for j in range(args.iters)]
     acts = [torch.profiler.ProfilerActivity.CUDA]
     try:
         with torch.profiler.profile(activities=acts) as prof:
             for j in range(args.iters):
                 call(j)
-        kernels = [  # FunctionEvent times are µs
-            timing.Kernel(e.name, e.time_range.start * 1e3, e.time_range.end * 1e3)
-            for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA
-        ]
+        skip = chill.names if chill is not None else set()
+        kernels = [k for k in device_kernels(prof) if k.name not in skip]
         t = timing.timing_from_kernels({"/device:GPU:0": kernels}, args.iters)
     except Exception as e:  # a broken profile must not lose the measurement
         t = timing.Timing(source=f"wall-clock (profile unusable: {e})", wall_us=[])
@@ -187,7 +211,7 @@ def measure(fn, arg_sets: list[tuple], args) -> dict:
     return out
 
 
-def one_point(args, m: int, counts: np.ndarray, dg, w1, w2) -> dict:
+def one_point(args, m: int, counts: np.ndarray, dg, w1, w2, chill: Chill | None) -> dict:
     h, i = args.hidden, args.intermediate
     n = int(counts.sum())
     layout, pools1 = make_pool(counts, h, args.sets)
@@ -218,7 +242,7 @@ def one_point(args, m: int, counts: np.ndarray, dg, w1, w2) -> dict:
     for kind in KERNELS:
         fn, sets = setups[kind]
         try:
-            r = measure(fn, sets, args)
+            r = measure(fn, sets, args, chill)
             r["tflops"] = flops[kind] / (r["max_us"] * 1e-6) / 1e12
         except Exception as e:  # one failing point must not end the sweep
             r = {"status": timing.failure(e)}
@@ -273,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     h, i = args.hidden, args.intermediate
     w1 = make_weights(num_local, 2 * i, h)
     w2 = make_weights(num_local, h, i)
-    rows = [one_point(args, m, counts, dg, w1, w2) for m, counts in args.pools]
+    chill = Chill(args.chill_gb) if args.chill_gb > 0 else None
+    rows = [one_point(args, m, counts, dg, w1, w2, chill) for m, counts in args.pools]
     result = {
         "meta": {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -289,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "ranks": args.ranks,
             "routing": args.routing,
             "iters": args.iters,
+            "chill_gb": args.chill_gb,
             "sets": args.sets,
         },
         "rows": rows,

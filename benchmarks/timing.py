@@ -217,8 +217,15 @@ def _split_calls(kernels: list[Kernel], n_calls: int) -> tuple[list[list[Kernel]
     return calls, "idle gaps"
 
 
-def parse_profile(trace_dir: str, n_calls: int, module: str | None = None, top: int = 8) -> Timing:
-    """Per device, per call device time from the trace written into ``trace_dir``."""
+def parse_profile(
+    trace_dir: str,
+    n_calls: int,
+    module: str | None = None,
+    top: int = 8,
+    only_module: bool = False,
+) -> Timing:
+    """Per device, per call device time from the trace written into ``trace_dir``. With
+    ``only_module`` the kernels must name ``module`` (other work ran between the calls)."""
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not files:
         raise FileNotFoundError(f"no .xplane.pb under {trace_dir}")
@@ -233,6 +240,8 @@ def parse_profile(trace_dir: str, n_calls: int, module: str | None = None, top: 
         }
         if any(mine.values()):
             per_device = mine
+        elif only_module:
+            raise ValueError(f"no kernel of the profile names module {module}")
     return timing_from_kernels(per_device, n_calls, top)
 
 
@@ -281,9 +290,12 @@ def time_calls(
     profile: bool = True,
     budget_s: float = 5.0,
     min_iters: int = 3,
+    between: Callable | None = None,
 ) -> Timing:
     """Times ``fn(*arg_sets[j % len(arg_sets)])`` over ``iters`` calls, rotating the input
-    sets so no call sees the inputs (and caches) of the call before it.
+    sets so no call sees the inputs (and caches) of the call before it. ``between`` (if given)
+    runs to completion before every call, outside its wall-clock time; give it a module of its
+    own, so that ``module`` leaves its kernels out of the profile.
 
     A slow function (a baseline at large M can take seconds per call) gets fewer calls, so
     that each timed loop stays within about ``budget_s`` (never fewer than ``min_iters``):
@@ -295,7 +307,12 @@ def time_calls(
     def call(j):
         jax.block_until_ready(fn(*arg_sets[j % len(arg_sets)]))
 
+    def pause():
+        if between is not None:
+            jax.block_until_ready(between())
+
     for j in range(max(warmup, 1)):  # the first call compiles
+        pause()
         t0 = time.perf_counter()
         call(j)
         last = time.perf_counter() - t0
@@ -303,6 +320,7 @@ def time_calls(
         iters = max(min(iters, min_iters), min(iters, int(budget_s / last)))
     wall = []
     for j in range(iters):
+        pause()
         t0 = time.perf_counter()
         call(j)
         wall.append((time.perf_counter() - t0) * 1e6)
@@ -314,15 +332,18 @@ def time_calls(
         try:
             with jax.profiler.trace(d):
                 for j in range(iters):
+                    pause()
                     call(j)
-            timing = parse_profile(d, iters, module=module)
+            timing = parse_profile(d, iters, module=module, only_module=between is not None)
         except Exception as e:  # a broken profile must not lose the measurement
             return Timing(source=f"wall-clock (profile unusable: {e})", wall_us=wall)
     timing.wall_us = wall
     return timing
 
 
-def measure(fn, arg_sets, args, module: str) -> tuple[dict, Timing]:
+def measure(
+    fn, arg_sets, args, module: str, between: Callable | None = None
+) -> tuple[dict, Timing]:
     """``time_calls`` with the benchmarks' common flags (``--iters``, ``--warmup``,
     ``--no-profile``); returns the summary (``status`` ok) and the full timing."""
     t = time_calls(
@@ -332,6 +353,7 @@ def measure(fn, arg_sets, args, module: str) -> tuple[dict, Timing]:
         warmup=args.warmup,
         module=module,
         profile=not args.no_profile,
+        between=between,
     )
     out = t.summary()
     out["status"] = "ok"

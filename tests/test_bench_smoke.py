@@ -358,6 +358,27 @@ def test_timing_from_kernels_splits_blocking_calls_at_their_idle_gaps():
         timing.timing_from_kernels({"/device:GPU:0": kernels[:4]}, 3)
 
 
+def test_time_calls_runs_between_before_every_call_and_profiles_only_the_module():
+    """--chill-gb's pause (bench_gemm.make_chill) runs before each warm-up, wall-clock and
+    profiled call; the profile keeps the timed module's kernels, and refuses a module that
+    none of them names rather than timing the pauses with the calls."""
+    f = jax.jit(lambda x: (x @ x).sum())
+    chill = bench_gemm.make_chill(0.01)
+    runs = []
+
+    def between():
+        runs.append(1)
+        return chill()
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((256, 256)), jnp.float32)
+    t = timing.time_calls(f, [(x,)], iters=4, warmup=2, module="jit__lambda", between=between)
+    assert len(runs) == 2 + 4 + 4
+    assert t.source == "profiler" and len(t.busy_us["/device:CPU:0"]) == 4
+    t = timing.time_calls(f, [(x,)], iters=4, module="jit_other", between=between)
+    assert t.source.startswith("wall-clock (profile unusable: no kernel of the profile names")
+    assert bench_gemm.make_chill(0) is None
+
+
 def test_phases_name_every_fused_kernel():
     """Each kernel of the fused layer lands in its own phase, the epoch sync included."""
     totals = {
