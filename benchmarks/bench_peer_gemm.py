@@ -8,8 +8,8 @@ send with the device call (nothing of it is stored in this repository) and runs 
 It has not yet timed anything: on 2026-12-04 that build crashed at DeepGEMM's first call
 (``benchmarks/RESULTS.md``), and the changed build (the system compiler) has not run.
 
-Usage (one Hopper GPU, PyTorch and deep_gemm; run bench_gemm.py first, in the same session,
-for the pools)::
+Usage (one Hopper GPU, PyTorch and deep_gemm; run bench_gemm.py first, on the same card, for
+the pools)::
 
     python3 benchmarks/bench_gemm.py --out /tmp/gemm --tokens 2048,8192
     python3 benchmarks/bench_peer_gemm.py --gemm-results /tmp/gemm/results.json --out /tmp/peer
@@ -32,11 +32,11 @@ the rows each local expert received), each expert's rows from a multiple of 128 
 (DeepGEMM's contiguous layout needs that; ours uses it), padding rows as random as real ones
 and marked -1 in DeepGEMM's row-to-expert map.
 Values: normal, quantized per 1x128 group (activations) and per 128x128 block (weights).
-Timing as ``bench_gemm.py``: warm-up calls (DeepGEMM compiles its kernel in the first),
-``--iters`` blocking calls on the wall clock, then ``--iters`` blocking calls under
-``torch.profiler``; a call's time is its kernels' device time, median over calls; TFLOPS over
-real rows. Each DeepGEMM output is checked against a float32 product of the dequantized
-operands on a few experts' rows (``calc_diff``) before it is timed.
+Timing as ``bench_gemm.py``: warm-up calls, ``--iters`` blocking calls on the wall clock, then
+``--iters`` blocking calls under ``torch.profiler``; a call's time is its kernels' device time,
+median over calls; TFLOPS over real rows; ``--chill-gb`` as there. Each DeepGEMM output is
+checked against a float32 product of the dequantized operands on a few experts' rows
+(``calc_diff``) before it is timed.
 """
 
 from __future__ import annotations
