@@ -114,23 +114,22 @@ def make_weights(experts: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tens
     return q, s
 
 
-def make_pool(counts: np.ndarray, k: int, sets: int):
-    """Row-to-expert map (-1 on padding rows) and ``sets`` random quantized pools."""
+def pool_layout(counts: np.ndarray) -> torch.Tensor:
+    """The pool's row-to-expert map: each expert's rows from a multiple of 128, -1 on padding."""
     aligned = -(-counts // 128) * 128
     layout = np.full(int(aligned.sum()), -1, np.int32)
     start = 0
     for e, (c, a) in enumerate(zip(counts, aligned, strict=True)):
         layout[start : start + c] = e
         start += a
-    rows = layout.size
-    pools = []
-    for _ in range(sets):
-        q, s = quantize_rows(torch.randn((rows, k), device="cuda"))
-        pools.append((q, s))
-    return torch.from_numpy(layout).cuda(), pools
+    return torch.from_numpy(layout).cuda()
 
 
-def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+def random_pools(rows: int, k: int, sets: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [quantize_rows(torch.randn((rows, k), device="cuda")) for _ in range(sets)]
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:  # jax_megamoe.calc_diff, in PyTorch
     x, y = x.double(), y.double()
     return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
 
@@ -214,8 +213,9 @@ def measure(fn, arg_sets: list[tuple], args, chill: Chill | None) -> dict:
 def one_point(args, m: int, counts: np.ndarray, dg, w1, w2, chill: Chill | None) -> dict:
     h, i = args.hidden, args.intermediate
     n = int(counts.sum())
-    layout, pools1 = make_pool(counts, h, args.sets)
-    _, pools2 = make_pool(counts, i, args.sets)
+    layout = pool_layout(counts)
+    pools1 = random_pools(layout.numel(), h, args.sets)
+    pools2 = random_pools(layout.numel(), i, args.sets)
     dense_rows = max(16, -(-n // 16) * 16)
     row = {"tokens": m, "rows": n, "pool_rows": int(layout.numel()), "dense_rows": dense_rows}
     flops = {
