@@ -102,19 +102,19 @@ bench_gemm() { # OUT_DIR: bench_gemm.py with $GEMM_ARGS, the summary lines to st
 }
 
 ncu_one() { # NAME REGEX COMMAND...: Nsight Compute (clocks left alone) on the second launch of
-  # a kernel matching REGEX in COMMAND: $OUT/NAME.ncu-rep, its details and per-SASS CSV beside
-  # it, the key lines to stdout
+  # a kernel matching REGEX in COMMAND (the first after $NCU_SKIP, default 1): $OUT/NAME.ncu-rep,
+  # its details and per-SASS CSV beside it, the key lines to stdout
   local name=$1 regex=$2
   shift 2
-  ncu --clock-control none -k "regex:$regex" --launch-skip 1 --launch-count 1 \
+  ncu --clock-control none -k "regex:$regex" --launch-skip "${NCU_SKIP:-1}" --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     --section SchedulerStats --section WarpStateStats --section SourceCounters \
     --section LaunchStats --section Occupancy --export "$OUT/$name" "$@" >"$OUT/$name.txt" 2>&1
   # (--metrics regex:... or --import-source made ncu 2025.3 segfault here on 2026-12-02.)
   ncu --import "$OUT/$name.ncu-rep" --page details --print-details all \
     >"$OUT/${name}_details.txt" 2>&1
-  grep -E "Throughput|Eligible|Issued|Stall [A-Z]|Duration|Hit Rate|Grid Size|Cluster|Waves" \
-    "$OUT/${name}_details.txt" | head -60
+  local keys="Throughput|Eligible|Issued|Stall [A-Z]|Duration|Frequency|Tensor Cycles|Hit Rate"
+  grep -E "$keys|Grid Size|Cluster|Waves" "$OUT/${name}_details.txt" | head -64
   # Per-SASS-instruction stall samples, for finding where the math warps wait.
   ncu --import "$OUT/$name.ncu-rep" --page source --print-source sass --csv \
     >"$OUT/${name}_sass.csv" 2>&1
@@ -313,9 +313,10 @@ if [[ $modes == *,peer,* ]]; then
     rc=${PIPESTATUS[0]}
     echo "bench_peer_gemm.py exit status $rc"
     status=$((status | rc))
-    if [[ -n ${PEER_NCU:-} ]]; then  # DeepGEMM's L1-shape kernel at the first M, profiled
+    if [[ -n ${PEER_NCU:-} ]]; then  # DeepGEMM's L1-shape kernel at the first M, profiled:
+      # its first launch, the check of the L1 shape (the second is L2's check)
       # shellcheck disable=SC2086  # PEER_ARGS is a list of flags
-      PYTHONPATH="$peer_tree" ncu_one ncu_peer_l1 sm90_fp8_gemm_1d2d python3 \
+      NCU_SKIP=0 PYTHONPATH="$peer_tree" ncu_one ncu_peer_l1 sm90_fp8_gemm_1d2d python3 \
         benchmarks/bench_peer_gemm.py --gemm-results "$gemm_results" --out "$OUT/peer_ncu" \
         --iters 1 ${PEER_ARGS:-}
     fi
