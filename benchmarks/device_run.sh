@@ -101,9 +101,9 @@ bench_gemm() { # OUT_DIR: bench_gemm.py with $GEMM_ARGS, the summary lines to st
     grep -E "^\[M|HBM|^\|" | tail -30
 }
 
-ncu_one() { # NAME REGEX COMMAND...: Nsight Compute (clocks left alone) on the second launch of
-  # a kernel matching REGEX in COMMAND (the first after $NCU_SKIP, default 1): $OUT/NAME.ncu-rep,
-  # its details and per-SASS CSV beside it, the key lines to stdout
+ncu_one() { # NAME REGEX COMMAND...: Nsight Compute (clocks left alone) on one launch of a
+  # kernel matching REGEX in COMMAND, the first after $NCU_SKIP of them (default 1: the second):
+  # $OUT/NAME.ncu-rep, its details and per-SASS CSV beside it, the key lines to stdout
   local name=$1 regex=$2
   shift 2
   ncu --clock-control none -k "regex:$regex" --launch-skip "${NCU_SKIP:-1}" --launch-count 1 \
