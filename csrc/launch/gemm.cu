@@ -263,9 +263,13 @@ void add_l1_private_smem(std::vector<SmemRange>& ranges) {
   using Mainloop = sm90::L1Mainloop<kL1Stages, kGatherA>;
   const std::string l1 = "jax_megamoe::sm90::sm90_fp8_mega_moe_l1<" + std::to_string(kL1Stages) +
                          (kGatherA ? ", true>" : ", false>");
-  // The epilogue's shared memory follows the main loop's; its lone-block row maxima come first.
+  using Epilogue = sm90::L1EpilogueFor<kGatherA>;
+  // The epilogue's shared memory follows the main loop's: its lone-block row maxima first, each
+  // math thread's prefetched rows last.
   ranges.push_back({l1, "lone-block row maxima", Mainloop::kSmemBytes,
-                    Mainloop::kSmemBytes + sm90::L1EpilogueFor<kGatherA>::kAmaxBytes});
+                    Mainloop::kSmemBytes + Epilogue::kAmaxBytes});
+  ranges.push_back({l1, "prefetched rows", Mainloop::kSmemBytes + Epilogue::kRowsOffset,
+                    Mainloop::kSmemBytes + Epilogue::kSmemBytes});
   ranges.push_back({l1, "tail accumulators", Mainloop::kTailAccOffset,
                     Mainloop::kTailAccOffset + sm90::kTailAccBytes<sm90::kL1TailRows>});
   if constexpr (kGatherA)

@@ -234,11 +234,12 @@ class GroupedFp8TmaMainloop {
 
   // Called by every thread of the CTA. epilogue(tile, acc, math_thread) runs on a math
   // warpgroup whose row block works in `tile` (math_thread in [0, 256)), on its own: the
-  // warpgroups never wait for each other. An epilogue with kStoreWarps > 0 also gets
-  // epilogue.store(w, tile_count) on producer warp w + 1: tile_count is the shared-memory address
-  // of the number of tiles this CTA runs, kNoTileCount until the producer has taken its last.
-  // (The math warps do not announce their end: any code after their tile loop, even a
-  // __syncwarp, made ptxas spill the wide L2's accumulators.)
+  // warpgroups never wait for each other; epilogue.begin_tile(tile, math_thread) runs on every
+  // math thread before each tile's K loop (to start loads that the epilogue will need). An
+  // epilogue with kStoreWarps > 0 also gets epilogue.store(w, tile_count) on producer warp w + 1:
+  // tile_count is the shared-memory address of the number of tiles this CTA runs, kNoTileCount
+  // until the producer has taken its last. (The math warps do not announce their end: any code
+  // after their tile loop, even a __syncwarp, made ptxas spill the wide L2's accumulators.)
   template <class Epilogue>
   __device__ __forceinline__ void run(Epilogue&& epilogue) {
     if (threadIdx.x == 0) {
@@ -560,6 +561,7 @@ class GroupedFp8TmaMainloop {
     uint32_t phase = 0;
     for (Tile tile = published(slot, phase); tile.mask != 0; tile = published(slot, phase)) {
       const int block = tile.block_of(wg);
+      epilogue.begin_tile(tile, math_thread);
       TileAccum<kWgN> acc;
 #pragma unroll
       for (int g = 0; g < kNumBGroups; ++g) {

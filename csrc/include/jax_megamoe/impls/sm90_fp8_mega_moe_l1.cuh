@@ -12,6 +12,7 @@
 #include "jax_megamoe/epilogue/swiglu.cuh"
 #include "jax_megamoe/impls/sm90_fp8_grouped_tma_mainloop.cuh"
 #include "jax_megamoe/launch.h"
+#include "jax_megamoe/ptx/cp_async.cuh"
 #include "jax_megamoe/ptx/dependent_launch.cuh"
 #include "jax_megamoe/ptx/store.cuh"
 
@@ -40,17 +41,23 @@ struct L1Epilogue {
   static_assert(Shape::kNTiles == 16, "one row of the tile is one 128-column requant group");
   // Row maxima of a lone block, [warpgroup][row]; then the store-warp handshake, its record:
   // the tile's two row blocks (the pair's or lone one, and a tail or -1), then the number of
-  // records written.
+  // records written; then each math thread's prefetched rows (begin_tile), 16 bytes each.
   static constexpr int kAmaxBytes = kNumMathWarpGroups * kBlockM * sizeof(float);
-  static constexpr int kSmemBytes = kAmaxBytes + kNumMathWarpGroups * StoreWarpHandshake::kBytes;
+  static constexpr int kRowsOffset = kAmaxBytes + kNumMathWarpGroups * StoreWarpHandshake::kBytes;
+  static constexpr int kSmemBytes = kRowsOffset + kNumMathThreads * 16;
   static_assert(3 * sizeof(int) <= StoreWarpHandshake::kRecordBytes, "two blocks, the count");
   static_assert(kAmaxBytes % 8 == 0, "mbarriers must be 8-byte aligned");
+  static_assert(kRowsOffset % 16 == 0, "a thread's rows are one 16-byte word");
 
   const L1Params& p;
   float* lone_amax;
   StoreWarpHandshake handshake;
 
   __device__ uint32_t records_written(int wg) const { return handshake.record(wg) + 8; }
+  // Math thread i's two rows' routing weights, then their row_src (begin_tile).
+  __device__ uint32_t rows_at(int math_thread) const {
+    return handshake.base + (kRowsOffset - kAmaxBytes) + math_thread * 16;  // after the handshake
+  }
 
   // By one thread, before the main loop's CTA-wide barrier.
   __device__ void init_handshake() const {
@@ -80,18 +87,38 @@ struct L1Epilogue {
     }
   }
 
+  // A math thread, once a tile is published and before its K loop (GroupedFp8TmaMainloop): copies
+  // its two rows' routing weights and row_src into its own 16 bytes of shared memory, for the
+  // epilogue after the K loop. Loaded by the epilogue itself, their round trip to global memory
+  // sat at the start of every tile's epilogue, while the tensor cores idled (RESULTS.md
+  // 2026-12-04, "what L1's epilogue costs").
+  __device__ __forceinline__ void begin_tile(const Tile& tile, int math_thread) const {
+    // Opaque: the rows' addresses hoisted out of the tile loop took registers there and pushed
+    // more per-tile values to the stack.
+    const FragCoords fc(ptx::opaque(math_thread));
+    const int row0 = (tile.pair * kNumMathWarpGroups + tile.block_of(fc.wg)) * kBlockM;
+    const uint32_t at = rows_at(fc.wg * kWarpGroupThreads + fc.t);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + fc.row(half);
+      ptx::cp_async_4(at + 4 * half, p.row_weight + row);
+      ptx::cp_async_4(at + 8 + 4 * half, p.row_src + row);
+    }
+  }
+
   __device__ __forceinline__ void operator()(const Tile& tile, TileAccum<kL1WgN>& acc,
                                              int math_thread) const {
     const FragCoords fc(math_thread);
     const int row0 = (tile.pair * kNumMathWarpGroups + tile.block_of(fc.wg)) * kBlockM;
-    // Both rows' routing weight and destination flag, loaded together up front: read where they
-    // are used, the four global loads waited one after another at every tile's end.
+    // Both rows' routing weight and destination flag, copied at the tile's start (begin_tile).
+    ptx::cp_async_wait_all();
     Rows rows;
+    const uint32_t at = rows_at(math_thread);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       rows.row[half] = row0 + fc.row(half);
-      rows.weight[half] = p.row_weight[rows.row[half]];
-      rows.valid[half] = p.row_src[rows.row[half]] >= 0;
+      rows.weight[half] = ptx::ld_shared_f32(at + 4 * half);
+      rows.valid[half] = ptx::ld_shared_s32(at + 8 + 4 * half) >= 0;
     }
     if (tile.lone()) {
       lone(tile, acc, fc, rows);

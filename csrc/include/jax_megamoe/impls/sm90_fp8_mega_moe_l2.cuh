@@ -62,6 +62,9 @@ struct L2Epilogue {
 
   __device__ StoreWarpHandshake handshake() const { return {staging + kHandshakeOffset}; }
 
+  // Before a tile's K loop (GroupedFp8TmaMainloop::run): nothing to start early.
+  __device__ __forceinline__ void begin_tile(const Tile&, int) const {}
+
   // Math warpgroup: stage one tile's rows and hand them to the store warp.
   __device__ __forceinline__ void operator()(const Tile& tile, TileAccum<kWgN>& acc,
                                              int math_thread) {

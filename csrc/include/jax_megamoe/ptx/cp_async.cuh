@@ -1,7 +1,8 @@
 // cp.async (SM80+) global -> shared copies. The TMA main loop's producer uses the 4-byte form for
 // the scale factors, which are strided in global memory (a TMA box needs 16-byte rows), and the
 // 16-byte form to gather rows that no TMA box can name (one row each, scattered); it signals
-// their completion on an mbarrier (ptx/mbarrier.cuh).
+// their completion on an mbarrier (ptx/mbarrier.cuh). L1's math threads prefetch their rows'
+// routing weights and flags with the 4-byte form and wait with cp_async_wait_all.
 #pragma once
 
 #include <cstdint>
@@ -32,6 +33,12 @@ __device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src,
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes)
                : "memory");
+}
+
+// Waits until every cp.async this thread issued has landed (no groups: the math threads' only
+// copies are L1's row prefetch, one batch per tile).
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 }  // namespace jax_megamoe::ptx
