@@ -91,7 +91,7 @@ struct L1Epilogue {
   // its two rows' routing weights and row_src into its own 16 bytes of shared memory, for the
   // epilogue after the K loop. Loaded by the epilogue itself, their round trip to global memory
   // sat at the start of every tile's epilogue, while the tensor cores idled (RESULTS.md
-  // 2026-12-04, "what L1's epilogue costs").
+  // 2026-12-04, "what L1's time goes to").
   __device__ __forceinline__ void begin_tile(const Tile& tile, int math_thread) const {
     // Opaque: the rows' addresses hoisted out of the tile loop took registers there and pushed
     // more per-tile values to the stack.
