@@ -54,9 +54,10 @@ struct L1Epilogue {
   StoreWarpHandshake handshake;
 
   __device__ uint32_t records_written(int wg) const { return handshake.record(wg) + 8; }
-  // Math thread i's two rows' routing weights, then their row_src (begin_tile).
+  // Math thread i's two rows' routing weights, then their row_src (begin_tile), from the
+  // handshake's address: the epilogue's shared memory starts kAmaxBytes before it.
   __device__ uint32_t rows_at(int math_thread) const {
-    return handshake.base + (kRowsOffset - kAmaxBytes) + math_thread * 16;  // after the handshake
+    return handshake.base + (kRowsOffset - kAmaxBytes) + math_thread * 16;
   }
 
   // By one thread, before the main loop's CTA-wide barrier.
@@ -95,9 +96,10 @@ struct L1Epilogue {
   __device__ __forceinline__ void begin_tile(const Tile& tile, int math_thread) const {
     // Opaque: the rows' addresses hoisted out of the tile loop took registers there and pushed
     // more per-tile values to the stack.
-    const FragCoords fc(ptx::opaque(math_thread));
+    const int thread = ptx::opaque(math_thread);
+    const FragCoords fc(thread);
     const int row0 = (tile.pair * kNumMathWarpGroups + tile.block_of(fc.wg)) * kBlockM;
-    const uint32_t at = rows_at(fc.wg * kWarpGroupThreads + fc.t);
+    const uint32_t at = rows_at(thread);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + fc.row(half);
