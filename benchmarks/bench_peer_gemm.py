@@ -5,8 +5,8 @@ measured the way this repository measures its own.
 Not part of the package and not one of its dependencies: it needs PyTorch and an importable
 ``deep_gemm``. ``device_run.sh``'s ``peer`` mode builds DeepGEMM from a source tree that you
 send with the device call (nothing of it is stored in this repository) and runs this script.
-It has not yet timed anything: on 2026-12-04 that build crashed at DeepGEMM's first call
-(``benchmarks/RESULTS.md``), and the changed build (the system compiler) has not run.
+Its measurements of DeepGEMM 54e2261 on H200s: ``benchmarks/RESULTS.md``, 2026-12-04,
+"DeepGEMM's grouped FP8 GEMM beside ours on the same pools".
 
 Usage (one Hopper GPU, PyTorch and deep_gemm; run bench_gemm.py first, on the same card, for
 the pools)::
@@ -117,7 +117,8 @@ def make_weights(experts: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def pool_layout(counts: np.ndarray) -> torch.Tensor:
-    """The pool's row-to-expert map: each expert's rows from a multiple of 128, -1 on padding."""
+    """The pool's row-to-expert map: each expert's rows from a multiple of 128, -1 on padding
+    (``jax_megamoe.pool.pool_layout``'s rows, without JAX: this process loads only PyTorch)."""
     aligned = -(-counts // 128) * 128
     layout = np.full(int(aligned.sum()), -1, np.int32)
     start = 0
