@@ -323,6 +323,11 @@ int main() {
   run<128, 1, 2, false, true>("n128 x1, 2 wg, two K blocks per wait", sms, cycles, sink, src);
   run<128, 1, 2, true, true>("n128 x1, 2 wg, promote, overlapped", sms, cycles, sink, src);
   run<64, 2, 2, true, false>("n64 x2, 2 wg, promote", sms, cycles, sink, src);
+  // Narrow wgmma (L1's swap-AB tail is n16): each reads its A slice (2 KB) and B slice from
+  // shared memory at 128 B per cycle, so below n64 the reads outlast the math (n16: 40 %).
+  run<64, 2, 2, false, false>("n64 x2, 2 wg, no promotion", sms, cycles, sink, src);
+  run<16, 2, 2, false, false>("n16 x2, 2 wg, no promotion", sms, cycles, sink, src);
+  run<16, 2, 2, true, false>("n16 x2, 2 wg, promote", sms, cycles, sink, src);
   run<64, 2, 2, true, false, 40 * 1024>("n64 x2 (a lone tile) + 40 KB copied per K block", sms,
                                         cycles, sink, src);
   run<64, 2, 2, true, true>("n64 x2, 2 wg, promote, overlapped", sms, cycles, sink, src);
