@@ -98,7 +98,7 @@ struct L1Epilogue {
     // more per-tile values to the stack.
     const int thread = ptx::opaque(math_thread);
     const FragCoords fc(thread);
-    const int row0 = (tile.pair * kNumMathWarpGroups + tile.block_of(fc.wg)) * kBlockM;
+    const int row0 = tile.first_row(fc.wg);
     const uint32_t at = rows_at(thread);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -111,7 +111,7 @@ struct L1Epilogue {
   __device__ __forceinline__ void operator()(const Tile& tile, TileAccum<kL1WgN>& acc,
                                              int math_thread) const {
     const FragCoords fc(math_thread);
-    const int row0 = (tile.pair * kNumMathWarpGroups + tile.block_of(fc.wg)) * kBlockM;
+    const int row0 = tile.first_row(fc.wg);
     // Both rows' routing weight and destination flag, copied at the tile's start (begin_tile).
     ptx::cp_async_wait_all();
     Rows rows;

@@ -86,7 +86,7 @@ struct L2Epilogue {
     }
     ptx::fence_proxy_async_shared();
     if (fc.t == 0) {
-      const int row0 = (tile.pair * kNumMathWarpGroups + tile.block_of(fc.wg)) * kBlockM;
+      const int row0 = tile.first_row(fc.wg);
       const int col0 = tile.n * Shape::kBRows + (tile.lone() ? fc.wg * kWgN : 0);
       write_record(fc.wg, row0, col0, tile.lone() ? kWgN * 2 : kRowBytes);
     }

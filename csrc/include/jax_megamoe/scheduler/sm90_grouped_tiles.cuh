@@ -101,6 +101,8 @@ struct Tile {
   __device__ bool lone() const { return mask == 1 || mask == 2; }
   // The row block (0 or 1 of the pair) math warpgroup wg works on.
   __device__ int block_of(int wg) const { return lone() ? mask >> 1 : wg; }
+  // The first pool row of that row block.
+  __device__ int first_row(int wg) const { return (2 * pair + block_of(wg)) * kBlockM; }
 };
 
 // Tiles in (row-block pair, N tile) order, pair-major so CTAs running side by side
