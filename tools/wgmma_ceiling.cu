@@ -242,6 +242,117 @@ __global__ void __launch_bounds__(
   if (threadIdx.x == 0) cycles[blockIdx.x] = t1 - t0;
 }
 
+// L1's tile with a swap-AB tail (impls/sm90_fp8_grouped_tma_mainloop.cuh, mma_pair_tail): per
+// K block and B group, warpgroup wg multiplies its 64 rows by the group's 128 weight rows (n128,
+// the pair) and the group's weight rows [64 wg, +64) as A by 16 tail rows as B (n16, the tail).
+// kTailOrder says how the eight wgmma of a group are issued:
+//   kNoTail      the pair's four alone (the cycles a K block costs without a tail)
+//   kTailFirst   main's: the tail's four as one commit group, then the pair's; the tail promoted
+//                while the pair's run
+//   kAlternate   tail and pair k-steps alternating, T0 P0 T1 P1 ..., one commit group
+// A narrow wgmma's shared-memory reads outlast its math (n16: 20 cycles of reads for 8 of math);
+// a wide one's leave room (n128: 48 for 64). If the tensor pipe overlapped one wgmma's reads with
+// another's math, alternating would hide the tail's excess reads under the pair's math; on an
+// H200 the two orders cost the same (RESULTS.md 2026-12-04, "the tail's wgmma interleaved").
+enum TailOrder { kNoTail, kTailFirst, kAlternate };
+
+template <int kTailOrder>
+__global__ void __launch_bounds__(2 * kWarpGroupThreads, 1)
+    spin_tail(int iters, long long* cycles, float* sink) {
+  constexpr int kN = 128, kT = 16, kGroups = 2;
+  constexpr int kABytes = 2 * kBlockM * kBlockK, kGroupBytes = kN * kBlockK;
+  constexpr int kTailOffset = kABytes + kGroups * kGroupBytes;
+  constexpr int kScaleOffset = kTailOffset + kT * kBlockK;
+  // Per K block 64 row scales, then kT token scales read as pairs (8-byte aligned), and the
+  // two weight scales at 64 and 63 (rows and tokens may share values: only timing matters).
+  constexpr int kStride = 68;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = align_smem(smem_raw);
+  float* scales = reinterpret_cast<float*>(smem + kScaleOffset);
+  for (int i = threadIdx.x; i < kScaleOffset; i += blockDim.x)
+    smem[i] = static_cast<uint8_t>((i * 2654435761u >> 13) & 0xb7);
+  for (int i = threadIdx.x; i < kScaleSlots * kStride; i += blockDim.x) scales[i] = 1.f + i * 1e-3f;
+  ptx::fence_proxy_async_shared();
+  __syncthreads();
+  const int wg = __shfl_sync(0xffffffffu, threadIdx.x / kWarpGroupThreads, 0);
+  const int t = threadIdx.x % kWarpGroupThreads;
+  const uint32_t base = ptx::smem_addr(smem);
+  const uint32_t a_smem = base + wg * kBlockM * kBlockK, b_smem = base + kABytes;
+  const uint32_t w_smem = b_smem + wg * kBlockM * kBlockK, tail_smem = base + kTailOffset;
+  float acc[kGroups][kN / 2], tail_acc[kGroups][kT / 2];
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) acc[g][i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kT / 2; ++i) tail_acc[g][i] = 0.f;
+  }
+  // One k32 step of the pair (P) or the tail (T) of group g into its partial.
+  auto pair_step = [&](int g, int ks, float (&part)[kN / 2]) {
+    ptx::WgmmaE4m3<kN>::mma(
+        part, ptx::smem_desc_sw128((a_smem >> 4) + ks * (kWgmmaK >> 4)),
+        ptx::smem_desc_sw128(((b_smem + g * kGroupBytes) >> 4) + ks * (kWgmmaK >> 4)), ks > 0);
+  };
+  auto tail_step = [&](int g, int ks, float (&part)[kT / 2]) {
+    ptx::WgmmaE4m3<kT>::mma(
+        part, ptx::smem_desc_sw128(((w_smem + g * kGroupBytes) >> 4) + ks * (kWgmmaK >> 4)),
+        ptx::smem_desc_sw128((tail_smem >> 4) + ks * (kWgmmaK >> 4)), ks > 0);
+  };
+  const long long t0 = clock64();
+  for (int it = 0; it < iters; ++it) {
+    const float* s = scales + (it % kScaleSlots) * kStride;
+    const RowScales rows = load_row_scales(ptx::smem_addr(s), t);
+    const ColScales<kT> cols = load_col_scales<kT>(ptx::smem_addr(s), t % 32);
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+      const float b_scale = ptx::ld_shared_f32(ptx::smem_addr(s + 64 - g));
+      float part[kN / 2], tail_part[kT / 2];
+      ptx::fence_operands(part);
+      ptx::fence_operands(tail_part);
+      ptx::wgmma_fence();
+      if constexpr (kTailOrder == kTailFirst) {
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) tail_step(g, ks, tail_part);
+        ptx::wgmma_commit();
+      }
+      if constexpr (kTailOrder == kNoTail || kTailOrder == kTailFirst) {
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) pair_step(g, ks, part);
+      } else {
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+          tail_step(g, ks, tail_part);
+          pair_step(g, ks, part);
+        }
+      }
+      ptx::wgmma_commit();
+      if constexpr (kTailOrder != kNoTail) {
+        if constexpr (kTailOrder == kAlternate) {
+          ptx::wgmma_wait<0>();
+        } else {
+          ptx::wgmma_wait<1>();
+        }
+        ptx::fence_operands(tail_part);
+        promote_cols(cols, b_scale, tail_part, tail_acc[g]);
+      }
+      ptx::wgmma_wait<0>();
+      ptx::fence_operands(part);
+      promote(rows, b_scale, part, acc[g]);
+    }
+  }
+  const long long t1 = clock64();
+  float sum = 0.f;
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) sum += acc[g][i];
+#pragma unroll
+    for (int i = 0; i < kT / 2; ++i) sum += tail_acc[g][i];
+  }
+  sink[blockIdx.x * blockDim.x + threadIdx.x] = sum;
+  if (threadIdx.x == 0) cycles[blockIdx.x] = t1 - t0;
+}
+
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
     std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
@@ -282,6 +393,27 @@ void run(const char* what, int sms, long long* cycles, float* sink, const uint8_
   const double tflops = flop_per_cta * sms / (ms * 1e-3) / 1e12;
   std::printf("%-44s tensor %5.1f %%   %6.0f TFLOPS   %.2f GHz\n", what, 100.0 * tensor_share,
               tflops, max_cycles / (ms * 1e6));
+}
+
+// Runs spin_tail on one CTA per SM; prints SM cycles per K block and the pair's tensor share.
+template <int kTailOrder>
+void run_tail(const char* what, int sms, long long* cycles, float* sink) {
+  auto kernel = spin_tail<kTailOrder>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024),
+        "smem attribute");
+  const int iters = 1 << 15;
+  kernel<<<sms, 2 * kWarpGroupThreads, 200 * 1024>>>(iters / 8, cycles, sink);  // warm-up
+  kernel<<<sms, 2 * kWarpGroupThreads, 200 * 1024>>>(iters, cycles, sink);
+  check(cudaDeviceSynchronize(), what);
+  long long* host = new long long[sms];
+  check(cudaMemcpy(host, cycles, sms * sizeof(long long), cudaMemcpyDeviceToHost), "copy");
+  long long max_cycles = 0;
+  for (int i = 0; i < sms; ++i) max_cycles = host[i] > max_cycles ? host[i] : max_cycles;
+  delete[] host;
+  const double per_block = double(max_cycles) / iters;
+  const double pair_flop = 2.0 * kBlockM * 256 * kBlockK * 2.0;  // 128 rows x 256 columns
+  std::printf("%-44s %7.1f cycles per K block   pair's tensor share %5.1f %%\n", what, per_block,
+              100.0 * pair_flop / (per_block * 8192.0));
 }
 
 }  // namespace
@@ -333,5 +465,9 @@ int main() {
   run<64, 2, 2, true, true>("n64 x2, 2 wg, promote, overlapped", sms, cycles, sink, src);
   run<128, 1, 3, true, false>("n128 x1, 3 wg, promote", sms, cycles, sink, src);
   run<64, 2, 3, true, true>("n64 x2, 3 wg, promote, overlapped", sms, cycles, sink, src);
+  // L1's pair with a 16-row swap-AB tail: what the tail adds to a K block, per issue order.
+  run_tail<kNoTail>("pair alone (n128 x2, 2 wg, promote)", sms, cycles, sink);
+  run_tail<kTailFirst>("pair + tail, tail's group first (main)", sms, cycles, sink);
+  run_tail<kAlternate>("pair + tail, k-steps alternating", sms, cycles, sink);
   return 0;
 }
