@@ -3,7 +3,8 @@
 // on operands that stay in shared memory: no TMA, no mbarriers, no epilogue. Each variant says
 // how the math warpgroups issue, wait and promote; the output is the tensor pipe's share of the
 // SM cycles (FLOPs / (cycles x 8192 FLOP per cycle per SM)), measured with the SM clock, so it
-// does not depend on the clock the card runs at.
+// does not depend on the clock the card runs at. The last rows (spin_tail) run L1's pair with a
+// 16-row swap-AB tail and print SM cycles per K block instead.
 //
 //   n      wgmma N of one B group            groups  B groups per K block (one partial each)
 //   wgs    math warpgroups (64 rows each)     promote f32 promotion after each group
