@@ -22,6 +22,8 @@
 #   tmarow    tools/tma_row_gather.cu: whether a one-row TMA box lands where wgmma expects a
 #             row of a 128B-swizzled tile, and how fast one warp gathers a pair's K block so
 #             (the gather L1 could use at every M instead of cp.async)
+#   l2sides   tools/l2_sides.cu: which SMs share a side of the L2 cache (hit latency per SM and
+#             line, one SM at a time)
 #   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs, the two
 #             timeout cases also on one)
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
@@ -288,6 +290,7 @@ run_tool() { # NAME: tools/NAME.cu, built as the GEMM kernels are and run; outpu
 if [[ $modes == *,ceiling,* ]]; then run_tool wgmma_ceiling; bundle; fi
 if [[ $modes == *,stream,* ]]; then run_tool tma_stream; bundle; fi
 if [[ $modes == *,tmarow,* ]]; then run_tool tma_row_gather; bundle; fi
+if [[ $modes == *,l2sides,* ]]; then run_tool l2_sides; bundle; fi
 if [[ $modes == *,mp,* ]]; then
   timeout 600 python3 -m pytest -m gpu -q -s -rA tests/test_gpu_multiprocess.py 2>&1 |
     tee "$OUT/gpu_mp_tests.log" | tail -40
