@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(2 * kWarpGroupThreads, 1)
 #pragma unroll
     for (int i = 0; i < kT / 2; ++i) tail_acc[g][i] = 0.f;
   }
-  // One k32 step of the pair (P) or the tail (T) of group g into its partial.
+  // kAlternate: one k32 step of the pair (P) or the tail (T) of group g into its partial.
   auto pair_step = [&](int g, int ks, float (&part)[kN / 2]) {
     ptx::WgmmaE4m3<kN>::mma(
         part, ptx::smem_desc_sw128((a_smem >> 4) + ks * (kWgmmaK >> 4)),
@@ -308,25 +308,21 @@ __global__ void __launch_bounds__(2 * kWarpGroupThreads, 1)
     for (int g = 0; g < kGroups; ++g) {
       const float b_scale = ptx::ld_shared_f32(ptx::smem_addr(s + 64 - g));
       float part[kN / 2], tail_part[kT / 2];
-      ptx::fence_operands(part);
-      ptx::fence_operands(tail_part);
-      ptx::wgmma_fence();
-      if constexpr (kTailOrder == kTailFirst) {
+      if constexpr (kTailOrder == kAlternate) {
+        ptx::fence_operands(part);
+        ptx::fence_operands(tail_part);
+        ptx::wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) tail_step(g, ks, tail_part);
-        ptx::wgmma_commit();
-      }
-      if constexpr (kTailOrder == kNoTail || kTailOrder == kTailFirst) {
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) pair_step(g, ks, part);
-      } else {
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
+        for (int ks = 0; ks < kBlockK / kWgmmaK; ++ks) {
           tail_step(g, ks, tail_part);
           pair_step(g, ks, part);
         }
+        ptx::wgmma_commit();
+      } else {  // as the kernels issue them (mma_pair, mma_pair_tail)
+        if constexpr (kTailOrder == kTailFirst)
+          issue_block_mma<kT>(w_smem + g * kGroupBytes, tail_smem, tail_part);
+        issue_block_mma<kN>(a_smem, b_smem + g * kGroupBytes, part);
       }
-      ptx::wgmma_commit();
       if constexpr (kTailOrder != kNoTail) {
         if constexpr (kTailOrder == kAlternate) {
           ptx::wgmma_wait<0>();
@@ -361,6 +357,16 @@ void check(cudaError_t e, const char* what) {
   }
 }
 
+// The slowest CTA's SM cycles (each CTA's clock64 interval, written to `cycles`).
+long long slowest_cta_cycles(const long long* cycles, int sms) {
+  long long* host = new long long[sms];
+  check(cudaMemcpy(host, cycles, sms * sizeof(long long), cudaMemcpyDeviceToHost), "copy");
+  long long max_cycles = 0;
+  for (int i = 0; i < sms; ++i) max_cycles = host[i] > max_cycles ? host[i] : max_cycles;
+  delete[] host;
+  return max_cycles;
+}
+
 // Runs one variant on one CTA per SM; prints tensor-pipe share and TFLOPS.
 template <int N, int kGroups, int kWgs, bool kPromote, bool kPipe, int kCopyBytes = 0,
           int kPollNs = 200, int kRegs = 0>
@@ -384,11 +390,7 @@ void run(const char* what, int sms, long long* cycles, float* sink, const uint8_
   check(cudaEventSynchronize(e1), what);
   float ms = 0.f;
   cudaEventElapsedTime(&ms, e0, e1);
-  long long* host = new long long[sms];
-  check(cudaMemcpy(host, cycles, sms * sizeof(long long), cudaMemcpyDeviceToHost), "copy");
-  long long max_cycles = 0;
-  for (int i = 0; i < sms; ++i) max_cycles = host[i] > max_cycles ? host[i] : max_cycles;
-  delete[] host;
+  const long long max_cycles = slowest_cta_cycles(cycles, sms);
   const double flop_per_cta = double(kWgs) * iters * steps_per_iter * kBlockM * N * kBlockK * 2.0;
   const double tensor_share = flop_per_cta / (double(max_cycles) * 8192.0);
   const double tflops = flop_per_cta * sms / (ms * 1e-3) / 1e12;
@@ -406,11 +408,7 @@ void run_tail(const char* what, int sms, long long* cycles, float* sink) {
   kernel<<<sms, 2 * kWarpGroupThreads, 200 * 1024>>>(iters / 8, cycles, sink);  // warm-up
   kernel<<<sms, 2 * kWarpGroupThreads, 200 * 1024>>>(iters, cycles, sink);
   check(cudaDeviceSynchronize(), what);
-  long long* host = new long long[sms];
-  check(cudaMemcpy(host, cycles, sms * sizeof(long long), cudaMemcpyDeviceToHost), "copy");
-  long long max_cycles = 0;
-  for (int i = 0; i < sms; ++i) max_cycles = host[i] > max_cycles ? host[i] : max_cycles;
-  delete[] host;
+  const long long max_cycles = slowest_cta_cycles(cycles, sms);
   const double per_block = double(max_cycles) / iters;
   const double pair_flop = 2.0 * kBlockM * 256 * kBlockK * 2.0;  // 128 rows x 256 columns
   std::printf("%-44s %7.1f cycles per K block   pair's tensor share %5.1f %%\n", what, per_block,
