@@ -194,6 +194,31 @@ def test_l1_activation_clamp():
     check_l1(pool, weights_for(h, i, len(counts)), clamp=1.5, label="small clamp 1.5")
 
 
+@pytest.mark.parametrize("name", ["small", "tails"])
+def test_l1_extreme_gates(name):
+    """Gates far below -88 (where exp(-g) overflows f32) beside moderate ones in the same row.
+    L1's SwiGLU takes one reciprocal for two values of a row, 1 / d0 = d1 / (d0 d1); without its
+    cap on the exponent an overflowing d0 makes the other value NaN. Half of the gate rows are
+    -448 (the e4m3 maximum) on positive activations, so those gates are ~-300; they alternate
+    with random rows such that every pair the epilogue takes holds one of each: columns 32 q + j
+    and 32 q + 16 + j in a pair's tile, 2 k and 2 k + 1 in a tail's."""
+    h, i, counts = SHAPES[name]
+    w = weights_for(h, i, len(counts))
+    col = np.arange(i)
+    extreme = (col % 32 < 16) ^ (col % 2 == 1)
+    w1 = np.array(w.w1)
+    w1[:, np.flatnonzero(extreme), :] = -448.0
+    w = w._replace(w1=jax.device_put(w1, w.w1.devices().pop()))
+    pool = Pool(19, counts, h, i)
+    x = jnp.abs(dequantize(pool.a, pool.a_scale)) * 4.0
+    pool.a, pool.a_scale = quantize_per_token(x)
+    xs = np.asarray(dequantize(pool.a, pool.a_scale))
+    for e, s, c in pool.segments():  # the premise: every pair holds an overflowing gate
+        gate = xs[s : s + c] @ np.asarray(dequantize(w.w1[e], w.w1_scale[e]))[:i].T
+        assert gate[:, extreme].max() < -100 and np.median(np.abs(gate[:, ~extreme])) < 20
+    check_l1(pool, w, label=f"{name} extreme gates")
+
+
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_l2_matches_reference(name):
     h, i, counts = SHAPES[name]

@@ -190,14 +190,13 @@ struct L1Epilogue {
     float row_amax = 0.f;
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int r = 4 * j + 2 * half + c;
-        const float act = kClamp ? epilogue::swiglu(acc[0][r], acc[1][r], p.clamp)
-                                 : epilogue::swiglu(acc[0][r], acc[1][r]);
-        acc[0][r] = act * weight;
-        row_amax = fmaxf(row_amax, fabsf(acc[0][r]));
-      }
+      const int r = 4 * j + 2 * half;  // and r + 1: the thread's columns e = 0, 1 of n8 tile j
+      const float2 gate{acc[0][r], acc[0][r + 1]}, up{acc[1][r], acc[1][r + 1]};
+      const float2 act = kClamp ? epilogue::swiglu_x2(gate, up, weight, p.clamp)
+                                : epilogue::swiglu_x2(gate, up, weight);
+      acc[0][r] = act.x;
+      acc[0][r + 1] = act.y;
+      row_amax = fmaxf(row_amax, fmaxf(fabsf(acc[0][r]), fabsf(acc[0][r + 1])));
     }
     // One row's columns of this warpgroup live in the four lanes of one quad.
     return epilogue::quad_max(row_amax);
@@ -280,15 +279,14 @@ struct L1Epilogue {
     for (int j = 0; j < kJ; ++j) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        amax[j][c] = 0.f;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = 4 * j + 2 * half + c;
-          const float act = clamp ? epilogue::swiglu(tail_acc[0][r], tail_acc[1][r], p.clamp)
-                                  : epilogue::swiglu(tail_acc[0][r], tail_acc[1][r]);
-          tail_acc[0][r] = act * weight[j][c];
-          amax[j][c] = fmaxf(amax[j][c], fabsf(tail_acc[0][r]));
-        }
+        // Halves 0 and 1: two columns of token fc.col(j, c).
+        const int r0 = 4 * j + c, r1 = r0 + 2;
+        const float2 gate{tail_acc[0][r0], tail_acc[0][r1]}, up{tail_acc[1][r0], tail_acc[1][r1]};
+        const float2 act = clamp ? epilogue::swiglu_x2(gate, up, weight[j][c], p.clamp)
+                                 : epilogue::swiglu_x2(gate, up, weight[j][c]);
+        tail_acc[0][r0] = act.x;
+        tail_acc[0][r1] = act.y;
+        amax[j][c] = fmaxf(fmaxf(0.f, fabsf(tail_acc[0][r0])), fabsf(tail_acc[0][r1]));
 #pragma unroll
         for (int lanes = 4; lanes < 32; lanes *= 2)
           amax[j][c] = fmaxf(amax[j][c], __shfl_xor_sync(0xffffffffu, amax[j][c], lanes));
