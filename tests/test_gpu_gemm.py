@@ -199,9 +199,9 @@ def test_l1_extreme_gates(name):
     """Gates far below -88 (where exp(-g) overflows f32) beside moderate ones in the same row.
     L1's SwiGLU takes one reciprocal for two values of a row, 1 / d0 = d1 / (d0 d1); without its
     cap on the exponent an overflowing d0 makes the other value NaN. Half of the gate rows are
-    -448 (the e4m3 maximum) on positive activations, so those gates are ~-300; they alternate
-    with random rows such that every pair the epilogue takes holds one of each: columns 32 q + j
-    and 32 q + 16 + j in a pair's tile, 2 k and 2 k + 1 in a tail's."""
+    -448 (the e4m3 maximum) on positive activations, so those gates are -150 ... -600; they
+    alternate with random rows such that every pair the epilogue takes holds one of each:
+    columns 32 q + j and 32 q + 16 + j in a pair's tile, 2 k and 2 k + 1 in a tail's."""
     h, i, counts = SHAPES[name]
     w = weights_for(h, i, len(counts))
     col = np.arange(i)
