@@ -7,10 +7,10 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <limits>
 #include <vector>
 
+#include "cuda_check.h"
 #include "jax_megamoe/launch.h"
 
 namespace gemm_tools {
@@ -19,11 +19,7 @@ using jax_megamoe::kBlockM;
 using jax_megamoe::kExpertAlignM;
 using jax_megamoe::kQuantBlock;
 
-inline bool ok(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return true;
-  std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(err));
-  return false;
-}
+using cuda_check::ok;
 
 // `count` elements of device memory (ptr null if the allocation failed), freed with the object.
 template <class T>

@@ -22,7 +22,11 @@
 #include <string>
 #include <vector>
 
+#include "cuda_check.h"
+
 namespace {
+
+using cuda_check::ok;
 
 constexpr int kProbes = 48;
 constexpr int kChain = 32;                         // dependent loads timed per line
@@ -54,11 +58,6 @@ __global__ void probe(const uint64_t* buf, int* turn, float* latency, int* sm_of
   }
   __threadfence();
   atomicAdd(turn, 1);
-}
-
-bool ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-  return e == cudaSuccess;
 }
 
 }  // namespace

@@ -12,16 +12,12 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "cuda_check.h"
 #include "jax_megamoe/ptx/mbarrier.cuh"
 
 namespace tma_tools {
 
-inline void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
+using cuda_check::check;
 
 // The driver's cuTensorMapEncodeTiled, looked up once.
 inline PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {

@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "cuda_check.h"
 #include "jax_megamoe/impls/sm90_fp8_grouped_math.cuh"
 #include "jax_megamoe/impls/sm90_fp8_grouped_tma_mainloop.cuh"
 #include "jax_megamoe/ptx/cp_async.cuh"
@@ -37,6 +38,7 @@
 namespace {
 
 using namespace jax_megamoe::sm90;
+using cuda_check::check;
 using jax_megamoe::kBlockM;
 namespace ptx = jax_megamoe::ptx;
 
@@ -348,13 +350,6 @@ __global__ void __launch_bounds__(2 * kWarpGroupThreads, 1)
   }
   sink[blockIdx.x * blockDim.x + threadIdx.x] = sum;
   if (threadIdx.x == 0) cycles[blockIdx.x] = t1 - t0;
-}
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
 }
 
 // The slowest CTA's SM cycles (each CTA's clock64 interval, written to `cycles`).
