@@ -97,11 +97,12 @@ int main() {
     mid[i] = 0.5f * (lo + hi);
     if (i < 4) std::printf("line %d: %.0f to %.0f\n", i, lo, hi);
   }
-  std::map<std::string, std::vector<int>> families;  // near (0) / far (1) per line -> SMs
+  // Per CTA, near (0) or far (1) on each line.
+  std::vector<std::string> pattern(sms);
+  std::map<std::string, std::vector<int>> families;  // pattern -> SMs
   for (int b = 0; b < sms; ++b) {
-    std::string pattern;
-    for (int i = 0; i < kProbes; ++i) pattern += lat[b * kProbes + i] > mid[i] ? '1' : '0';
-    families[pattern].push_back(sm[b]);
+    for (int i = 0; i < kProbes; ++i) pattern[b] += lat[b * kProbes + i] > mid[i] ? '1' : '0';
+    families[pattern[b]].push_back(sm[b]);
   }
   std::printf("SMs by near (0) / far (1) pattern over the lines:\n");
   for (auto& [pattern, ids] : families) {
@@ -118,8 +119,7 @@ int main() {
   int count[2] = {0, 0};
   for (int b = 0; b < sms; ++b) {
     int differ = 0;
-    for (int i = 0; i < kProbes; ++i)
-      differ += (lat[b * kProbes + i] > mid[i]) != (lat[i] > mid[i]);
+    for (int i = 0; i < kProbes; ++i) differ += pattern[b][i] != pattern[0][i];
     side[sm[b]] = differ > kProbes / 2 ? 1 : 0;
     ++count[side[sm[b]]];
     first[sm[b]] = lat[b * kProbes];
