@@ -12,7 +12,10 @@
 // Answered on an H200 (2026-12-04, benchmarks/RESULTS.md "the H200's two L2 sides"): two
 // complementary families of 62 and 70 SMs, ~260 against ~305 cycles per hit, interleaved over
 // %smid in runs of 2-12. L1's tiles claimed per side (each side on half of the pairs) then ran
-// 6-8 % slower: twice the experts in flight.
+// 6-8 % slower: twice the experts in flight. With each side on half of every pair's N tiles
+// instead, L1 moved the same DRAM bytes as with one counter: the sides do not duplicate lines
+// (RESULTS.md 2026-12-04, "issue 11's method on one more H200 ..."). The probe may put a few SMs
+// near the midpoint on one side or the other from one run to the next (66 + 66, then 70 + 62).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
