@@ -127,10 +127,23 @@ __device__ __forceinline__ bool store_warp_wait(uint32_t staged, uint32_t parity
 // the two do not fit, so the split must satisfy 128 x producer + 256 x math <= 64512.
 // 128 x 40 + 256 x 232 = 64512: two 64-register master accumulators, a partial and the four mma
 // paths (paired, paired with a tail, lone by group, lone by halves). ptxas spills none in the K
-// loops (tests/test_sass_kloops.py checks the build); in L1 it keeps five or six words of per-tile
-// values on the stack, stored at entry and loaded once per tile: the tail's 16-register master
-// accumulator, live through its K loop, displaces them (with it in shared memory, one word; every
-// way tried to recompute that one instead spilled more).
+// loops (tests/test_sass_kloops.py checks the build). In L1 the default build keeps seven words
+// of per-tile values on the stack (and with gathered A the gather warps two), stored at entry and
+// loaded once per tile: the tail's 16-register master accumulator, live through its K loop,
+// displaces them.
+//
+// JAX_MEGAMOE_L1_SPILL_FREE=1 (CMake option of that name; opt-in until a GPU has run it) keeps
+// none there. Those words are what the epilogues derive from the thread index (coordinates,
+// addresses), hoisted out of the tile loop; with kL1SpillFree each epilogue derives them per tile
+// from a thread index the compiler cannot hoist (ptx::opaque), and the gather warps keep their
+// record in shared memory (GatherRecord).
+// ptxas then reports no spills in any GEMM kernel (tests/test_spill_free.py); the K loops hold
+// the same instructions, but for two in each K block of the pool kernel (the thread index, which
+// the default build reads again there for want of a register).
+#ifndef JAX_MEGAMOE_L1_SPILL_FREE
+#define JAX_MEGAMOE_L1_SPILL_FREE 0
+#endif
+constexpr bool kL1SpillFree = JAX_MEGAMOE_L1_SPILL_FREE != 0;
 constexpr int kRegsAtLaunch = 65536 / kNumThreads / 8 * 8;
 constexpr int kProducerRegs = 40;
 constexpr int kMathRegs = 232;
@@ -166,9 +179,48 @@ constexpr int kTailAccBytes = kNumMathThreads * kTailRows * static_cast<int>(siz
 // thread) stays in registers through the K loop and waits in shared memory, each thread's own,
 // through the pair's epilogue.
 // Shared memory of the gather warps (kGatherA): the token of each row of the current tile (a
-// pair's and a tail's), per warp a fixed region of its own for its half of the rows.
+// pair's and a tail's), per warp a fixed region of its own for its half of the rows; with
+// kL1SpillFree, then 16 bytes of its GatherRecord (so regions stay 16-byte aligned).
 template <int kTailRows>
-constexpr int kGatherWarpBytes = (kTileM + kTailRows) / kGatherWarps * 4;
+constexpr int kGatherTokenBytes = (kTileM + kTailRows) / kGatherWarps * 4;
+template <int kTailRows>
+constexpr int kGatherWarpBytes = kGatherTokenBytes<kTailRows> + (kL1SpillFree ? 16 : 0);
+
+// Which row blocks' tokens a gather warp holds: those of the tile it last looked them up for
+// (none at first). In registers, or (kInSmem) in shared memory after the warp's tokens, read once
+// per tile as pair * 8 + mask: the producer warpgroup's 40 registers are taken, and ptxas kept the
+// register copy on the stack. All 32 lanes call each member, the same tile in every lane.
+template <bool kInSmem>
+struct GatherRecord;
+
+template <>
+struct GatherRecord<false> {
+  int mask = 0, pair = -1;  // in this order the default build's code is the one GPUs have run
+  __device__ explicit GatherRecord(uint32_t /*at*/) {}
+  __device__ bool holds(const Tile& tile) const { return tile.pair == pair && tile.mask == mask; }
+  __device__ void set(const Tile& tile) {
+    pair = tile.pair;
+    mask = tile.mask;
+  }
+};
+
+template <>
+struct GatherRecord<true> {
+  uint32_t at;
+  static_assert(Tile::kTailBit < 8, "a mask fits three bits");
+  __device__ explicit GatherRecord(uint32_t record_at) : at(record_at) {
+    if (threadIdx.x % 32 == 0) ptx::st_shared(at, -1);
+    __syncwarp();
+  }
+  __device__ static int key(const Tile& tile) { return tile.pair * 8 + tile.mask; }
+  __device__ bool holds(const Tile& tile) const { return ptx::ld_shared_s32(at) == key(tile); }
+  // After a __syncwarp that follows every lane's holds(): lane 0 rewrites what they read, and
+  // the warp's next holds() reads it.
+  __device__ void set(const Tile& tile) const {
+    if (threadIdx.x % 32 == 0) ptx::st_shared(at, key(tile));
+    __syncwarp();
+  }
+};
 template <int kTailRows>
 constexpr int kGatherBytes = kGatherWarps * kGatherWarpBytes<kTailRows>;
 
@@ -468,7 +520,7 @@ class GroupedFp8TmaMainloop {
     const uint32_t tokens = gather_tokens_addr(gw);
     int slot = 0;
     uint32_t phase = 0;
-    int rows_pair = -1, rows_mask = 0;  // the row blocks whose tokens `tokens` holds
+    GatherRecord<kL1SpillFree> held(tokens + kGatherTokenBytes<kTailRows>);
     for (;;) {
       ptx::mbarrier_wait(at.desc0() + slot * kBarrierStride, phase);
       const Tile tile = read_published(slot);
@@ -482,15 +534,14 @@ class GroupedFp8TmaMainloop {
       const int main_rows = __popc(tile.mask & 3) * kBlockM;
       const int half = (main_rows + (tile.tail() ? kTailRows : 0)) / kGatherWarps;
       const int p0 = gw * half;
-      if (tile.pair != rows_pair || tile.mask != rows_mask) {
+      if (!held.holds(tile)) {
         const int first_row = tile.pair * kTileM + a_first * kBlockM;
         __syncwarp();  // every lane has issued its copies from the old tokens
         for (int q = lane; q < half; q += 32) {
           ptx::st_shared(tokens + q * 4, op_.gathered_token(first_row + p0 + q));
         }
         __syncwarp();
-        rows_pair = tile.pair;
-        rows_mask = tile.mask;
+        held.set(tile);
       }
       for (int kb = 0; kb < num_kb(); ++kb) {
         if (kb > 0) ptx::mbarrier_wait(at.desc0() + slot * kBarrierStride, phase);
