@@ -136,10 +136,10 @@ __device__ __forceinline__ bool store_warp_wait(uint32_t staged, uint32_t parity
 // none there. Those words are what the epilogues derive from the thread index (coordinates,
 // addresses), hoisted out of the tile loop; with kL1SpillFree each epilogue derives them per tile
 // from a thread index the compiler cannot hoist (ptx::opaque), and the gather warps keep their
-// record in shared memory (GatherRecord).
-// ptxas then reports no spills in any GEMM kernel (tests/test_tools_build.py); the K loops hold
-// the same instructions, but for two in each K block of the pool kernel (the thread index, which
-// the default build reads again there for want of a register).
+// record in shared memory (GatherRecord). ptxas then reports no spills in any GEMM kernel
+// (tests/test_tools_build.py); the K loops hold the same instructions, but for two in each K
+// block of the pool kernel (the thread index, which the default build reads again there for want
+// of a register).
 #ifndef JAX_MEGAMOE_L1_SPILL_FREE
 #define JAX_MEGAMOE_L1_SPILL_FREE 0
 #endif
