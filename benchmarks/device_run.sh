@@ -26,7 +26,8 @@
 #             line, one SM at a time)
 #   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; 2-4 GPUs, the two
 #             timeout cases also on one)
-#   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS; $GEMM_ARGS) + SASS counts
+#   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS, and its targets' verdict;
+#             $GEMM_ARGS) + SASS counts
 #   peer      benchmarks/bench_peer_gemm.py with $PEER_ARGS: DeepGEMM's grouped FP8 GEMM and
 #             PyTorch's cuBLAS on the pools of the gemm mode's run (bench_gemm.py with
 #             $GEMM_ARGS, run here first if gemm is not among the modes), or on those of the
@@ -100,7 +101,7 @@ bench_layer() { # OUT_DIR: bench_mega_moe.py with $BENCH_ARGS, its table and pha
 bench_gemm() { # OUT_DIR: bench_gemm.py with $GEMM_ARGS, the summary lines to stdout
   # shellcheck disable=SC2086  # GEMM_ARGS is a list of flags
   python3 benchmarks/bench_gemm.py --out "$1" ${GEMM_ARGS:-} 2>&1 | tee "$1.log" |
-    grep -E "^\[M|HBM|^\|" | tail -30
+    grep -E "^\[M|HBM|^\||^targets" | tail -40
 }
 
 ncu_one() { # NAME REGEX COMMAND...: Nsight Compute (clocks left alone) on one launch of a

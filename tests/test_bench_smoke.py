@@ -192,6 +192,61 @@ def test_bench_gemm_kernel_selection_and_skipped_cells():
     assert line.count("skipped") == 2 and line.count("10.0") == 2
 
 
+def _targets_result(rng, **meta_changes):
+    """bench_gemm.py's result at the targets' setup on an H200: per target bound a fresh random
+    value on a random side of it (1-10 % off), cuBLAS not timed for L2 at M = 8192. Returns the
+    result and, per bound in TARGETS' order, whether it was met (None: not measured)."""
+    ok = {"status": "ok", "max_us": 1.0, "tflops": 1.0, "source": "profiler"}
+    meta = dict(bench_gemm.TARGET_SETUP, device_kind="NVIDIA H200", local_experts=64)
+    meta |= {"date": "d", "jax_version": "v", "hbm_bytes_per_s": 4.3e12} | meta_changes
+    rows = {}
+    for m in (8, 128, 2048, 8192):
+        rows[m] = {"tokens": m, "rows": 8 * m, "pool_rows": 9 * m, "touched_experts": 64}
+        rows[m] |= {kind: dict(ok) for kind in bench_gemm.KERNELS}
+    rows[8192]["cublas_l2"] = {"status": "skipped"}
+    expected = []
+    for t in bench_gemm.TARGETS:
+        ours = rows[t.tokens][t.kernel]
+        for key, bound, at_least in (
+            ("tflops", t.tflops, True),
+            ("tflops_vs_cublas", t.vs_cublas, True),
+            ("floor_ratio", t.floor, False),
+        ):
+            if bound is None:
+                continue
+            if key == "tflops_vs_cublas" and t.kernel == "l2" and t.tokens == 8192:
+                expected.append(None)
+                continue
+            above = bool(rng.integers(2))
+            ours[key] = bound * (1 + (1 if above else -1) * rng.uniform(0.01, 0.1))
+            expected.append(above == at_least)
+    return {"meta": meta, "rows": list(rows.values())}, expected
+
+
+def test_bench_gemm_judges_issue_11_targets():
+    """bench_gemm.py judges each of issue 11's targets that its run measured (fresh random values
+    either side of every bound), says which it could not measure and which it missed, and judges
+    nothing for a run set up otherwise."""
+    rng = np.random.default_rng()
+    result, expected = _targets_result(rng)
+    why_not, checks = bench_gemm.check_targets(result)
+    assert why_not == "" and len(checks) == 10  # 1250 and 0.80, 1150 and 0.76, 1050, 950, 4 floors
+    assert [c["met"] for c in checks] == expected
+    summary = bench_gemm.markdown_table(result).splitlines()[-1]
+    met, missed = expected.count(True), expected.count(False)
+    assert summary.startswith(f"targets: {met} of {met + missed} measured met")
+    assert summary.count(" at M = ") == missed and summary.endswith(
+        "1 not measured (a kernel not timed)"
+    )
+    at_512 = result | {"rows": [result["rows"][0] | {"tokens": 512}]}
+    assert (
+        bench_gemm.markdown_table(at_512).splitlines()[-1] == "targets: none at the M of this run"
+    )
+    for change in (dict(routing="hot"), dict(iters=200), dict(device_kind="NVIDIA H100")):
+        why_not, checks = bench_gemm.check_targets(_targets_result(rng, **change)[0])
+        assert why_not.startswith("not the targets' setup") and checks == []
+
+
 def test_baselines_match_reference(monkeypatch):
     monkeypatch.setattr(lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
     shape = shapes.Shape(256, 128, 16, 4)
