@@ -123,6 +123,9 @@ ncu_one() { # NAME REGEX COMMAND...: Nsight Compute (clocks left alone) on one l
     >"$OUT/${name}_sass.csv" 2>&1
 }
 nvidia-smi -L | tee "$OUT/devices.txt"
+# The serial: RESULTS.md names a card by its last four digits.
+nvidia-smi --query-gpu=index,name,serial,power.limit --format=csv,noheader |
+  tee -a "$OUT/devices.txt"
 date -u | tee -a "$OUT/devices.txt"
 bundle() { # everything under $OUT (but the bundle and Nsight Compute reports) into 0_bundle.tgz
   local b=/tmp/megamoe_bundle.tgz
