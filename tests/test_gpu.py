@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_megamoe import calc_diff, fp8_mega_moe, quantize_per_token
-from jax_megamoe.constants import GATHER_ROWS_PER_EXPERT, ROUTE_BLOCKS_PER_SM
+from jax_megamoe.constants import GATHER_ROWS_PER_EXPERT, MAX_LOCAL_EXPERTS, ROUTE_BLOCKS_PER_SM
 from jax_megamoe.testing import make_activations, make_buffer, make_routing, make_weights
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
@@ -177,6 +177,21 @@ def test_one_rank_gather_paths(extra):
         assert bool(re.search(r"mega_moe_l1<\d+, true>", names)) == gather, (m, names)
 
     check_one_rank_paths(GATHER_ROWS_PER_EXPERT * SMALL["e"] // SMALL["k"], extra, check_kernels)
+
+
+def test_most_local_experts():
+    """MAX_LOCAL_EXPERTS experts on one rank, on both route paths: route_alone keeps three ints
+    per local expert in shared memory, 48 KiB here, more than a launch gets unless its kernel
+    opts in (launch/runtime.cu); route_count keeps two."""
+    alone_m = ROUTE_BLOCKS_PER_SM * gpus()[0].core_count
+    r = Runner(1, dict(h=256, i=128, e=MAX_LOCAL_EXPERTS, k=8), max_tokens=alone_m + 1)
+    try:
+        for m, route in ((64, "route_alone_kernel"), (alone_m + 1, "route_count_kernel")):
+            assert route in kernels_of_one_call(r, r.inputs(m, m)), (m, route)
+            for routing in ("uniform", "hot"):
+                check(r, seed=m + len(routing), m=m, routing=routing)
+    finally:
+        r.close()
 
 
 def test_two_layers_share_one_buffer_in_one_jit(small):

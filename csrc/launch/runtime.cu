@@ -115,6 +115,18 @@ int grid_for(size_t work_items, int items_per_block, int sm_budget) {
   return int(blocks < 1 ? 1 : blocks > cap ? cap : blocks);
 }
 
+// Dynamic shared memory of the route kernels: route_count keeps two ints per local expert,
+// route_alone three. A launch gets 48 KiB of shared memory, static and dynamic together, unless
+// its kernel opts in to more: route_count stays under that at kMaxLocalExperts (32 KiB + ~1.2 KiB
+// static), route_alone does not (48 KiB + ~1.3 KiB static), so prepare_runtime_kernels raises
+// its limit to what kMaxLocalExperts needs.
+size_t route_count_smem_bytes(int local_experts) {
+  return 2 * size_t(local_experts) * sizeof(int32_t);
+}
+size_t route_alone_smem_bytes(int local_experts) {
+  return 3 * size_t(local_experts) * sizeof(int32_t);
+}
+
 }  // namespace
 
 cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
@@ -161,7 +173,7 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
       alone && all_tokens * c.topk <= size_t(kGatherRowsPerExpert) * l.local_experts;
   if (alone) {
     const int grid = grid_for(all_tokens, 1, budget);
-    const size_t smem = 3 * l.local_experts * sizeof(int32_t);
+    const size_t smem = route_alone_smem_bytes(l.local_experts);
     if (gather) {
       route_alone_kernel<false><<<grid, kThreads, smem, stream>>>(k);
     } else {
@@ -169,7 +181,7 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
     }
   } else {
     route_count_kernel<<<grid_for(all_tokens * c.topk, kThreads, budget), kThreads,
-                         2 * l.local_experts * sizeof(int32_t), stream>>>(k);
+                         route_count_smem_bytes(l.local_experts), stream>>>(k);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     if (block_per_token) {
       route_fill_kernel<kWarps><<<grid_for(all_tokens, 1, budget), kThreads, 0, stream>>>(k);
@@ -241,6 +253,15 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
 }
 
 cudaError_t prepare_runtime_kernels() {
+  for (const void* kernel : {reinterpret_cast<const void*>(route_alone_kernel<false>),
+                             reinterpret_cast<const void*>(route_alone_kernel<true>)}) {
+    const int bytes = int(route_alone_smem_bytes(kMaxLocalExperts));
+    if (cudaError_t err =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+        err != cudaSuccess) {
+      return err;
+    }
+  }
   // cudaFuncGetAttributes loads the kernel's module on the current device (CUDA lazy loading
   // would otherwise do it inside the first execute).
   const void* kernels[] = {

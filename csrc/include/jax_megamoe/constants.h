@@ -14,8 +14,8 @@ constexpr int kExpertAlignM = 2 * kBlockM;
 constexpr int kQuantBlock = 128;
 // Largest top-k: the dispatch gives each slot of a token its own warp lane.
 constexpr int kMaxTopk = 32;
-// Largest experts per rank: the route scan keeps two ints per local expert in static-limit
-// (48 KiB) shared memory.
+// Largest experts per rank: the route kernels keep two or three ints per local expert in shared
+// memory (48 KiB for route_alone at this limit; launch/runtime.cu).
 constexpr int kMaxLocalExperts = 4096;
 // Blocks per budgeted SM of the dispatch and combine grids: enough resident warps to cover NVLink
 // and HBM latency without needing the whole device. With one rank, while the tokens number at
