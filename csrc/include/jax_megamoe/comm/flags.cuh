@@ -40,9 +40,9 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
 }
 
 // Single-thread wait until flags[s] >= epoch for every rank s. Returns -1, or, past the timeout,
-// the rank it was waiting for (its flag's value in *seen) after printing one line to stderr:
-// the caller records the error and aborts the call, so a protocol error is neither a silent hang
-// nor a trap that would kill the process's CUDA context.
+// the rank it was waiting for (its flag's value in *seen) after printing one line (device printf,
+// which reaches the process's stdout): the caller records the error and aborts the call, so a
+// protocol error is neither a silent hang nor a trap that would kill the process's CUDA context.
 __device__ __forceinline__ int wait_all_ranks(const uint64_t* flags, int num_ranks, uint64_t epoch,
                                               uint64_t timeout_ns, int rank, const char* phase,
                                               uint64_t* seen) {
