@@ -48,10 +48,10 @@ ffi::Error grid_size(const char* target, int32_t device_ordinal, int64_t num_cta
             std::to_string(device_ordinal) +
             "; call jax_megamoe._ffi.prepare_standalone() (the grouped_gemm wrappers do) first");
   }
-  if (num_ctas < 0 || num_ctas > INT_MAX) {
-    return ffi::Error::InvalidArgument(std::string(target) + ": num_ctas " +
-                                       std::to_string(num_ctas) +
-                                       " must be >= 0 (0 = every SM of the device)");
+  if (num_ctas < 0 || num_ctas > kMaxGemmCtas) {
+    return ffi::Error::InvalidArgument(
+        std::string(target) + ": num_ctas " + std::to_string(num_ctas) + " must be in [0, " +
+        std::to_string(kMaxGemmCtas) + "] (0 = every SM of the device)");
   }
   *out = num_ctas == 0 ? sms * gemm_ctas_per_sm() : static_cast<int>(num_ctas);
   return ffi::Error::Success();

@@ -62,6 +62,7 @@ NB_MODULE(_C, m) {
         constants["DEFAULT_TIMEOUT_S"] = kDefaultTimeoutS;
         constants["ROUTE_BLOCKS_PER_SM"] = kRouteBlocksPerSm;
         constants["GATHER_ROWS_PER_EXPERT"] = kGatherRowsPerExpert;
+        constants["MAX_GEMM_CTAS"] = kMaxGemmCtas;
         return constants;
       },
       "The limits and block sizes the kernels are built with (jax_megamoe/constants.h).");

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh
 
 from jax_megamoe import SymmBuffer, _ffi, fp8_mega_moe, transform_weights
+from jax_megamoe.constants import MAX_GEMM_CTAS
 from jax_megamoe.grouped_gemm import grouped_gemm_l1, grouped_gemm_l2
 from jax_megamoe.testing import make_inputs
 
@@ -228,13 +229,18 @@ def test_standalone_gemm_operands_checked_at_trace_time():
         grouped_gemm_l1(**{**args, "row_weight": jnp.ones((rows - 1,))})
     with pytest.raises(TypeError, match="grouped_gemm_l1: a has dtype"):
         grouped_gemm_l1(**{**args, "a": jnp.zeros((rows, h), jnp.bfloat16)})
+    for bad, error in ((-1, ValueError), (MAX_GEMM_CTAS + 1, ValueError), (2.0, TypeError)):
+        with pytest.raises(error, match=f"grouped_gemm_l1: num_ctas .*{bad!r}"):
+            grouped_gemm_l1(**args, num_ctas=bad)
+    l2_args = (
+        jnp.zeros((rows, i), f8),
+        jnp.ones((rows, i // 128)),
+        args["row_src"],
+        args["block_expert"],
+        args["num_blocks"],
+        jnp.zeros((e, h, i), f8),
+    )
     with pytest.raises(ValueError, match="grouped_gemm_l2: w2_scale has shape"):
-        grouped_gemm_l2(
-            jnp.zeros((rows, i), f8),
-            jnp.ones((rows, i // 128)),
-            args["row_src"],
-            args["block_expert"],
-            args["num_blocks"],
-            jnp.zeros((e, h, i), f8),
-            jnp.ones((e, h // 128, 2)),
-        )
+        grouped_gemm_l2(*l2_args, jnp.ones((e, h // 128, 2)))
+    with pytest.raises(ValueError, match=f"grouped_gemm_l2: num_ctas .*{MAX_GEMM_CTAS}"):
+        grouped_gemm_l2(*l2_args, jnp.ones((e, h // 128, i // 128)), num_ctas=MAX_GEMM_CTAS + 1)

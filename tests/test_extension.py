@@ -99,6 +99,7 @@ def test_constants_equal_the_extension():
         "DEFAULT_TIMEOUT_S",
         "ROUTE_BLOCKS_PER_SM",
         "GATHER_ROWS_PER_EXPERT",
+        "MAX_GEMM_CTAS",
     )
     assert _ffi.extension().constants() == {n: getattr(constants, n) for n in names}
 

@@ -14,7 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import weights as _weights
-from .constants import BLOCK_M, EXPERT_ALIGN_M, MAX_LOCAL_EXPERTS, MAX_TOPK, QUANT_BLOCK
+from .constants import (
+    BLOCK_M,
+    EXPERT_ALIGN_M,
+    MAX_GEMM_CTAS,
+    MAX_LOCAL_EXPERTS,
+    MAX_TOPK,
+    QUANT_BLOCK,
+)
 
 INT32_MAX = 2**31 - 1
 
@@ -223,6 +230,18 @@ def check_l1_operands(a, a_scale, row_weight, row_src, block_expert, w1, w1_scal
             ("w1_scale", w1_scale, (e, two_i // b, h // b), jnp.float32),
         ],
     )
+
+
+def check_num_ctas(op: str, num_ctas) -> int:
+    """A standalone GEMM's ``num_ctas``: an int in ``[0, MAX_GEMM_CTAS]`` (0 = every SM)."""
+    if isinstance(num_ctas, bool) or not isinstance(num_ctas, numbers.Integral):
+        raise TypeError(f"{op}: num_ctas must be an int, got {num_ctas!r}")
+    if not 0 <= num_ctas <= MAX_GEMM_CTAS:
+        raise ValueError(
+            f"{op}: num_ctas ({num_ctas}) must be in [0, {MAX_GEMM_CTAS}] (0 = every SM of the "
+            "device)"
+        )
+    return int(num_ctas)
 
 
 def check_l2_operands(act, act_scale, row_src, block_expert, w2, w2_scale, out_rows) -> None:

@@ -16,3 +16,5 @@ DEFAULT_TIMEOUT_S = 300  # seconds a cross-rank wait spins before the call fails
 ROUTE_BLOCKS_PER_SM = 4
 # ... and L1 reads A from the tokens' rows up to this many rows per local expert on average.
 GATHER_ROWS_PER_EXPERT = 32
+# The standalone GEMMs' largest num_ctas: their tile-claim counter (int32) must not wrap.
+MAX_GEMM_CTAS = 65536

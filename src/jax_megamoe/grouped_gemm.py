@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _ffi
-from .checks import check_l1_operands, check_l2_operands
+from .checks import check_l1_operands, check_l2_operands, check_num_ctas
 from .constants import QUANT_BLOCK
 
 __all__ = ["grouped_gemm_l1", "grouped_gemm_l2", "prepare_standalone"]
@@ -77,13 +77,14 @@ def grouped_gemm_l1(
       w1: ``[E, 2I, H]`` float8_e4m3fn (gate rows, then up rows); ``w1_scale``
         ``[E, 2I/128, H/128]`` float32.
       activation_clamp: ``None`` or a float: gate is clamped from above, up to ``±clamp``.
-      num_ctas: persistent grid size; 0 = every SM of the device.
+      num_ctas: persistent grid size, at most ``MAX_GEMM_CTAS``; 0 = every SM of the device.
 
     Returns:
       ``(act, act_scale)``: ``[P, I]`` float8_e4m3fn and ``[P, I/128]`` float32. Rows that were
       not stored (padding rows, skipped blocks) hold unspecified values.
     """
     check_l1_operands(a, a_scale, row_weight, row_src, block_expert, w1, w1_scale)
+    num_ctas = check_num_ctas("grouped_gemm_l1", num_ctas)
     rows, inter = a.shape[0], w1.shape[1] // 2
     prepare_standalone()
     _ffi.register_targets()
@@ -137,7 +138,7 @@ def grouped_gemm_l2(
       block_expert, num_blocks: as in :func:`grouped_gemm_l1`.
       w2: ``[E, H, I]`` float8_e4m3fn; ``w2_scale`` ``[E, H/128, I/128]`` float32.
       out_rows: rows of ``y`` (default ``P``).
-      num_ctas: persistent grid size; 0 = every SM of the device.
+      num_ctas: persistent grid size, at most ``MAX_GEMM_CTAS``; 0 = every SM of the device.
 
     Returns:
       ``y`` ``[out_rows, H]`` bfloat16. Rows no pool row names hold unspecified values.
@@ -145,6 +146,7 @@ def grouped_gemm_l2(
     rows, hidden = act.shape[0], w2.shape[1]
     out_rows = rows if out_rows is None else int(out_rows)
     check_l2_operands(act, act_scale, row_src, block_expert, w2, w2_scale, out_rows)
+    num_ctas = check_num_ctas("grouped_gemm_l2", num_ctas)
     prepare_standalone()
     _ffi.register_targets()
     call = jax.ffi.ffi_call(

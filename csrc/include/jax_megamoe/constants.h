@@ -29,5 +29,9 @@ constexpr int kGatherRowsPerExpert = kBlockM / 2;
 // Seconds a cross-rank wait spins before the call fails (SymmBuffer.create(timeout_s=) and
 // JAX_MEGAMOE_TIMEOUT_S override it): long enough for a peer that is compiling or loading.
 constexpr int kDefaultTimeoutS = 300;
+// Largest persistent grid of the standalone GEMMs (num_ctas): far above one CTA per SM, and small
+// enough that their int32 tile-claim counter, which every CTA takes once past the last tile,
+// cannot wrap around to a negative tile index.
+constexpr int kMaxGemmCtas = 65536;
 
 }  // namespace jax_megamoe
