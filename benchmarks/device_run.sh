@@ -3,7 +3,8 @@
 # writing logs under $OUT (default /tmp/megamoe_out):
 #   readme    the README quickstart in a fresh copy of this checkout, from its root: install
 #             (--no-build-isolation --no-deps: such machines often reach no package index),
-#             `python -m jax_megamoe`, then `pytest -m gpu` (the GPU half of the test command)
+#             `python -m jax_megamoe`, then `pytest` (the README's test command: the CPU tests,
+#             which keep JAX on the CPU) and `pytest -m gpu` (the GPU tests)
 #   test      single-process GPU tests (command buffers on, then a subset with them off, the
 #             device-error tests included) + CLI
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck on the GEMM kernels, run from
@@ -212,8 +213,12 @@ if [[ $modes == *,readme,* ]]; then
   fresh=$(mktemp -d)
   tar -C "$repo" --exclude=.git -cf - . | tar -C "$fresh" -xf -
   (cd "$fresh" && python3 -m pip install --no-build-isolation --no-deps . \
-    >"$OUT/readme_install.log" 2>&1 && python3 -m jax_megamoe &&
-    pytest -m gpu -q -s 2>&1 | tee "$OUT/readme_pytest.log" | summary) 2>&1 |
+    >"$OUT/readme_install.log" 2>&1 && python3 -m jax_megamoe && {
+    pytest -q 2>&1 | tee "$OUT/readme_pytest_cpu.log" | summary
+    cpu=$?
+    pytest -m gpu -q -s 2>&1 | tee "$OUT/readme_pytest.log" | summary
+    exit $((cpu | $?))
+  }) 2>&1 |
     tee "$OUT/readme.log"
   status=$((status | PIPESTATUS[0]))
   bundle

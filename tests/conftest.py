@@ -1,4 +1,8 @@
-"""Test setup: 8 host devices for expert-parallel tests on CPU; `gpu` tests need Hopper."""
+"""Test setup: 8 host devices for expert-parallel tests on CPU; `gpu` tests need Hopper.
+
+`pytest` runs the CPU tests, and keeps JAX on the CPU even where a GPU is present: they build
+their meshes from `jax.devices()` and expect its 8 host devices. `pytest -m gpu` runs the GPU
+tests, with JAX's usual platforms. A JAX_PLATFORMS the caller set wins in both."""
 
 import os
 
@@ -28,10 +32,24 @@ def _hopper_devices() -> list:
     return [d for d in gpus if _ffi.is_sm90(d)]
 
 
+def _selects_gpu_tests(markexpr: str) -> bool:
+    return "gpu" in markexpr and "not gpu" not in markexpr
+
+
+def pytest_configure(config):
+    # Before any test touches a device: JAX starts its backends at the first device query.
+    if not _selects_gpu_tests(config.option.markexpr) and "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
+
+
 def pytest_collection_modifyitems(config, items):
-    if _hopper_devices():
+    if not _selects_gpu_tests(config.option.markexpr) and "JAX_PLATFORMS" not in os.environ:
+        reason = "a gpu test: `pytest -m gpu` runs these (plain `pytest` keeps JAX on the CPU)"
+    elif _hopper_devices():
         return
-    skip = pytest.mark.skip(reason="needs a Hopper (SM90) GPU and the built CUDA extension")
+    else:
+        reason = "needs a Hopper (SM90) GPU and the built CUDA extension"
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
