@@ -96,3 +96,23 @@ def test_calc_diff_properties():
     assert calc_diff(np.zeros(3), np.zeros(3)) == 0.0
     with pytest.raises(ValueError, match="shapes differ"):
         calc_diff(a, a[:10])
+
+
+def test_calc_diff_at_any_magnitude_and_on_non_finite_input():
+    """Scaled before the sums: tiny values do not underflow into "identical", huge ones do not
+    overflow into NaN. A NaN or infinity in either input gives NaN, so a bound check fails."""
+    a = np.random.default_rng(7).standard_normal(100)
+    for scale in (1e-200, 1e200):
+        assert calc_diff(a * scale, -a * scale) == pytest.approx(2.0)
+        assert calc_diff(a * scale, 2 * a * scale) == pytest.approx(1 - 4 / 5)
+    for bad in (np.nan, np.inf):
+        b = a.copy()
+        b[3] = bad
+        assert np.isnan(calc_diff(a, b)) and np.isnan(calc_diff(b, a))
+
+
+def test_dequantize_empty_round_trip():
+    q, s = quantize_per_token(jnp.zeros((0, 256)))
+    assert dequantize(q, s).shape == (0, 256)
+    with pytest.raises(ValueError, match="tile"):
+        dequantize(jnp.zeros((4, 256), jnp.float8_e4m3fn), jnp.zeros((4, 0)))

@@ -14,6 +14,8 @@ import jax
 import jax.extend.core
 from jax.interpreters import mlir
 
+from .checks import varying_axes
+
 try:  # Built only where a CUDA toolkit was present at install time.
     from . import _C
 except ImportError as e:  # pragma: no cover - depends on the install
@@ -123,12 +125,6 @@ def kept_call(target: str, result: jax.ShapeDtypeStruct):
     return call
 
 
-def _varying_axes(x) -> frozenset:
-    """The manual mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside it, or
-    with check_vma=False)."""
-    return jax.typeof(x).mat.varying
-
-
 def call_varying(call, *operands, axes: tuple = (), **attributes):
     """``call(*operands, **attributes)`` for an ``jax.ffi.ffi_call`` made here, typed right under
     ``jax.shard_map`` with check_vma.
@@ -138,10 +134,10 @@ def call_varying(call, *operands, axes: tuple = (), **attributes):
     marked varying over every manual axis an operand varies over, and over ``axes`` (the fused
     layer adds its expert axis: its output depends on every rank's tokens).
     """
-    union = frozenset(axes).union(*(_varying_axes(x) for x in operands))
+    union = frozenset(axes).union(*(varying_axes(x) for x in operands))
 
     def vary(x):
-        missing = tuple(sorted(union - _varying_axes(x)))
+        missing = tuple(sorted(union - varying_axes(x)))
         return jax.lax.pcast(x, missing, to="varying") if missing else x
 
     return jax.tree.map(vary, call(*operands, **attributes))

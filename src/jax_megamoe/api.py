@@ -82,12 +82,20 @@ def fp8_mega_moe(
     )
     m, h, i, k, num_local = checks.check_moe_operands(x, x_scale, topk_ids, topk_weights, weights)
     num_ranks = checks.axis_size(axis_name, "fp8_mega_moe")
+    checks.check_weights_vary(
+        weights, x, axis_name=axis_name, num_ranks=num_ranks, op="fp8_mega_moe"
+    )
     num_experts = num_local * num_ranks
     checks.check_moe_dims(
         num_experts=num_experts, hidden=h, intermediate=i, topk=k, num_ranks=num_ranks
     )
-    checks.check_clamp(activation_clamp)
+    clamp = checks.check_clamp(activation_clamp)
     if buffer is not None:
+        if not isinstance(buffer, SymmBuffer):
+            raise TypeError(
+                "buffer must be a SymmBuffer (SymmBuffer.create) or None, got "
+                f"{type(buffer).__name__}"
+            )
         checks.check_buffer(
             buffer,
             m=m,
@@ -99,7 +107,6 @@ def fp8_mega_moe(
             axis_name=axis_name,
         )
     chosen = _pick_impl(impl, buffer)
-    clamp = None if activation_clamp is None else float(activation_clamp)
 
     if chosen == "fused":
 

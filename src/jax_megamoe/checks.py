@@ -38,7 +38,19 @@ def check_array(name: str, value):
     """Returns ``value`` if it is an array (JAX, NumPy or a tracer); refuses Python lists and
     other objects by name, as ``jax.numpy`` functions do (a list is a pytree of scalars, not an
     array, and converting it silently would hide a slow host round trip)."""
-    if isinstance(value, jax.Array | np.ndarray):
+    if isinstance(value, np.ndarray):
+        # Without jax_enable_x64 JAX turns int64 into int32 by wrapping: an id past int32 (an
+        # out-of-range id, which the call masks) would silently become a valid expert.
+        to = jax.dtypes.canonicalize_dtype(value.dtype)
+        if to != value.dtype and np.issubdtype(value.dtype, np.integer) and value.size:
+            info = np.iinfo(to)
+            if value.min() < info.min or value.max() > info.max:
+                raise ValueError(
+                    f"{name} ({value.dtype}) holds values outside {to.name}, which JAX converts "
+                    f"it to with jax_enable_x64 off: they would wrap. Pass {to.name} values"
+                )
+        return value
+    if isinstance(value, jax.Array):
         return value
     hint = " (wrap it with jnp.asarray)" if isinstance(value, list | tuple) else ""
     raise TypeError(f"{name} must be a jax or numpy array, got {type(value).__name__}{hint}")
@@ -140,7 +152,7 @@ def check_weights(weights) -> tuple[int, int, int]:
         raise TypeError(
             f"weights must be the MoEWeights made by transform_weights, got {type(weights)}"
         )
-    w1, w1s, w2, w2s = weights
+    w1, w1s, w2, w2s = (check_array(n, v) for n, v in zip(weights._fields, weights, strict=True))
     if w1.ndim != 3 or w2.ndim != 3:
         raise ValueError(f"w1 {w1.shape} and w2 {w2.shape} must be [experts, rows, cols]")
     e, two_i, h = w1.shape
@@ -187,9 +199,30 @@ def check_moe_operands(x, x_scale, topk_ids, topk_weights, weights):
     return m, h, i, k, num_local
 
 
-def check_clamp(activation_clamp) -> None:
-    if activation_clamp is not None and not activation_clamp > 0:
+def check_clamp(activation_clamp) -> float | None:
+    """None, or a positive number known at trace time (the clamp is compiled into the call):
+    a Python or NumPy number, or a 0-d array that is not traced. Returns it as a float."""
+    if activation_clamp is None:
+        return None
+    scalar = isinstance(activation_clamp, numbers.Real) or (
+        isinstance(activation_clamp, np.ndarray | jax.Array)
+        and activation_clamp.shape == ()
+        and jnp.issubdtype(activation_clamp.dtype, jnp.number)
+    )
+    if isinstance(activation_clamp, bool) or not scalar:
+        raise TypeError(
+            f"activation_clamp must be a positive number or None, got {activation_clamp!r}"
+        )
+    try:
+        value = float(activation_clamp)
+    except jax.errors.ConcretizationTypeError:
+        raise TypeError(
+            "activation_clamp is traced: it is compiled into the call, so pass a Python number "
+            "(a static argument of the jitted function)"
+        ) from None
+    if not value > 0:
         raise ValueError(f"activation_clamp must be positive, got {activation_clamp}")
+    return value
 
 
 def check_pool_rows(name: str, rows: int, block_m: int) -> None:
@@ -290,6 +323,11 @@ def axis_size(axis_name: str | None, op: str) -> int:
                 "experts, call it outside the shard_map"
             )
         return 1
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"{op}: axis_name must be a mesh axis name (str) or None, got {axis_name!r}"
+        )
     try:
         return jax.lax.axis_size(axis_name)
     except NameError as e:
@@ -297,6 +335,31 @@ def axis_size(axis_name: str | None, op: str) -> int:
             f"axis_name {axis_name!r} is not bound here: call {op} inside a shard_map over that "
             "mesh axis, or pass axis_name=None on one device"
         ) from e
+
+
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside it, or
+    with check_vma=False)."""
+    return jax.typeof(x).mat.varying
+
+
+def check_weights_vary(weights, x, *, axis_name, num_ranks: int, op: str) -> None:
+    """Inside ``shard_map`` each rank must hold its own experts: the weights must vary over the
+    expert axis. Weights replicated (``P()``) or sharded over another axis than ``axis_name`` have
+    the right local shape, so only their typing shows it (JAX's check_vma, on by default); with
+    it off nothing varies, the tokens included, and nothing is checked here."""
+    if axis_name is None or num_ranks == 1 or not varying_axes(x):
+        return
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    for field, leaf in zip(weights._fields, weights, strict=True):
+        held = varying_axes(leaf)
+        if not set(names) <= held:
+            how = f"vary over {sorted(held)}" if held else "are the same on every rank"
+            raise ValueError(
+                f"{op}: the weights ({field}) {how}, not sharded over the expert axis "
+                f"{axis_name!r}: shard the weights with P({axis_name!r}) in the shard_map's "
+                "in_specs, or pass the axis_name they are sharded over"
+            )
 
 
 def check_local_experts(
@@ -317,15 +380,35 @@ def check_local_experts(
     )
 
 
-def check_layer_inputs(hidden, router_weight, weights, axis_name):
-    """``MegaMoE``'s inputs: ``hidden`` [M, H], ``router_weight`` [H, E] over all ``E``
-    experts, and this rank's shard of them in ``weights``. Returns the two arrays."""
+def check_route_inputs(hidden, router_weight, topk, op: str = "route"):
+    """``route``'s inputs: real floating ``hidden`` [M, H] and ``router_weight`` [H, E], and
+    ``topk`` an int in [1, E]. Returns the two arrays."""
     hidden = jnp.asarray(check_array("hidden", hidden))
     router_weight = jnp.asarray(check_array("router_weight", router_weight))
     if hidden.ndim != 2:
-        raise ValueError(f"hidden must be [M, H], got {tuple(hidden.shape)}")
+        raise ValueError(f"{op}: hidden must be [M, H], got {tuple(hidden.shape)}")
     if router_weight.ndim != 2:
-        raise ValueError(f"router_weight must be [H, E], got {tuple(router_weight.shape)}")
+        raise ValueError(f"{op}: router_weight must be [H, E], got {tuple(router_weight.shape)}")
+    if router_weight.shape[0] != hidden.shape[1]:
+        raise ValueError(
+            f"{op}: router_weight {tuple(router_weight.shape)} must be [H, E] with the hidden "
+            f"size of hidden {tuple(hidden.shape)}"
+        )
+    for name, arr in (("hidden", hidden), ("router_weight", router_weight)):
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise TypeError(f"{op}: {name} must be a real floating array, got {arr.dtype}")
+    num_experts = router_weight.shape[1]
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
+        raise TypeError(f"{op}: topk must be an int, got {topk!r}")
+    if not 1 <= topk <= num_experts:
+        raise ValueError(f"{op}: topk ({topk}) must be in [1, num_experts={num_experts}]")
+    return hidden, router_weight
+
+
+def check_layer_inputs(hidden, router_weight, weights, axis_name, topk):
+    """``MegaMoE``'s inputs: ``hidden`` [M, H], ``router_weight`` [H, E] over all ``E``
+    experts, and this rank's shard of them in ``weights``. Returns the two arrays."""
+    hidden, router_weight = check_route_inputs(hidden, router_weight, topk, "MegaMoE")
     check_local_experts(
         num_local=check_weights(weights)[0],
         num_experts=router_weight.shape[1],

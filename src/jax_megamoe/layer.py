@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +36,7 @@ def route(
     """
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    hidden, router_weight = checks.check_route_inputs(hidden, router_weight, topk)
     logits = jnp.dot(
         hidden.astype(jnp.float32),
         router_weight.astype(jnp.float32),
@@ -68,7 +70,7 @@ class MegaMoE:
         self, hidden: jax.Array, router_weight: jax.Array, weights: MoEWeights
     ) -> jax.Array:
         hidden, router_weight = checks.check_layer_inputs(
-            hidden, router_weight, weights, self.axis_name
+            hidden, router_weight, weights, self.axis_name, self.topk
         )
         ids, topk_weights = route(
             hidden,
@@ -97,6 +99,11 @@ def init_weights(
 ) -> tuple[jax.Array, MoEWeights]:
     """Random router ``[H, E]`` (f32) and FP8 expert weights for all experts, for demos, tests
     and benchmarks. Initialised with fan-in scaling so activations stay O(1)."""
+    num_experts = checks.check_int("num_experts", num_experts, minimum=1)
+    hidden = checks.check_int("hidden", hidden, minimum=1)
+    intermediate = checks.check_int("intermediate", intermediate, minimum=1)
+    if std is not None and not (isinstance(std, numbers.Real) and 0 < std < float("inf")):
+        raise ValueError(f"std must be a positive, finite number or None, got {std!r}")
     k_router, k1, k2 = jax.random.split(key, 3)
     router = jax.random.normal(k_router, (hidden, num_experts), jnp.float32) / hidden**0.5
     s1 = std if std is not None else hidden**-0.5

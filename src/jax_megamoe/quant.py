@@ -76,29 +76,38 @@ def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
     scale = jnp.asarray(scale, jnp.float32)
     if q.ndim != scale.ndim or q.ndim < 1:
         raise ValueError(f"dequantize: q {q.shape} and scale {scale.shape} need the same rank")
+    # Block size per dimension; an empty dimension (q's and scale's both) has blocks of one.
+    blocks = [a // b if b else 1 for a, b in zip(q.shape[-2:], scale.shape[-2:], strict=True)]
     if q.shape[:-2] != scale.shape[:-2] or any(
-        a % b for a, b in zip(q.shape[-2:], scale.shape[-2:], strict=True)
+        (b == 0) != (a == 0) or (b and a % b)
+        for a, b in zip(q.shape[-2:], scale.shape[-2:], strict=True)
     ):
         raise ValueError(f"dequantize: scale {scale.shape} does not tile q {q.shape}")
     # With excess precision allowed (XLA:GPU's default), XLA folds convert(convert(v, e4m3),
     # f32) into v, silently skipping the FP8 rounding of a quantize-dequantize round trip; the
     # barrier keeps q a real e4m3 value.
     q = jax.lax.optimization_barrier(q)
-    rows = q.shape[-2] // scale.shape[-2] if q.ndim >= 2 else 1
-    cols = q.shape[-1] // scale.shape[-1]
-    s = jnp.repeat(scale, cols, axis=-1)
+    s = jnp.repeat(scale, blocks[-1], axis=-1)
     if q.ndim >= 2:
-        s = jnp.repeat(s, rows, axis=-2)
+        s = jnp.repeat(s, blocks[0], axis=-2)
     return q.astype(jnp.float32) * s
 
 
 def calc_diff(a, b) -> float:
-    """``1 - 2·Σab / Σ(a² + b²)`` in float64 (0 for identical inputs, 1 for orthogonal)."""
+    """``1 - 2·Σab / Σ(a² + b²)`` in float64 (0 for identical inputs, 1 for orthogonal, 2 for
+    opposite; 0 when both are all zero). NaN when either holds a NaN or an infinity, so that a
+    bound ``calc_diff(a, b) <= tol`` fails. Computed on the inputs scaled by their largest
+    magnitude, so that neither tiny nor huge values underflow or overflow the sums."""
     a = np.asarray(jax.device_get(a), dtype=np.float64)
     b = np.asarray(jax.device_get(b), dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"calc_diff: shapes differ, {a.shape} vs {b.shape}")
-    denom = float(np.sum(a * a + b * b))
-    if denom == 0.0:
+    if a.size == 0:
         return 0.0
-    return 1.0 - 2.0 * float(np.sum(a * b)) / denom
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
+    scale = max(float(np.abs(a).max()), float(np.abs(b).max()))
+    if scale == 0.0:
+        return 0.0
+    a, b = a / scale, b / scale
+    return 1.0 - 2.0 * float(np.sum(a * b)) / float(np.sum(a * a + b * b))

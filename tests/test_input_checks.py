@@ -1,0 +1,142 @@
+"""Bad input to the public API that used to pass silently, or fail with an error from deep inside
+JAX or Python: each now gets an error at trace time that names the operand and the problem."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jax_megamoe import MegaMoE, MoEWeights, fp8_mega_moe, init_weights, route
+from jax_megamoe.testing import make_inputs
+
+DIMS = dict(h=256, i=128, e=8, k=2)
+NAMES = ("x", "x_scale", "topk_ids", "topk_weights", "weights")
+
+
+@pytest.fixture(scope="module")
+def inp():
+    return make_inputs(5, m=16, **DIMS)
+
+
+def call(inp, **kwargs):
+    return fp8_mega_moe(*(inp[n] for n in NAMES), **kwargs)
+
+
+def test_weights_sharded_over_another_axis_than_the_expert_axis(inp):
+    """On a data x expert mesh, weights sharded over the expert axis but the call told the data
+    axis: every shape fits (2 local experts x 2 ranks is not checked against E without a buffer)
+    and the layer was silently wrong. Replicated weights without a buffer likewise."""
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "ep"))
+    tokens = P(("dp", "ep"))
+
+    def traced(axis_name, weight_spec):
+        fn = functools.partial(fp8_mega_moe, axis_name=axis_name)
+        step = jax.shard_map(
+            fn, mesh=mesh, in_specs=(tokens,) * 4 + (weight_spec,), out_specs=tokens
+        )
+        return jax.eval_shape(step, *(inp[n] for n in NAMES))
+
+    with pytest.raises(ValueError, match=r"vary over \['ep'\], not sharded over .* 'dp'"):
+        traced("dp", P("ep"))
+    with pytest.raises(ValueError, match=r"same on every rank, not sharded over .* 'ep'"):
+        traced("ep", P())
+    assert traced("ep", P("ep")).shape == (16, DIMS["h"])
+
+
+def test_numpy_int64_ids_past_int32_are_refused(inp):
+    """Without jax_enable_x64 JAX wraps int64 into int32: an out-of-range id (masked by
+    contract) became a valid expert. In-range int64 ids still give the int32 result."""
+    ids = np.asarray(inp["topk_ids"], np.int64)
+    same = call({**inp, "topk_ids": ids})
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(call(inp)))
+    ids[0, 0] = 2**32 + 1
+    with pytest.raises(ValueError, match=r"topk_ids \(int64\) holds values outside int32"):
+        call({**inp, "topk_ids": ids})
+
+
+@pytest.mark.parametrize(
+    "clamp, error, match",
+    [
+        (True, TypeError, "activation_clamp must be a positive number or None"),
+        ("5", TypeError, "activation_clamp must be a positive number or None"),
+        (jnp.array([5.0]), TypeError, "activation_clamp must be a positive number or None"),
+        (float("nan"), ValueError, "activation_clamp must be positive"),
+    ],
+)
+def test_activation_clamp_must_be_a_number(inp, clamp, error, match):
+    with pytest.raises(error, match=match):
+        call(inp, activation_clamp=clamp)
+
+
+def test_activation_clamp_traced_or_as_numpy_scalar(inp):
+    with pytest.raises(TypeError, match="activation_clamp is traced"):
+        jax.jit(lambda c: call(inp, activation_clamp=c))(5.0)
+    np.testing.assert_array_equal(
+        np.asarray(call(inp, activation_clamp=np.float32(1.5))),
+        np.asarray(call(inp, activation_clamp=1.5)),
+    )
+
+
+def test_buffer_axis_name_and_weight_leaves_are_typed(inp):
+    with pytest.raises(TypeError, match="buffer must be a SymmBuffer .* got str"):
+        call(inp, buffer="abc")
+    with pytest.raises(TypeError, match="axis_name must be a mesh axis name .* got 0"):
+        call(inp, axis_name=0)
+    w = inp["weights"]
+    with pytest.raises(TypeError, match="w1_scale must be a jax or numpy array, got NoneType"):
+        call({**inp, "weights": MoEWeights(w.w1, None, w.w2, w.w2_scale)})
+
+
+@pytest.fixture(scope="module")
+def layer_inputs():
+    router, weights = init_weights(jax.random.key(1), num_experts=8, hidden=256, intermediate=128)
+    hidden = jax.random.normal(jax.random.key(2), (16, 256), jnp.bfloat16)
+    return hidden, router, weights
+
+
+@pytest.mark.parametrize(
+    "topk, error, match",
+    [
+        (9, ValueError, r"topk \(9\) must be in \[1, num_experts=8\]"),
+        (0, ValueError, r"topk \(0\) must be in"),
+        (2.5, TypeError, "topk must be an int"),
+        (None, TypeError, "topk must be an int"),
+    ],
+)
+def test_route_and_layer_check_topk(layer_inputs, topk, error, match):
+    hidden, router, weights = layer_inputs
+    with pytest.raises(error, match=f"route: {match}"):
+        route(hidden, router, topk)
+    with pytest.raises(error, match=f"MegaMoE: {match}"):
+        MegaMoE(topk=topk)(hidden, router, weights)
+
+
+def test_route_checks_the_router_and_hidden(layer_inputs):
+    hidden, router, _ = layer_inputs
+    with pytest.raises(ValueError, match=r"route: router_weight must be \[H, E\], got \(256,\)"):
+        route(hidden, router[:, 0], 2)
+    with pytest.raises(ValueError, match=r"router_weight \(255, 8\) must be \[H, E\] with"):
+        route(hidden, router[:-1], 2)
+    with pytest.raises(TypeError, match="hidden must be a jax or numpy array, got list"):
+        route(np.asarray(hidden, np.float32).tolist(), router, 2)
+    with pytest.raises(TypeError, match="route: hidden must be a real floating array, got int32"):
+        route(hidden.astype(jnp.int32), router, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(num_experts=-1), ValueError, r"num_experts must be in \[1,"),
+        (dict(intermediate=0), ValueError, r"intermediate must be in \[1,"),
+        (dict(hidden=256.0), TypeError, "hidden must be an int"),
+        (dict(std=float("nan")), ValueError, "std must be a positive, finite number"),
+    ],
+)
+def test_init_weights_checks_its_arguments(kwargs, error, match):
+    args = dict(num_experts=4, hidden=256, intermediate=128) | kwargs
+    with pytest.raises(error, match=match):
+        init_weights(jax.random.key(0), **args)
