@@ -117,6 +117,13 @@ ffi::Error L1GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   if (cudaError_t err = zero_claims(p.tile_claims, stream); err != cudaSuccess) {
     return launch_error(kL1GemmTarget, device_ordinal, err);
   }
+  if (cudaError_t err = poison(p.act, size_t(P) * I, stream); err != cudaSuccess) {
+    return launch_error(kL1GemmTarget, device_ordinal, err);
+  }
+  if (cudaError_t err = poison(p.act_scale, size_t(P) * (I / kQuantBlock) * sizeof(float), stream);
+      err != cudaSuccess) {
+    return launch_error(kL1GemmTarget, device_ordinal, err);
+  }
   if (cudaError_t err = launch_l1(p, stream); err != cudaSuccess) {
     return launch_error(kL1GemmTarget, device_ordinal, err);
   }
@@ -189,6 +196,10 @@ ffi::Error L2GemmExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBu
   p.num_ctas = grid;
   p.tile_claims = claims->typed_data();
   if (cudaError_t err = zero_claims(p.tile_claims, stream); err != cudaSuccess) {
+    return launch_error(kL2GemmTarget, device_ordinal, err);
+  }
+  if (cudaError_t err = poison(y->untyped_data(), size_t(Y) * H * sizeof(uint16_t), stream);
+      err != cudaSuccess) {
     return launch_error(kL2GemmTarget, device_ordinal, err);
   }
   if (cudaError_t err = launch_l2(p, stream); err != cudaSuccess) {

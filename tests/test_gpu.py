@@ -15,7 +15,14 @@ from jax.sharding import PartitionSpec as P
 
 from jax_megamoe import calc_diff, fp8_mega_moe, quantize_per_token
 from jax_megamoe.constants import GATHER_ROWS_PER_EXPERT, MAX_LOCAL_EXPERTS, ROUTE_BLOCKS_PER_SM
-from jax_megamoe.testing import make_activations, make_buffer, make_routing, make_weights
+from jax_megamoe.testing import (
+    ROW_DIFF_BOUND,
+    make_activations,
+    make_buffer,
+    make_routing,
+    make_weights,
+    row_calc_diff,
+)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import timing  # noqa: E402  (benchmarks/timing.py: kernels from the profiler's trace)
@@ -78,8 +85,13 @@ def check(runner, seed, m, routing="uniform"):
     assert bool(jnp.all(jnp.isfinite(fused.astype(jnp.float32))))
     assert float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) > 0.0 or routing == "masked"
     diff = calc_diff(fused, ref)
-    print(f"R={runner.mesh.size} M={m} {routing}: calc_diff fused vs mirror {diff:.2e}")
+    worst_row = float(row_calc_diff(fused, ref).max())
+    print(
+        f"R={runner.mesh.size} M={m} {routing}: calc_diff fused vs mirror {diff:.2e}, "
+        f"worst row {worst_row:.2e}"
+    )
     assert diff <= 1e-4, (m, routing, diff)
+    assert worst_row <= ROW_DIFF_BOUND, (m, routing, worst_row)
     return fused, ref
 
 

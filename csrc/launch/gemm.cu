@@ -164,6 +164,22 @@ int l1_tail_rows() {
   return rows;
 }
 
+}  // namespace
+
+bool poison_outputs() {
+  static const bool on = [] {
+    const char* value = std::getenv("JAX_MEGAMOE_POISON_OUTPUTS");
+    return value != nullptr && std::string(value) == "1";
+  }();
+  return on;
+}
+
+cudaError_t poison(void* p, size_t bytes, cudaStream_t stream) {
+  return poison_outputs() && bytes > 0 ? cudaMemsetAsync(p, 0xFF, bytes, stream) : cudaSuccess;
+}
+
+namespace {
+
 template <class Kernel>
 cudaError_t prepare(Kernel kernel, int smem_bytes) {
   cudaError_t err =

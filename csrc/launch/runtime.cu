@@ -159,6 +159,14 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   const int budget = args.sm_budget;
 
   cudaError_t err;
+  // Tests: y and the regions this call's kernels fill (pool, act, combine: the workspace's last
+  // regions) start as NaN. At R > 1 peers write this rank's combine rows only after its dispatch
+  // flag, which the sync kernel publishes after this, and wrote the last call's before its
+  // combine sync, so the fill races with no write.
+  if ((err = poison(args.y, size_t(m) * c.hidden * sizeof(uint16_t), stream)) != cudaSuccess ||
+      (err = poison(ws + l.pool_a, l.total_bytes - l.pool_a, stream)) != cudaSuccess) {
+    return err;
+  }
   if (peers) {
     stage_kernel<<<grid_for(size_t(m) * c.hidden / 16, kThreads, budget), kThreads, 0, stream>>>(k);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;

@@ -80,6 +80,13 @@ cudaError_t launch_l2(const L2Params& p, cudaStream_t stream);
 cudaError_t prepare_gemm_kernels();
 // CTAs per SM the persistent GEMM kernels are sized for.
 int gemm_ctas_per_sm();
+// JAX_MEGAMOE_POISON_OUTPUTS=1, for tests (tests/conftest.py sets it): before their kernels run,
+// the layer and the standalone GEMMs fill every byte those kernels must write with 0xFF, a NaN
+// in bf16, e4m3 and f32, so a row a kernel fails to write shows as NaN rather than as a fresh
+// buffer's zeros or an earlier call's values. Read once per process.
+bool poison_outputs();
+// cudaMemsetAsync(p, 0xFF, bytes, stream) where poison_outputs() holds, else nothing.
+cudaError_t poison(void* p, size_t bytes, cudaStream_t stream);
 // A range of a GEMM kernel's shared memory, as offsets from its aligned base, that no two
 // threads share but through a barrier (bar.sync), which racecheck follows (it follows no
 // mbarrier): a racecheck report on it is a race (tools/racecheck_sass.py). `kernel` names the
