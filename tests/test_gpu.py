@@ -15,13 +15,13 @@ from jax.sharding import PartitionSpec as P
 
 from jax_megamoe import calc_diff, fp8_mega_moe, quantize_per_token
 from jax_megamoe.constants import GATHER_ROWS_PER_EXPERT, MAX_LOCAL_EXPERTS, ROUTE_BLOCKS_PER_SM
+from jax_megamoe.quant import row_calc_diff
 from jax_megamoe.testing import (
     ROW_DIFF_BOUND,
     make_activations,
     make_buffer,
     make_routing,
     make_weights,
-    row_calc_diff,
 )
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))

@@ -18,8 +18,9 @@ from jax_megamoe import calc_diff, dequantize, quantize_per_token
 from jax_megamoe.constants import BLOCK_M, EXPERT_ALIGN_M
 from jax_megamoe.grouped_gemm import grouped_gemm_l1, grouped_gemm_l2
 from jax_megamoe.pool import pool_layout, pool_rows
+from jax_megamoe.quant import row_calc_diff
 from jax_megamoe.reference import _swiglu
-from jax_megamoe.testing import ROW_DIFF_BOUND, make_weights, row_calc_diff
+from jax_megamoe.testing import ROW_DIFF_BOUND, make_weights
 
 pytestmark = pytest.mark.gpu
 

@@ -102,12 +102,21 @@ def calc_diff(a, b) -> float:
     b = np.asarray(jax.device_get(b), dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"calc_diff: shapes differ, {a.shape} vs {b.shape}")
-    if a.size == 0:
-        return 0.0
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return float("nan")
-    scale = max(float(np.abs(a).max()), float(np.abs(b).max()))
-    if scale == 0.0:
-        return 0.0
-    a, b = a / scale, b / scale
-    return 1.0 - 2.0 * float(np.sum(a * b)) / float(np.sum(a * a + b * b))
+    return float(row_calc_diff(a.reshape(1, -1), b.reshape(1, -1))[0])
+
+
+def row_calc_diff(a, b) -> np.ndarray:
+    """:func:`calc_diff` of each row of two ``[rows, cols]`` arrays, each row scaled by its own
+    largest magnitude (0 for a row all zero in both, NaN for one with a NaN or an infinity:
+    the largest magnitude is then NaN or infinite, and so is the row's sum)."""
+    a = np.asarray(jax.device_get(a), np.float64)
+    b = np.asarray(jax.device_get(b), np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"row_calc_diff: shapes {a.shape} and {b.shape} must be one [rows, cols]")
+    scale = np.maximum(np.abs(a).max(axis=1, initial=0.0), np.abs(b).max(axis=1, initial=0.0))
+    scale = np.where(scale > 0, scale, 1.0)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a, b = a / scale, b / scale
+        den = np.sum(a * a + b * b, axis=1)
+        diff = 1.0 - 2.0 * np.sum(a * b, axis=1) / den
+    return np.where(den == 0, 0.0, diff)

@@ -147,19 +147,3 @@ def make_buffer(mesh, dims: dict, max_tokens_per_rank: int, axis_name: str = "ep
 # One FP8 rounding flip in a row moves it by ~1e-5 to 1e-4; a slot or a 128-column tile left out
 # of a row moves it by ~1e-2 or more, which a calc_diff over hundreds of rows averages away.
 ROW_DIFF_BOUND = 2e-3
-
-
-def row_calc_diff(a, b) -> np.ndarray:
-    """``calc_diff`` of each row of two ``[rows, cols]`` arrays (0 for a row all zero in both;
-    NaN where either holds a NaN or an infinity)."""
-    a = np.asarray(jax.device_get(a), np.float64)
-    b = np.asarray(jax.device_get(b), np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"row_calc_diff: shapes {a.shape} and {b.shape} must be one [rows, cols]")
-    scale = np.maximum(np.abs(a).max(axis=1, initial=0.0), np.abs(b).max(axis=1, initial=0.0))
-    scale = np.where(scale > 0, scale, 1.0)[:, None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        a, b = a / scale, b / scale
-        den = np.sum(a * a + b * b, axis=1)
-        diff = np.sum((a - b) ** 2, axis=1) / den
-    return np.where(den == 0, 0.0, diff)
