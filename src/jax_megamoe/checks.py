@@ -56,13 +56,13 @@ def check_array(name: str, value):
     raise TypeError(f"{name} must be a jax or numpy array, got {type(value).__name__}{hint}")
 
 
-def check_int(name: str, value, *, minimum: int) -> int:
-    """A Python/NumPy integer (not bool, not float) in ``[minimum, INT32_MAX]`` (the C++ side
-    takes these as int32)."""
+def check_int(name: str, value, *, minimum: int, maximum: int = INT32_MAX) -> int:
+    """A Python/NumPy integer (not bool, not float) in ``[minimum, maximum]`` (by default at
+    most INT32_MAX: the C++ side takes these as int32)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if not minimum <= value <= INT32_MAX:
-        raise ValueError(f"{name} must be in [{minimum}, {INT32_MAX}], got {value}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
     return int(value)
 
 
@@ -267,14 +267,7 @@ def check_l1_operands(a, a_scale, row_weight, row_src, block_expert, w1, w1_scal
 
 def check_num_ctas(op: str, num_ctas) -> int:
     """A standalone GEMM's ``num_ctas``: an int in ``[0, MAX_GEMM_CTAS]`` (0 = every SM)."""
-    if isinstance(num_ctas, bool) or not isinstance(num_ctas, numbers.Integral):
-        raise TypeError(f"{op}: num_ctas must be an int, got {num_ctas!r}")
-    if not 0 <= num_ctas <= MAX_GEMM_CTAS:
-        raise ValueError(
-            f"{op}: num_ctas ({num_ctas}) must be in [0, {MAX_GEMM_CTAS}] (0 = every SM of the "
-            "device)"
-        )
-    return int(num_ctas)
+    return check_int(f"{op}: num_ctas (0 = every SM)", num_ctas, minimum=0, maximum=MAX_GEMM_CTAS)
 
 
 def check_l2_operands(act, act_scale, row_src, block_expert, w2, w2_scale, out_rows) -> None:
