@@ -36,18 +36,22 @@ def _hopper_devices() -> list:
     return [d for d in gpus if _ffi.is_sm90(d)]
 
 
-def _selects_gpu_tests(markexpr: str) -> bool:
-    return "gpu" in markexpr and "not gpu" not in markexpr
+def _keeps_jax_on_cpu(config) -> bool:
+    """Whether this run keeps JAX on the CPU: it does not select the gpu tests (-m gpu) and the
+    caller set no JAX_PLATFORMS."""
+    markexpr = config.option.markexpr
+    selects_gpu = "gpu" in markexpr and "not gpu" not in markexpr
+    return not selects_gpu and "JAX_PLATFORMS" not in os.environ
 
 
 def pytest_configure(config):
     # Before any test touches a device: JAX starts its backends at the first device query.
-    if not _selects_gpu_tests(config.option.markexpr) and "JAX_PLATFORMS" not in os.environ:
+    if _keeps_jax_on_cpu(config):
         jax.config.update("jax_platforms", "cpu")
 
 
 def pytest_collection_modifyitems(config, items):
-    if not _selects_gpu_tests(config.option.markexpr) and "JAX_PLATFORMS" not in os.environ:
+    if _keeps_jax_on_cpu(config):
         reason = "a gpu test: `pytest -m gpu` runs these (plain `pytest` keeps JAX on the CPU)"
     elif _hopper_devices():
         return
