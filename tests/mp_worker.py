@@ -15,6 +15,10 @@ Scenario ``fake`` (CPU): SymmBuffer's multi-process allocation protocol against 
 extension that records every call (what each process allocates, exports, opens, connects,
 unmaps and frees), including a create whose IPC open fails in process 1.
 
+Scenario ``meshes`` (3 processes, CPU): buffers over meshes that leave some processes out,
+created only by the processes in them (processes 0 and 1 together, process 0 alone), then one
+over every process's devices; records each create's outcome and buffer ids.
+
 Scenario ``hosts`` (GPU, JAX_MEGAMOE_HOST_ID set per process by the caller): records whether a
 1-D SymmBuffer over all devices is allocated or refused, and closes it.
 
@@ -352,6 +356,31 @@ def hosts(args):
         json.dump(result, f)
 
 
+def meshes(args):
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from jax_megamoe import SymmBuffer
+
+    me = jax.process_index()
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    kw = dict(num_experts=12, hidden=512, intermediate=256, topk=4, max_tokens_per_rank=8)
+    plan = [("first_two", [0, 1]), ("alone", [0]), ("first_two_again", [0, 1]), ("all", [0, 1, 2])]
+    result = {}
+    for name, processes in plan:
+        if me not in processes:
+            continue
+        mesh = Mesh(np.array([d for d in devices if d.process_index in processes]), ("ep",))
+        try:
+            with SymmBuffer.create(mesh, "ep", **kw) as buf:
+                result[name] = {"id": buf.buffer_id, "processes": list(buf.processes)}
+        except Exception as e:
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+    with open(os.path.join(args.out, f"meshes.p{me}.json"), "w") as f:
+        json.dump(result, f)
+
+
 class FakeExtension:
     """Stands in for jax_megamoe._C: pointers and handles name their owner (process, ordinal)."""
 
@@ -498,7 +527,7 @@ def main():
     parser.add_argument(
         "--scenario",
         default="run",
-        choices=["run", "errors", "hosts", "fake", "timeout", "slow", "share"],
+        choices=["run", "errors", "meshes", "hosts", "fake", "timeout", "slow", "share"],
     )
     parser.add_argument("--meshes", default="1d,2d,2d_t")
     parser.add_argument("--impls", default="reference")
@@ -514,6 +543,7 @@ def main():
 
     try:
         scenarios = {"run": run, "errors": errors, "hosts": hosts, "fake": fake}
+        scenarios["meshes"] = meshes
         scenarios.update(timeout=timeout, slow=slow, share=share)
         scenarios[args.scenario](args)
     except BaseException:

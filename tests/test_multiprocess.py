@@ -11,6 +11,7 @@ import pytest
 from launcher import describe, launch
 from mp_worker import MESHES, WORKER, FakeExtension, load_rows, summaries
 
+from jax_megamoe.distributed import setup_name
 from jax_megamoe.symm_buffer import check_groups_on_one_host
 
 
@@ -108,6 +109,35 @@ def test_setup_errors_reach_every_process(tmp_path):
     assert "waited 3 s for process 1" in got[0]["timeout"], got[0]
 
 
+def test_meshes_that_leave_processes_out(tmp_path):
+    """Only the processes whose devices are in a mesh call create for it (the README's rule),
+    so processes create different numbers of buffers; a later buffer over all of them must still
+    set up, and a closed buffer's leftover setup keys must not reach a process outside it."""
+    results = launch(
+        [WORKER, "--out", str(tmp_path), "--scenario", "meshes"],
+        3,
+        env={"JAX_MEGAMOE_SETUP_TIMEOUT_S": "5"},
+        timeout_s=60,
+    )
+    assert_ok(results)
+    got = {}
+    for p in (0, 1, 2):
+        with open(tmp_path / f"meshes.p{p}.json") as f:
+            got[p] = json.load(f)
+    want = {
+        0: ["first_two", "alone", "first_two_again", "all"],
+        1: ["first_two", "first_two_again", "all"],
+        2: ["all"],
+    }
+    for p, names in want.items():
+        assert sorted(got[p]) == sorted(names), got[p]
+        for name in names:
+            assert "error" not in got[p][name], (p, name, got[p][name])
+        assert got[p]["all"]["processes"] == [0, 1, 2]
+        ids = [got[p][name]["id"] for name in names]
+        assert len(set(ids)) == len(ids), ids  # unique within the process
+
+
 def test_allocation_protocol_with_a_fake_extension(tmp_path):
     """The multi-process allocation path end to end on CPU, against a recording fake of the CUDA
     extension: each process creates and exports its own workspaces, opens exactly its remote
@@ -154,6 +184,13 @@ def test_allocation_protocol_with_a_fake_extension(tmp_path):
             assert last_unmap < kinds.index("destroy"), (buffer_id, kinds)
     assert "injected cudaIpcOpenMemHandle failure" in got[1]["failed_open"]
     assert got[0]["failed_open"].startswith("SetupError") and "process 1" in got[0]["failed_open"]
+
+
+def test_setup_names_runs_of_processes():
+    assert setup_name([0, 1, 2, 3], 2) == "0-3/2"
+    assert setup_name([0, 1, 4], 1) == "0-1.4/1"
+    assert setup_name([5], 7) == "5/7"
+    assert setup_name([1, 3, 4, 5, 9], 1) == "1.3-5.9/1"
 
 
 def _dev(process):

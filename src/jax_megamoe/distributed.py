@@ -8,9 +8,12 @@ computation and no cross-process collective on the backend (CPU processes would 
 it also gives the barrier ``close()`` needs, and each wait has a deadline, so a process that
 failed or never arrived ends in an error that names it instead of a hang.
 
-Keys are ``jax_megamoe/symm/{buffer_id}/{phase}/{process}``. ``buffer_id`` comes from a
-per-process counter, so every process of a mesh must call ``SymmBuffer.create`` (and ``close``)
-for the same buffers in the same order, as it does for any other collective.
+Keys are ``jax_megamoe/symm/{setup}/{phase}/{process}``, where ``setup`` (see
+:func:`setup_name`) names the buffer by the processes of its mesh and how many buffers those
+processes created together before it. The processes of a mesh call ``SymmBuffer.create`` (and
+``close``) for the same buffers in the same order, as for any other collective; a process
+outside a mesh does not call create for it, so its own count of buffers may differ from theirs,
+and a per-process counter would name the next common buffer differently in each process.
 """
 
 from __future__ import annotations
@@ -77,8 +80,22 @@ def client():
     return c
 
 
-def key(buffer_id: int, phase: str, process: int | None = None) -> str:
-    base = f"{KEY_PREFIX}/{buffer_id}/{phase}"
+def setup_name(processes: Sequence[int], number: int) -> str:
+    """The name of a buffer every process of ``processes`` (sorted) agrees on: those processes
+    as runs (``0-3``, ``0-1.4``) and ``number``, this buffer's place among the buffers they
+    created together (``0-3/2``)."""
+    runs: list[list[int]] = []
+    for p in processes:
+        if runs and p == runs[-1][-1] + 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    text = ".".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    return f"{text}/{number}"
+
+
+def key(setup: str, phase: str, process: int | None = None) -> str:
+    base = f"{KEY_PREFIX}/{setup}/{phase}"
     return base if process is None else f"{base}/{process}"
 
 
@@ -91,7 +108,7 @@ def _set(c, k: str, value: str) -> None:
 
 
 def all_gather(
-    buffer_id: int,
+    setup: str,
     phase: str,
     processes: Sequence[int],
     value: Any = None,
@@ -111,7 +128,7 @@ def all_gather(
         return {} if error is not None else {me: value}
     c = client()
     payload = {"error": error} if error is not None else {"value": value}
-    _set(c, key(buffer_id, phase, me), json.dumps(payload))
+    _set(c, key(setup, phase, me), json.dumps(payload))
     if error is not None:
         return {}
     timeout = setup_timeout_s() if timeout_s is None else timeout_s
@@ -122,10 +139,10 @@ def all_gather(
             continue
         wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
         try:
-            text = c.blocking_key_value_get(key(buffer_id, phase, p), wait_ms)
+            text = c.blocking_key_value_get(key(setup, phase, p), wait_ms)
         except Exception as e:  # the client raises XlaRuntimeError (DEADLINE_EXCEEDED) on timeout
             raise SetupError(
-                f"SymmBuffer {buffer_id}: process {me} waited {timeout:g} s for process {p} at "
+                f"SymmBuffer {setup}: process {me} waited {timeout:g} s for process {p} at "
                 f"setup step {phase!r}; every process of the mesh must call SymmBuffer.create "
                 f"and close for the same buffers in the same order (raise {TIMEOUT_ENV} if a "
                 f"process is merely slow): {e}"
@@ -134,12 +151,12 @@ def all_gather(
     errors = {p: v["error"] for p, v in sorted(got.items()) if "error" in v}
     if errors:
         detail = "; ".join(f"process {p}: {msg}" for p, msg in errors.items())
-        raise SetupError(f"SymmBuffer {buffer_id}: setup step {phase!r} failed on {detail}")
+        raise SetupError(f"SymmBuffer {setup}: setup step {phase!r} failed on {detail}")
     return {p: v["value"] for p, v in got.items()}
 
 
 def exchange(
-    buffer_id: int, phase: str, processes: Sequence[int], compute: Callable[[], Any]
+    setup: str, phase: str, processes: Sequence[int], compute: Callable[[], Any]
 ) -> dict[int, Any]:
     """Runs ``compute()`` here and all-gathers its result (``{me: result}`` for a process alone
     in ``processes``); if it raises, the peers are told (so they fail at once instead of at
@@ -148,14 +165,14 @@ def exchange(
         value = compute()
     except Exception as e:
         try:
-            all_gather(buffer_id, phase, processes, error=f"{type(e).__name__}: {e}")
+            all_gather(setup, phase, processes, error=f"{type(e).__name__}: {e}")
         except Exception:  # the original error matters more than failing to report it
             pass
         raise
-    return all_gather(buffer_id, phase, processes, value)
+    return all_gather(setup, phase, processes, value)
 
 
-def forget(buffer_id: int, processes: Sequence[int], *phases: str) -> None:
+def forget(setup: str, processes: Sequence[int], *phases: str) -> None:
     """Deletes this process's keys of ``phases`` (call once every peer has read them); a
     process alone in ``processes`` published none."""
     me = jax.process_index()
@@ -164,6 +181,6 @@ def forget(buffer_id: int, processes: Sequence[int], *phases: str) -> None:
     c = client()
     for phase in phases:
         try:
-            c.key_value_delete(key(buffer_id, phase, me))
+            c.key_value_delete(key(setup, phase, me))
         except Exception:  # best effort: a stale key only costs a few bytes on the coordinator
             pass

@@ -24,7 +24,10 @@ from . import _ffi, checks
 from . import distributed as dist
 from .constants import BLOCK_M, QUANT_BLOCK
 
-_ids = itertools.count(1)
+_ids = itertools.count(1)  # buffer_id: unique in this process (the extension's registry key)
+# Per set of processes, the buffers they created together: numbers the setup keys
+# (distributed.setup_name), which every process of a mesh agrees on.
+_setups: dict[tuple[int, ...], itertools.count] = {}
 _lock = threading.Lock()
 _REGION_ALIGN = 128  # kRegionAlign in layout/workspace.h
 
@@ -123,6 +126,9 @@ class SymmBuffer:
     # Processes whose devices are in the mesh (the peers of create/close); () when this
     # process has none.
     processes: tuple[int, ...] = ()
+    # The name the processes of the mesh agree on (distributed.setup_name); "" when this
+    # process has none of its devices.
+    setup: str = ""
     # Host identity of each process of the mesh (see distributed.host_id).
     hosts: dict[int, str] = field(default_factory=dict, repr=False)
     _ordinals: list[int] = field(default_factory=list, repr=False)
@@ -172,8 +178,12 @@ class SymmBuffer:
             max_tokens_per_rank=max_tokens_per_rank,
         )
         timeout_s = checks.check_timeout(timeout_s)
+        me = jax.process_index()
+        processes = tuple(sorted({d.process_index for d in mesh.devices.flat}))
         with _lock:
             buffer_id = next(_ids)
+            if me in processes:
+                number = next(_setups.setdefault(processes, itertools.count(1)))
         nbytes = workspace_nbytes(num_ranks=num_ranks, **dims)
         buf = cls(
             mesh,
@@ -183,10 +193,9 @@ class SymmBuffer:
             timeout_s=timeout_s,
             **dims,
         )
-        me = jax.process_index()
-        processes = tuple(sorted({d.process_index for d in mesh.devices.flat}))
         if me in processes:  # else none of this process's devices is in the mesh
             buf.processes = processes
+            buf.setup = dist.setup_name(processes, number)
             buf._setup(int(sm_budget))
         return buf
 
@@ -197,7 +206,6 @@ class SymmBuffer:
     def _fingerprint(self) -> list:
         """What every process must agree on for one buffer."""
         return [
-            self.buffer_id,
             self.axis_name,
             list(self.mesh.axis_names),
             [int(d.id) for d in self.mesh.devices.flat],
@@ -212,7 +220,7 @@ class SymmBuffer:
     def _exchange(self, phase: str, compute) -> dict[int, object]:
         """``{process: compute() there}`` over the mesh's processes; with one process, just
         ``{me: compute()}`` (see ``distributed.exchange``)."""
-        return dist.exchange(self.buffer_id, phase, self.processes, compute)
+        return dist.exchange(self.setup, phase, self.processes, compute)
 
     def _setup(self, sm_budget: int) -> None:
         """The same sequence for one or many processes: agree on the arguments and on whether
@@ -225,9 +233,9 @@ class SymmBuffer:
         for p, v in sorted(info.items()):
             if v["config"] != mine["config"]:
                 raise ValueError(
-                    f"SymmBuffer {self.buffer_id}: process {p} created it with "
+                    f"SymmBuffer {self.setup}: process {p} created it with "
                     f"{v['config']}, process {me} with {mine['config']} "
-                    "([id, axis, axis names, device ids, mesh shape, E, H, I, K, max tokens]); "
+                    "([axis, axis names, device ids, mesh shape, E, H, I, K, max tokens]); "
                     "every process must call SymmBuffer.create with the same arguments, for "
                     "the same buffers in the same order"
                 )
@@ -255,7 +263,7 @@ class SymmBuffer:
         remote = {k: v for per_process in exported.values() for k, v in per_process.items()}
         try:
             self._exchange("connected", lambda: self._connect_local(c, ptrs, remote))
-            dist.forget(self.buffer_id, self.processes, "info", "handles")  # all have read them
+            dist.forget(self.setup, self.processes, "info", "handles")  # all have read them
         except BaseException:
             self._teardown(strict=False)
             raise
@@ -355,8 +363,8 @@ class SymmBuffer:
             except Exception as e:  # keep going: the peers wait for this process at the barrier
                 unmap_error = unmap_error or e
         try:
-            dist.all_gather(self.buffer_id, "closed", self.processes, True)
-            dist.forget(self.buffer_id, self.processes, "connected")
+            dist.all_gather(self.setup, "closed", self.processes, True)
+            dist.forget(self.setup, self.processes, "connected")
         except dist.SetupError:
             if strict:
                 raise
