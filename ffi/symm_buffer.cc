@@ -116,10 +116,22 @@ size_t workspace_nbytes(const WorkspaceConfig& c) {
   require(c.topk >= 1 && c.topk <= kMaxTopk,
           "topk (" + std::to_string(c.topk) + ") must be in [1, " + std::to_string(kMaxTopk) + "]");
   require(c.max_tokens >= 1, "max_tokens_per_rank must be >= 1");
-  // Pool rows and the (rank, token, slot) code in row_src are int32 on the device.
+  // Pool rows and the (rank, token, slot) code in row_src are int32 on the device. Checked in
+  // 64 bits here, before WorkspaceLayout narrows the pool's block count to int (unsigned, so a
+  // product past 2^64 wraps instead of being undefined; it is only read once slots is small).
+  const uint64_t slots = uint64_t(c.num_ranks) * uint64_t(c.max_tokens);
+  const uint64_t worst_rows =
+      slots * uint64_t(c.topk) + uint64_t(c.num_experts / c.num_ranks) * (kExpertAlignM - 1);
+  require(
+      slots <= uint64_t(INT_MAX) && worst_rows <= uint64_t(INT_MAX / kExpertAlignM) * kExpertAlignM,
+      "num_ranks * max_tokens_per_rank * topk is too large for int32 pool row indices");
   const WorkspaceLayout layout = WorkspaceLayout::make(c);
-  require(layout.pool_rows <= size_t(INT_MAX),
-          "num_ranks * max_tokens_per_rank * topk is too large for int32 pool row indices");
+  // The regions' byte counts sum in size_t: refuse what could wrap it (no GPU holds 2^62 bytes).
+  const double pool = double(layout.pool_rows) * (double(c.hidden) + double(c.intermediate));
+  const double combine = double(c.topk) * double(c.max_tokens) * double(c.hidden) * 2;
+  require(2 * (pool + combine) < 0x1p62,
+          "the workspace would take more than 2^62 bytes: lower hidden, intermediate or "
+          "max_tokens_per_rank");
   return layout.total_bytes;
 }
 

@@ -42,6 +42,10 @@ BAD_CONFIGS = {
     "too_many_local_experts": (1, 4097, 128, 128, 2, 8),
     "no_tokens": (1, 8, 256, 128, 2, 0),
     "pool_past_int32": (8, 64, 128, 128, 32, 2**24),
+    # Past int32 only once the pool's block count is formed (it wrapped to 2 blocks in C++).
+    "pool_blocks_past_int32": (2**20, 2**20, 128, 128, 32, 8192),
+    # num_ranks * max_tokens * topk past 2^64 (it wrapped in C++).
+    "slots_past_uint64": (2**31 - 1, 2**31 - 1, 128, 128, 32, 2**31 - 1),
 }
 
 
@@ -70,6 +74,16 @@ class WorkspaceSizeTest(parameterized.TestCase):
         if not NO_EXTENSION:
             with self.assertRaises(ValueError):
                 _ffi.extension().workspace_nbytes(*config)
+
+
+@needs_extension
+def test_extension_refuses_a_workspace_past_2_62_bytes():
+    # Python sizes it exactly (no GPU holds it: create fails on the free-memory check); C++ sums
+    # the regions in size_t, which must not wrap.
+    config = (1, 1, 2**31 - 128, 2**31 - 128, 1, 2**30)
+    with pytest.raises(ValueError, match="more than 2\\^62 bytes"):
+        _ffi.extension().workspace_nbytes(*config)
+    assert workspace_nbytes(**_kwargs(config)) > 2**62
 
 
 def test_size_of_the_smallest_workspace_by_hand():
