@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from jax_megamoe import SymmBuffer, _ffi, fp8_mega_moe, transform_weights
 from jax_megamoe.constants import MAX_GEMM_CTAS
-from jax_megamoe.grouped_gemm import grouped_gemm_l1, grouped_gemm_l2
+from jax_megamoe.grouped_gemm import grouped_gemm_l1, grouped_gemm_l2, in_range_or_skip
 from jax_megamoe.testing import make_inputs
 
 DIMS = dict(h=256, i=128, e=8, k=2)
@@ -244,3 +244,21 @@ def test_standalone_gemm_operands_checked_at_trace_time():
         grouped_gemm_l2(*l2_args, jnp.ones((e, h // 128, 2)))
     with pytest.raises(ValueError, match=f"grouped_gemm_l2: num_ctas .*{MAX_GEMM_CTAS}"):
         grouped_gemm_l2(*l2_args, jnp.ones((e, h // 128, i // 128)), num_ctas=MAX_GEMM_CTAS + 1)
+    for bad in ("clip", None):
+        with pytest.raises(ValueError, match="grouped_gemm_l1: mode must be one of"):
+            grouped_gemm_l1(**args, mode=bad)
+        with pytest.raises(ValueError, match="grouped_gemm_l2: mode must be one of"):
+            grouped_gemm_l2(*l2_args, jnp.ones((e, h // 128, i // 128)), mode=bad)
+
+
+def test_standalone_gemm_indices_out_of_range_are_skipped():
+    """The kernels skip negative experts and destinations only: "drop" makes every other value
+    out of range negative first (on a GPU, test_gpu_gemm.py checks what the kernels then do)."""
+    rng = np.random.default_rng(5)
+    index = jnp.asarray(rng.integers(-(2**31), 2**31, 1000), jnp.int32)
+    index = index.at[:8].set(jnp.asarray([-(2**31), -2, -1, 0, 6, 7, 8, 2**31 - 1], jnp.int32))
+    got = np.asarray(in_range_or_skip(index, 8, "drop"))
+    want = np.where((np.asarray(index) >= 0) & (np.asarray(index) < 8), np.asarray(index), -1)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got[:8], [-1, -1, -1, 0, 6, 7, -1, -1])
+    assert in_range_or_skip(index, 8, "promise_in_bounds") is index

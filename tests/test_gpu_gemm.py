@@ -257,8 +257,9 @@ def test_pairs_straddling_two_experts(name):
 
 
 def test_jit_layout_grid_size_and_determinism():
-    """Both kernels in one jit with the layout computed on the device, against eager calls:
-    bit-identical, for the default grid and for a small persistent grid."""
+    """Both kernels in one jit with the layout computed on the device and the indices promised
+    in range, against eager calls (default mode "drop"): bit-identical, for the default grid and
+    for a small persistent grid."""
     h, i, counts = SHAPES["small"]
     w = weights_for(h, i, len(counts))
     pool = Pool(15, counts, h, i)
@@ -278,6 +279,7 @@ def test_jit_layout_grid_size_and_determinism():
             w.w1,
             w.w1_scale,
             num_ctas=num_ctas,
+            mode="promise_in_bounds",
         )
         y = grouped_gemm_l2(
             act,
@@ -289,6 +291,7 @@ def test_jit_layout_grid_size_and_determinism():
             w.w2_scale,
             out_rows=pool.n,
             num_ctas=num_ctas,
+            mode="promise_in_bounds",
         )
         return act, act_scale, y
 
@@ -326,11 +329,28 @@ def test_no_blocks():
     far_experts = jnp.full(pool.block_expert.shape, 1 << 20, jnp.int32)
     far_rows = jnp.full(pool.row_src.shape, 1 << 28, jnp.int32)
     zero = jnp.zeros((1,), jnp.int32)
+    # Promised in range, so the far values reach the kernels ("drop" would make them -1).
     act, act_scale = grouped_gemm_l1(
-        pool.a, pool.a_scale, pool.row_weight, far_rows, far_experts, zero, w.w1, w.w1_scale
+        pool.a,
+        pool.a_scale,
+        pool.row_weight,
+        far_rows,
+        far_experts,
+        zero,
+        w.w1,
+        w.w1_scale,
+        mode="promise_in_bounds",
     )
     y = grouped_gemm_l2(
-        act, act_scale, far_rows, far_experts, zero, w.w2, w.w2_scale, out_rows=pool.n
+        act,
+        act_scale,
+        far_rows,
+        far_experts,
+        zero,
+        w.w2,
+        w.w2_scale,
+        out_rows=pool.n,
+        mode="promise_in_bounds",
     )
     assert y.shape == (pool.n, h)
     jax.block_until_ready(y)  # a kernel that touched a block would fault here
@@ -339,6 +359,45 @@ def test_no_blocks():
         assert np.isnan(np.asarray(y, np.float32)).all()
     after = np.asarray(pool.l2(w, *pool.l1(w))).view(np.uint16)
     np.testing.assert_array_equal(after, before)
+
+
+def test_out_of_range_indices_are_skipped():
+    """Default mode "drop": the blocks of one expert name an expert past w1/w2 and some rows of
+    the others a destination past y; those blocks and rows are skipped (nothing read past the
+    weights, nothing stored past y), and every other row is right."""
+    h, i, counts = SHAPES["small"]
+    w = weights_for(h, i, len(counts))
+    pool = Pool(20, counts, h, i)
+    want_act = np.asarray(reference_l1(pool, w, None))  # valid rows in expert order
+    want_y = reference_l2(pool, w, pool.act_in, pool.act_in_scale)
+    e_far, s_far, c_far = pool.segments()[0]
+    block_expert = np.asarray(pool.block_expert).copy()
+    block_expert[s_far // BLOCK_M : -(-(s_far + c_far) // BLOCK_M)] = 1 << 20
+    others = pool.valid_idx[(pool.valid_idx < s_far) | (pool.valid_idx >= s_far + c_far)]
+    far_rows = np.random.default_rng(20).choice(others, 9, replace=False)
+    dest = pool.dest.copy()
+    dest[far_rows] = pool.n + np.arange(9) * 1000  # just past y, and far past it
+    args = (jax.device_put(dest), jax.device_put(block_expert.astype(np.int32)), pool.num_blocks)
+
+    act, act_scale = grouped_gemm_l1(
+        pool.a, pool.a_scale, pool.row_weight, args[0], args[1], args[2], w.w1, w.w1_scale
+    )
+    got = valid_act(pool, act, act_scale)
+    kept = (pool.valid_idx < s_far) | (pool.valid_idx >= s_far + c_far)
+    assert calc_diff(got[kept], want_act[kept]) <= 1e-4
+    assert float(row_calc_diff(got[kept], want_act[kept]).max()) <= ROW_DIFF_BOUND
+
+    y = grouped_gemm_l2(pool.act_in, pool.act_in_scale, *args, w.w2, w.w2_scale, out_rows=pool.n)
+    y = np.asarray(y, np.float32)
+    stored = np.setdiff1d(others, far_rows)
+    rows = pool.dest[stored]
+    assert calc_diff(y[rows], want_y[rows]) <= 1e-4
+    assert float(row_calc_diff(y[rows], want_y[rows]).max()) <= ROW_DIFF_BOUND
+    if os.environ.get("JAX_MEGAMOE_POISON_OUTPUTS") == "1":  # conftest's: the rest not written
+        skipped = np.setdiff1d(np.arange(pool.n), rows)
+        assert len(skipped) == c_far + 9
+        assert np.isnan(y[skipped]).all()
+        assert np.isnan(np.asarray(act, np.float32)[s_far : s_far + c_far]).all()
 
 
 def test_every_gpu():

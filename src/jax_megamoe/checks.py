@@ -265,6 +265,16 @@ def check_l1_operands(a, a_scale, row_weight, row_src, block_expert, w1, w1_scal
     )
 
 
+INDEX_MODES = ("drop", "promise_in_bounds")
+
+
+def check_index_mode(op: str, mode) -> str:
+    """A standalone GEMM's ``mode`` for its index operands: one of :data:`INDEX_MODES`."""
+    if not isinstance(mode, str) or mode not in INDEX_MODES:
+        raise ValueError(f"{op}: mode must be one of {INDEX_MODES}, got {mode!r}")
+    return mode
+
+
 def check_num_ctas(op: str, num_ctas) -> int:
     """A standalone GEMM's ``num_ctas``: an int in ``[0, MAX_GEMM_CTAS]`` (0 = every SM)."""
     return check_int(f"{op}: num_ctas (0 = every SM)", num_ctas, minimum=0, maximum=MAX_GEMM_CTAS)
