@@ -85,6 +85,28 @@ def test_wrong_expected_rank_poisons_the_call_and_the_buffer():
         fresh.close()
 
 
+def test_a_jitted_program_refuses_its_closed_buffer():
+    """Its cached copy holds the freed workspace's address, and with command buffers XLA would
+    replay its kernels without the handler's check: close() makes it retrace, and the trace
+    refuses. A new buffer created meanwhile (likely at the freed address) is left intact."""
+    mesh, args = one_gpu_case()
+    buf = make_buffer(mesh)
+    step = jax.jit(functools.partial(fp8_mega_moe, buffer=buf, impl="fused"))
+    step(*args).block_until_ready()
+    step(*args).block_until_ready()  # a replay, with command buffers
+    buf.close()
+    fresh = make_buffer(mesh)
+    try:
+        with pytest.raises(ValueError, match=f"buffer {buf.buffer_id} was closed"):
+            step(*args)
+        y = jax.jit(functools.partial(fp8_mega_moe, buffer=fresh, impl="fused"))(*args)
+        assert fresh.check() is None
+        ref = jax.jit(functools.partial(fp8_mega_moe, impl="reference"))(*args)
+        assert calc_diff(y, ref) <= 1e-4
+    finally:
+        fresh.close()
+
+
 def test_calls_enqueued_behind_a_failed_one_do_nothing():
     """Two calls in one program, the first aborted: the second is enqueued before the error is
     recorded, so its handler may not see it (with command buffers it never does: both are

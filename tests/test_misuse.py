@@ -4,6 +4,7 @@ order, degenerate weights and Python lists as operands; and how errors the kerne
 the device reach Python (SymmBuffer.check; the GPU half is tests/test_gpu_errors.py)."""
 
 import functools
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -233,6 +234,32 @@ def test_closed_buffer_raises_with_auto(inp):
     with pytest.raises(ValueError, match="was closed"):
         sharded_call(inp, fn)
     sharded_call(inp, functools.partial(fn, impl="reference"))  # the reference needs no buffer
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_close_makes_programs_traced_with_the_fused_kernels_retrace(monkeypatch, traced):
+    """Such a program holds the workspace's address, and XLA replays its recorded kernels
+    without the handler's check, so close() clears JAX's caches: the next call retraces, and the
+    trace refuses the closed buffer. A buffer never traced fused leaves the caches alone. On CPU
+    nothing is allocated or traced fused, so both are faked here; test_gpu_errors.py has the
+    real case."""
+    buf = SymmBuffer.create(MESH, "ep", **BUF)
+    monkeypatch.setattr(SymmBuffer, "_teardown", lambda self, strict: None)
+    buf._finalizer = weakref.finalize(buf, lambda: None)  # as if allocated
+    buf.traced = traced
+    traces = []
+
+    @jax.jit
+    def step(x):
+        traces.append(None)
+        return x * 2
+
+    x = jnp.arange(4.0)
+    step(x), step(x)
+    assert len(traces) == 1
+    buf.close()
+    step(x)
+    assert len(traces) == (2 if traced else 1)
 
 
 def test_buffer_made_for_another_device_order(inp):

@@ -109,6 +109,7 @@ def fp8_mega_moe(
     chosen = _pick_impl(impl, buffer)
 
     if chosen == "fused":
+        buffer.traced = True  # close() must then drop the programs that hold its address
 
         def run(x, x_scale, topk_ids, topk_weights, weights):
             return fused_mega_moe(

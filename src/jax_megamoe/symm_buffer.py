@@ -131,6 +131,8 @@ class SymmBuffer:
     setup: str = ""
     # Host identity of each process of the mesh (see distributed.host_id).
     hosts: dict[int, str] = field(default_factory=dict, repr=False)
+    # Set when fp8_mega_moe traced the fused kernels with this buffer (see close()).
+    traced: bool = field(default=False, repr=False)
     _ordinals: list[int] = field(default_factory=list, repr=False)
     _finalizer: weakref.finalize | None = field(default=None, repr=False)
 
@@ -398,11 +400,20 @@ class SymmBuffer:
         """Frees the workspace on every device (idempotent). Call it only once no computation
         that uses the buffer is in flight. With several processes it is collective: each
         process unmaps its peers, all wait for each other (``JAX_MEGAMOE_SETUP_TIMEOUT_S``),
-        then each frees its own workspaces. Later calls with the buffer raise."""
+        then each frees its own workspaces. Later calls with the buffer raise.
+
+        If a program was traced with the buffer's fused kernels, this clears JAX's compilation
+        caches (``jax.clear_caches()``: every jitted function compiles again at its next call).
+        Such a program holds the workspace's address, and XLA replays its recorded kernels
+        (command buffers) without the handler's check, so a cached copy would run on freed
+        memory; retraced, it raises instead. A program compiled ahead of time
+        (``jit(...).lower(...).compile()``) is out of reach: drop it before closing."""
         finalizer = self._finalizer
         self.allocated = False
         self.closed = True
         if finalizer is not None and finalizer.alive:
+            if self.traced:
+                jax.clear_caches()
             self._teardown(strict=True)
 
     def __enter__(self) -> SymmBuffer:
