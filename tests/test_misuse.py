@@ -1,7 +1,8 @@
 """Misuse that used to pass silently or fail late: SymmBuffer arguments on CPU, a missing
 axis_name inside shard_map, replicated weights, a closed buffer, a buffer made for another device
-order, degenerate weights and Python lists as operands; and how errors the kernels record on
-the device reach Python (SymmBuffer.check; the GPU half is tests/test_gpu_errors.py)."""
+order, degenerate weights and Python lists as operands; how errors the kernels record on the
+device reach Python (SymmBuffer.check; the GPU half is tests/test_gpu_errors.py); and closing
+and setup failures (the allocation faked)."""
 
 import functools
 import weakref
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from mp_worker import FakeExtension
 
 import jax_megamoe
 from jax_megamoe import (
@@ -23,6 +25,7 @@ from jax_megamoe import (
     init_weights,
     transform_weights,
 )
+from jax_megamoe import distributed as dist
 from jax_megamoe.symm_buffer import workspace_nbytes
 from jax_megamoe.testing import make_inputs
 
@@ -260,6 +263,91 @@ def test_close_makes_programs_traced_with_the_fused_kernels_retrace(monkeypatch,
     buf.close()
     step(x)
     assert len(traces) == (2 if traced else 1)
+
+
+def _as_if_allocated(buf, monkeypatch, ext):
+    """A CPU buffer made to look allocated across processes 0 and 1, with ``ext`` as the
+    extension and the key-value store's calls recorded."""
+    buf._finalizer = weakref.finalize(buf, lambda: None)
+    buf._ordinals = [0]
+    buf.processes, buf.setup = (0, 1), "0-1/9"
+    monkeypatch.setattr(_ffi, "extension", lambda: ext)
+    calls = []
+    monkeypatch.setattr(dist, "all_gather", lambda *a, **kw: calls.append((a, kw)) or {})
+    monkeypatch.setattr(dist, "forget", lambda *a: None)
+    return calls
+
+
+class _Unmaps:
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def close_ipc_handles(self, buffer_id, ordinal):
+        if self.fail:
+            raise RuntimeError("unmap failed")
+
+
+@pytest.mark.parametrize("timeout_s, env, want", [(7.0, None, 12.0), (None, "3", 8.0)])
+def test_close_waits_for_peers_past_the_kernels_timeout(monkeypatch, timeout_s, env, want):
+    """A peer may reach close() only after one of its calls waited out the kernels' timeout for
+    this process (which failed at trace time and closed at once)."""
+    monkeypatch.setenv("JAX_MEGAMOE_SETUP_TIMEOUT_S", "5")
+    if env is None:
+        monkeypatch.delenv("JAX_MEGAMOE_TIMEOUT_S", raising=False)
+    else:
+        monkeypatch.setenv("JAX_MEGAMOE_TIMEOUT_S", env)
+    buf = SymmBuffer.create(MESH, "ep", **BUF, timeout_s=timeout_s)
+    calls = _as_if_allocated(buf, monkeypatch, _Unmaps())
+    buf.close()
+    (args, kwargs) = calls[0]
+    assert args[:2] == ("0-1/9", "closed") and kwargs == {"timeout_s": want}
+
+
+def test_with_block_keeps_its_own_error_when_close_fails(monkeypatch):
+    first, second = (SymmBuffer.create(MESH, "ep", **BUF) for _ in range(2))
+    for buf in (first, second):
+        _as_if_allocated(buf, monkeypatch, _Unmaps(fail=True))
+    with pytest.raises(KeyError, match="in the block") as info:
+        with first:
+            raise KeyError("in the block")
+    assert any("unmap failed" in note for note in info.value.__notes__)
+    with pytest.raises(RuntimeError, match="unmap failed"):  # nothing else to report
+        with second:
+            pass
+
+
+def test_setup_error_survives_a_failed_cleanup(monkeypatch):
+    """Connecting fails, then unmapping in the cleanup fails too: the first error is raised,
+    the second noted, and the workspaces are freed."""
+
+    class Ext(FakeExtension):
+        def connect_workspace(self, *args):
+            raise RuntimeError("connect failed")
+
+        def close_ipc_handles(self, buffer_id, ordinal):
+            self._log("unmap", buffer_id, ordinal)
+            raise RuntimeError("unmap failed")
+
+    ext = Ext(0)
+    monkeypatch.setattr(_ffi, "extension_available", lambda: True)
+    monkeypatch.setattr(_ffi, "is_sm90", lambda d: True)
+    monkeypatch.setattr(_ffi, "extension", lambda: ext)
+    with pytest.raises(RuntimeError, match="connect failed") as info:
+        SymmBuffer.create(Mesh(np.array(jax.devices()[:2]), ("ep",)), "ep", **BUF)
+    assert any("unmap failed" in note for note in info.value.__notes__)
+    assert [c[0] for c in ext.calls].count("destroy") == 2
+
+
+def test_setup_tells_the_peers_of_a_keyboard_interrupt(monkeypatch):
+    published = []
+    monkeypatch.setattr(dist, "all_gather", lambda *a, **kw: published.append(kw) or {})
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dist.exchange("0-1/1", "handles", (0, 1), interrupted)
+    assert published == [{"error": "KeyboardInterrupt: "}]
 
 
 def test_buffer_made_for_another_device_order(inp):

@@ -160,10 +160,10 @@ def exchange(
 ) -> dict[int, Any]:
     """Runs ``compute()`` here and all-gathers its result (``{me: result}`` for a process alone
     in ``processes``); if it raises, the peers are told (so they fail at once instead of at
-    the timeout) and the exception propagates here."""
+    the timeout) and the exception propagates here, KeyboardInterrupt included."""
     try:
         value = compute()
-    except Exception as e:
+    except BaseException as e:
         try:
             all_gather(setup, phase, processes, error=f"{type(e).__name__}: {e}")
         except Exception:  # the original error matters more than failing to report it

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import os
 import threading
 import warnings
 import weakref
@@ -22,7 +23,7 @@ from jax.sharding import Mesh
 
 from . import _ffi, checks
 from . import distributed as dist
-from .constants import BLOCK_M, QUANT_BLOCK
+from .constants import BLOCK_M, DEFAULT_TIMEOUT_S, QUANT_BLOCK
 
 _ids = itertools.count(1)  # buffer_id: unique in this process (the extension's registry key)
 # Per set of processes, the buffers they created together: numbers the setup keys
@@ -30,6 +31,7 @@ _ids = itertools.count(1)  # buffer_id: unique in this process (the extension's 
 _setups: dict[tuple[int, ...], itertools.count] = {}
 _lock = threading.Lock()
 _REGION_ALIGN = 128  # kRegionAlign in layout/workspace.h
+KERNEL_TIMEOUT_ENV = "JAX_MEGAMOE_TIMEOUT_S"  # read by the extension (ffi/symm_buffer.cc)
 
 
 def workspace_nbytes(
@@ -266,8 +268,11 @@ class SymmBuffer:
         try:
             self._exchange("connected", lambda: self._connect_local(c, ptrs, remote))
             dist.forget(self.setup, self.processes, "info", "handles")  # all have read them
-        except BaseException:
-            self._teardown(strict=False)
+        except BaseException as e:
+            try:
+                self._teardown(strict=False)
+            except Exception as cleanup:  # the setup's own error is the one to see
+                e.add_note(f"SymmBuffer: the cleanup after it failed too: {cleanup!r}")
             raise
         self.allocated = True
 
@@ -365,7 +370,8 @@ class SymmBuffer:
             except Exception as e:  # keep going: the peers wait for this process at the barrier
                 unmap_error = unmap_error or e
         try:
-            dist.all_gather(self.setup, "closed", self.processes, True)
+            wait_s = self._close_wait_s()
+            dist.all_gather(self.setup, "closed", self.processes, True, timeout_s=wait_s)
             dist.forget(self.setup, self.processes, "connected")
         except dist.SetupError:
             if strict:
@@ -375,6 +381,18 @@ class SymmBuffer:
         self._finalizer()
         if unmap_error is not None:
             raise unmap_error
+
+    def _close_wait_s(self) -> float:
+        """How long close() waits for its peers: the setup timeout, plus the kernels' cross-rank
+        timeout, since a peer may first wait that out in a call this process never made (it
+        failed before, at trace time) and only then reach its own close()."""
+        kernel = self.timeout_s
+        if kernel is None:  # as create_workspace resolved it (it refused an invalid value)
+            try:
+                kernel = float(os.environ.get(KERNEL_TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
+            except ValueError:
+                kernel = DEFAULT_TIMEOUT_S
+        return dist.setup_timeout_s() + kernel
 
     def check(self) -> None:
         """Raises :class:`MegaMoeDeviceError` if a call on this buffer failed on one of this
@@ -400,7 +418,9 @@ class SymmBuffer:
         """Frees the workspace on every device (idempotent). Call it only once no computation
         that uses the buffer is in flight. With several processes it is collective: each
         process unmaps its peers, all wait for each other (``JAX_MEGAMOE_SETUP_TIMEOUT_S``),
-        then each frees its own workspaces. Later calls with the buffer raise.
+        then each frees its own workspaces; a process waits for the others up to
+        ``JAX_MEGAMOE_SETUP_TIMEOUT_S`` plus the buffer's ``timeout_s``. Later calls with the
+        buffer raise.
 
         If a program was traced with the buffer's fused kernels, this clears JAX's compilation
         caches (``jax.clear_caches()``: every jitted function compiles again at its next call).
@@ -419,8 +439,14 @@ class SymmBuffer:
     def __enter__(self) -> SymmBuffer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as e:  # the error that ended the block is the one to see
+            exc.add_note(f"SymmBuffer.close() on the way out failed too: {e!r}")
 
 
 def check_groups_on_one_host(
