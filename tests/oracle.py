@@ -1,5 +1,5 @@
-"""An independent float64 NumPy oracle of docs/design.md §2, written token by token (not shared with
-the package), used to check the JAX reference."""
+"""An independent float64 NumPy oracle of docs/design.md §2 (and of ``route``, §1.4), written
+token by token (not shared with the package), used to check the JAX reference."""
 
 import ml_dtypes
 import numpy as np
@@ -50,3 +50,34 @@ def moe_f64(
                 a = q.astype(np.float64)[0] * np.repeat(s[0].astype(np.float64), 128)
             y[m] += w2f[e] @ a
     return y
+
+
+def route_f64(hidden, router, topk, *, scoring, normalize, scaling, bias=None, groups=(1, None)):
+    """Top-k routing in float64, row by row, as DeepSeek-V3's gate describes it: scores from the
+    logits; the bias added to choose only; with ``groups = (num_groups, kept)`` each row keeps
+    its ``kept`` best groups (a group's score: its best expert, or its best two summed with a
+    bias) and chooses among their experts; weights are the chosen unbiased scores."""
+    logits = np.asarray(hidden, np.float64) @ np.asarray(router, np.float64)
+    if scoring == "softmax":
+        scores = np.exp(logits - logits.max(1, keepdims=True))
+        scores /= scores.sum(1, keepdims=True)
+    else:
+        scores = 1.0 / (1.0 + np.exp(-logits))
+    num_groups, kept = groups
+    ids = []
+    for row in scores:
+        choice = row if bias is None else row + np.asarray(bias, np.float64)
+        size = len(row) // num_groups
+        allowed = np.ones(len(row), bool)
+        if num_groups > 1:
+            per_group = np.sort(choice.reshape(num_groups, size), axis=1)[:, ::-1]
+            group_score = per_group[:, 0] if bias is None else per_group[:, :2].sum(1)
+            best = np.argsort(-group_score, kind="stable")[:kept]
+            allowed = np.isin(np.arange(len(row)) // size, best)
+        order = [e for e in np.argsort(-choice, kind="stable") if allowed[e]]
+        ids.append(order[:topk])
+    ids = np.asarray(ids)
+    weights = np.take_along_axis(scores, ids, 1)
+    if normalize:
+        weights /= weights.sum(1, keepdims=True)
+    return ids, weights * scaling

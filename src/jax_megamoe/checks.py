@@ -408,6 +408,43 @@ def check_route_inputs(hidden, router_weight, topk, op: str = "route"):
     return hidden, router_weight
 
 
+def check_group_routing(num_experts: int, topk: int, bias, num_groups, topk_groups, op="route"):
+    """``route``'s DeepSeek-V3 options: ``bias`` None or a real floating [E] array (returned as
+    an array); ``num_groups`` an int dividing E; with more than one group, ``topk_groups`` an
+    int in [1, num_groups] whose groups hold at least ``topk`` experts, and, with a bias, at
+    least 2 experts per group (a group scores as its top two)."""
+    if bias is not None:
+        bias = jnp.asarray(check_array("bias", bias))
+        if bias.shape != (num_experts,):
+            raise ValueError(f"{op}: bias must be [E] = ({num_experts},), got {tuple(bias.shape)}")
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise TypeError(f"{op}: bias must be a real floating array, got {bias.dtype}")
+    num_groups = check_int(f"{op}: num_groups", num_groups, minimum=1)
+    if num_experts % num_groups:
+        raise ValueError(
+            f"{op}: num_groups ({num_groups}) must divide the number of experts ({num_experts})"
+        )
+    if num_groups == 1:
+        if topk_groups not in (None, 1):
+            raise ValueError(f"{op}: topk_groups ({topk_groups!r}) needs num_groups > 1")
+        return bias
+    if topk_groups is None:
+        raise ValueError(f"{op}: num_groups={num_groups} needs topk_groups (groups kept per token)")
+    topk_groups = check_int(f"{op}: topk_groups", topk_groups, minimum=1, maximum=num_groups)
+    per_group = num_experts // num_groups
+    if topk > topk_groups * per_group:
+        raise ValueError(
+            f"{op}: topk ({topk}) exceeds the {topk_groups} * {per_group} experts of the groups "
+            "kept per token"
+        )
+    if bias is not None and per_group < 2:
+        raise ValueError(
+            f"{op}: with a bias each group scores as its top two experts, so groups need at "
+            f"least 2 experts ({num_experts} experts in {num_groups} groups)"
+        )
+    return bias
+
+
 def check_layer_inputs(hidden, router_weight, weights, axis_name, topk):
     """``MegaMoE``'s inputs: ``hidden`` [M, H], ``router_weight`` [H, E] over all ``E``
     experts, and this rank's shard of them in ``weights``. Returns the two arrays."""

@@ -26,24 +26,48 @@ def route(
     scoring: Scoring = "softmax",
     normalize: bool | None = None,
     scaling: float = 1.0,
+    bias: jax.Array | None = None,
+    num_groups: int = 1,
+    topk_groups: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-k routing over expert logits ``hidden @ router_weight`` (f32).
 
     ``softmax``: weights are the softmax probabilities of the chosen experts (Mixtral/Qwen
-    style); ``sigmoid``: sigmoid affinities, renormalized over the chosen k (DeepSeek-V3
-    style). ``normalize`` overrides the renormalization; ``scaling`` multiplies the weights.
+    style); ``sigmoid``: sigmoid affinities, renormalized over the chosen k. ``normalize``
+    overrides the renormalization; ``scaling`` multiplies the weights.
+
+    DeepSeek-V3's gate (``scoring="sigmoid"``, ``bias=e_score_correction_bias``,
+    ``num_groups=8``, ``topk_groups=4``, ``scaling=2.5``): ``bias`` [E] is added to the scores
+    to choose the experts only, the weights stay the unbiased scores. With ``num_groups`` > 1
+    the experts form that many contiguous groups; each token keeps its ``topk_groups`` best
+    groups, a group scoring as its best expert (its best two, summed, with a bias), and picks
+    its k experts among theirs. Ties go to the lower index.
+
     Returns ``(topk_ids int32 [M, K], topk_weights float32 [M, K])``.
     """
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
     hidden, router_weight = checks.check_route_inputs(hidden, router_weight, topk)
+    num_experts = router_weight.shape[1]
+    bias = checks.check_group_routing(num_experts, topk, bias, num_groups, topk_groups)
     logits = jnp.dot(
         hidden.astype(jnp.float32),
         router_weight.astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
     )
     scores = jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
-    weights, ids = jax.lax.top_k(scores, topk)
+    choice = scores if bias is None else scores + bias.astype(jnp.float32)
+    if num_groups > 1:
+        grouped = choice.reshape(choice.shape[0], num_groups, num_experts // num_groups)
+        if bias is None:
+            group_score = jnp.max(grouped, axis=-1)
+        else:
+            group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+        _, kept = jax.lax.top_k(group_score, topk_groups)
+        keep = jnp.any(kept[:, :, None] == jnp.arange(num_groups), axis=1)  # [M, groups]
+        choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(choice.shape)
+    _, ids = jax.lax.top_k(choice, topk)
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
     if normalize if normalize is not None else scoring == "sigmoid":
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return ids.astype(jnp.int32), (weights * scaling).astype(jnp.float32)
@@ -54,20 +78,30 @@ class MegaMoE:
     """An inference MoE layer over bf16 activations.
 
     ``weights`` holds this rank's experts (``MoEWeights``); under ``shard_map`` pass the local
-    shard and the expert axis name. ``router_weight`` is ``[H, E]`` over all experts.
+    shard and the expert axis name. ``router_weight`` is ``[H, E]`` over all experts, and
+    ``router_bias`` (optional, ``[E]``) the bias that chooses experts without weighting them.
+    The routing fields are :func:`route`'s; DeepSeek-V3's layer is ``MegaMoE(topk=8,
+    scoring="sigmoid", scaling=2.5, num_groups=8, topk_groups=4, ...)`` called with its
+    ``e_score_correction_bias`` as ``router_bias``.
     """
 
     topk: int
     scoring: Scoring = "softmax"
     normalize: bool | None = None
     scaling: float = 1.0
+    num_groups: int = 1
+    topk_groups: int | None = None
     activation_clamp: float | None = None
     axis_name: str | None = None
     buffer: SymmBuffer | None = None
     impl: Impl = "auto"
 
     def __call__(
-        self, hidden: jax.Array, router_weight: jax.Array, weights: MoEWeights
+        self,
+        hidden: jax.Array,
+        router_weight: jax.Array,
+        weights: MoEWeights,
+        router_bias: jax.Array | None = None,
     ) -> jax.Array:
         hidden, router_weight = checks.check_layer_inputs(
             hidden, router_weight, weights, self.axis_name, self.topk
@@ -79,6 +113,9 @@ class MegaMoE:
             scoring=self.scoring,
             normalize=self.normalize,
             scaling=self.scaling,
+            bias=router_bias,
+            num_groups=self.num_groups,
+            topk_groups=self.topk_groups,
         )
         x, x_scale = quantize_per_token(hidden)
         return fp8_mega_moe(
