@@ -236,15 +236,51 @@ def test_bench_gemm_judges_issue_11_targets():
     met, missed = expected.count(True), expected.count(False)
     assert summary.startswith(f"targets: {met} of {met + missed} measured met")
     assert summary.count(" at M = ") == missed and summary.endswith(
-        "1 not measured (a kernel not timed)"
+        "1 not measured (a kernel not timed, or timed by the wall clock)"
     )
     at_512 = result | {"rows": [result["rows"][0] | {"tokens": 512}]}
     assert (
         bench_gemm.markdown_table(at_512).splitlines()[-1] == "targets: none at the M of this run"
     )
+    # An M the run left out is counted, not dropped: "8 of 8 met" must not read as the verdict.
+    only_8192 = result | {"rows": [r for r in result["rows"] if r["tokens"] == 8192]}
+    summary = bench_gemm.markdown_table(only_8192).splitlines()[-1]
+    assert summary.endswith("; 6 not run (M = 8, 128, 2048: not in --tokens)"), summary
+    assert len(bench_gemm.check_targets(only_8192)[1]) == 10
+    # A wall-clock stand-in (a kernel's, or the HBM probe's for the floors) is not measured.
+    wall = "wall-clock (profiling off)"
+    rows = [dict(r) for r in result["rows"]]
+    rows[2] = rows[2] | {"l1": rows[2]["l1"] | {"source": wall}}  # M = 2048
+    timed_by_wall = result | {"meta": result["meta"] | {"hbm_source": wall}, "rows": rows}
+    checks = bench_gemm.check_targets(timed_by_wall)[1]
+    unmeasured = [(c["tokens"], c["kernel"], c["what"]) for c in checks if c["met"] is None]
+    assert sorted(unmeasured) == sorted(
+        [(8192, "l2", "× cuBLAS"), (2048, "l1", "TFLOPS")]
+        + [(m, k, "× floor") for m in (8, 128) for k in ("l1", "l2")]
+    )
     for change in (dict(routing="hot"), dict(iters=200), dict(device_kind="NVIDIA H100")):
         why_not, checks = bench_gemm.check_targets(_targets_result(rng, **change)[0])
         assert why_not.startswith("not the targets' setup") and checks == []
+
+
+def test_bench_gemm_skewed_pools_take_the_uniform_rows():
+    """Issue 11's skew target compares equal rows; rank 0's share of a skewed routing is random."""
+    for m in (8, 512, 8192):
+        counts = {}
+        for routing in ("uniform", "skewed", "hot"):
+            args = bench_gemm.parse_args(["--routing", routing])
+            counts[routing] = bench_gemm.expert_counts(args, m, seed=m)
+        assert counts["skewed"].sum() == counts["hot"].sum() == counts["uniform"].sum(), m
+        assert (counts["skewed"] >= 0).all() and counts["skewed"].dtype == np.int32
+    # Still skewed: the busiest expert far above the mean (uniform: within a few %).
+    assert counts["skewed"].max() > 3 * counts["skewed"].mean()
+    assert counts["uniform"].max() < 1.2 * counts["uniform"].mean()
+    rng = np.random.default_rng()
+    weights = rng.integers(0, 1000, 64)
+    total = int(rng.integers(1, 10**6))
+    split = bench_gemm.apportion(weights, total)
+    assert split.sum() == total and (split >= 0).all()
+    assert np.abs(split - weights * total / weights.sum()).max() < 1
 
 
 def test_baselines_match_reference(monkeypatch):
