@@ -173,6 +173,40 @@ def _emulated_ragged_all_to_all(
     return output
 
 
+def test_bench_gemm_main_runs_end_to_end_with_the_gemms_stubbed(tmp_path, monkeypatch):
+    """bench_gemm.py's whole run on CPU (the grouped GEMMs replaced by shape-correct jnp stubs,
+    the HBM probe shrunk): what a GPU session would otherwise find broken first."""
+    calls = {"l1": 0, "l2": 0}
+
+    def l1(a, a_scale, rw, src, be, nb, w1, w1s, **kw):
+        calls["l1"] += 1
+        assert kw == {"num_ctas": 0, "mode": "promise_in_bounds"}
+        act = jnp.zeros((a.shape[0], w1.shape[1] // 2), jnp.float8_e4m3fn)
+        return act, jnp.ones((a.shape[0], w1.shape[1] // 256), jnp.float32) * rw[:, None]
+
+    def l2(act, act_scale, src, be, nb, w2, w2s, **kw):
+        calls["l2"] += 1
+        return jnp.zeros((act.shape[0], w2.shape[1]), jnp.bfloat16) + act_scale[:, :1]
+
+    monkeypatch.setattr(bench_gemm, "grouped_gemm_l1", l1)
+    monkeypatch.setattr(bench_gemm, "grouped_gemm_l2", l2)
+    monkeypatch.setattr(bench_gemm._ffi, "extension_available", lambda: True)
+    monkeypatch.setattr(bench_gemm._ffi, "is_sm90", lambda d: True)
+    monkeypatch.setattr(bench_gemm, "COPY_BYTES", 1 << 20)
+    argv = ["--smoke", "--iters", "2", "--warmup", "1", "--out", str(tmp_path)]
+    result = bench_gemm.main(argv)
+    assert calls["l1"] > 0 and calls["l2"] > 0
+    assert [row["tokens"] for row in result["rows"]] == bench_gemm.SMOKE["tokens"]
+    for row in result["rows"]:
+        for kind in bench_gemm.KERNELS:
+            assert row[kind]["status"] == "ok" and row[kind]["tflops"] > 0, (kind, row[kind])
+        assert row["l1"]["floor_ratio"] > 0 and row["l2"]["tflops_vs_cublas"] > 0
+    assert result["meta"]["hbm_source"] and result["meta"]["hbm_bytes_per_s"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert table.splitlines()[-1].startswith("targets: not the targets' setup")
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["routing"] == "uniform"
+
+
 def test_bench_gemm_kernel_selection_and_skipped_cells():
     """--kernels picks what bench_gemm.py times (the rest are marked skipped in the table);
     an unknown name is a usage error."""
