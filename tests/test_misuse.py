@@ -168,6 +168,15 @@ def test_missing_axis_name_inside_shard_map_names_the_axis(inp):
     sharded_call(inp, functools.partial(fn, axis_name="ep"))  # the fix traces
 
 
+def test_missing_axis_name_names_the_axis_the_weights_vary_over(inp):
+    """On a data x expert mesh the message named the first manual axis ('dp'), whose advice
+    then failed on the weights."""
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "ep"))
+    fn = functools.partial(fp8_mega_moe, impl="reference")
+    with pytest.raises(ValueError, match="pass axis_name='ep'"):
+        sharded_call(inp, fn, mesh=mesh)
+
+
 def test_missing_axis_name_in_megamoe_names_the_axis():
     router, weights = init_weights(jax.random.key(1), num_experts=8, hidden=256, intermediate=128)
     hidden = jax.random.normal(jax.random.key(2), (16, 256))

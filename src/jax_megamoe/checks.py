@@ -311,14 +311,15 @@ def manual_axes() -> dict[str, int]:
     return {a: int(mesh.shape[a]) for a in names}
 
 
-def axis_size(axis_name: str | None, op: str) -> int:
+def axis_size(axis_name: str | None, op: str, weights=None) -> int:
     """Ranks of the expert axis. ``axis_name=None`` inside ``shard_map`` over a manual axis of
     size > 1 is refused: each rank would then treat its own weight shard as every expert and
-    silently compute a wrong layer."""
+    silently compute a wrong layer. The message names the axes ``weights`` vary over, if any."""
     if axis_name is None:
         sharded = {a: s for a, s in manual_axes().items() if s > 1}
         if sharded:
-            axis = next(iter(sharded))
+            held = sorted(set(sharded) & varying_axes(weights[0])) if weights is not None else []
+            axis = (held[0] if len(held) == 1 else tuple(held)) if held else "the axis"
             raise ValueError(
                 f"{op} is called inside shard_map over {sorted(sharded)} with axis_name=None: "
                 f"pass axis_name={axis!r} (the mesh axis the experts are sharded over). Without "
@@ -348,20 +349,33 @@ def varying_axes(x) -> frozenset:
 
 def check_weights_vary(weights, x, *, axis_name, num_ranks: int, op: str) -> None:
     """Inside ``shard_map`` each rank must hold its own experts: the weights must vary over the
-    expert axis. Weights replicated (``P()``) or sharded over another axis than ``axis_name`` have
-    the right local shape, so only their typing shows it (JAX's check_vma, on by default); with
-    it off nothing varies, the tokens included, and nothing is checked here."""
-    if axis_name is None or num_ranks == 1 or not varying_axes(x):
+    expert axis, and over no other axis of more than one device. Weights replicated (``P()``),
+    sharded over another axis than ``axis_name``, or over it and another (each rank then takes
+    its shard for 1/R of all experts, and the tokens routed past them are dropped) have the right
+    local shape, so only their typing shows it (JAX's check_vma, on by default); with it off
+    nothing varies, the tokens included, and nothing is checked here."""
+    if axis_name is None or not varying_axes(x):
         return
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    sizes = manual_axes()
     for field, leaf in zip(weights._fields, weights, strict=True):
         held = varying_axes(leaf)
-        if not set(names) <= held:
+        if num_ranks > 1 and not set(names) <= held:
             how = f"vary over {sorted(held)}" if held else "are the same on every rank"
             raise ValueError(
                 f"{op}: the weights ({field}) {how}, not sharded over the expert axis "
                 f"{axis_name!r}: shard the weights with P({axis_name!r}) in the shard_map's "
                 "in_specs, or pass the axis_name they are sharded over"
+            )
+        extra = sorted(a for a in held - set(names) if sizes.get(a, 2) > 1)
+        if extra:
+            raise ValueError(
+                f"{op}: the weights ({field}) vary over {extra} besides the expert axis "
+                f"{axis_name!r}, so each rank would take its experts for 1/{num_ranks} of all "
+                "of them and drop the tokens routed past them: if the experts are split over "
+                f"those axes too, pass axis_name as the tuple of all of them, in the order of "
+                f"the weights' PartitionSpec (e.g. {(*extra, *names)!r}); else replicate the "
+                f"weights over {extra}"
             )
 
 
@@ -379,7 +393,9 @@ def check_local_experts(
             f"{axis_name!r}): shard the weights with P({axis_name!r}) in the shard_map's in_specs"
         )
     raise ValueError(
-        f"{op}: {num_local} local experts x {num_ranks} ranks != {num_experts} experts"
+        f"{op}: {num_local} local experts x {num_ranks} ranks != {num_experts} experts: each "
+        f"rank must hold its 1/{num_ranks} of the experts, sharded over {axis_name!r} alone (if "
+        "they are split over more mesh axes, pass them all as axis_name)"
     )
 
 
@@ -452,7 +468,7 @@ def check_layer_inputs(hidden, router_weight, weights, axis_name, topk):
     check_local_experts(
         num_local=check_weights(weights)[0],
         num_experts=router_weight.shape[1],
-        num_ranks=axis_size(axis_name, "MegaMoE"),
+        num_ranks=axis_size(axis_name, "MegaMoE", weights),
         axis_name=axis_name,
         op="MegaMoE",
     )
