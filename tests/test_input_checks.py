@@ -70,6 +70,14 @@ def test_weights_sharded_over_the_expert_axis_and_another(inp):
     assert calc_diff(y, call(inp)) < 1e-6
 
 
+def test_numpy_weights_called_eagerly(inp):
+    """NumPy weight leaves (transform_weights accepts them) failed an eager call deep inside the
+    reference with a TracerArrayConversionError; they worked under jit."""
+    weights = MoEWeights(*(np.asarray(leaf) for leaf in inp["weights"]))
+    y = fp8_mega_moe(*(inp[n] for n in NAMES[:4]), weights)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(call(inp), np.float32))
+
+
 def test_numpy_int64_ids_past_int32_are_refused(inp):
     """Without jax_enable_x64 JAX wraps int64 into int32: an out-of-range id (masked by
     contract) became a valid expert. In-range int64 ids still give the int32 result."""

@@ -81,6 +81,7 @@ def fp8_mega_moe(
         jnp.asarray(checks.check_array(name, v)) for name, v in zip(OPERANDS, operands, strict=True)
     )
     m, h, i, k, num_local = checks.check_moe_operands(x, x_scale, topk_ids, topk_weights, weights)
+    weights = jax.tree.map(jnp.asarray, weights)  # NumPy leaves too (the operands' rule)
     num_ranks = checks.axis_size(axis_name, "fp8_mega_moe", weights)
     checks.check_weights_vary(
         weights, x, axis_name=axis_name, num_ranks=num_ranks, op="fp8_mega_moe"
