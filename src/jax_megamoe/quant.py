@@ -22,8 +22,11 @@ FP8_DTYPE = jnp.float8_e4m3fn
 def _true_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     """IEEE division as the formula states. XLA rewrites ``x / broadcast(d)`` into
     ``x * broadcast(1 / d)``, which is one ulp off for some inputs; an opaque full-shape divisor
-    keeps the division (the CUDA kernels divide too)."""
-    return num / jax.lax.optimization_barrier(jnp.broadcast_to(den, num.shape))
+    keeps the division (the CUDA kernels divide too). The divisor takes ``num``'s full shape
+    through a select rather than a broadcast: under ``jax.vmap`` a broadcast of an unbatched
+    ``den`` would gain its batch dimension outside the barrier, where XLA sees it again."""
+    full = jnp.where(True, den, num)  # den's values in num's shape, batch dimensions included
+    return num / jax.lax.optimization_barrier(full)
 
 
 def _quantize_blocks(v: jax.Array, amax: jax.Array) -> tuple[jax.Array, jax.Array]:
