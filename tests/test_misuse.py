@@ -359,6 +359,27 @@ def test_setup_tells_the_peers_of_a_keyboard_interrupt(monkeypatch):
     assert published == [{"error": "KeyboardInterrupt: "}]
 
 
+def test_fused_call_under_vmap_says_how_to_batch(inp, monkeypatch):
+    """The fused path traced on CPU (extension and allocation faked): under jax.vmap JAX's own
+    error named an internal primitive; the reference path vmaps (test_quant.py)."""
+
+    class Ext:
+        FP8_MEGA_MOE_TARGET = "jax_megamoe_fp8_mega_moe"
+
+        def registrations(self):
+            return {}
+
+    monkeypatch.setattr(_ffi, "extension", lambda: Ext())
+    buf = SymmBuffer.create(Mesh(np.array(jax.devices()[:1]), ("ep",)), "ep", **BUF)
+    buf.allocated = True
+    fn = functools.partial(fp8_mega_moe, buffer=buf, impl="fused")
+    args = [inp[n] for n in NAMES]
+    assert "fp8_mega_moe_kept" in str(jax.make_jaxpr(fn)(*args))
+    batched = [jnp.stack([a, a]) for a in args[:4]]
+    with pytest.raises(NotImplementedError, match="fold the batch into the token axis"):
+        jax.make_jaxpr(jax.vmap(lambda *b: fn(*b, args[4])))(*batched)
+
+
 def test_buffer_made_for_another_device_order(inp):
     reversed_mesh = Mesh(np.array(jax.devices()[:4][::-1]), ("ep",))
     buf = SymmBuffer.create(reversed_mesh, "ep", **BUF)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax
 import jax.extend.core
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
 from .checks import varying_axes
 
@@ -102,6 +102,15 @@ def _kept_call_primitive(target: str) -> jax.extend.core.Primitive:
         return lower(ctx, *operands, **attributes)
 
     mlir.register_lowering(prim, rule)
+
+    def no_batching(*_, **__):
+        raise NotImplementedError(
+            "fp8_mega_moe's fused kernels have no jax.vmap rule: fold the batch into the token "
+            "axis (x.reshape(B * M, H), and the other token operands alike: every token is "
+            "computed on its own, so the result is the same) or loop with jax.lax.map"
+        )
+
+    batching.primitive_batchers[prim] = no_batching
     return prim
 
 
