@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_megamoe import MegaMoE, MoEWeights, calc_diff, fp8_mega_moe, init_weights, route
@@ -171,3 +171,17 @@ def test_init_weights_checks_its_arguments(kwargs, error, match):
     args = dict(num_experts=4, hidden=256, intermediate=128) | kwargs
     with pytest.raises(error, match=match):
         init_weights(jax.random.key(0), **args)
+
+
+def test_explicit_sharding_outside_shard_map_says_to_use_shard_map(inp):
+    """Under AxisType.Explicit the reference's repeats and gathers failed deep inside JAX
+    ("Please pass sharding to jnp.repeat via out_sharding"); inside shard_map it is right."""
+    mesh = jax.make_mesh((4,), ("ep",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:4])
+    sharded = jax.device_put([inp[n] for n in NAMES], NamedSharding(mesh, P("ep")))
+    with jax.sharding.set_mesh(mesh):
+        with pytest.raises(ValueError, match=r"x is explicitly sharded over \['ep'\]"):
+            jax.jit(fp8_mega_moe)(*sharded)
+        fn = functools.partial(fp8_mega_moe, axis_name="ep")
+        step = jax.jit(jax.shard_map(fn, in_specs=(P("ep"),) * 5, out_specs=P("ep")))
+        y = step(*sharded)
+    assert calc_diff(y, call(inp)) < 1e-6

@@ -82,6 +82,11 @@ def fp8_mega_moe(
     )
     m, h, i, k, num_local = checks.check_moe_operands(x, x_scale, topk_ids, topk_weights, weights)
     weights = jax.tree.map(jnp.asarray, weights)  # NumPy leaves too (the operands' rule)
+    checks.check_not_explicitly_sharded(
+        "fp8_mega_moe",
+        dict(zip(OPERANDS, (x, x_scale, topk_ids, topk_weights), strict=True))
+        | dict(zip(weights._fields, weights, strict=True)),
+    )
     num_ranks = checks.axis_size(axis_name, "fp8_mega_moe", weights)
     checks.check_weights_vary(
         weights, x, axis_name=axis_name, num_ranks=num_ranks, op="fp8_mega_moe"

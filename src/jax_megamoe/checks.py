@@ -347,6 +347,24 @@ def varying_axes(x) -> frozenset:
     return jax.typeof(x).mat.varying
 
 
+def check_not_explicitly_sharded(op: str, named: dict) -> None:
+    """Under explicit sharding (``jax.sharding.AxisType.Explicit``) outside ``shard_map`` an
+    operand's type carries its sharding, and the reference's gathers and repeats then fail deep
+    inside JAX, asking for an ``out_sharding``: the layer is per rank, so it is refused here
+    with the way in."""
+    for name, x in named.items():
+        spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()
+        parts = [p if isinstance(p, tuple) else (p,) for p in spec if p is not None]
+        axes = sorted({a for part in parts for a in part})
+        if axes:
+            raise ValueError(
+                f"{op}: {name} is explicitly sharded over {axes} "
+                f"({jax.typeof(x).str_short()}): under explicit sharding call {op} inside "
+                "jax.shard_map over the expert axis (axis_name=that axis, weights sharded over "
+                "it, tokens over every axis they are sharded on), or replicate its operands"
+            )
+
+
 def check_weights_vary(weights, x, *, axis_name, num_ranks: int, op: str) -> None:
     """Inside ``shard_map`` each rank must hold its own experts: the weights must vary over the
     expert axis, and over no other axis of more than one device. Weights replicated (``P()``),
