@@ -179,7 +179,11 @@ def test_buffer_rank_count_must_match_axis(inp):
         topk=2,
         max_tokens_per_rank=64,
     )
-    with pytest.raises(ValueError, match="buffer has 4 ranks, the call runs over 1"):
+    with pytest.raises(
+        ValueError,
+        match="buffer has 4 ranks, the call runs over 1: call fp8_mega_moe inside jax.shard_map "
+        "over 'ep' with axis_name='ep'",
+    ):
         call(inp, buffer=buf)
 
 

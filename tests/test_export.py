@@ -10,7 +10,7 @@ from jax import export
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe import MoEWeights, fp8_mega_moe
+from jax_megamoe import MoEWeights, SymmBuffer, fp8_mega_moe
 from jax_megamoe.testing import make_inputs
 
 DIMS = dict(h=256, i=128, e=8, k=3)
@@ -69,3 +69,44 @@ def test_shard_map_bitwise():
     assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
     assert np.abs(np.asarray(want, np.float32)).max() > 0
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_symbolic_token_count():
+    """Exported once for any M: the reference sized its pool with min(E_l, M·K), which a
+    symbolic M cannot decide (InconclusiveDimensionOperation); each M then bitwise the jit's."""
+    inp = make_inputs(4, m=8, **DIMS)
+    step = jax.jit(functools.partial(fp8_mega_moe, impl="reference"))
+    (m,) = export.symbolic_shape("m")
+    h, k = DIMS["h"], DIMS["k"]
+    specs = [
+        jax.ShapeDtypeStruct((m, h), inp["x"].dtype),
+        jax.ShapeDtypeStruct((m, h // 128), inp["x_scale"].dtype),
+        jax.ShapeDtypeStruct((m, k), inp["topk_ids"].dtype),
+        jax.ShapeDtypeStruct((m, k), inp["topk_weights"].dtype),
+        inp["weights"],
+    ]
+    exp = export.deserialize(export.export(step)(*specs).serialize())
+    for tokens, seed in ((1, 5), (24, 6)):
+        args = [make_inputs(seed, m=tokens, **DIMS)[name] for name in OPERANDS[:4]]
+        args.append(inp["weights"])
+        want = step(*args)
+        assert np.abs(np.asarray(want, np.float32)).max() > 0
+        np.testing.assert_array_equal(np.asarray(exp.call(*args)), np.asarray(want))
+
+
+def test_symbolic_token_count_with_a_buffer_is_refused():
+    inp = make_inputs(4, m=8, **DIMS)
+    buf = SymmBuffer.create(
+        Mesh(np.array(jax.devices()[:1]), ("ep",)),
+        "ep",
+        num_experts=DIMS["e"],
+        hidden=DIMS["h"],
+        intermediate=DIMS["i"],
+        topk=DIMS["k"],
+        max_tokens_per_rank=16,
+    )
+    (m,) = export.symbolic_shape("m")
+    specs = [jax.ShapeDtypeStruct((m, *inp[n].shape[1:]), inp[n].dtype) for n in OPERANDS[:4]]
+    step = jax.jit(functools.partial(fp8_mega_moe, buffer=buf, impl="reference"))
+    with pytest.raises(ValueError, match="capacity needs a concrete token count"):
+        export.export(step)(*specs, inp["weights"])

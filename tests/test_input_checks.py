@@ -185,3 +185,9 @@ def test_explicit_sharding_outside_shard_map_says_to_use_shard_map(inp):
         step = jax.jit(jax.shard_map(fn, in_specs=(P("ep"),) * 5, out_specs=P("ep")))
         y = step(*sharded)
     assert calc_diff(y, call(inp)) < 1e-6
+
+
+def test_megamoe_without_tokens_names_hidden(layer_inputs):
+    hidden, router, weights = layer_inputs
+    with pytest.raises(ValueError, match=r"MegaMoE: hidden must hold at least one token"):
+        MegaMoE(topk=2)(hidden[:0], router, weights)

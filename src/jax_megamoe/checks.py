@@ -483,6 +483,8 @@ def check_layer_inputs(hidden, router_weight, weights, axis_name, topk):
     """``MegaMoE``'s inputs: ``hidden`` [M, H], ``router_weight`` [H, E] over all ``E``
     experts, and this rank's shard of them in ``weights``. Returns the two arrays."""
     hidden, router_weight = check_route_inputs(hidden, router_weight, topk, "MegaMoE")
+    if hidden.shape[0] < 1:
+        raise ValueError(f"MegaMoE: hidden must hold at least one token, got {hidden.shape}")
     check_local_experts(
         num_local=check_weights(weights)[0],
         num_experts=router_weight.shape[1],
@@ -522,7 +524,15 @@ def check_buffer(
             f"buffer was made for axis {buffer.axis_name!r}, the call runs over {axis_name!r}"
         )
     if buffer.num_ranks != num_ranks:
-        raise ValueError(f"buffer has {buffer.num_ranks} ranks, the call runs over {num_ranks}")
+        hint = (
+            f": call {op} inside jax.shard_map over {buffer.axis_name!r} with "
+            f"axis_name={buffer.axis_name!r}, each rank on its own tokens and experts"
+            if axis_name is None
+            else ""
+        )
+        raise ValueError(
+            f"buffer has {buffer.num_ranks} ranks, the call runs over {num_ranks}{hint}"
+        )
     check_local_experts(
         num_local=num_local,
         num_experts=buffer.num_experts,
@@ -533,6 +543,12 @@ def check_buffer(
     for name, value in dict(hidden=h, intermediate=i, topk=k).items():
         if getattr(buffer, name) != value:
             raise ValueError(f"buffer was made for {name}={getattr(buffer, name)}, got {value}")
+    if jax.export.is_symbolic_dim(m):
+        raise ValueError(
+            f"{op}: a buffer's token capacity needs a concrete token count, got the symbolic "
+            f"{m}: call it without the buffer (impl='reference', which jax.export serializes; "
+            "the fused kernels it would run are not serializable anyway)"
+        )
     if m > buffer.max_tokens_per_rank:
         raise ValueError(
             f"{m} tokens per rank exceed the buffer's capacity of {buffer.max_tokens_per_rank} "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax import export, lax
 
 from .pool import pool_layout
 from .quant import dequantize, quantize_per_token
@@ -66,8 +66,10 @@ def expert_slot_outputs(
     counts = jnp.zeros(num_local + 1, jnp.int32).at[key].add(1)[:num_local]
     start = jnp.cumsum(counts) - counts
 
-    # At most cdiv(slots, t) full blocks plus one partial block per non-empty expert.
-    num_blocks = -(-num_slots // t) + min(num_local, num_slots)
+    # At most cdiv(slots, t) full blocks plus one partial block per non-empty expert. With a
+    # symbolic M (jax.export) the smaller of the two is not known: E_l bounds it.
+    partial = num_local if export.is_symbolic_dim(num_slots) else min(num_local, num_slots)
+    num_blocks = -(-num_slots // t) + partial
     layout = pool_layout(counts, num_blocks * t, block_m=t, align_m=t)
     group = jnp.minimum(sorted_key, num_local - 1)
     row = layout.starts[group] + jnp.arange(num_slots) - start[group]
