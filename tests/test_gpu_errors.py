@@ -77,12 +77,17 @@ def test_wrong_expected_rank_poisons_the_call_and_the_buffer():
 
     fresh = make_buffer(mesh)
     try:
-        y = jax.jit(functools.partial(fp8_mega_moe, buffer=fresh, impl="fused"))(*args)
-        assert fresh.check() is None
-        ref = jax.jit(functools.partial(fp8_mega_moe, impl="reference"))(*args)
-        assert calc_diff(y, ref) <= 1e-4
+        check_runs_right(fresh, args)
     finally:
         fresh.close()
+
+
+def check_runs_right(buf, args):
+    """A fused call on ``buf`` records no error and matches the reference."""
+    y = jax.jit(functools.partial(fp8_mega_moe, buffer=buf, impl="fused"))(*args)
+    assert buf.check() is None
+    ref = jax.jit(functools.partial(fp8_mega_moe, impl="reference"))(*args)
+    assert calc_diff(y, ref) <= 1e-4
 
 
 def test_a_jitted_program_refuses_its_closed_buffer():
@@ -99,10 +104,7 @@ def test_a_jitted_program_refuses_its_closed_buffer():
     try:
         with pytest.raises(ValueError, match=f"buffer {buf.buffer_id} was closed"):
             step(*args)
-        y = jax.jit(functools.partial(fp8_mega_moe, buffer=fresh, impl="fused"))(*args)
-        assert fresh.check() is None
-        ref = jax.jit(functools.partial(fp8_mega_moe, impl="reference"))(*args)
-        assert calc_diff(y, ref) <= 1e-4
+        check_runs_right(fresh, args)
     finally:
         fresh.close()
 
