@@ -123,6 +123,11 @@ ncu_one() { # NAME REGEX COMMAND...: Nsight Compute (clocks left alone) on one l
   ncu --import "$OUT/$name.ncu-rep" --page source --print-source sass --csv \
     >"$OUT/${name}_sass.csv" 2>&1
 }
+if ! command -v nvidia-smi >/dev/null; then
+  echo "device_run.sh runs on a machine with an NVIDIA GPU (no nvidia-smi here); on a CPU" \
+    "machine run the README's commands (pytest) instead" >&2
+  exit 2
+fi
 nvidia-smi -L | tee "$OUT/devices.txt"
 # The serial: RESULTS.md names a card by its last four digits.
 nvidia-smi --query-gpu=index,name,serial,power.limit --format=csv,noheader |

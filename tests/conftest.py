@@ -15,7 +15,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
-import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -65,14 +64,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def extension_binary() -> Path:
-    """The installed CUDA extension's shared library (its cubins are read by tools/sass_*.py);
-    the test is skipped where the package was installed without it (no nvcc)."""
-    spec = importlib.util.find_spec("jax_megamoe")
-    found = (
-        []
-        if spec is None or spec.origin is None
-        else sorted(Path(spec.origin).parent.glob("_C*.so"))
-    )
-    if not found:
+    """The loaded CUDA extension's shared library (its cubins are read by tools/sass_*.py),
+    wherever the install put it (an editable install keeps it apart from the sources); the
+    test is skipped where the package was installed without it (no nvcc)."""
+    from jax_megamoe import _ffi
+
+    if not _ffi.extension_available():
         pytest.skip("CUDA extension not built")
-    return found[0]
+    return Path(_ffi.extension().__file__)

@@ -131,6 +131,9 @@ def test_tiny_run_reports_impl_time_and_calc_diff(capsys):
     assert rows["shape"] == "M=8/rank H=128 I=128 E=8 K=4"
     if ON_CPU:  # the buffer allocates nothing on CPU: what ran is the reference, and why
         assert re.fullmatch(r"reference \((no CUDA extension|no Hopper GPU: .*)\)", rows["impl"])
+        assert re.fullmatch(
+            r"[\d,]+ B per rank \(a Hopper GPU's size; none allocated here\)", rows["workspace"]
+        )
     assert float(rows["calc_diff vs f64"]) <= 1e-5
     assert float(rows["time/call"].split()[0]) > 0
     for step in ("init weights", r"compile \(\w+\)", "warm-up call", "time 2 calls", "oracle"):

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import MegaMoE, SymmBuffer, _ffi, calc_diff, init_weights, quantize_per_token, route
+from .constants import MAX_TOPK
 from .reference import f64_oracle_nbytes, numpy_mega_moe_f64
 
 # In --check auto, the full oracle runs when it fits in this share of the available memory
@@ -121,7 +122,7 @@ def _parser(on_gpu: bool) -> argparse.ArgumentParser:
         ("--hidden", 2048 if on_gpu else 256, "model width H, a multiple of 128"),
         ("--intermediate", 512 if on_gpu else 128, "expert FFN width I, a multiple of 128"),
         ("--experts", None, "number of experts E, divisible by the device count"),
-        ("--topk", 4, "experts per token K, at most E"),
+        ("--topk", 4, f"experts per token K, at most min(E, {MAX_TOPK})"),
         ("--iters", 10, "timed calls after the warm-up call"),
         ("--sample-tokens", 128, "random tokens checked when the float64 check samples"),
     ]
@@ -262,13 +263,18 @@ def main(argv=None) -> None:
         ("devices", f"{num_ranks} x {devices[0].device_kind}"),
         ("shape", f"M={m}/rank H={h} I={i} E={experts} K={k}"),
         ("impl", impl + why),
-        ("workspace", "-" if workspace is None else f"{workspace:,} B"),
+        ("workspace", "-" if workspace is None else _workspace_text(workspace, buffer)),
         ("time/call", f"{ms:.3f} ms (wall clock, {args.iters} calls)"),
         ("calc_diff vs f64", check),
     ]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+
+
+def _workspace_text(nbytes: int, buffer) -> str:
+    where = "allocated" if buffer.allocated else "a Hopper GPU's size; none allocated here"
+    return f"{nbytes:,} B per rank ({where})"
 
 
 if __name__ == "__main__":
