@@ -263,6 +263,11 @@ cudaError_t launch_l2(const L2Params& p, cudaStream_t stream) {
 }
 
 cudaError_t prepare_gemm_kernels() {
+  // The launchers' environment settings are read once; read them here, at setup, rather than
+  // first inside execute on XLA's threads, where getenv could race a setenv elsewhere.
+  (void)claim_tiles();
+  (void)l1_tail_rows();
+  (void)poison_outputs();
   cudaError_t err = load_encode_tiled();
   if (err == cudaSuccess) err = prepare(kL1Kernel, kL1SmemBytes);
   if (err == cudaSuccess) err = prepare(kL1GatherKernel, kL1GatherSmemBytes);
