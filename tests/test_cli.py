@@ -156,3 +156,19 @@ def test_auto_check_skips_when_memory_is_short(capsys, monkeypatch):
         r"skipped \(the full oracle needs ~\d+\.\d GB, 0\.0 GB available\)",
         table(out)["calc_diff vs f64"],
     )
+
+
+def test_workspace_line_is_read_before_the_buffer_closes(capsys, monkeypatch):
+    """On a GPU the line said "none allocated here": it was read after the run's `with` block
+    had closed the buffer. Here the buffer is marked allocated (the run still takes the
+    reference path, as asked)."""
+    create = cli.SymmBuffer.create
+
+    def allocated(*args, **kwargs):
+        buf = create(*args, **kwargs)
+        buf.allocated = True
+        return buf
+
+    monkeypatch.setattr(cli.SymmBuffer, "create", allocated)
+    rows = table(run(["--tokens", "4", "--impl", "reference", *TINY], capsys).out)
+    assert re.fullmatch(r"[\d,]+ B per rank \(allocated\)", rows["workspace"]), rows["workspace"]

@@ -225,7 +225,7 @@ def main(argv=None) -> None:
                 y = compiled(*operands)
             y.block_until_ready()
             ms = (time.perf_counter() - start) / args.iters * 1e3
-        workspace = buffer.nbytes_per_rank
+        workspace = _workspace_text(buffer.nbytes_per_rank, buffer.allocated)  # before close()
 
     # The oracle's inputs: the same routing and quantization, on the whole (unsharded) batch.
     ids, topk_weights = route(hidden, router, k, scoring="sigmoid")
@@ -263,7 +263,7 @@ def main(argv=None) -> None:
         ("devices", f"{num_ranks} x {devices[0].device_kind}"),
         ("shape", f"M={m}/rank H={h} I={i} E={experts} K={k}"),
         ("impl", impl + why),
-        ("workspace", "-" if workspace is None else _workspace_text(workspace, buffer)),
+        ("workspace", workspace),
         ("time/call", f"{ms:.3f} ms (wall clock, {args.iters} calls)"),
         ("calc_diff vs f64", check),
     ]
@@ -272,8 +272,8 @@ def main(argv=None) -> None:
         print(f"{name:<{width}}  {value}")
 
 
-def _workspace_text(nbytes: int, buffer) -> str:
-    where = "allocated" if buffer.allocated else "a Hopper GPU's size; none allocated here"
+def _workspace_text(nbytes: int, allocated: bool) -> str:
+    where = "allocated" if allocated else "a Hopper GPU's size; none allocated here"
     return f"{nbytes:,} B per rank ({where})"
 
 
