@@ -319,12 +319,19 @@ def axis_size(axis_name: str | None, op: str, weights=None) -> int:
         sharded = {a: s for a, s in manual_axes().items() if s > 1}
         if sharded:
             held = sorted(set(sharded) & varying_axes(weights[0])) if weights is not None else []
-            axis = (held[0] if len(held) == 1 else tuple(held)) if held else "the axis"
+            if len(held) == 1:
+                fix = f"pass axis_name={held[0]!r} (the mesh axis the experts are sharded over)"
+            elif held:
+                fix = (
+                    f"the weights are sharded over {held}: pass those axes as a tuple, in the "
+                    "order of the weights' PartitionSpec"
+                )
+            else:
+                fix = "pass axis_name, the mesh axis the experts are sharded over"
             raise ValueError(
                 f"{op} is called inside shard_map over {sorted(sharded)} with axis_name=None: "
-                f"pass axis_name={axis!r} (the mesh axis the experts are sharded over). Without "
-                "it each rank routes only to its own experts. If every device really holds all "
-                "experts, call it outside the shard_map"
+                f"{fix}. Without it each rank routes only to its own experts. If every device "
+                "really holds all experts, call it outside the shard_map"
             )
         return 1
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
@@ -391,9 +398,9 @@ def check_weights_vary(weights, x, *, axis_name, num_ranks: int, op: str) -> Non
                 f"{op}: the weights ({field}) vary over {extra} besides the expert axis "
                 f"{axis_name!r}, so each rank would take its experts for 1/{num_ranks} of all "
                 "of them and drop the tokens routed past them: if the experts are split over "
-                f"those axes too, pass axis_name as the tuple of all of them, in the order of "
-                f"the weights' PartitionSpec (e.g. {(*extra, *names)!r}); else replicate the "
-                f"weights over {extra}"
+                "those axes too, pass axis_name as the tuple of all of them in the order of the "
+                f"weights' PartitionSpec (that order decides each expert's rank); else "
+                f"replicate the weights over {extra}"
             )
 
 
