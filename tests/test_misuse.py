@@ -301,20 +301,39 @@ class _Unmaps:
             raise RuntimeError("unmap failed")
 
 
-@pytest.mark.parametrize("timeout_s, env, want", [(7.0, None, 12.0), (None, "3", 8.0)])
+def _fake_extension(monkeypatch, ext):
+    monkeypatch.setattr(_ffi, "extension_available", lambda: True)
+    monkeypatch.setattr(_ffi, "is_sm90", lambda d: True)
+    monkeypatch.setattr(_ffi, "extension", lambda: ext)
+    return Mesh(np.array(jax.devices()[:2]), ("ep",))
+
+
+@pytest.mark.parametrize(
+    "timeout_s, env, want", [(7.0, "3", 7.0), (None, "3", 3.0), (None, "", 300)]
+)
 def test_close_waits_for_peers_past_the_kernels_timeout(monkeypatch, timeout_s, env, want):
     """A peer may reach close() only after one of its calls waited out the kernels' timeout for
-    this process (which failed at trace time and closed at once)."""
-    monkeypatch.setenv("JAX_MEGAMOE_SETUP_TIMEOUT_S", "5")
-    if env is None:
-        monkeypatch.delenv("JAX_MEGAMOE_TIMEOUT_S", raising=False)
-    else:
-        monkeypatch.setenv("JAX_MEGAMOE_TIMEOUT_S", env)
-    buf = SymmBuffer.create(MESH, "ep", **BUF, timeout_s=timeout_s)
-    calls = _as_if_allocated(buf, monkeypatch, _Unmaps())
+    this process (which failed at trace time and closed at once): close() waits that long on
+    top of the setup timeout, the timeout resolved as the extension did at create."""
+    monkeypatch.setenv("JAX_MEGAMOE_TIMEOUT_S", env)
+    mesh = _fake_extension(monkeypatch, FakeExtension(0))
+    buf = SymmBuffer.create(mesh, "ep", **BUF, timeout_s=timeout_s)
+    assert buf.allocated
+    monkeypatch.setenv("JAX_MEGAMOE_TIMEOUT_S", "1000")  # read at create, not at close
+    calls = []
+    monkeypatch.setattr(dist, "all_gather", lambda *a, **kw: calls.append((a, kw)) or {})
     buf.close()
-    (args, kwargs) = calls[0]
-    assert args[:2] == ("0-1/9", "closed") and kwargs == {"timeout_s": want}
+    assert [kw for a, kw in calls if a[1] == "closed"] == [{"extra_s": want}]
+
+
+def test_one_process_close_reads_no_setup_timeout(monkeypatch):
+    """With no peer there is no wait, so a bad JAX_MEGAMOE_SETUP_TIMEOUT_S must not stop close()
+    from freeing the workspaces."""
+    ext = FakeExtension(0)
+    buf = SymmBuffer.create(_fake_extension(monkeypatch, ext), "ep", **BUF)
+    monkeypatch.setenv("JAX_MEGAMOE_SETUP_TIMEOUT_S", "abc")
+    buf.close()
+    assert [c[0] for c in ext.calls].count("destroy") == 2
 
 
 def test_with_block_keeps_its_own_error_when_close_fails(monkeypatch):
@@ -343,13 +362,14 @@ def test_setup_error_survives_a_failed_cleanup(monkeypatch):
             raise RuntimeError("unmap failed")
 
     ext = Ext(0)
-    monkeypatch.setattr(_ffi, "extension_available", lambda: True)
-    monkeypatch.setattr(_ffi, "is_sm90", lambda d: True)
-    monkeypatch.setattr(_ffi, "extension", lambda: ext)
+    mesh = _fake_extension(monkeypatch, ext)
+    gathers, gather = [], dist.all_gather
+    monkeypatch.setattr(dist, "all_gather", lambda *a, **kw: gathers.append(kw) or gather(*a, **kw))
     with pytest.raises(RuntimeError, match="connect failed") as info:
-        SymmBuffer.create(Mesh(np.array(jax.devices()[:2]), ("ep",)), "ep", **BUF)
+        SymmBuffer.create(mesh, "ep", **BUF)
     assert any("unmap failed" in note for note in info.value.__notes__)
     assert [c[0] for c in ext.calls].count("destroy") == 2
+    assert gathers[-1] == {"extra_s": 0.0}  # the cleanup of a setup no call ran on
 
 
 def test_setup_tells_the_peers_of_a_keyboard_interrupt(monkeypatch):

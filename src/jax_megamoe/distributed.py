@@ -114,15 +114,16 @@ def all_gather(
     value: Any = None,
     *,
     error: str | None = None,
-    timeout_s: float | None = None,
+    extra_s: float = 0.0,
 ) -> dict[int, Any]:
     """Publishes this process's JSON-serialisable ``value`` (or an ``error`` text) for ``phase``
     and returns ``{process: value}`` for every process in ``processes``.
 
     With ``error`` set it publishes the error and returns ``{}`` at once (the caller raises its
     own exception; the others learn of it here). Raises :class:`SetupError` naming the processes
-    that published an error, or the first that did not publish within the timeout. A process
-    alone in ``processes`` needs no store (nor ``jax.distributed``): it gets its own value."""
+    that published an error, or the first that did not publish within the timeout (the setup
+    timeout plus ``extra_s``). A process alone in ``processes`` needs no store (nor
+    ``jax.distributed``): it gets its own value."""
     me = jax.process_index()
     if list(processes) == [me]:
         return {} if error is not None else {me: value}
@@ -131,7 +132,7 @@ def all_gather(
     _set(c, key(setup, phase, me), json.dumps(payload))
     if error is not None:
         return {}
-    timeout = setup_timeout_s() if timeout_s is None else timeout_s
+    timeout = setup_timeout_s() + extra_s
     deadline = time.monotonic() + timeout
     got: dict[int, dict] = {me: payload}
     for p in processes:

@@ -135,6 +135,8 @@ class SymmBuffer:
     hosts: dict[int, str] = field(default_factory=dict, repr=False)
     # Set when fp8_mega_moe traced the fused kernels with this buffer (see close()).
     traced: bool = field(default=False, repr=False)
+    # The cross-rank wait limit the kernels were given, as the extension resolved it.
+    _kernel_timeout_s: float = field(default=0.0, repr=False)
     _ordinals: list[int] = field(default_factory=list, repr=False)
     _finalizer: weakref.finalize | None = field(default=None, repr=False)
 
@@ -270,7 +272,7 @@ class SymmBuffer:
             dist.forget(self.setup, self.processes, "info", "handles")  # all have read them
         except BaseException as e:
             try:
-                self._teardown(strict=False)
+                self._teardown(strict=False, after_calls=False)
             except Exception as cleanup:  # the setup's own error is the one to see
                 e.add_note(f"SymmBuffer: the cleanup after it failed too: {cleanup!r}")
             raise
@@ -320,6 +322,9 @@ class SymmBuffer:
                 0.0 if self.timeout_s is None else self.timeout_s,  # 0: the environment's
             )
             ordinals.append(ordinal)
+        # As the extension resolved it (create_workspace refused an invalid environment value).
+        env = os.environ.get(KERNEL_TIMEOUT_ENV)
+        self._kernel_timeout_s = self.timeout_s or float(env or DEFAULT_TIMEOUT_S)
         return {
             str(d.id): {
                 "handle": base64.b64encode(
@@ -357,11 +362,14 @@ class SymmBuffer:
             c.connect_workspace(self.buffer_id, ordinal, peer_ords, peer_ptrs)
         return True
 
-    def _teardown(self, *, strict: bool) -> None:
+    def _teardown(self, *, strict: bool, after_calls: bool = True) -> None:
         """Unmap the peers' workspaces here, wait until every process of the mesh has done the
         same, then free this process's workspaces (a peer may still map them until then).
         ``strict``: if a peer does not arrive, raise and keep this process's memory (freed at
-        exit) rather than free memory a live peer may still use. One process: no wait."""
+        exit) rather than free memory a live peer may still use. One process: no wait.
+        ``after_calls``: the wait is the setup timeout plus the kernels' cross-rank timeout, as
+        a peer may first wait that out in a call this process never made (it failed before, at
+        trace time) and only then reach its own close(); a failed setup has run no call."""
         c = _ffi.extension()
         unmap_error = None
         for ordinal in self._ordinals:
@@ -370,8 +378,8 @@ class SymmBuffer:
             except Exception as e:  # keep going: the peers wait for this process at the barrier
                 unmap_error = unmap_error or e
         try:
-            wait_s = self._close_wait_s()
-            dist.all_gather(self.setup, "closed", self.processes, True, timeout_s=wait_s)
+            extra_s = self._kernel_timeout_s if after_calls else 0.0
+            dist.all_gather(self.setup, "closed", self.processes, True, extra_s=extra_s)
             dist.forget(self.setup, self.processes, "connected")
         except dist.SetupError:
             if strict:
@@ -381,18 +389,6 @@ class SymmBuffer:
         self._finalizer()
         if unmap_error is not None:
             raise unmap_error
-
-    def _close_wait_s(self) -> float:
-        """How long close() waits for its peers: the setup timeout, plus the kernels' cross-rank
-        timeout, since a peer may first wait that out in a call this process never made (it
-        failed before, at trace time) and only then reach its own close()."""
-        kernel = self.timeout_s
-        if kernel is None:  # as create_workspace resolved it (it refused an invalid value)
-            try:
-                kernel = float(os.environ.get(KERNEL_TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
-            except ValueError:
-                kernel = DEFAULT_TIMEOUT_S
-        return dist.setup_timeout_s() + kernel
 
     def check(self) -> None:
         """Raises :class:`MegaMoeDeviceError` if a call on this buffer failed on one of this
@@ -417,10 +413,9 @@ class SymmBuffer:
     def close(self) -> None:
         """Frees the workspace on every device (idempotent). Call it only once no computation
         that uses the buffer is in flight. With several processes it is collective: each
-        process unmaps its peers, all wait for each other (``JAX_MEGAMOE_SETUP_TIMEOUT_S``),
-        then each frees its own workspaces; a process waits for the others up to
-        ``JAX_MEGAMOE_SETUP_TIMEOUT_S`` plus the buffer's ``timeout_s``. Later calls with the
-        buffer raise.
+        process unmaps its peers, all wait for each other (up to ``JAX_MEGAMOE_SETUP_TIMEOUT_S``
+        plus the kernels' cross-rank timeout), then each frees its own workspaces. Later calls
+        with the buffer raise.
 
         If a program was traced with the buffer's fused kernels, this clears JAX's compilation
         caches (``jax.clear_caches()``: every jitted function compiles again at its next call).
