@@ -257,6 +257,8 @@ def expert_counts(args, m: int, seed: int) -> np.ndarray:
 def apportion(weights: np.ndarray, total: int) -> np.ndarray:
     """``total`` split in proportion to ``weights`` (largest remainders; ties to the lower
     index): non-negative integers that sum to ``total``."""
+    if weights.sum() <= 0:
+        raise ValueError("apportion needs a positive weight")
     exact = weights.astype(np.float64) * total / weights.sum()
     whole = np.floor(exact).astype(np.int64)
     rest = total - int(whole.sum())

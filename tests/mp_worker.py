@@ -420,6 +420,8 @@ class FakeExtension:
         return -1
 
     def open_ipc_handle(self, buffer_id, ordinal, handle):
+        # Ids agree across processes here: scenario "fake" creates the same buffers in every
+        # process (ids are per process, so a mesh that leaves a process out shifts them).
         owner, owner_ordinal, owner_buffer = handle[0], handle[1], handle[2]
         self._log("open", buffer_id, ordinal, owner, owner_ordinal)
         if owner == self.process or owner_buffer != buffer_id or len(handle) != 64:

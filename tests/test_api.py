@@ -255,6 +255,47 @@ def test_standalone_gemm_operands_checked_at_trace_time():
             grouped_gemm_l2(*l2_args, jnp.ones((e, h // 128, i // 128)), mode=bad)
 
 
+def test_standalone_gemms_pass_their_indices_through_the_drop(monkeypatch):
+    """What each GEMM hands its FFI call (the call stubbed on CPU): experts bounded by the
+    weights' E, L2's destinations by out_rows, L1's row_src untouched (only its sign counts);
+    under "promise_in_bounds" all three as given."""
+    from jax_megamoe import grouped_gemm as gg
+
+    seen = []
+
+    def call_varying(call, *operands, **attributes):
+        seen.append(operands)
+        return (jnp.zeros((1,)),) * 3
+
+    class Ext:
+        L1_GEMM_TARGET, L2_GEMM_TARGET = "l1_stub", "l2_stub"
+
+    monkeypatch.setattr(_ffi, "call_varying", call_varying)
+    monkeypatch.setattr(_ffi, "extension", lambda: Ext())
+    monkeypatch.setattr(_ffi, "register_targets", lambda: None)
+    monkeypatch.setattr(gg, "prepare_standalone", lambda: None)
+    rows, h, i, e, out_rows = 256, 256, 128, 3, 200
+    f8 = jnp.float8_e4m3fn
+    src = jnp.asarray(np.r_[-1, 0, 199, 200, 255, 10**6, np.arange(250)], jnp.int32)
+    experts = jnp.asarray([0, 2, 3, -5], jnp.int32)
+    a, a_scale = jnp.zeros((rows, h), f8), jnp.ones((rows, h // 128))
+    w1, w1s = jnp.zeros((e, 2 * i, h), f8), jnp.ones((e, 2 * i // 128, h // 128))
+    act, act_scale = jnp.zeros((rows, i), f8), jnp.ones((rows, i // 128))
+    w2, w2s = jnp.zeros((e, h, i), f8), jnp.ones((e, h // 128, i // 128))
+    for mode in ("drop", "promise_in_bounds"):
+        seen.clear()
+        gg.grouped_gemm_l1(a, a_scale, jnp.ones((rows,)), src, experts, 4, w1, w1s, mode=mode)
+        gg.grouped_gemm_l2(act, act_scale, src, experts, 4, w2, w2s, out_rows=out_rows, mode=mode)
+        (l1_src, l1_experts), (l2_src, l2_experts) = seen[0][3:5], seen[1][2:4]
+        drop = mode == "drop"
+        np.testing.assert_array_equal(l1_src, src)
+        want_experts = [0, 2, -1, -1] if drop else [0, 2, 3, -5]
+        for got in (l1_experts, l2_experts):
+            np.testing.assert_array_equal(got, want_experts)
+        want_src = np.where((src >= 0) & (src < out_rows), src, -1) if drop else src
+        np.testing.assert_array_equal(l2_src, want_src)
+
+
 def test_standalone_gemm_indices_out_of_range_are_skipped():
     """The kernels skip negative experts and destinations only: "drop" makes every other value
     out of range negative first (on a GPU, test_gpu_gemm.py checks what the kernels then do)."""

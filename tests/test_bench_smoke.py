@@ -315,6 +315,8 @@ def test_bench_gemm_skewed_pools_take_the_uniform_rows():
     split = bench_gemm.apportion(weights, total)
     assert split.sum() == total and (split >= 0).all()
     assert np.abs(split - weights * total / weights.sum()).max() < 1
+    with pytest.raises(ValueError, match="positive weight"):
+        bench_gemm.apportion(np.zeros(4, np.int64), 10)
 
 
 def test_baselines_match_reference(monkeypatch):

@@ -395,11 +395,14 @@ def test_fused_call_under_vmap_says_how_to_batch(inp, monkeypatch):
             return {}
 
     monkeypatch.setattr(_ffi, "extension", lambda: Ext())
+    monkeypatch.setattr(_ffi, "register_targets", lambda: None)  # its cache stays unfilled
     buf = SymmBuffer.create(Mesh(np.array(jax.devices()[:1]), ("ep",)), "ep", **BUF)
     buf.allocated = True
     fn = functools.partial(fp8_mega_moe, buffer=buf, impl="fused")
     args = [inp[n] for n in NAMES]
+    assert not buf.traced
     assert "fp8_mega_moe_kept" in str(jax.make_jaxpr(fn)(*args))
+    assert buf.traced  # so close() clears the caches that hold this program
     batched = [jnp.stack([a, a]) for a in args[:4]]
     with pytest.raises(NotImplementedError, match="fold the batch into the token axis"):
         jax.make_jaxpr(jax.vmap(lambda *b: fn(*b, args[4])))(*batched)

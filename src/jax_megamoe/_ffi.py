@@ -107,7 +107,8 @@ def _kept_call_primitive(target: str) -> jax.extend.core.Primitive:
         raise NotImplementedError(
             "fp8_mega_moe's fused kernels have no jax.vmap rule: fold the batch into the token "
             "axis (x.reshape(B * M, H), and the other token operands alike: every token is "
-            "computed on its own, so the result is the same) or loop with jax.lax.map"
+            "computed on its own, so the result is the same; the buffer's max_tokens_per_rank "
+            "must then hold B * M) or loop with jax.lax.map"
         )
 
     batching.primitive_batchers[prim] = no_batching

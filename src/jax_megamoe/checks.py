@@ -294,8 +294,7 @@ def check_l2_operands(act, act_scale, row_src, block_expert, w2, w2_scale, out_r
             ("w2_scale", w2_scale, (e, h // b, i // b), jnp.float32),
         ],
     )
-    if out_rows <= 0:
-        raise ValueError(f"grouped_gemm_l2: out_rows ({out_rows}) must be positive")
+    check_int("grouped_gemm_l2: out_rows", out_rows, minimum=1)
 
 
 # --- Where the call runs: shard_map axes and the mesh --------------------------------------

@@ -81,11 +81,11 @@ def client():
 
 
 def setup_name(processes: Sequence[int], number: int) -> str:
-    """The name of a buffer every process of ``processes`` (sorted) agrees on: those processes
+    """The name of a buffer every process of ``processes`` agrees on: those processes, sorted,
     as runs (``0-3``, ``0-1.4``) and ``number``, this buffer's place among the buffers they
     created together (``0-3/2``)."""
     runs: list[list[int]] = []
-    for p in processes:
+    for p in sorted(set(processes)):
         if runs and p == runs[-1][-1] + 1:
             runs[-1].append(p)
         else:
