@@ -10,7 +10,8 @@ Usage (one Hopper GPU, the extension built)::
 The pool is what one rank of an R-rank expert-parallel layer sees (DeepSeek-V3 by default: H
 7168, I 2048, E 256, K 8, R 4, so E_l = 64 local experts): for tokens per rank M, R·M tokens
 each pick K experts (``jax_megamoe.testing.make_ids``), and local expert e of rank 0 receives
-the exact count of slots routed to it (about M·K rows in all). Each expert's rows start on a
+the exact count of slots routed to it (about M·K rows in all; under skewed and hot routing those
+counts are scaled to the uniform pool's rows, ``expert_counts``). Each expert's rows start on a
 multiple of 128 rows as in the fused layer (``jax_megamoe.pool.pool_layout``); padding rows are
 not stored.
 

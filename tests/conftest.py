@@ -7,7 +7,7 @@ tests, with JAX's usual platforms. A JAX_PLATFORMS the caller set wins in both."
 import os
 
 # Every output the CUDA kernels must write starts as NaN (launch.h's poison_outputs), so a row they
-# leave unwritten fails the tests' finiteness checks. Read once, at the first kernel launch.
+# leave unwritten fails the tests' finiteness checks. Read once, when the kernels are prepared.
 os.environ.setdefault("JAX_MEGAMOE_POISON_OUTPUTS", "1")
 
 # Must be set before JAX initialises its backends. Appended so a caller's flags survive.
