@@ -72,14 +72,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def layer_stack(buffer: SymmBuffer, impl: str, num_layers: int, name: str, unroll: int = 1):
-    """The per-rank step: ``num_layers`` MoE layers in one ``lax.scan`` (``unroll`` as there)."""
+    """The per-rank step: ``num_layers`` MoE layers in one ``lax.scan`` (``unroll`` as there;
+    ``unroll >= num_layers`` unrolls fully, as ``unroll=True``: an int as large as the length
+    leaves a one-trip loop in some JAX versions, 0.11 among them)."""
+    full = unroll >= num_layers
 
     def step(x, x_scale, ids, tw, w):
         def layer(carry, _):
             y = fp8_mega_moe(*carry, ids, tw, w, buffer=buffer, axis_name=shapes.AXIS, impl=impl)
             return quantize_per_token(y.astype(jnp.float32)), None
 
-        (x, _), _ = jax.lax.scan(layer, (x, x_scale), None, length=num_layers, unroll=unroll)
+        (x, _), _ = jax.lax.scan(
+            layer, (x, x_scale), None, length=num_layers, unroll=True if full else unroll
+        )
         return x
 
     step.__name__ = name  # the profile keeps this program's kernels by module name
