@@ -19,6 +19,23 @@ def assert_ok(results):
     assert all(r.returncode == 0 for r in results), describe(results)
 
 
+def run_scenario(tmp_path, scenario, num_processes, *, setup_timeout_s, timeout_s, **kw):
+    """mp_worker's CPU ``scenario`` in ``num_processes`` processes: ``{process: its JSON}``."""
+    results = launch(
+        [WORKER, "--out", str(tmp_path), "--scenario", scenario],
+        num_processes,
+        env={"JAX_MEGAMOE_SETUP_TIMEOUT_S": str(setup_timeout_s)},
+        timeout_s=timeout_s,
+        **kw,
+    )
+    assert_ok(results)
+    got = {}
+    for p in range(num_processes):
+        with open(tmp_path / f"{scenario}.p{p}.json") as f:
+            got[p] = json.load(f)
+    return got
+
+
 def test_launcher_kills_processes_at_the_deadline():
     start = time.monotonic()
     results = launch(["-c", "import time; time.sleep(60)"], 2, distributed=False, timeout_s=1)
@@ -93,17 +110,7 @@ def test_two_processes_match_one_bitwise(tmp_path):
 def test_setup_errors_reach_every_process(tmp_path):
     """Mismatched create arguments fail on both processes; a create one process never joins
     ends in a SetupError at the timeout, not a hang."""
-    results = launch(
-        [WORKER, "--out", str(tmp_path), "--scenario", "errors"],
-        2,
-        env={"JAX_MEGAMOE_SETUP_TIMEOUT_S": "3"},
-        timeout_s=50,
-    )
-    assert_ok(results)
-    got = {}
-    for p in (0, 1):
-        with open(tmp_path / f"errors.p{p}.json") as f:
-            got[p] = json.load(f)
+    got = run_scenario(tmp_path, "errors", 2, setup_timeout_s=3, timeout_s=50)
     for p in (0, 1):
         assert "same arguments" in got[p]["mismatch"], got[p]
     assert "waited 3 s for process 1" in got[0]["timeout"], got[0]
@@ -113,17 +120,7 @@ def test_meshes_that_leave_processes_out(tmp_path):
     """Only the processes whose devices are in a mesh call create for it (the README's rule),
     so processes create different numbers of buffers; a later buffer over all of them must still
     set up, and a closed buffer's leftover setup keys must not reach a process outside it."""
-    results = launch(
-        [WORKER, "--out", str(tmp_path), "--scenario", "meshes"],
-        3,
-        env={"JAX_MEGAMOE_SETUP_TIMEOUT_S": "5"},
-        timeout_s=60,
-    )
-    assert_ok(results)
-    got = {}
-    for p in (0, 1, 2):
-        with open(tmp_path / f"meshes.p{p}.json") as f:
-            got[p] = json.load(f)
+    got = run_scenario(tmp_path, "meshes", 3, setup_timeout_s=5, timeout_s=60)
     want = {
         0: ["first_two", "alone", "first_two_again", "all"],
         1: ["first_two", "first_two_again", "all"],
@@ -142,18 +139,7 @@ def test_allocation_protocol_with_a_fake_extension(tmp_path):
     peers (never its own handles), builds rank-ordered peer tables (-1 = another process),
     unmaps before it frees; a failed IPC open in one process fails the create in both, and both
     free what they allocated."""
-    results = launch(
-        [WORKER, "--out", str(tmp_path), "--scenario", "fake"],
-        2,
-        cpu_devices=2,
-        env={"JAX_MEGAMOE_SETUP_TIMEOUT_S": "20"},
-        timeout_s=50,
-    )
-    assert_ok(results)
-    got = {}
-    for p in (0, 1):
-        with open(tmp_path / f"fake.p{p}.json") as f:
-            got[p] = json.load(f)
+    got = run_scenario(tmp_path, "fake", 2, setup_timeout_s=20, timeout_s=50, cpu_devices=2)
     ptr, remote = FakeExtension.ptr, lambda q, o: 0x1000000 + FakeExtension.ptr(q, o)
     for p in (0, 1):
         r = got[p]
