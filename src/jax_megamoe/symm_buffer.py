@@ -271,10 +271,7 @@ class SymmBuffer:
             self._exchange("connected", lambda: self._connect_local(c, ptrs, remote))
             dist.forget(self.setup, self.processes, "info", "handles")  # all have read them
         except BaseException as e:
-            try:
-                self._teardown(strict=False, after_calls=False)
-            except Exception as cleanup:  # the setup's own error is the one to see
-                e.add_note(f"SymmBuffer: the cleanup after it failed too: {cleanup!r}")
+            _cleanup_noting(e, lambda: self._teardown(strict=False, after_calls=False), "cleanup")
             raise
         self.allocated = True
 
@@ -437,11 +434,8 @@ class SymmBuffer:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
             self.close()
-            return
-        try:
-            self.close()
-        except Exception as e:  # the error that ended the block is the one to see
-            exc.add_note(f"SymmBuffer.close() on the way out failed too: {e!r}")
+        else:
+            _cleanup_noting(exc, self.close, "close() on the way out")
 
 
 def check_groups_on_one_host(
@@ -464,6 +458,15 @@ def check_groups_on_one_host(
                 "Mesh(devices.reshape(num_hosts, gpus_per_host), ('data', 'expert')) with "
                 "the expert axis inside a host"
             )
+
+
+def _cleanup_noting(error: BaseException, cleanup, what: str) -> None:
+    """Runs ``cleanup`` while ``error`` is on its way out; a failure of it becomes a note on
+    ``error``, which stays the one raised (it says what went wrong first)."""
+    try:
+        cleanup()
+    except Exception as e:
+        error.add_note(f"SymmBuffer {what} failed too: {e!r}")
 
 
 def _destroy(buffer_id: int, ordinals: list[int]) -> None:
