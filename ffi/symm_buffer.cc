@@ -117,14 +117,12 @@ size_t workspace_nbytes(const WorkspaceConfig& c) {
           "topk (" + std::to_string(c.topk) + ") must be in [1, " + std::to_string(kMaxTopk) + "]");
   require(c.max_tokens >= 1, "max_tokens_per_rank must be >= 1");
   // Pool rows and the (rank, token, slot) code in row_src are int32 on the device. Checked in
-  // 64 bits here, before WorkspaceLayout narrows the pool's block count to int (unsigned, so a
-  // product past 2^64 wraps instead of being undefined; it is only read once slots is small).
+  // 64 bits here, before WorkspaceLayout narrows the pool's block count to int (worst_rows is
+  // read only once R * Mmax is known small, so its product cannot have wrapped).
   const uint64_t slots = uint64_t(c.num_ranks) * uint64_t(c.max_tokens);
-  const uint64_t worst_rows =
-      slots * uint64_t(c.topk) + uint64_t(c.num_experts / c.num_ranks) * (kExpertAlignM - 1);
-  require(
-      slots <= uint64_t(INT_MAX) && worst_rows <= uint64_t(INT_MAX / kExpertAlignM) * kExpertAlignM,
-      "num_ranks * max_tokens_per_rank * topk is too large for int32 pool row indices");
+  require(slots <= uint64_t(INT_MAX) &&
+              WorkspaceLayout::worst_rows(c) <= uint64_t(INT_MAX / kExpertAlignM) * kExpertAlignM,
+          "num_ranks * max_tokens_per_rank * topk is too large for int32 pool row indices");
   const WorkspaceLayout layout = WorkspaceLayout::make(c);
   // The regions' byte counts sum in size_t: refuse what could wrap it (no GPU holds 2^62 bytes).
   const double pool = double(layout.pool_rows) * (double(c.hidden) + double(c.intermediate));

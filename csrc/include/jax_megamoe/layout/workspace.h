@@ -110,13 +110,20 @@ struct WorkspaceLayout {
 
   size_t total_bytes;
 
+  // Rows of the worst-case pool before rounding: every slot of every rank routed to this one,
+  // each local expert's segment padded to kExpertAlignM. Unsigned 64-bit, so a product past 2^64
+  // wraps instead of being undefined (workspace_nbytes checks R * Mmax first).
+  JMM_HOST_DEVICE static uint64_t worst_rows(const WorkspaceConfig& c) {
+    return uint64_t(c.num_ranks) * uint64_t(c.max_tokens) * uint64_t(c.topk) +
+           uint64_t(c.num_experts / c.num_ranks) * (kExpertAlignM - 1);
+  }
+
   JMM_HOST_DEVICE static WorkspaceLayout make(const WorkspaceConfig& c) {
     const size_t R = c.num_ranks, H = c.hidden, I = c.intermediate, K = c.topk;
     const size_t Mmax = c.max_tokens;
     WorkspaceLayout l{};
     l.local_experts = c.num_experts / c.num_ranks;
-    const size_t worst_rows = R * Mmax * K + size_t(l.local_experts) * (kExpertAlignM - 1);
-    const size_t segments = (worst_rows + kExpertAlignM - 1) / kExpertAlignM;
+    const size_t segments = (worst_rows(c) + kExpertAlignM - 1) / kExpertAlignM;
     l.max_blocks = int(segments * (kExpertAlignM / kBlockM));
     l.pool_rows = size_t(l.max_blocks) * kBlockM;
     const size_t P = l.pool_rows;
