@@ -25,6 +25,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -142,6 +143,38 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   return (act_bad != 0) + (y_bad != 0) + (gathered_bad != 0);
 }
 
+// L1 and L2 with tile counters that were not zero at launch but a few claims short of 2^31, as
+// a workspace's counters would be after ~16 million calls that zeroed none (the layer's skipped
+// calls did not, before 2026-12-05). Their claims pass 2^31 and read as negative; the
+// scheduler compares them unsigned, so each CTA ends at once. Returns the number of failed
+// checks: a launch error or fault (a negative index named a block before the table), or a
+// written byte.
+int run_wrapped_claims(int num_ctas, cudaStream_t stream, std::mt19937& rng) {
+  const Pool pool = make_pool({256, 0, 70, 30}, 2);
+  GemmBuffers buf(pool, 4, 512, 256);
+  if (!buf.allocated()) return 1;
+  buf.a.upload(random_e4m3(buf.a.count, rng));
+  buf.a_scale.upload(random_scales(buf.a_scale.count, rng));
+  buf.w1.upload(random_e4m3(buf.w1.count, rng));
+  buf.w1_scale.upload(random_scales(buf.w1_scale.count, rng));
+  buf.w2.upload(random_e4m3(buf.w2.count, rng));
+  buf.w2_scale.upload(random_scales(buf.w2_scale.count, rng));
+  constexpr int32_t kNearWrap = std::numeric_limits<int32_t>::max() - 2;
+  buf.claims.upload(std::vector<int32_t>{kNearWrap, kNearWrap});
+  if (!buf.poison_outputs() ||
+      !ok(jax_megamoe::launch_l1(buf.l1(num_ctas, false), stream), "launch_l1 (wrapped)") ||
+      !ok(jax_megamoe::launch_l2(buf.l2(num_ctas, false), stream), "launch_l2 (wrapped)") ||
+      !ok(cudaStreamSynchronize(stream), "L1 and L2 (wrapped claims)")) {
+    return 1;
+  }
+  int written = 0;
+  for (const uint8_t b : buf.act.read()) written += b != GemmBuffers::kPoisonByte;
+  for (const uint16_t v : buf.y.read()) written += v != GemmBuffers::kPoisonByte * 0x0101u;
+  std::printf("%-35s %d CTAs: %s\n", "claims past 2^31 at launch", num_ctas,
+              written ? "BYTES WRITTEN" : "ok, nothing written");
+  return written != 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -179,6 +212,8 @@ int main(int argc, char** argv) {
         run_case("lone blocks only", 512, 384, {5, 1, 64, 17}, 0, num_ctas, overlap, stream, rng);
     failed += run_case("L1 tails", 512, 256, tails, 1, num_ctas, overlap, stream, rng);
   }
+  // Last: on the old scheduler it faulted, which ends the context.
+  failed += run_wrapped_claims(num_ctas, stream, rng);
   cudaStreamDestroy(stream);
   std::printf("%s\n", failed ? "FAILED" : "all checks passed");
   return failed ? 1 : 0;

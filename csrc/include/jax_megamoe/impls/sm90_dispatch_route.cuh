@@ -28,6 +28,15 @@ __device__ __forceinline__ bool call_runs(const KernelArgs& a, HeaderFixed* head
          *a.expected_rank == a.rank;
 }
 
+// A call that does not run gives L1 and L2 no row blocks, and zeroes their tile counters as a
+// call that runs does: each of their CTAs still claims once, and on a failed workspace whose
+// skipped calls go on (graph replays) the counters would otherwise grow by the grid every call.
+__device__ __forceinline__ void skip_gemms(RouteScalars* scalars) {
+  scalars->num_blocks = 0;
+  scalars->l1_claims = 0;
+  scalars->l2_claims = 0;
+}
+
 // Lays out the expert segments from the slots per local expert (`counts`, shared memory): the
 // first row block of each expert's kExpertAlignM-aligned segment into `first_block` (shared
 // memory). Returns the number of row blocks. Every thread of the block calls it.
@@ -105,9 +114,7 @@ __global__ void __launch_bounds__(kThreads) route_count_kernel(KernelArgs a) {
 
   const WorkspaceLayout& l = a.layout;
   if (!call_runs(a, header_of(a.ws, l))) {  // aborted or skipped: no rows, so L1/L2 do nothing
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-      at<RouteScalars>(a.ws, l.route_scalars)->num_blocks = 0;
-    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) skip_gemms(at<RouteScalars>(a.ws, l.route_scalars));
     return;
   }
   const int num_local = a.local_experts;
@@ -329,7 +336,7 @@ __global__ void __launch_bounds__(kThreads) route_alone_kernel(KernelArgs a) {
 
   RouteScalars* scalars = at<RouteScalars>(a.ws, l.route_scalars);
   if (!call_runs(a, header_of(a.ws, l))) {  // aborted or skipped: no rows, so L1/L2 do nothing
-    if (blockIdx.x == 0 && threadIdx.x == 0) scalars->num_blocks = 0;
+    if (blockIdx.x == 0 && threadIdx.x == 0) skip_gemms(scalars);
     return;
   }
   for (int e = threadIdx.x; e < num_local; e += kThreads) counts[e] = earlier[e] = 0;

@@ -13,15 +13,6 @@
 
 namespace jax_megamoe::sm90 {
 
-// The TMA tensor maps of one grouped GEMM (GroupedFp8TmaMainloop's constructor says what each
-// views); in kernel parameter space.
-struct GemmTensorMaps {
-  CUtensorMap a;       // a row block of the pool
-  CUtensorMap a_pair;  // a pair of row blocks
-  CUtensorMap b;       // both B groups of an N tile
-  CUtensorMap tail;    // a swap-AB tail's rows (unused without tails)
-};
-
 struct GemmOperands {
   const uint8_t* a;             // [pool_rows, k]
   const float* a_scale;         // [pool_rows, k / 128]
@@ -145,10 +136,11 @@ class TileScheduler {
 
   // Claimed tiles; called by all 32 lanes of the producer warp. claim() takes an index and
   // returns it in lane 0 only, take(claimed) resolves it, claiming again past pairs where no block
-  // works.
+  // works. The index is compared unsigned: a counter that was not zero at launch and has passed
+  // 2^31 reads as negative, and must end the CTA's tiles, not name a block before the table.
   __device__ int claim(int* claims, int lane) const { return lane == 0 ? atomicAdd(claims, 1) : 0; }
   __device__ Tile take(int claimed, int* claims, int lane) const {
-    for (int index = __shfl_sync(~0u, claimed, 0); index < num_tiles_;
+    for (int index = __shfl_sync(~0u, claimed, 0); unsigned(index) < unsigned(num_tiles_);
          index = __shfl_sync(~0u, claim(claims, lane), 0)) {
       const Tile t = resolve_at(index);
       if (t.mask != 0) return t;
