@@ -192,25 +192,30 @@ cudaError_t prepare(Kernel kernel, int smem_bytes) {
 
 }  // namespace
 
-cudaError_t launch_l1(const L1Params& p, cudaStream_t stream) {
+cudaError_t encode_l1(const L1Params& p, GemmTensorMaps* maps) {
   if (p.num_ctas <= 0 || p.hidden % kQuantBlock != 0 || p.intermediate % kQuantBlock != 0)
     return cudaErrorInvalidValue;
+  const bool gather = p.x != nullptr;  // then A's maps stay unused, and `a` may name no memory
+  if (gather && (p.x_scale == nullptr || p.topk <= 0)) return cudaErrorInvalidValue;
+  *maps = {};
+  const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
+  cudaError_t err = encode_l1_weights(&maps->b, p.w1, p.num_experts, p.hidden, p.intermediate);
+  if (err == cudaSuccess && !gather)
+    err = encode_rows(&maps->a, p.a, pool_rows, p.hidden, kBlockM);
+  if (err == cudaSuccess && !gather)
+    err = encode_rows(&maps->a_pair, p.a, pool_rows, p.hidden, sm90::kTileM);
+  if (err == cudaSuccess && !gather)
+    err = encode_rows(&maps->tail, p.a, pool_rows, p.hidden, sm90::kL1TailRows);
+  return err;
+}
+
+cudaError_t launch_l1(const L1Params& p, const GemmTensorMaps& maps, cudaStream_t stream) {
   sm90::L1KernelParams k{};
   k.p = p;
   if (!claim_tiles()) k.p.tile_claims = nullptr;
-  const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
+  k.maps = maps;
   k.tail_rows = l1_tail_rows();
-  const bool gather = p.x != nullptr;  // then A's maps stay unused, and `a` may name no memory
-  if (gather && (p.x_scale == nullptr || p.topk <= 0)) return cudaErrorInvalidValue;
-  cudaError_t err = encode_l1_weights(&k.maps.b, p.w1, p.num_experts, p.hidden, p.intermediate);
-  if (err == cudaSuccess && !gather)
-    err = encode_rows(&k.maps.a, p.a, pool_rows, p.hidden, kBlockM);
-  if (err == cudaSuccess && !gather)
-    err = encode_rows(&k.maps.a_pair, p.a, pool_rows, p.hidden, sm90::kTileM);
-  if (err == cudaSuccess && !gather)
-    err = encode_rows(&k.maps.tail, p.a, pool_rows, p.hidden, sm90::kL1TailRows);
-  if (err != cudaSuccess) return err;
-  if (gather) {
+  if (p.x != nullptr) {
     kL1GatherKernel<<<p.num_ctas, sm90::kNumThreads, kL1GatherSmemBytes, stream>>>(k);
   } else {
     kL1Kernel<<<p.num_ctas, sm90::kNumThreads, kL1SmemBytes, stream>>>(k);
@@ -220,19 +225,26 @@ cudaError_t launch_l1(const L1Params& p, cudaStream_t stream) {
 
 namespace {
 
-template <int kWgN, class Kernel>
-cudaError_t launch_l2_as(Kernel kernel, int smem_bytes, const L2Params& p, cudaStream_t stream) {
+template <int kWgN>
+cudaError_t encode_l2_as(const L2Params& p, GemmTensorMaps* maps) {
+  *maps = {};
+  const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
+  const size_t w_rows = size_t(p.num_experts) * p.hidden;
+  cudaError_t err = encode_rows(&maps->a, p.act, pool_rows, p.intermediate, kBlockM);
+  if (err == cudaSuccess)
+    err = encode_rows(&maps->a_pair, p.act, pool_rows, p.intermediate, sm90::kTileM);
+  if (err == cudaSuccess)  // a tile's two groups of kWgN hidden rows, adjacent
+    err = encode_rows(&maps->b, p.w2, w_rows, p.intermediate, kWgN, kWgN, 2);
+  return err;
+}
+
+template <class Kernel>
+cudaError_t launch_l2_as(Kernel kernel, int smem_bytes, const L2Params& p,
+                         const GemmTensorMaps& maps, cudaStream_t stream) {
   sm90::L2KernelParams k{};
   k.p = p;
   if (!claim_tiles()) k.p.tile_claims = nullptr;
-  const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
-  const size_t w_rows = size_t(p.num_experts) * p.hidden;
-  cudaError_t err = encode_rows(&k.maps.a, p.act, pool_rows, p.intermediate, kBlockM);
-  if (err == cudaSuccess)
-    err = encode_rows(&k.maps.a_pair, p.act, pool_rows, p.intermediate, sm90::kTileM);
-  if (err == cudaSuccess)  // a tile's two groups of kWgN hidden rows, adjacent
-    err = encode_rows(&k.maps.b, p.w2, w_rows, p.intermediate, kWgN, kWgN, 2);
-  if (err != cudaSuccess) return err;
+  k.maps = maps;
   if (p.block_stored == nullptr) {
     kernel<<<p.num_ctas, sm90::kNumThreads, smem_bytes, stream>>>(k);
     return cudaGetLastError();
@@ -254,12 +266,29 @@ cudaError_t launch_l2_as(Kernel kernel, int smem_bytes, const L2Params& p, cudaS
 
 }  // namespace
 
-cudaError_t launch_l2(const L2Params& p, cudaStream_t stream) {
+cudaError_t encode_l2(const L2Params& p, GemmTensorMaps* maps) {
   if (p.num_ctas <= 0 || p.hidden % kQuantBlock != 0 || p.intermediate % kQuantBlock != 0)
     return cudaErrorInvalidValue;
+  return l2_wide(p.hidden) ? encode_l2_as<kL2WideWgN>(p, maps)
+                           : encode_l2_as<kL2NarrowWgN>(p, maps);
+}
+
+cudaError_t launch_l2(const L2Params& p, const GemmTensorMaps& maps, cudaStream_t stream) {
   return l2_wide(p.hidden)
-             ? launch_l2_as<kL2WideWgN>(kL2WideKernel, kL2WideSmemBytes, p, stream)
-             : launch_l2_as<kL2NarrowWgN>(kL2NarrowKernel, kL2NarrowSmemBytes, p, stream);
+             ? launch_l2_as(kL2WideKernel, kL2WideSmemBytes, p, maps, stream)
+             : launch_l2_as(kL2NarrowKernel, kL2NarrowSmemBytes, p, maps, stream);
+}
+
+cudaError_t launch_l1(const L1Params& p, cudaStream_t stream) {
+  GemmTensorMaps maps;
+  const cudaError_t err = encode_l1(p, &maps);
+  return err == cudaSuccess ? launch_l1(p, maps, stream) : err;
+}
+
+cudaError_t launch_l2(const L2Params& p, cudaStream_t stream) {
+  GemmTensorMaps maps;
+  const cudaError_t err = encode_l2(p, &maps);
+  return err == cudaSuccess ? launch_l2(p, maps, stream) : err;
 }
 
 cudaError_t prepare_gemm_kernels() {

@@ -127,6 +127,65 @@ size_t route_alone_smem_bytes(int local_experts) {
   return 3 * size_t(local_experts) * sizeof(int32_t);
 }
 
+// L1's parameters for this call; with `gather`, A is read from the tokens' own rows.
+L1Params l1_params(const MegaMoeArgs& args, const WorkspaceLayout& l, bool gather) {
+  const WorkspaceConfig& c = args.config;
+  uint8_t* ws = static_cast<uint8_t*>(args.workspace);
+  L1Params p1{};
+  p1.row_weight = at<float>(ws, l.row_weight);
+  p1.row_src = at<int32_t>(ws, l.row_src);
+  p1.block_expert = at<int32_t>(ws, l.block_expert);
+  p1.num_blocks = &at<RouteScalars>(ws, l.route_scalars)->num_blocks;
+  p1.w1 = static_cast<const uint8_t*>(args.w1);
+  p1.w1_scale = args.w1_scale;
+  p1.act = at<uint8_t>(ws, l.act);
+  p1.act_scale = at<float>(ws, l.act_scale);
+  p1.num_experts = l.local_experts;
+  p1.hidden = c.hidden;
+  p1.intermediate = c.intermediate;
+  p1.max_blocks = l.max_blocks;
+  p1.clamp = args.activation_clamp;
+  p1.num_ctas = args.sm_budget * gemm_ctas_per_sm();
+  p1.tile_claims = &at<RouteScalars>(ws, l.route_scalars)->l1_claims;
+  // L2 overlaps L1's last tiles: a programmatic dependent that waits per row block.
+  p1.block_stored = args.whole_device ? at<int32_t>(ws, l.block_stored) : nullptr;
+  if (gather) {
+    p1.x = static_cast<const uint8_t*>(args.x);
+    p1.x_scale = args.x_scale;
+    p1.topk = c.topk;
+  } else {
+    p1.a = at<uint8_t>(ws, l.pool_a);
+    p1.a_scale = at<float>(ws, l.pool_a_scale);
+  }
+  return p1;
+}
+
+// L2's parameters for this call, reading what L1 (p1) writes.
+L2Params l2_params(const MegaMoeArgs& args, const WorkspaceLayout& l, const L1Params& p1) {
+  const WorkspaceConfig& c = args.config;
+  uint8_t* ws = static_cast<uint8_t*>(args.workspace);
+  L2Params p2{};
+  p2.act = p1.act;
+  p2.act_scale = p1.act_scale;
+  p2.row_src = p1.row_src;
+  p2.block_expert = p1.block_expert;
+  p2.num_blocks = p1.num_blocks;
+  p2.w2 = static_cast<const uint8_t*>(args.w2);
+  p2.w2_scale = args.w2_scale;
+  p2.combine = at<uint16_t*>(ws, l.combine_base);
+  p2.num_experts = l.local_experts;
+  p2.hidden = c.hidden;
+  p2.intermediate = c.intermediate;
+  p2.topk = c.topk;
+  p2.max_tokens = c.max_tokens;
+  p2.max_blocks = l.max_blocks;
+  p2.num_ctas = p1.num_ctas;
+  p2.tile_claims = &at<RouteScalars>(ws, l.route_scalars)->l2_claims;
+  p2.block_stored = p1.block_stored;
+  p2.l1_n_tiles = c.intermediate / kQuantBlock;
+  return p2;
+}
+
 }  // namespace
 
 cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
@@ -158,7 +217,22 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   const size_t all_tokens = size_t(c.num_ranks) * m;
   const int budget = args.sm_budget;
 
+  // A block per token while the tokens do not fill the budget's blocks, else a warp per token.
+  const bool block_per_token = all_tokens <= size_t(budget) * kRouteBlocksPerSm;
+  const bool alone = !peers && block_per_token;  // steps 3 and 4 in one launch
+  const bool gather =
+      alone && all_tokens * c.topk <= size_t(kGatherRowsPerExpert) * l.local_experts;
+
+  const L1Params p1 = l1_params(args, l, gather);
+  const L2Params p2 = l2_params(args, l, p1);
+
   cudaError_t err;
+  // The GEMMs' tensor maps are encoded before the first launch: an error returned between the
+  // dispatch and combine syncs would leave the peers waiting for this rank's combine flag.
+  GemmTensorMaps maps1, maps2;
+  if ((err = encode_l1(p1, &maps1)) != cudaSuccess || (err = encode_l2(p2, &maps2)) != cudaSuccess)
+    return err;
+
   // Tests: y and the regions this call's kernels fill (pool, act, combine: the workspace's last
   // regions) start as NaN. At R > 1 peers write this rank's combine rows only after its dispatch
   // flag, which the sync kernel publishes after this, and wrote the last call's before its
@@ -174,11 +248,6 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
                                            args.expected_rank);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  // A block per token while the tokens do not fill the budget's blocks, else a warp per token.
-  const bool block_per_token = all_tokens <= size_t(budget) * kRouteBlocksPerSm;
-  const bool alone = !peers && block_per_token;  // steps 3 and 4 in one launch
-  const bool gather =
-      alone && all_tokens * c.topk <= size_t(kGatherRowsPerExpert) * l.local_experts;
   if (alone) {
     const int grid = grid_for(all_tokens, 1, budget);
     const size_t smem = route_alone_smem_bytes(l.local_experts);
@@ -199,56 +268,8 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   }
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  const int num_ctas = budget * gemm_ctas_per_sm();
-  L1Params p1{};
-  p1.row_weight = at<float>(ws, l.row_weight);
-  p1.row_src = at<int32_t>(ws, l.row_src);
-  p1.block_expert = at<int32_t>(ws, l.block_expert);
-  p1.num_blocks = &at<RouteScalars>(ws, l.route_scalars)->num_blocks;
-  p1.w1 = static_cast<const uint8_t*>(args.w1);
-  p1.w1_scale = args.w1_scale;
-  p1.act = at<uint8_t>(ws, l.act);
-  p1.act_scale = at<float>(ws, l.act_scale);
-  p1.num_experts = l.local_experts;
-  p1.hidden = c.hidden;
-  p1.intermediate = c.intermediate;
-  p1.max_blocks = l.max_blocks;
-  p1.clamp = args.activation_clamp;
-  p1.num_ctas = num_ctas;
-  p1.tile_claims = &at<RouteScalars>(ws, l.route_scalars)->l1_claims;
-  // L2 overlaps L1's last tiles: a programmatic dependent that waits per row block.
-  int32_t* block_stored = args.whole_device ? at<int32_t>(ws, l.block_stored) : nullptr;
-  p1.block_stored = block_stored;
-  if (gather) {
-    p1.x = k.x;
-    p1.x_scale = k.x_scale;
-    p1.topk = c.topk;
-  } else {
-    p1.a = at<uint8_t>(ws, l.pool_a);
-    p1.a_scale = at<float>(ws, l.pool_a_scale);
-  }
-  if ((err = launch_l1(p1, stream)) != cudaSuccess) return err;
-
-  L2Params p2{};
-  p2.act = p1.act;
-  p2.act_scale = p1.act_scale;
-  p2.row_src = p1.row_src;
-  p2.block_expert = p1.block_expert;
-  p2.num_blocks = p1.num_blocks;
-  p2.w2 = static_cast<const uint8_t*>(args.w2);
-  p2.w2_scale = args.w2_scale;
-  p2.combine = at<uint16_t*>(ws, l.combine_base);
-  p2.num_experts = l.local_experts;
-  p2.hidden = c.hidden;
-  p2.intermediate = c.intermediate;
-  p2.topk = c.topk;
-  p2.max_tokens = c.max_tokens;
-  p2.max_blocks = l.max_blocks;
-  p2.num_ctas = num_ctas;
-  p2.tile_claims = &at<RouteScalars>(ws, l.route_scalars)->l2_claims;
-  p2.block_stored = block_stored;
-  p2.l1_n_tiles = c.intermediate / kQuantBlock;
-  if ((err = launch_l2(p2, stream)) != cudaSuccess) return err;
+  if ((err = launch_l1(p1, maps1, stream)) != cudaSuccess) return err;
+  if ((err = launch_l2(p2, maps2, stream)) != cudaSuccess) return err;
 
   if (peers) {
     epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kCombine,

@@ -2,6 +2,7 @@
 // (csrc/launch/*.cu). Plain C++ types only, so ffi/ builds without nvcc.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -73,6 +74,24 @@ struct L2Params {
   int l1_n_tiles;
 };
 
+// The TMA tensor maps of one L1 or L2 launch (GroupedFp8TmaMainloop's constructor says what each
+// views); passed in kernel parameter space.
+struct GemmTensorMaps {
+  CUtensorMap a;       // a row block of the pool
+  CUtensorMap a_pair;  // a pair of row blocks
+  CUtensorMap b;       // both B groups of an N tile
+  CUtensorMap tail;    // a swap-AB tail's rows (unused without tails)
+};
+
+// A launch in two steps: encode_l1/encode_l2 check the parameters and encode the launch's tensor
+// maps (host only: no stream work, no allocation), launch_l1/launch_l2 enqueue the kernel. The
+// layer encodes both GEMMs' maps before its first kernel, so that a failure returns before its
+// dispatch sync: past it, an error returned before the combine sync is enqueued leaves the peers
+// waiting out their timeout. The launchers without maps do both (the standalone GEMMs, tools/).
+cudaError_t encode_l1(const L1Params& p, GemmTensorMaps* maps);
+cudaError_t encode_l2(const L2Params& p, GemmTensorMaps* maps);
+cudaError_t launch_l1(const L1Params& p, const GemmTensorMaps& maps, cudaStream_t stream);
+cudaError_t launch_l2(const L2Params& p, const GemmTensorMaps& maps, cudaStream_t stream);
 cudaError_t launch_l1(const L1Params& p, cudaStream_t stream);
 cudaError_t launch_l2(const L2Params& p, cudaStream_t stream);
 // Loads the GEMM kernels and raises their shared-memory limits on the current device. Called at
