@@ -1,5 +1,7 @@
 #include "ffi_common.h"
 
+#include <cudaTypedefs.h>
+
 #include <stdexcept>
 
 namespace jax_megamoe {
@@ -14,6 +16,33 @@ std::string bracketed(const Range& values) {
   size_t i = 0;
   for (int64_t v : values) s += (i++ ? ", " : "") + std::to_string(v);
   return s + "]";
+}
+
+// The driver's current-context calls, through the runtime (no link-time libcuda dependency).
+struct ContextCalls {
+  PFN_cuCtxGetCurrent_v4000 get = nullptr;
+  PFN_cuCtxSetCurrent_v4000 set = nullptr;
+};
+
+const ContextCalls& context_calls() {
+  static const ContextCalls calls = [] {
+    ContextCalls c;
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &fn, 4000, cudaEnableDefault,
+                                         &found) == cudaSuccess &&
+        found == cudaDriverEntryPointSuccess) {
+      c.get = reinterpret_cast<PFN_cuCtxGetCurrent_v4000>(fn);
+    }
+    fn = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuCtxSetCurrent", &fn, 4000, cudaEnableDefault,
+                                         &found) == cudaSuccess &&
+        found == cudaDriverEntryPointSuccess) {
+      c.set = reinterpret_cast<PFN_cuCtxSetCurrent_v4000>(fn);
+    }
+    return c;
+  }();
+  return calls;
 }
 
 }  // namespace
@@ -105,8 +134,17 @@ DeviceGuard::DeviceGuard(int ordinal) {
                                 " is out of range; " + std::to_string(count) +
                                 " CUDA devices are visible");
   }
-  check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+  const ContextCalls& calls = context_calls();
+  if (calls.get == nullptr || calls.set == nullptr) {
+    throw std::runtime_error(
+        "jax_megamoe: the CUDA driver's cuCtxGetCurrent/cuCtxSetCurrent were not found");
+  }
+  if (calls.get(&previous_) != CUDA_SUCCESS) {
+    throw std::runtime_error("jax_megamoe: cuCtxGetCurrent failed");
+  }
   check_cuda(cudaSetDevice(ordinal), "cudaSetDevice(" + std::to_string(ordinal) + ")");
 }
+
+DeviceGuard::~DeviceGuard() { context_calls().set(previous_); }
 
 }  // namespace jax_megamoe

@@ -4,6 +4,7 @@
 // (std::invalid_argument -> ValueError, std::runtime_error -> RuntimeError through nanobind).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -79,17 +80,20 @@ int device_sm_count(int ordinal);
 // Throws std::runtime_error unless the device is SM90 (Hopper); `kernels` names what needs it.
 void require_sm90(int ordinal, const char* kernels);
 
-// Makes `ordinal` current for one setup call and restores the caller's device afterwards;
-// throws std::invalid_argument if the ordinal is not a visible device.
+// Makes `ordinal` current for one setup call, then makes the thread's earlier context current
+// again, or none if it had none; throws std::invalid_argument if the ordinal is not a visible
+// device. Not cudaSetDevice back to cudaGetDevice's answer: on a thread with no context that
+// answer is device 0, and setting it creates and binds device 0's primary context (hundreds of
+// MB), e.g. after a SymmBuffer for device 1 was created from a worker thread.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int ordinal);
-  ~DeviceGuard() { cudaSetDevice(previous_); }
+  ~DeviceGuard();
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
-  int previous_ = 0;
+  CUcontext previous_ = nullptr;
 };
 
 }  // namespace jax_megamoe
