@@ -23,7 +23,13 @@ Per M, in the same process on the same device:
 - ``cuBLAS L1`` / ``cuBLAS L2``: ``lax.dot_general`` of e4m3 operands, f32 out, times a
   per-tensor scale (XLA's cuBLASLt FP8 GEMM): ``[rows, H] x [2I, H]^T`` and ``[rows, I] x
   [H, I]^T`` with rows = the pool's real rows rounded up to 16, one weight matrix. Same FLOPs,
-  but none of the grouping: one expert's weights instead of up to E_l, no block scales.
+  but none of the grouping: one expert's weights instead of up to E_l, no block scales;
+- with ``--kernels`` naming them, the same with bf16 out and a bf16 scale (``cublas_bf16_l1``
+  / ``cublas_bf16_l2``), which writes half the f32 one's bytes (our L1 writes e4m3, our L2
+  bf16). "× cuBLAS" is against the faster of the two in the run. Not timed by default: each
+  cuBLAS point took 100-190 s of device time at M = 8192 on an H200 (``measure_s`` in the
+  results of 2026-12-05; ours take under 1 s), and the default run is near a device call's 10
+  minutes.
 
 Times are device kernel time from the JAX profiler (``timing.py``; the L2 call includes its
 one-thread pointer-table store), median over calls, with wall-clock per call as a cross-check.
@@ -60,13 +66,18 @@ from jax_megamoe.testing import make_ids  # noqa: E402
 
 DEFAULT_TOKENS = (8, 128, 512, 2048, 8192)  # every M of TARGETS, and 512
 SMOKE = dict(hidden=512, intermediate=256, experts=16, topk=4, ranks=4, tokens=[64, 256])
-KERNELS = ("l1", "cublas_l1", "l2", "cublas_l2")
+KERNELS = ("l1", "cublas_l1", "cublas_bf16_l1", "l2", "cublas_l2", "cublas_bf16_l2")
+DEFAULT_KERNELS = ("l1", "cublas_l1", "l2", "cublas_l2")
+# The dense baselines of each grouped GEMM: f32 out, bf16 out.
+BASELINES = {kind: (f"cublas_{kind}", f"cublas_bf16_{kind}") for kind in ("l1", "l2")}
 # The jitted function's HLO module name selects its kernels in the profile.
 MODULES = {
     "l1": "jit_megamoe_l1",
     "l2": "jit_megamoe_l2",
     "cublas_l1": "jit_cublas_l1",
     "cublas_l2": "jit_cublas_l2",
+    "cublas_bf16_l1": "jit_cublas_bf16_l1",
+    "cublas_bf16_l2": "jit_cublas_bf16_l2",
 }
 COPY_BYTES = 2 << 30  # the HBM copy-rate probe
 EQUAL_ROWS_ROUTINGS = ("skewed", "hot")  # rescaled to the uniform pool's rows (expert_counts)
@@ -151,9 +162,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--kernels",
         type=_csv_kernels,
-        default=list(KERNELS),
-        help=f"which to time, comma-separated (default all: {','.join(KERNELS)}); e.g. l1,l2 to "
-        "compare builds of the grouped kernels without re-timing cuBLAS",
+        default=list(DEFAULT_KERNELS),
+        help=f"which to time, comma-separated, of {','.join(KERNELS)} (default "
+        f"{','.join(DEFAULT_KERNELS)}); e.g. l1,l2 to compare builds of the grouped kernels "
+        "without re-timing cuBLAS",
     )
     p.add_argument(
         "--smoke",
@@ -195,19 +207,28 @@ def make_functions(num_ctas: int) -> dict:
     def cublas_l2(a, w, scale):
         return _dense_fp8(a, w, scale)
 
+    def cublas_bf16_l1(a, w, scale):
+        return _dense_fp8(a, w, scale, jnp.bfloat16)
+
+    def cublas_bf16_l2(a, w, scale):
+        return _dense_fp8(a, w, scale, jnp.bfloat16)
+
     return {
         "l1": _named_jit(l1, "megamoe_l1"),
         "l2": _named_jit(l2, "megamoe_l2"),
         "cublas_l1": jax.jit(cublas_l1),
         "cublas_l2": jax.jit(cublas_l2),
+        "cublas_bf16_l1": jax.jit(cublas_bf16_l1),
+        "cublas_bf16_l2": jax.jit(cublas_bf16_l2),
     }
 
 
-def _dense_fp8(a, w, scale):
-    """``[rows, K] x [N, K]^T`` on e4m3 operands with f32 output and a per-tensor scale: XLA
-    rewrites it into one cuBLASLt FP8 GEMM (the scale multiply may be a separate kernel)."""
+def _dense_fp8(a, w, scale, out=jnp.float32):
+    """``[rows, K] x [N, K]^T`` on e4m3 operands with ``out`` output and a per-tensor scale of
+    that type: XLA rewrites it into one cuBLASLt FP8 GEMM (the scale multiply may be a separate
+    kernel; the profile lists each call's kernels)."""
     dims = (((1,), (1,)), ((), ()))
-    return jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32) * scale
+    return jax.lax.dot_general(a, w, dims, preferred_element_type=out) * scale.astype(out)
 
 
 def make_chill(gb: float):
@@ -322,6 +343,8 @@ def one_point(args, m: int, fns: dict, weights, hbm: float, chill=None) -> dict:
         "cublas_l1": 2.0 * dense_rows * 2 * i * h,
         "cublas_l2": 2.0 * dense_rows * h * i,
     }
+    for kind, (_, bf16) in BASELINES.items():
+        flops[bf16] = flops["cublas_" + kind]
     weight_bytes = {"l1": 2 * i * h, "l2": h * i}
     rates = shapes.ceilings(jax.devices()[0].device_kind)
     for kind in ("l1", "l2"):
@@ -337,6 +360,8 @@ def one_point(args, m: int, fns: dict, weights, hbm: float, chill=None) -> dict:
         "cublas_l1": [(s[0][:dense_rows], w1[0], scale) for s in sets],
         "cublas_l2": [(s[4][:dense_rows], w2[0], scale) for s in sets],
     }
+    for f32, bf16 in BASELINES.values():
+        arg_sets[bf16] = arg_sets[f32]
     jax.block_until_ready(sets)
     row["setup_s"] = time.perf_counter() - t_setup  # device time a run costs: where it goes
     for kind in KERNELS:
@@ -354,12 +379,14 @@ def one_point(args, m: int, fns: dict, weights, hbm: float, chill=None) -> dict:
         r["measure_s"] = time.perf_counter() - t0
         row[kind] = r
         print(_progress(m, kind, r), flush=True)
-    for kind in ("l1", "l2"):
-        ours, base = row[kind], row["cublas_" + kind]
+    for kind, baselines in BASELINES.items():
+        ours = row[kind]
+        timed = [b for b in baselines if row[b].get("status") == "ok"]
         if ours.get("status") == "ok":
             ours["floor_ratio"] = ours["max_us"] / row[f"{kind}_floor_us"]
-            if base.get("status") == "ok":
-                ours["tflops_vs_cublas"] = ours["tflops"] / base["tflops"]
+            if timed:  # against the faster baseline
+                ours["vs_cublas_of"] = max(timed, key=lambda b: row[b]["tflops"])
+                ours["tflops_vs_cublas"] = ours["tflops"] / row[ours["vs_cublas_of"]]["tflops"]
     del sets, arg_sets
     return row
 
@@ -459,7 +486,9 @@ def check_targets(result: dict) -> tuple[str, list[dict]]:
                 continue
             value = None
             if row is not None and profiled(row[t.kernel]):
-                base_ok = key != "tflops_vs_cublas" or profiled(row["cublas_" + t.kernel])
+                # Results before the bf16 baseline had only the f32 one.
+                base = row[t.kernel].get("vs_cublas_of", "cublas_" + t.kernel)
+                base_ok = key != "tflops_vs_cublas" or profiled(row[base])
                 if base_ok and (key != "floor_ratio" or hbm_profiled):
                     value = row[t.kernel].get(key)
             met = None if value is None else (value >= bound if at_least else value <= bound)
@@ -515,6 +544,10 @@ def _cells(r: dict) -> list[str]:
     return [f"{r['max_us']:.1f}", f"{r['tflops']:.1f}"]
 
 
+def _tflops_cell(r: dict) -> str:
+    return f"{r['tflops']:.1f}" if r.get("status") == "ok" else r.get("status", "?")[:40]
+
+
 def markdown_table(result: dict) -> str:
     meta = result["meta"]
     lines = [
@@ -525,27 +558,34 @@ def markdown_table(result: dict) -> str:
         "",
         f"HBM copy rate measured in this run: {meta['hbm_bytes_per_s'] / 1e12:.2f} TB/s",
         "",
-        "| M | rows (pool) | experts | L1 µs | L1 TF | cuBLAS µs | cuBLAS TF | L1/cuBLAS | "
-        "L1 ×floor | L2 µs | L2 TF | cuBLAS µs | cuBLAS TF | L2/cuBLAS | L2 ×floor |",
-        "|---:|---:|---:|" + "---:|" * 12,
+        "| M | rows (pool) | experts | L1 µs | L1 TF | cuBLAS TF, f32 / bf16 out | L1/cuBLAS | "
+        "L1 ×floor | L2 µs | L2 TF | cuBLAS TF, f32 / bf16 out | L2/cuBLAS | L2 ×floor |",
+        "|---:|---:|---:|" + "---:|" * 10,
     ]
     for row in result["rows"]:
         cells = [str(row["tokens"]), f"{row['rows']} ({row['pool_rows']})"]
         cells.append(str(row["touched_experts"]))
-        for kind in ("l1", "l2"):
+        for kind, baselines in BASELINES.items():
             ours = row[kind]
-            cells += _cells(ours) + _cells(row["cublas_" + kind])
+            cells += _cells(ours)
+            # Older results have no bf16 baseline.
+            cells.append(" / ".join(_tflops_cell(row.get(b, {"status": "-"})) for b in baselines))
             ratio = ours.get("tflops_vs_cublas")
             cells.append(f"{ratio:.2f}" if ratio is not None else "-")
             fr = ours.get("floor_ratio")
             cells.append(f"{fr:.2f}" if fr is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    sources = {row[k]["source"] for row in result["rows"] for k in KERNELS if row[k].get("source")}
+    sources = {
+        r["source"]
+        for row in result["rows"]
+        for k in KERNELS
+        if (r := row.get(k, {})).get("source")
+    }
     lines += [
         "",
         "TF = TFLOPS on the real rows (the grouped kernels also compute the padding rows of each "
-        "expert's last block); L·/cuBLAS = TFLOPS ratio; ×floor = time / max(FLOPs at peak, "
-        "touched experts' weights at the measured HBM copy rate).",
+        "expert's last block); L·/cuBLAS = TFLOPS ratio to the faster cuBLAS; ×floor = time / "
+        "max(FLOPs at peak, touched experts' weights at the measured HBM copy rate).",
         f"timing source: {'; '.join(sorted(sources)) or '-'}",
         "",
         "kernels per call (µs), last M:",
@@ -553,7 +593,7 @@ def markdown_table(result: dict) -> str:
     if result["rows"]:
         last = result["rows"][-1]
         for kind in KERNELS:
-            ks = last[kind].get("kernels_us") or []
+            ks = last.get(kind, {}).get("kernels_us") or []
             desc = "; ".join(f"{name} {us:.1f}" for name, us in ks[:4])
             lines.append(f"- {kind}: {desc or '-'}")
     lines += ["", *targets_section(result)]

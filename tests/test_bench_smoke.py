@@ -202,13 +202,18 @@ def test_bench_gemm_main_runs_end_to_end_with_the_gemms_stubbed(tmp_path, monkey
     monkeypatch.setattr(bench_gemm._ffi, "is_sm90", lambda d: True)
     monkeypatch.setattr(bench_gemm, "COPY_BYTES", 1 << 20)
     argv = ["--smoke", "--iters", "2", "--warmup", "1", "--out", str(tmp_path)]
+    argv += ["--kernels", ",".join(bench_gemm.KERNELS)]
     result = bench_gemm.main(argv)
     assert calls["l1"] > 0 and calls["l2"] > 0
     assert [row["tokens"] for row in result["rows"]] == bench_gemm.SMOKE["tokens"]
     for row in result["rows"]:
         for kind in bench_gemm.KERNELS:
             assert row[kind]["status"] == "ok" and row[kind]["tflops"] > 0, (kind, row[kind])
-        assert row["l1"]["floor_ratio"] > 0 and row["l2"]["tflops_vs_cublas"] > 0
+        assert row["l1"]["floor_ratio"] > 0
+        for kind, dense in bench_gemm.BASELINES.items():  # against the faster cuBLAS
+            faster = max(dense, key=lambda b: row[b]["tflops"])
+            assert row[kind]["vs_cublas_of"] == faster
+            assert row[kind]["tflops_vs_cublas"] == row[kind]["tflops"] / row[faster]["tflops"]
     assert result["meta"]["hbm_source"] and result["meta"]["hbm_bytes_per_s"] > 0
     table = (tmp_path / "results.md").read_text()
     assert table.splitlines()[-1].startswith("targets: not the targets' setup")
@@ -219,24 +224,25 @@ def test_bench_gemm_kernel_selection_and_skipped_cells():
     """--kernels picks what bench_gemm.py times (the rest are marked skipped in the table);
     an unknown name is a usage error."""
     assert bench_gemm.parse_args(["--kernels", "l2,l1"]).kernels == ["l2", "l1"]
-    assert bench_gemm.parse_args([]).kernels == list(bench_gemm.KERNELS)
+    assert bench_gemm.parse_args([]).kernels == list(bench_gemm.DEFAULT_KERNELS)
     for bad in ("l3", ","):
         with pytest.raises(SystemExit):
             bench_gemm.parse_args(["--kernels", bad])
     ok = {"status": "ok", "max_us": 10.0, "tflops": 5.0, "source": "profiler"}
     skipped = {"status": "skipped"}
     row = {"tokens": 8, "rows": 64, "pool_rows": 128, "touched_experts": 4}
-    row |= {"l1": ok, "l2": ok, "cublas_l1": skipped, "cublas_l2": skipped}
+    row |= {"l1": ok, "l2": ok} | {b: skipped for bs in bench_gemm.BASELINES.values() for b in bs}
     meta = dict.fromkeys(("device_kind", "hidden", "intermediate", "experts", "topk"), 0)
     meta |= {"ranks": 1, "local_experts": 1, "routing": "uniform", "date": "d", "jax_version": "v"}
     table = bench_gemm.markdown_table({"meta": meta | {"hbm_bytes_per_s": 4e12}, "rows": [row]})
     line = next(x for x in table.splitlines() if x.startswith("| 8 |"))
-    assert line.count("skipped") == 2 and line.count("10.0") == 2
+    assert line.count("skipped") == 4 and line.count("10.0") == 2
 
 
 def _targets_result(rng, **meta_changes):
     """bench_gemm.py's result at the targets' setup on an H200: per target bound a fresh random
-    value on a random side of it (1-10 % off), cuBLAS not timed for L2 at M = 8192. Returns the
+    value on a random side of it (1-10 % off), the "× cuBLAS" ones against either baseline, the
+    one of L2 at M = 8192 not timed. Returns the
     result and, per bound in TARGETS' order, whether it was met (None: not measured)."""
     ok = {"status": "ok", "max_us": 1.0, "tflops": 1.0, "source": "profiler"}
     meta = dict(bench_gemm.TARGET_SETUP, device_kind="NVIDIA H200", local_experts=64)
@@ -245,7 +251,9 @@ def _targets_result(rng, **meta_changes):
     for m in (8, 128, 2048, 8192):
         rows[m] = {"tokens": m, "rows": 8 * m, "pool_rows": 9 * m, "touched_experts": 64}
         rows[m] |= {kind: dict(ok) for kind in bench_gemm.KERNELS}
-    rows[8192]["cublas_l2"] = {"status": "skipped"}
+    for kind in ("l1", "l2"):  # the faster cuBLAS at M = 8192: f32 or bf16 out
+        rows[8192][kind]["vs_cublas_of"] = str(rng.choice(bench_gemm.BASELINES[kind]))
+    rows[8192][rows[8192]["l2"]["vs_cublas_of"]] = {"status": "skipped"}
     expected = []
     for t in bench_gemm.TARGETS:
         ours = rows[t.tokens][t.kernel]
@@ -256,7 +264,7 @@ def _targets_result(rng, **meta_changes):
         ):
             if bound is None:
                 continue
-            if key == "tflops_vs_cublas" and rows[t.tokens]["cublas_" + t.kernel]["status"] != "ok":
+            if key == "tflops_vs_cublas" and rows[t.tokens][ours["vs_cublas_of"]]["status"] != "ok":
                 expected.append(None)  # cuBLAS not timed
                 continue
             above = bool(rng.integers(2))
