@@ -18,6 +18,7 @@
 // it has the whole device (on a grid smaller than the device, L2's CTAs wait beside L1's). After
 // the first, L1 runs once more with A gathered from a token matrix (L1Params::x, the layer's
 // one-rank path): slot s's token row is pool row s's, so act must come out bitwise the same.
+// Last, L1 and L2 once with tile counters a few claims short of 2^31 (run_wrapped_claims).
 // Exit status 0 when every check passed.
 #include <cuda_runtime_api.h>
 
