@@ -29,14 +29,14 @@ const ContextCalls& context_calls() {
     ContextCalls c;
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &fn, 4000, cudaEnableDefault,
-                                         &found) == cudaSuccess &&
+    if (cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &fn, 4000, cudaEnableDefault, &found) ==
+            cudaSuccess &&
         found == cudaDriverEntryPointSuccess) {
       c.get = reinterpret_cast<PFN_cuCtxGetCurrent_v4000>(fn);
     }
     fn = nullptr;
-    if (cudaGetDriverEntryPointByVersion("cuCtxSetCurrent", &fn, 4000, cudaEnableDefault,
-                                         &found) == cudaSuccess &&
+    if (cudaGetDriverEntryPointByVersion("cuCtxSetCurrent", &fn, 4000, cudaEnableDefault, &found) ==
+            cudaSuccess &&
         found == cudaDriverEntryPointSuccess) {
       c.set = reinterpret_cast<PFN_cuCtxSetCurrent_v4000>(fn);
     }

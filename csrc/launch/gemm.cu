@@ -200,8 +200,7 @@ cudaError_t encode_l1(const L1Params& p, GemmTensorMaps* maps) {
   *maps = {};
   const size_t pool_rows = size_t(p.max_blocks) * kBlockM;
   cudaError_t err = encode_l1_weights(&maps->b, p.w1, p.num_experts, p.hidden, p.intermediate);
-  if (err == cudaSuccess && !gather)
-    err = encode_rows(&maps->a, p.a, pool_rows, p.hidden, kBlockM);
+  if (err == cudaSuccess && !gather) err = encode_rows(&maps->a, p.a, pool_rows, p.hidden, kBlockM);
   if (err == cudaSuccess && !gather)
     err = encode_rows(&maps->a_pair, p.a, pool_rows, p.hidden, sm90::kTileM);
   if (err == cudaSuccess && !gather)
@@ -274,9 +273,8 @@ cudaError_t encode_l2(const L2Params& p, GemmTensorMaps* maps) {
 }
 
 cudaError_t launch_l2(const L2Params& p, const GemmTensorMaps& maps, cudaStream_t stream) {
-  return l2_wide(p.hidden)
-             ? launch_l2_as(kL2WideKernel, kL2WideSmemBytes, p, maps, stream)
-             : launch_l2_as(kL2NarrowKernel, kL2NarrowSmemBytes, p, maps, stream);
+  return l2_wide(p.hidden) ? launch_l2_as(kL2WideKernel, kL2WideSmemBytes, p, maps, stream)
+                           : launch_l2_as(kL2NarrowKernel, kL2NarrowSmemBytes, p, maps, stream);
 }
 
 cudaError_t launch_l1(const L1Params& p, cudaStream_t stream) {
