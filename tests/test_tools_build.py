@@ -3,10 +3,8 @@ needed; skipped otherwise):
 - the CUDA programs under tools/ still compile against the kernels' headers: they are run only
   by benchmarks/device_run.sh, so without this a header change could break them unnoticed until
   a device call;
-- the opt-in build JAX_MEGAMOE_L1_SPILL_FREE=1 (CMake option of that name): no GEMM kernel
-  touches local memory, so ptxas spilled nothing (the mainloop header's kL1SpillFree says how).
-  The default build keeps a few per-tile words of L1 on the stack, never in a K loop
-  (test_sass_kloops.py)."""
+- the GEMM kernels as the extension builds them: none touches local memory, so ptxas spilled
+  nothing (the mainloop header's kMathRegs says how L1 keeps it so)."""
 
 import shutil
 import subprocess
@@ -47,13 +45,11 @@ def test_tool_compiles(tool, tmp_path):
 
 
 @needs_nvcc
-def test_spill_free_build_keeps_nothing_on_the_stack(tmp_path):
+def test_gemm_kernels_keep_nothing_on_the_stack(tmp_path):
     # nvcc's default -O3, as the extension: ptxas's allocation is the point. Uncompressed, so
     # tools/sass_kloops.py reads the cubin's code and counts its LDL and STL (a spill is one).
     out = tmp_path / "gemm.o"
-    nvcc(
-        REPO / "csrc" / "launch" / "gemm.cu", out, "-DJAX_MEGAMOE_L1_SPILL_FREE=1", "--no-compress"
-    )
+    nvcc(REPO / "csrc" / "launch" / "gemm.cu", out, "--no-compress")
     found = {name: local for name, _, local in sk.check(out.read_bytes())}
     # Both L1 instances (A from the pool, A gathered) and both L2 tile widths.
     for gemm in ("l1", "l2"):

@@ -3,7 +3,7 @@
 Why: a math warp runs a K loop once per 128-deep K block, 56 times per L1 tile at DeepSeek-V3's
 shape. A spilled register there is a local-memory load or store per K block on the warps that
 keep the tensor cores fed. Outside the K loops ptxas may keep a few per-tile values on the
-stack (L1 does, design §4.2): a load once per tile costs nothing measurable. `nvcc -Xptxas -v`
+stack (L1 did until 2026-12-05, design §4.2): a load once per tile costs little. `nvcc -Xptxas -v`
 counts only the kernel's whole stack and spill bytes, so it cannot tell the two apart; this
 script can, and CI runs it on the built extension (tests/test_sass_kloops.py).
 

@@ -126,24 +126,15 @@ __device__ __forceinline__ bool store_warp_wait(uint32_t staged, uint32_t parity
 // a math warpgroup's increase waits until the producer's decrease has freed enough, forever if
 // the two do not fit, so the split must satisfy 128 x producer + 256 x math <= 64512.
 // 128 x 40 + 256 x 232 = 64512: two 64-register master accumulators, a partial and the four mma
-// paths (paired, paired with a tail, lone by group, lone by halves). ptxas spills none in the K
-// loops (tests/test_sass_kloops.py checks the build). In L1 the default build keeps seven words
-// of per-tile values on the stack (and with gathered A the gather warps two), stored at entry and
-// loaded once per tile: the tail's 16-register master accumulator, live through its K loop,
-// displaces them.
-//
-// JAX_MEGAMOE_L1_SPILL_FREE=1 (CMake option of that name; opt-in until a GPU has run it) keeps
-// none there. Those words are what the epilogues derive from the thread index (coordinates,
-// addresses), hoisted out of the tile loop; with kL1SpillFree each epilogue derives them per tile
-// from a thread index the compiler cannot hoist (ptx::opaque), and the gather warps keep their
-// record in shared memory (GatherRecord). ptxas then reports no spills in any GEMM kernel
-// (tests/test_tools_build.py); the K loops hold the same instructions, but for two in each K
-// block of the pool kernel (the thread index, which the default build reads again there for want
-// of a register).
-#ifndef JAX_MEGAMOE_L1_SPILL_FREE
-#define JAX_MEGAMOE_L1_SPILL_FREE 0
-#endif
-constexpr bool kL1SpillFree = JAX_MEGAMOE_L1_SPILL_FREE != 0;
+// paths (paired, paired with a tail, lone by group, lone by halves). ptxas spills nothing in any
+// GEMM kernel (tests/test_tools_build.py; tests/test_sass_kloops.py checks the K loops). In L1
+// that takes care: the tail's 16-register master accumulator, live through its K loop, leaves no
+// room for what the epilogues derive from the thread index (coordinates, addresses), which the
+// compiler would hoist out of the tile loop and keep on the stack (seven words, and two of the
+// gather warps'). So each epilogue derives them per tile from a thread index the compiler cannot
+// hoist (ptx::opaque), and the gather warps keep their record in shared memory (GatherRecord).
+// Against a build that kept them on the stack, L1 ran 1.6 % faster at M = 2048 and 0.7 % at 8192
+// (11 of 12 rounds of 200 launches, one H200, benchmarks/RESULTS.md 2026-12-05).
 constexpr int kRegsAtLaunch = 65536 / kNumThreads / 8 * 8;
 constexpr int kProducerRegs = 40;
 constexpr int kMathRegs = 232;
@@ -179,33 +170,18 @@ constexpr int kTailAccBytes = kNumMathThreads * kTailRows * static_cast<int>(siz
 // thread) stays in registers through the K loop and waits in shared memory, each thread's own,
 // through the pair's epilogue.
 // Shared memory of the gather warps (kGatherA): the token of each row of the current tile (a
-// pair's and a tail's), per warp a fixed region of its own for its half of the rows; with
-// kL1SpillFree, then 16 bytes of its GatherRecord (so regions stay 16-byte aligned).
+// pair's and a tail's), per warp a fixed region of its own for its half of the rows, then 16
+// bytes of its GatherRecord (so regions stay 16-byte aligned).
 template <int kTailRows>
 constexpr int kGatherTokenBytes = (kTileM + kTailRows) / kGatherWarps * 4;
 template <int kTailRows>
-constexpr int kGatherWarpBytes = kGatherTokenBytes<kTailRows> + (kL1SpillFree ? 16 : 0);
+constexpr int kGatherWarpBytes = kGatherTokenBytes<kTailRows> + 16;
 
 // Which row blocks' tokens a gather warp holds: those of the tile it last looked them up for
-// (none at first). In registers, or (kInSmem) in shared memory after the warp's tokens, read once
-// per tile as pair * 8 + mask: the producer warpgroup's 40 registers are taken, and ptxas kept the
-// register copy on the stack. All 32 lanes call each member, the same tile in every lane.
-template <bool kInSmem>
-struct GatherRecord;
-
-template <>
-struct GatherRecord<false> {
-  int mask = 0, pair = -1;  // in this order the default build's code is the one GPUs have run
-  __device__ explicit GatherRecord(uint32_t /*at*/) {}
-  __device__ bool holds(const Tile& tile) const { return tile.pair == pair && tile.mask == mask; }
-  __device__ void set(const Tile& tile) {
-    pair = tile.pair;
-    mask = tile.mask;
-  }
-};
-
-template <>
-struct GatherRecord<true> {
+// (none at first), in shared memory after the warp's tokens, read once per tile as pair * 8 +
+// mask: the producer warpgroup's 40 registers are taken, and ptxas kept a register copy on the
+// stack. All 32 lanes call each member, the same tile in every lane.
+struct GatherRecord {
   uint32_t at;
   static_assert(Tile::kTailBit < 8, "a mask fits three bits");
   __device__ explicit GatherRecord(uint32_t record_at) : at(record_at) {
@@ -520,7 +496,7 @@ class GroupedFp8TmaMainloop {
     const uint32_t tokens = gather_tokens_addr(gw);
     int slot = 0;
     uint32_t phase = 0;
-    GatherRecord<kL1SpillFree> held(tokens + kGatherTokenBytes<kTailRows>);
+    GatherRecord held(tokens + kGatherTokenBytes<kTailRows>);
     for (;;) {
       ptx::mbarrier_wait(at.desc0() + slot * kBarrierStride, phase);
       const Tile tile = read_published(slot);

@@ -110,7 +110,7 @@ struct L1Epilogue {
 
   __device__ __forceinline__ void operator()(const Tile& tile, TileAccum<kL1WgN>& acc,
                                              int math_thread) const {
-    if constexpr (kL1SpillFree) math_thread = ptx::opaque(math_thread);  // see kL1SpillFree
+    math_thread = ptx::opaque(math_thread);  // nothing hoisted: see kMathRegs
     const FragCoords fc(math_thread);
     const int row0 = tile.first_row(fc.wg);
     // Both rows' routing weight and destination flag, copied at the tile's start (begin_tile).
@@ -261,7 +261,7 @@ struct L1Epilogue {
     constexpr int kRows = 2 * kRegs, kJ = kRows / 8;
     static_assert(kNumMathThreads / 32 * kRows <= kNumMathWarpGroups * kBlockM,
                   "the tail's amax exchange must fit lone_amax");
-    if constexpr (kL1SpillFree) math_thread = ptx::opaque(math_thread);
+    math_thread = ptx::opaque(math_thread);  // nothing hoisted: see kMathRegs
     const FragCoords fc(math_thread);
     const int block = (tile.pair + 1) * kNumMathWarpGroups;
     int row[kJ][2];
