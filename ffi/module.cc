@@ -121,6 +121,20 @@ NB_MODULE(_C, m) {
       "seen, expected_rank, message), or None: no error, or no such workspace. No sync: it "
       "shows what kernels that have finished wrote.");
 
+  m.def(
+      "workspace_timeout_s",
+      [](int64_t buffer_id, int device_ordinal) {
+        const std::optional<WorkspaceState> state = find_workspace(buffer_id, device_ordinal);
+        if (!state) {
+          throw std::invalid_argument("jax_megamoe: no workspace " + std::to_string(buffer_id) +
+                                      " on device " + std::to_string(device_ordinal));
+        }
+        return double(state->timeout_ns) * 1e-9;
+      },
+      "buffer_id"_a, "device_ordinal"_a,
+      "The spin limit of the workspace's cross-rank waits in seconds, as create_workspace "
+      "resolved it (its timeout_s, or JAX_MEGAMOE_TIMEOUT_S, or DEFAULT_TIMEOUT_S).");
+
   m.def("connect_workspace", &connect_workspace, "buffer_id"_a, "device_ordinal"_a,
         "peer_ordinals"_a, "peer_ptrs"_a,
         "Enables peer access to every rank's device and uploads the base pointer table (both "

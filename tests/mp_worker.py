@@ -409,6 +409,9 @@ class FakeExtension:
         self._log("create", buffer_id, ordinal, rank, num_ranks)
         return self.ptr(self.process, ordinal)
 
+    def workspace_timeout_s(self, buffer_id, ordinal):
+        return 40.0 + ordinal  # the timeout create_workspace resolved, distinct per device
+
     def export_ipc_handle(self, buffer_id, ordinal):
         self._log("export", buffer_id, ordinal)
         return bytes([self.process, ordinal, buffer_id]) + bytes(61)

@@ -125,6 +125,12 @@ def test_buffer_error_of_an_unknown_workspace_is_none():
 
 
 @needs_extension
+def test_workspace_timeout_of_an_unknown_workspace_names_it():
+    with pytest.raises(ValueError, match="no workspace 123456 on device 0"):
+        _ffi.extension().workspace_timeout_s(123456, 0)
+
+
+@needs_extension
 def test_registrations_are_the_target_names():
     c = _ffi.extension()
     targets = {c.FP8_MEGA_MOE_TARGET, c.L1_GEMM_TARGET, c.L2_GEMM_TARGET}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import itertools
-import os
 import threading
 import warnings
 import weakref
@@ -23,7 +22,7 @@ from jax.sharding import Mesh
 
 from . import _ffi, checks
 from . import distributed as dist
-from .constants import BLOCK_M, DEFAULT_TIMEOUT_S, QUANT_BLOCK
+from .constants import BLOCK_M, QUANT_BLOCK
 
 _ids = itertools.count(1)  # buffer_id: unique in this process (the extension's registry key)
 # Per set of processes, the buffers they created together: numbers the setup keys
@@ -31,7 +30,6 @@ _ids = itertools.count(1)  # buffer_id: unique in this process (the extension's 
 _setups: dict[tuple[int, ...], itertools.count] = {}
 _lock = threading.Lock()
 _REGION_ALIGN = 128  # kRegionAlign in layout/workspace.h
-KERNEL_TIMEOUT_ENV = "JAX_MEGAMOE_TIMEOUT_S"  # read by the extension (ffi/symm_buffer.cc)
 
 
 def workspace_nbytes(
@@ -319,9 +317,10 @@ class SymmBuffer:
                 0.0 if self.timeout_s is None else self.timeout_s,  # 0: the environment's
             )
             ordinals.append(ordinal)
-        # As the extension resolved it (create_workspace refused an invalid environment value).
-        env = os.environ.get(KERNEL_TIMEOUT_ENV)
-        self._kernel_timeout_s = self.timeout_s or float(env or DEFAULT_TIMEOUT_S)
+        # As the extension resolved it at create_workspace (the same for every local workspace).
+        self._kernel_timeout_s = max(
+            c.workspace_timeout_s(self.buffer_id, d.local_hardware_id) for _, d, _ in self._local()
+        )
         return {
             str(d.id): {
                 "handle": base64.b64encode(

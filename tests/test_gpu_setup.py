@@ -1,16 +1,20 @@
-"""The extension's setup calls (workspace creation, memory queries, kernel loading) make their
-device current for the call and then the calling thread's earlier CUDA context again, or none if
-it had none (ffi/ffi_common.h's DeviceGuard). Restoring the earlier device by number instead bound
-device 0's primary context to a thread that had no context, e.g. a worker thread that creates a
-buffer for device 1. ``pytest -m gpu``; one Hopper GPU runs the first case, two the second."""
+"""The extension's setup calls (workspace creation, memory queries, kernel loading):
+- they make their device current for the call and then the calling thread's earlier CUDA context
+  again, or none if it had none (ffi/ffi_common.h's DeviceGuard). Restoring the earlier device by
+  number instead bound device 0's primary context to a thread that had no context, e.g. a worker
+  thread that creates a buffer for device 1;
+- the cross-rank timeout a buffer's kernels use is the one SymmBuffer waits on in close().
+``pytest -m gpu``; one Hopper GPU runs all but the two-GPU case."""
 
 import ctypes
 import threading
 
 import jax
+import numpy as np
 import pytest
+from jax.sharding import Mesh
 
-from jax_megamoe import _ffi
+from jax_megamoe import SymmBuffer, _ffi
 
 pytestmark = pytest.mark.gpu
 
@@ -82,3 +86,22 @@ def test_a_thread_keeps_its_own_device():
 
     mine, after = in_fresh_thread(query)
     assert after == mine, "device_free_bytes(0) did not give device 1's context back"
+
+
+@pytest.mark.parametrize("timeout_s, env", [(7.5, "12"), (None, "12.25"), (None, None)])
+def test_close_waits_on_the_timeout_the_kernels_use(timeout_s, env, monkeypatch):
+    """close() waits for peers up to the setup timeout plus the kernels' cross-rank timeout: the
+    value create_workspace resolved (timeout_s, else JAX_MEGAMOE_TIMEOUT_S, else the default),
+    read back from the extension rather than worked out again in Python."""
+    if env is None:
+        monkeypatch.delenv("JAX_MEGAMOE_TIMEOUT_S", raising=False)
+    else:
+        monkeypatch.setenv("JAX_MEGAMOE_TIMEOUT_S", env)
+    mesh = Mesh(np.array(jax.devices("gpu")[:1]), ("ep",))
+    dims = dict(num_experts=8, hidden=512, intermediate=256, topk=2, max_tokens_per_rank=8)
+    with SymmBuffer.create(mesh, "ep", **dims, timeout_s=timeout_s) as buf:
+        c = _ffi.extension()
+        ordinal = mesh.devices.flat[0].local_hardware_id
+        want = timeout_s or float(env or c.constants()["DEFAULT_TIMEOUT_S"])
+        assert c.workspace_timeout_s(buf.buffer_id, ordinal) == pytest.approx(want, rel=1e-9)
+        assert buf._kernel_timeout_s == pytest.approx(want, rel=1e-9)
