@@ -24,24 +24,19 @@ struct ContextCalls {
   PFN_cuCtxSetCurrent_v4000 set = nullptr;
 };
 
+// A driver function by name, or null where this driver lacks it.
+void* driver_entry(const char* name) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  const cudaError_t err =
+      cudaGetDriverEntryPointByVersion(name, &fn, 4000, cudaEnableDefault, &found);
+  return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? fn : nullptr;
+}
+
 const ContextCalls& context_calls() {
-  static const ContextCalls calls = [] {
-    ContextCalls c;
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &fn, 4000, cudaEnableDefault, &found) ==
-            cudaSuccess &&
-        found == cudaDriverEntryPointSuccess) {
-      c.get = reinterpret_cast<PFN_cuCtxGetCurrent_v4000>(fn);
-    }
-    fn = nullptr;
-    if (cudaGetDriverEntryPointByVersion("cuCtxSetCurrent", &fn, 4000, cudaEnableDefault, &found) ==
-            cudaSuccess &&
-        found == cudaDriverEntryPointSuccess) {
-      c.set = reinterpret_cast<PFN_cuCtxSetCurrent_v4000>(fn);
-    }
-    return c;
-  }();
+  static const ContextCalls calls{
+      reinterpret_cast<PFN_cuCtxGetCurrent_v4000>(driver_entry("cuCtxGetCurrent")),
+      reinterpret_cast<PFN_cuCtxSetCurrent_v4000>(driver_entry("cuCtxSetCurrent"))};
   return calls;
 }
 
