@@ -84,7 +84,9 @@ void require_sm90(int ordinal, const char* kernels);
 // again, or none if it had none; throws std::invalid_argument if the ordinal is not a visible
 // device. Not cudaSetDevice back to cudaGetDevice's answer: on a thread with no context that
 // answer is device 0, and setting it creates and binds device 0's primary context (hundreds of
-// MB), e.g. after a SymmBuffer for device 1 was created from a worker thread.
+// MB), e.g. after a SymmBuffer for device 1 was created from a worker thread. (The runtime may
+// still take `ordinal` as the device of a later call on a thread left with no context; each
+// setup call of the extension sets its own.)
 class DeviceGuard {
  public:
   explicit DeviceGuard(int ordinal);

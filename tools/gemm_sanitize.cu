@@ -146,9 +146,10 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
 
 // L1 and L2 with tile counters that were not zero at launch but a few claims short of 2^31, as
 // a workspace's counters would be after ~16 million calls that zeroed none (the layer's skipped
-// calls did not, before 2026-12-05). Their claims pass 2^31 and read as negative; the
-// scheduler compares them unsigned, so each CTA ends at once. Returns the number of failed
-// checks: a launch error or fault (a negative index named a block before the table), or a
+// calls did not, before 2026-12-05). All but the first three claims pass 2^31 and read as
+// negative (so the check needs more than three CTAs; both of device_run.sh's grids have them);
+// the scheduler compares them unsigned, so each CTA ends at once. Returns the number of failed
+// checks: a launch error or fault (a negative index names a block before the table), or a
 // written byte.
 int run_wrapped_claims(int num_ctas, cudaStream_t stream, std::mt19937& rng) {
   const Pool pool = make_pool({256, 0, 70, 30}, 2);
@@ -213,7 +214,7 @@ int main(int argc, char** argv) {
         run_case("lone blocks only", 512, 384, {5, 1, 64, 17}, 0, num_ctas, overlap, stream, rng);
     failed += run_case("L1 tails", 512, 256, tails, 1, num_ctas, overlap, stream, rng);
   }
-  // Last: on the old scheduler it faulted, which ends the context.
+  // Last: on a scheduler that compares signed it would fault, which ends the context.
   failed += run_wrapped_claims(num_ctas, stream, rng);
   cudaStreamDestroy(stream);
   std::printf("%s\n", failed ? "FAILED" : "all checks passed");

@@ -84,10 +84,12 @@ struct GemmTensorMaps {
 };
 
 // A launch in two steps: encode_l1/encode_l2 check the parameters and encode the launch's tensor
-// maps (host only: no stream work, no allocation), launch_l1/launch_l2 enqueue the kernel. The
-// layer encodes both GEMMs' maps before its first kernel, so that a failure returns before its
-// dispatch sync: past it, an error returned before the combine sync is enqueued leaves the peers
-// waiting out their timeout. The launchers without maps do both (the standalone GEMMs, tools/).
+// maps (host only: no stream work, no allocation), launch_l1/launch_l2 enqueue the kernel with
+// the maps encode_* made from the same parameters. The layer encodes both GEMMs' maps before its
+// first kernel, so that an encode failure returns before its dispatch sync: past it, an error
+// returned before the combine sync is enqueued leaves the peers waiting out their timeout (what
+// can still fail there is a launch itself). The launchers without maps do both (the standalone
+// GEMMs, tools/).
 cudaError_t encode_l1(const L1Params& p, GemmTensorMaps* maps);
 cudaError_t encode_l2(const L2Params& p, GemmTensorMaps* maps);
 cudaError_t launch_l1(const L1Params& p, const GemmTensorMaps& maps, cudaStream_t stream);
