@@ -87,6 +87,24 @@ int run_gathered(GemmBuffers& buf, const Pool& pool, const std::vector<uint8_t>&
   return differ;
 }
 
+// Fresh random inputs of one L1 and one L2 launch, uploaded into `buf`; A and its scales are
+// returned too (the gathered L1 copies them into a token matrix).
+struct HostA {
+  std::vector<uint8_t> a;
+  std::vector<float> a_scale;
+};
+HostA upload_random_inputs(GemmBuffers& buf, std::mt19937& rng) {
+  HostA host{random_e4m3(buf.a.count, rng), random_scales(buf.a_scale.count, rng)};
+  buf.a.upload(host.a);
+  buf.a_scale.upload(host.a_scale);
+  buf.row_weight.upload(random_scales(buf.row_weight.count, rng));
+  buf.w1.upload(random_e4m3(buf.w1.count, rng));
+  buf.w1_scale.upload(random_scales(buf.w1_scale.count, rng));
+  buf.w2.upload(random_e4m3(buf.w2.count, rng));
+  buf.w2_scale.upload(random_scales(buf.w2_scale.count, rng));
+  return host;
+}
+
 // One L1 then one L2 launch on `pool`; returns the number of failed checks.
 int run_case(const char* name, int hidden, int intermediate, const std::vector<int>& rows,
              int extra_blocks, int num_ctas, bool overlap, cudaStream_t stream, std::mt19937& rng) {
@@ -94,15 +112,7 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   const int E = static_cast<int>(rows.size()), H = hidden, I = intermediate;
   GemmBuffers buf(pool, E, H, I);
   if (!buf.allocated()) return 1;
-  const std::vector<uint8_t> a = random_e4m3(buf.a.count, rng);
-  const std::vector<float> a_scale = random_scales(buf.a_scale.count, rng);
-  buf.a.upload(a);
-  buf.a_scale.upload(a_scale);
-  buf.row_weight.upload(random_scales(buf.row_weight.count, rng));
-  buf.w1.upload(random_e4m3(buf.w1.count, rng));
-  buf.w1_scale.upload(random_scales(buf.w1_scale.count, rng));
-  buf.w2.upload(random_e4m3(buf.w2.count, rng));
-  buf.w2_scale.upload(random_scales(buf.w2_scale.count, rng));
+  const HostA host = upload_random_inputs(buf, rng);
   constexpr uint8_t kPoisonE4m3 = GemmBuffers::kPoisonByte;             // NaN
   constexpr uint16_t kPoisonBf16 = GemmBuffers::kPoisonByte * 0x0101u;  // NaN
   if (!buf.poison_outputs()) return 1;
@@ -134,7 +144,8 @@ int run_case(const char* name, int hidden, int intermediate, const std::vector<i
   for (int s = 0; s < pool.slots; ++s) {
     for (int c = 0; c < H; ++c) y_bad += slot_used[s] == (y_out[size_t(s) * H + c] == kPoisonBf16);
   }
-  const int gathered_bad = overlap ? 0 : run_gathered(buf, pool, a, a_scale, num_ctas, stream);
+  const int gathered_bad =
+      overlap ? 0 : run_gathered(buf, pool, host.a, host.a_scale, num_ctas, stream);
   std::printf("%-22s %-12s H %5d I %4d E %2d pool %5zu rows, %3d of %3d blocks: L1 %s, L2 %s%s\n",
               name, overlap ? "L2 under L1" : "L2 after L1", H, I, E, buf.rows, pool.num_blocks,
               buf.max_blocks(), act_bad ? "WRONG ROWS" : "ok", y_bad ? "WRONG ROWS" : "ok",
@@ -155,12 +166,7 @@ int run_wrapped_claims(int num_ctas, cudaStream_t stream, std::mt19937& rng) {
   const Pool pool = make_pool({256, 0, 70, 30}, 2);
   GemmBuffers buf(pool, 4, 512, 256);
   if (!buf.allocated()) return 1;
-  buf.a.upload(random_e4m3(buf.a.count, rng));
-  buf.a_scale.upload(random_scales(buf.a_scale.count, rng));
-  buf.w1.upload(random_e4m3(buf.w1.count, rng));
-  buf.w1_scale.upload(random_scales(buf.w1_scale.count, rng));
-  buf.w2.upload(random_e4m3(buf.w2.count, rng));
-  buf.w2_scale.upload(random_scales(buf.w2_scale.count, rng));
+  upload_random_inputs(buf, rng);
   constexpr int32_t kNearWrap = std::numeric_limits<int32_t>::max() - 2;
   buf.claims.upload(std::vector<int32_t>{kNearWrap, kNearWrap});
   if (!buf.poison_outputs() ||
