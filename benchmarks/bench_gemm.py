@@ -341,8 +341,8 @@ def one_point(args, m: int, fns: dict, weights, hbm: float, chill=None) -> dict:
         "cublas_l1": 2.0 * dense_rows * 2 * i * h,
         "cublas_l2": 2.0 * dense_rows * h * i,
     }
-    for kind, (_, bf16) in BASELINES.items():
-        flops[bf16] = flops["cublas_" + kind]
+    for f32, bf16 in BASELINES.values():
+        flops[bf16] = flops[f32]
     weight_bytes = {"l1": 2 * i * h, "l2": h * i}
     rates = shapes.ceilings(jax.devices()[0].device_kind)
     for kind in ("l1", "l2"):

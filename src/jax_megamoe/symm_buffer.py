@@ -319,11 +319,7 @@ class SymmBuffer:
             ordinals.append(ordinal)
         # As the extension resolved it at create_workspace (the same for every local workspace).
         self._kernel_timeout_s = max(
-            (
-                c.workspace_timeout_s(self.buffer_id, d.local_hardware_id)
-                for _, d, _ in self._local()
-            ),
-            default=0.0,
+            (c.workspace_timeout_s(self.buffer_id, o) for o in ordinals), default=0.0
         )
         return {
             str(d.id): {
