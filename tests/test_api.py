@@ -76,15 +76,22 @@ def test_hidden_mismatch_between_x_and_weights(inp):
         call(inp, x=x, x_scale=jnp.ones((16, 3)))
 
 
-@pytest.mark.parametrize("h, i", [(200, 128), (256, 100)])
-def test_dimensions_must_be_multiples_of_128(h, i):
-    with pytest.raises(ValueError, match="multiples of 128"):
+@pytest.mark.parametrize(
+    "h, i, bad, good", [(200, 128, "hidden", "intermediate"), (256, 100, "intermediate", "hidden")]
+)
+def test_dimensions_must_be_multiples_of_128(h, i, bad, good):
+    """The error names the dimension that is wrong, and only that one."""
+    value = {"hidden": h, "intermediate": i}[bad]
+    with pytest.raises(
+        ValueError, match=rf"{bad} \({value}\) must be a positive multiple of 128"
+    ) as e:
         transform_weights(
             jnp.zeros((2, 2 * i, h), jnp.float8_e4m3fn),
             jnp.ones((2, max(1, 2 * i // 128), max(1, h // 128))),
             jnp.zeros((2, h, i), jnp.float8_e4m3fn),
             jnp.ones((2, max(1, h // 128), max(1, i // 128))),
         )
+    assert good not in str(e.value)
 
 
 def test_weights_wrong_scale_shape_and_type(inp):

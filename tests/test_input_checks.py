@@ -130,19 +130,26 @@ def layer_inputs():
 
 
 @pytest.mark.parametrize(
-    "topk, error, match",
+    "topk, error, match, layer_match",
     [
-        (9, ValueError, r"topk \(9\) must be in \[1, num_experts=8\]"),
-        (0, ValueError, r"topk \(0\) must be in"),
-        (2.5, TypeError, "topk must be an int"),
-        (None, TypeError, "topk must be an int"),
+        (
+            9,
+            ValueError,
+            r"topk \(9\) must be in \[1, num_experts=8\]",
+            r"topk \(9\) must be in \[1, min\(num_experts=8, 32\)\]",
+        ),
+        (0, ValueError, r"topk \(0\) must be in", None),
+        (2.5, TypeError, "topk must be an int", None),
+        (None, TypeError, "topk must be an int", None),
     ],
 )
-def test_route_and_layer_check_topk(layer_inputs, topk, error, match):
+def test_route_and_layer_check_topk(layer_inputs, topk, error, match, layer_match):
+    """``route`` takes any k up to E; the layer names the kernels' bound too, as
+    ``fp8_mega_moe`` does."""
     hidden, router, weights = layer_inputs
     with pytest.raises(error, match=f"route: {match}"):
         route(hidden, router, topk)
-    with pytest.raises(error, match=f"MegaMoE: {match}"):
+    with pytest.raises(error, match=f"MegaMoE: {layer_match or match}"):
         MegaMoE(topk=topk)(hidden, router, weights)
 
 
@@ -154,8 +161,34 @@ def test_route_checks_the_router_and_hidden(layer_inputs):
         route(hidden, router[:-1], 2)
     with pytest.raises(TypeError, match="hidden must be a jax or numpy array, got list"):
         route(np.asarray(hidden, np.float32).tolist(), router, 2)
-    with pytest.raises(TypeError, match="route: hidden must be a real floating array, got int32"):
+    with pytest.raises(
+        TypeError, match="route: hidden must be bfloat16, float16 or float32, got int32"
+    ):
         route(hidden.astype(jnp.int32), router, 2)
+    with pytest.raises(TypeError, match="router_weight must be bfloat16, .* got float8_e4m3fn$"):
+        route(hidden, router.astype(jnp.float8_e4m3fn), 2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_fp8_hidden_is_refused_and_pointed_to_fp8_mega_moe(layer_inputs, dtype):
+    """FP8 activations without their scales used to be upcast, routed and requantized as if
+    they were the layer's bf16 input."""
+    hidden, router, weights = layer_inputs
+    match = (
+        rf"MegaMoE: hidden must be bfloat16, float16 or float32, got {jnp.dtype(dtype).name} "
+        r"\(FP8 tokens and their scales go to fp8_mega_moe\)"
+    )
+    with pytest.raises(TypeError, match=match):
+        MegaMoE(topk=2)(hidden.astype(dtype), router, weights)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_layer_takes_every_activation_dtype_it_names(layer_inputs, dtype):
+    hidden, router, weights = layer_inputs
+    y = MegaMoE(topk=2)(hidden.astype(dtype), router, weights)
+    y_bf16 = MegaMoE(topk=2)(hidden, router, weights)
+    assert y.shape == hidden.shape and y.dtype == jnp.bfloat16
+    assert calc_diff(y, y_bf16) < 1e-6  # the bf16 values, exactly representable in each dtype
 
 
 @pytest.mark.parametrize(
@@ -164,6 +197,8 @@ def test_route_checks_the_router_and_hidden(layer_inputs):
         (dict(num_experts=-1), ValueError, r"num_experts must be in \[1,"),
         (dict(intermediate=0), ValueError, r"intermediate must be in \[1,"),
         (dict(hidden=256.0), TypeError, "hidden must be an int"),
+        (dict(hidden=200), ValueError, r"init_weights: hidden \(200\) must be a positive multiple"),
+        (dict(intermediate=96), ValueError, r"init_weights: intermediate \(96\) must be a "),
         (dict(std=float("nan")), ValueError, "std must be a positive, finite number"),
     ],
 )

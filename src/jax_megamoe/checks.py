@@ -24,6 +24,8 @@ from .constants import (
 )
 
 INT32_MAX = 2**31 - 1
+# What the layer and the router take as activations and router weights (f64 with jax_enable_x64).
+_ACTIVATION_DTYPES = tuple(map(np.dtype, (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)))
 
 
 def expect(name: str, arr, shape: tuple[int, ...], dtype) -> None:
@@ -94,16 +96,22 @@ def check_divisible(name: str, shape: tuple[int, ...], dims: tuple[int, ...]) ->
             )
 
 
+def check_scale_blocks(where: str = "", **dims: int) -> None:
+    """Each of ``dims`` (``hidden``, ``intermediate``) a positive multiple of the FP8 scale
+    block; the error names the one that is not, after ``where``."""
+    for name, value in dims.items():
+        if value <= 0 or value % QUANT_BLOCK:
+            raise ValueError(
+                f"{where}{name} ({value}) must be a positive multiple of {QUANT_BLOCK} "
+                "(the FP8 scale block)"
+            )
+
+
 def check_moe_dims(
     *, num_experts: int, hidden: int, intermediate: int, topk: int, num_ranks: int
 ) -> None:
     """The shape rules shared by the workspace, the op and the CUDA kernels."""
-    for name, value in (("hidden", hidden), ("intermediate", intermediate)):
-        if value <= 0 or value % QUANT_BLOCK:
-            raise ValueError(
-                f"{name} ({value}) must be a positive multiple of {QUANT_BLOCK} "
-                "(the FP8 scale block)"
-            )
+    check_scale_blocks(hidden=hidden, intermediate=intermediate)
     if num_experts < 1 or num_experts % num_ranks:
         raise ValueError(
             f"num_experts ({num_experts}) must be divisible by the expert-axis size ({num_ranks})"
@@ -161,11 +169,7 @@ def check_weights(weights) -> tuple[int, int, int]:
     if two_i % 2:
         raise ValueError(f"w1 {w1.shape}: dimension 1 must be 2*intermediate (gate then up)")
     i = two_i // 2
-    if h <= 0 or i <= 0 or h % QUANT_BLOCK or i % QUANT_BLOCK:
-        raise ValueError(
-            f"hidden ({h}) and intermediate ({i}) must be positive multiples of {QUANT_BLOCK} "
-            "(the FP8 scale block)"
-        )
+    check_scale_blocks(f"w1 {w1.shape}: ", hidden=h, intermediate=i)
     b = QUANT_BLOCK
     fp8 = jnp.float8_e4m3fn
     expected = {
@@ -423,9 +427,10 @@ def check_local_experts(
     )
 
 
-def check_route_inputs(hidden, router_weight, topk, op: str = "route"):
-    """``route``'s inputs: real floating ``hidden`` [M, H] and ``router_weight`` [H, E], and
-    ``topk`` an int in [1, E]. Returns the two arrays."""
+def check_route_inputs(hidden, router_weight, topk, op: str = "route", max_topk: int | None = None):
+    """``route``'s inputs: ``hidden`` [M, H] and ``router_weight`` [H, E] in bf16, f16, f32 or
+    f64 (not FP8: its values mean nothing without their scales), and ``topk`` an int in [1, E],
+    or in [1, min(E, max_topk)]. Returns the two arrays."""
     hidden = jnp.asarray(check_array("hidden", hidden))
     router_weight = jnp.asarray(check_array("router_weight", router_weight))
     if hidden.ndim != 2:
@@ -438,13 +443,20 @@ def check_route_inputs(hidden, router_weight, topk, op: str = "route"):
             f"size of hidden {tuple(hidden.shape)}"
         )
     for name, arr in (("hidden", hidden), ("router_weight", router_weight)):
-        if not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise TypeError(f"{op}: {name} must be a real floating array, got {arr.dtype}")
+        if arr.dtype not in _ACTIVATION_DTYPES:
+            fp8 = " (FP8 tokens and their scales go to fp8_mega_moe)" if name == "hidden" else ""
+            raise TypeError(
+                f"{op}: {name} must be bfloat16, float16 or float32, got {arr.dtype}{fp8}"
+            )
     num_experts = router_weight.shape[1]
     if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
         raise TypeError(f"{op}: topk must be an int, got {topk!r}")
-    if not 1 <= topk <= num_experts:
+    if max_topk is None and not 1 <= topk <= num_experts:
         raise ValueError(f"{op}: topk ({topk}) must be in [1, num_experts={num_experts}]")
+    if max_topk is not None and not 1 <= topk <= min(num_experts, max_topk):
+        raise ValueError(
+            f"{op}: topk ({topk}) must be in [1, min(num_experts={num_experts}, {max_topk})]"
+        )
     return hidden, router_weight
 
 
@@ -488,7 +500,7 @@ def check_group_routing(num_experts: int, topk: int, bias, num_groups, topk_grou
 def check_layer_inputs(hidden, router_weight, weights, axis_name, topk):
     """``MegaMoE``'s inputs: ``hidden`` [M, H], ``router_weight`` [H, E] over all ``E``
     experts, and this rank's shard of them in ``weights``. Returns the two arrays."""
-    hidden, router_weight = check_route_inputs(hidden, router_weight, topk, "MegaMoE")
+    hidden, router_weight = check_route_inputs(hidden, router_weight, topk, "MegaMoE", MAX_TOPK)
     if hidden.shape[0] < 1:
         raise ValueError(f"MegaMoE: hidden must hold at least one token, got {hidden.shape}")
     check_local_experts(

@@ -75,7 +75,7 @@ def route(
 
 @dataclass(frozen=True)
 class MegaMoE:
-    """An inference MoE layer over bf16 activations.
+    """An inference MoE layer over bf16, f16 or f32 activations.
 
     ``weights`` holds this rank's experts (``MoEWeights``); under ``shard_map`` pass the local
     shard and the expert axis name. ``router_weight`` is ``[H, E]`` over all experts, and
@@ -139,6 +139,7 @@ def init_weights(
     num_experts = checks.check_int("num_experts", num_experts, minimum=1)
     hidden = checks.check_int("hidden", hidden, minimum=1)
     intermediate = checks.check_int("intermediate", intermediate, minimum=1)
+    checks.check_scale_blocks("init_weights: ", hidden=hidden, intermediate=intermediate)
     if std is not None and not (isinstance(std, numbers.Real) and 0 < std < float("inf")):
         raise ValueError(f"std must be a positive, finite number or None, got {std!r}")
     k_router, k1, k2 = jax.random.split(key, 3)
