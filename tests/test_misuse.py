@@ -224,8 +224,8 @@ def test_replicated_weights_with_a_buffer(inp):
 @pytest.mark.parametrize(
     "e, h, i, match",
     [
-        (2, 256, 0, "intermediate .0. must be positive multiples of 128"),
-        (2, 0, 128, "hidden .0. and intermediate .128. must be positive"),
+        (2, 256, 0, r"w1 \(2, 0, 256\): intermediate .0. must be a positive multiple of 128"),
+        (2, 0, 128, r"w1 \(2, 256, 0\): hidden .0. must be a positive multiple of 128"),
         (0, 256, 128, "the weights hold no expert"),
     ],
 )
