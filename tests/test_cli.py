@@ -7,10 +7,12 @@ import tracemalloc
 import jax
 import numpy as np
 import pytest
+from oracle import moe_f64
 
 from jax_megamoe import __main__ as cli
-from jax_megamoe import init_weights, quantize_per_token, route
+from jax_megamoe import calc_diff, init_weights, quantize_per_token, route
 from jax_megamoe.reference import f64_oracle_nbytes, numpy_mega_moe_f64
+from jax_megamoe.testing import make_inputs
 
 PROG = "python -m jax_megamoe"
 TINY = ["--hidden", "128", "--intermediate", "128", "--experts", "8", "--iters", "2"]
@@ -103,6 +105,22 @@ def test_plan_check(check, shape, mem, sample, want_mode, want_tokens, reason):
     plan = cli.plan_check(check, **shape, sample_tokens=sample, mem_available=mem)
     assert (plan.mode, plan.tokens) == (want_mode, want_tokens)
     assert re.search(reason, plan.reason) if reason else plan.reason == ""
+
+
+def test_cli_oracle_matches_the_token_by_token_oracle():
+    """The CLI's float64 oracle (expert by expert, for speed) against the tests' own (token by
+    token), with masked slots and an expert that no token chooses."""
+    inp = make_inputs(7, m=40, h=256, i=256, e=6, k=3)
+    ids = np.asarray(inp["topk_ids"])
+    ids = np.where(ids == 5, 4, ids)  # expert 5 gets no token
+    ids[::7, 1] = -1  # masked slots
+    ids[3, 2] = 6  # an id outside [0, E): masked too
+    w = jax.device_get(inp["weights"])
+    args = (np.asarray(inp["x"]), np.asarray(inp["x_scale"]), ids, np.asarray(inp["topk_weights"]))
+    y = numpy_mega_moe_f64(*args, w)
+    want = moe_f64(*args, *w)
+    assert np.abs(want).max() > 0 and not (want == 0).all(axis=1).any()
+    assert calc_diff(y, want) < 1e-12
 
 
 @pytest.mark.parametrize("n, h, i, e, k", [(256, 1024, 512, 16, 4), (48, 2048, 1024, 8, 2)])

@@ -156,7 +156,7 @@ def reference_mega_moe(
     return sum_slots(mine)
 
 
-def numpy_mega_moe_f64(x, x_scale, topk_ids, topk_weights, weights, *, requant=True, clamp=None):
+def numpy_mega_moe_f64(x, x_scale, topk_ids, topk_weights, weights):
     """A float64 NumPy oracle of the whole layer (all experts on one host), for the CLI.
 
     Experts are dequantized one at a time, so the memory it needs is the FP8 weights on the host
@@ -181,14 +181,11 @@ def numpy_mega_moe_f64(x, x_scale, topk_ids, topk_weights, weights, *, requant=T
             continue
         h = xf[tok] @ deq(w1q[e], w1s[e]).T
         g, u = h[:, :inter], h[:, inter:]
-        if clamp is not None:
-            g, u = np.minimum(g, clamp), np.clip(u, -clamp, clamp)
         a = g / (1.0 + np.exp(-g)) * u * tw[tok, slot][:, None]
-        if requant:
-            blocks = a.reshape(a.shape[0], -1, 128)
-            s = np.maximum(np.abs(blocks).max(-1, keepdims=True), 1e-4) / 448.0
-            q = np.clip(blocks / s, -448, 448).astype(np.float32).astype(jnp.float8_e4m3fn)
-            a = (q.astype(f64) * s).reshape(a.shape)
+        blocks = a.reshape(a.shape[0], -1, 128)
+        s = np.maximum(np.abs(blocks).max(-1, keepdims=True), 1e-4) / 448.0
+        q = np.clip(blocks / s, -448, 448).astype(np.float32).astype(jnp.float8_e4m3fn)
+        a = (q.astype(f64) * s).reshape(a.shape)
         np.add.at(y, tok, a @ deq(w2q[e], w2s[e]).T)
     return y
 
