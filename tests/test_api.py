@@ -94,6 +94,11 @@ def test_dimensions_must_be_multiples_of_128(h, i, bad, good):
     assert good not in str(e.value)
 
 
+def test_weights_report_their_dimensions():
+    w = make_inputs(1, m=8, h=384, i=256, e=3, k=2)["weights"]
+    assert (w.num_local_experts, w.hidden, w.intermediate) == (3, 384, 256)
+
+
 def test_weights_wrong_scale_shape_and_type(inp):
     w = inp["weights"]
     with pytest.raises(ValueError, match="w2_scale has shape"):
@@ -238,6 +243,8 @@ def test_standalone_gemm_operands_checked_at_trace_time():
     )
     with pytest.raises(ValueError, match="grouped_gemm_l1: row_weight has shape"):
         grouped_gemm_l1(**{**args, "row_weight": jnp.ones((rows - 1,))})
+    with pytest.raises(ValueError, match=r"block_expert has shape \(3,\), expected \(2,\)"):
+        grouped_gemm_l1(**{**args, "block_expert": jnp.zeros((3,), jnp.int32)})
     with pytest.raises(TypeError, match="grouped_gemm_l1: a has dtype"):
         grouped_gemm_l1(**{**args, "a": jnp.zeros((rows, h), jnp.bfloat16)})
     for bad, error in ((-1, ValueError), (MAX_GEMM_CTAS + 1, ValueError), (2.0, TypeError)):

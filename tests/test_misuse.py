@@ -221,6 +221,39 @@ def test_replicated_weights_with_a_buffer(inp):
     assert sharded_call(inp, fn).shape == (16, 256)
 
 
+def test_megamoe_weights_that_are_not_the_routers_experts():
+    """A router over 8 experts with 3 experts' weights on one device: not a sharding mistake,
+    a mismatch, and the message says so."""
+    router, weights = init_weights(jax.random.key(1), num_experts=8, hidden=256, intermediate=128)
+    hidden = jax.random.normal(jax.random.key(2), (16, 256))
+    three = jax.tree.map(lambda leaf: leaf[:3], weights)
+    with pytest.raises(ValueError, match=r"MegaMoE: 3 local experts x 1 ranks != 8 experts"):
+        MegaMoE(topk=2)(hidden, router, three)
+
+
+def test_buffer_made_for_another_axis_name(inp):
+    mesh = Mesh(np.array(jax.devices()[:4]), ("x",))
+    buf = SymmBuffer.create(mesh, "x", **BUF)
+    fn = functools.partial(fp8_mega_moe, axis_name="ep", buffer=buf)
+    with pytest.raises(ValueError, match=r"buffer was made for axis 'x', the call runs over 'ep'"):
+        sharded_call(inp, fn)
+
+
+@pytest.mark.parametrize(
+    "w1_shape, match",
+    [
+        ((256, 256), r"w1 \(256, 256\) and w2 \(2, 256, 128\) must be \[experts, rows, cols\]"),
+        ((2, 257, 256), r"w1 \(2, 257, 256\): dimension 1 must be 2\*intermediate"),
+    ],
+)
+def test_w1_that_is_not_experts_by_gate_and_up_rows(w1_shape, match):
+    w1 = jax.random.normal(jax.random.key(0), w1_shape).astype(jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match=match):
+        transform_weights(
+            w1, jnp.ones((2, 2, 2)), jnp.ones((2, 256, 128), jnp.float8_e4m3fn), jnp.ones((2, 2, 1))
+        )
+
+
 @pytest.mark.parametrize(
     "e, h, i, match",
     [

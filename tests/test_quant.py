@@ -6,6 +6,7 @@ import pytest
 from oracle import quantize_rows
 
 from jax_megamoe import calc_diff, dequantize, fp8_mega_moe, quantize_blockwise, quantize_per_token
+from jax_megamoe.quant import row_calc_diff
 from jax_megamoe.testing import make_inputs
 
 
@@ -81,6 +82,18 @@ def test_blockwise_matches_formula():
 def test_quantize_rejects_non_multiple_of_128(fn, shape):
     with pytest.raises(ValueError, match="multiple of 128"):
         fn(jnp.ones(shape, jnp.float32))
+
+
+def test_too_few_dimensions_are_named():
+    with pytest.raises(ValueError, match="quantize_per_token: x must have at least one dimension"):
+        quantize_per_token(jnp.float32(1.0))
+    with pytest.raises(ValueError, match="quantize_blockwise: w must have at least two dimensions"):
+        quantize_blockwise(jnp.ones((256,)))
+    q, s = quantize_per_token(jnp.ones((4, 256)))
+    with pytest.raises(ValueError, match=r"dequantize: q \(4, 256\) and scale \(8,\) need"):
+        dequantize(q, s.reshape(-1))
+    with pytest.raises(ValueError, match="row_calc_diff: shapes .* must be one"):
+        row_calc_diff(np.ones(4), np.ones(4))
 
 
 def test_dequantize_rejects_mismatched_scale():
