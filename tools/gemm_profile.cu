@@ -3,10 +3,12 @@
 // attached to bench_gemm.py's process) and for quick timings of a kernel change. Each L1 and L2
 // launch is timed with events (tile counters reset before each, outside the timed span) and the
 // median printed with TFLOPS over real rows. Build and run as benchmarks/device_run.sh's
-// `ncu` mode does:
+// `ncu` and `abprof` modes do (its build_tool): without --no-compress and tools/sass_yield.py
+// the binary keeps ptxas's yield hints, not the extension's, and L1 runs 1.5-2.2 % slower.
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
-//     -I csrc/include tools/gemm_profile.cu csrc/launch/gemm.cu -o gemm_profile
+//     --no-compress -I csrc/include tools/gemm_profile.cu csrc/launch/gemm.cu -o gemm_profile
+//   python3 tools/sass_yield.py gemm_profile
 //   ./gemm_profile --tokens 8192 --iters 20
 //
 // Routing: each token picks topk distinct experts uniformly at random (the benchmarks' uniform

@@ -24,6 +24,7 @@
 
 #include "jax_megamoe/ptx/cp_async.cuh"
 #include "jax_megamoe/ptx/mbarrier.cuh"
+#include "jax_megamoe/ptx/shared.cuh"
 
 namespace {
 

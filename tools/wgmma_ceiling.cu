@@ -33,6 +33,7 @@
 #include "jax_megamoe/impls/sm90_fp8_grouped_tma_mainloop.cuh"
 #include "jax_megamoe/ptx/cp_async.cuh"
 #include "jax_megamoe/ptx/mbarrier.cuh"
+#include "jax_megamoe/ptx/shared.cuh"
 #include "jax_megamoe/ptx/store.cuh"
 
 namespace {

@@ -57,6 +57,8 @@ constexpr auto kL2WideKernel = sm90::sm90_fp8_mega_moe_l2<kL2WideWgN, kL2WideSta
 constexpr auto kL2NarrowKernel = sm90::sm90_fp8_mega_moe_l2<kL2NarrowWgN, kL2NarrowStages>;
 constexpr int kL1SmemBytes = sm90::l1_smem_bytes<kL1Stages, false>();
 constexpr int kL1GatherSmemBytes = sm90::l1_smem_bytes<kL1Stages, true>();
+// A change of shared-memory use that moves L1's ring depth must be measured first (a 3-stage
+// ring was 2.5 % slower at M = 2048, design.md §4.3): then update this.
 static_assert(kL1Stages == 4, "L1's ring was measured with 4 stages");
 constexpr int kL2WideSmemBytes = sm90::l2_smem_bytes<kL2WideWgN, kL2WideStages>();
 constexpr int kL2NarrowSmemBytes = sm90::l2_smem_bytes<kL2NarrowWgN, kL2NarrowStages>();

@@ -14,6 +14,7 @@
 #include "jax_megamoe/launch.h"
 #include "jax_megamoe/ptx/cp_async.cuh"
 #include "jax_megamoe/ptx/dependent_launch.cuh"
+#include "jax_megamoe/ptx/shared.cuh"
 #include "jax_megamoe/ptx/store.cuh"
 
 namespace jax_megamoe::sm90 {
@@ -373,8 +374,10 @@ __device__ __forceinline__ GemmOperands l1_operands(const L1Params& p, int tail_
   };
 }
 
-// Kernel parameters: the launch contract, the TMA tensor maps of the pool and of w1 viewed as
-// [2E][I][H] (the gate and the up half of each expert), and the tail rows (kL1TailRows or 0).
+// Kernel parameters: the launch contract, the TMA tensor maps of the pool and of w1 (the gate and
+// the up half of each expert, viewed as [2E][I / 128][16][8][H] so that a box delivers each
+// 128-row block in lane-run order: csrc/launch/gemm.cu, encode_l1_weights), and the tail rows
+// (kL1TailRows or 0).
 struct L1KernelParams {
   L1Params p;
   GemmTensorMaps maps;

@@ -1,21 +1,14 @@
-// cp.async (SM80+) global -> shared copies. The TMA main loop's producer uses the 4-byte form for
-// the scale factors, which are strided in global memory (a TMA box needs 16-byte rows), and the
-// 16-byte form to gather rows that no TMA box can name (one row each, scattered); it signals
-// their completion on an mbarrier (ptx/mbarrier.cuh). L1's math threads prefetch their rows'
-// routing weights and flags with the 4-byte form and wait with cp_async_wait_all.
+// cp.async (SM80+) global -> shared copies, to 32-bit shared addresses (ptx/shared.cuh). The TMA
+// main loop's producer uses the 4-byte form for the scale factors, which are strided in global
+// memory (a TMA box needs 16-byte rows), and the 16-byte form to gather rows that no TMA box can
+// name (one row each, scattered); it signals their completion on an mbarrier (ptx/mbarrier.cuh).
+// L1's math threads prefetch their rows' routing weights and flags with the 4-byte form and wait
+// with cp_async_wait_all.
 #pragma once
 
 #include <cstdint>
 
 namespace jax_megamoe::ptx {
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// The generic pointer of 32-bit shared-memory address `addr`, for wrappers that take one; the
-// compiler folds the round trip back into the shared address.
-__device__ __forceinline__ void* smem_ptr(uint32_t addr) { return __cvta_shared_to_generic(addr); }
 
 // 4 bytes (only .ca allows sizes below 16).
 __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src) {

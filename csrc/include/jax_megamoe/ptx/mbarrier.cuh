@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <cuda/ptx>
 
-#include "jax_megamoe/ptx/cp_async.cuh"
+#include "jax_megamoe/ptx/shared.cuh"
 
 namespace jax_megamoe::ptx {
 

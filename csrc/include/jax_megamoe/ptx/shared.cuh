@@ -1,4 +1,4 @@
-// Loads and stores at 32-bit shared-memory addresses (ptx::smem_addr). In the main loop's K loop a
+// 32-bit shared-memory addresses, and loads and stores at them. In the main loop's K loop a
 // generic pointer into shared memory costs 64-bit address arithmetic and a generic load per use;
 // a shared-window offset is one add and an LDS.
 #pragma once
@@ -6,6 +6,14 @@
 #include <cstdint>
 
 namespace jax_megamoe::ptx {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// The generic pointer of 32-bit shared-memory address `addr`, for wrappers that take one; the
+// compiler folds the round trip back into the shared address.
+__device__ __forceinline__ void* smem_ptr(uint32_t addr) { return __cvta_shared_to_generic(addr); }
 
 __device__ __forceinline__ void st_shared(uint32_t addr, int v) {
   asm volatile("st.shared.s32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
