@@ -444,19 +444,18 @@ def check_route_inputs(hidden, router_weight, topk, op: str = "route", max_topk:
         )
     for name, arr in (("hidden", hidden), ("router_weight", router_weight)):
         if arr.dtype not in _ACTIVATION_DTYPES:
-            fp8 = " (FP8 tokens and their scales go to fp8_mega_moe)" if name == "hidden" else ""
+            hint = " (FP8 tokens and their scales go to fp8_mega_moe)" if name == "hidden" else ""
             raise TypeError(
-                f"{op}: {name} must be bfloat16, float16 or float32, got {arr.dtype}{fp8}"
+                f"{op}: {name} must be bfloat16, float16 or float32, got {arr.dtype}{hint}"
             )
     num_experts = router_weight.shape[1]
     if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
         raise TypeError(f"{op}: topk must be an int, got {topk!r}")
-    if max_topk is None and not 1 <= topk <= num_experts:
-        raise ValueError(f"{op}: topk ({topk}) must be in [1, num_experts={num_experts}]")
-    if max_topk is not None and not 1 <= topk <= min(num_experts, max_topk):
-        raise ValueError(
-            f"{op}: topk ({topk}) must be in [1, min(num_experts={num_experts}, {max_topk})]"
-        )
+    bound = f"num_experts={num_experts}"
+    if max_topk is not None:
+        bound = f"min({bound}, {max_topk})"
+    if not 1 <= topk <= min(num_experts, max_topk or num_experts):
+        raise ValueError(f"{op}: topk ({topk}) must be in [1, {bound}]")
     return hidden, router_weight
 
 
