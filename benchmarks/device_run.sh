@@ -26,7 +26,8 @@
 #   l2sides   tools/l2_sides.cu: which SMs share a side of the L2 cache (hit latency per SM and
 #             line, one SM at a time)
 #   mp        multi-process GPU tests (tests/test_gpu_multiprocess.py; on 2-4 GPUs against one
-#             process, on one GPU ranks as processes sharing it and the two timeout cases)
+#             process, on one GPU ranks as processes sharing it, the two timeout cases and a
+#             failed launch on one rank)
 #   gemm      benchmarks/bench_gemm.py (GEMMs alone vs cuBLAS, and its targets' verdict;
 #             $GEMM_ARGS) + SASS counts
 #   peer      benchmarks/bench_peer_gemm.py with $PEER_ARGS: DeepGEMM's grouped FP8 GEMM and

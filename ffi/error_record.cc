@@ -1,5 +1,7 @@
 #include "error_record.h"
 
+#include <cuda_runtime_api.h>
+
 namespace jax_megamoe {
 namespace {
 
@@ -30,6 +32,7 @@ ErrorRecord read_error_record(const ErrorRecord* record) {
   copy.phase = r->phase;
   copy.peer = r->peer;
   copy.expected_rank = r->expected_rank;
+  copy.cuda_error = r->cuda_error;
   return copy;
 }
 
@@ -43,6 +46,8 @@ const char* error_kind(int32_t code) {
       return "timeout";
     case kErrorPeerAborted:
       return "peer_aborted";
+    case kErrorLaunchFailed:
+      return "launch_failed";
     default:
       return "unknown";
   }
@@ -77,9 +82,18 @@ std::string error_record_message(const ErrorRecord& r, int64_t buffer_id, int de
              kRecreate;
     case kErrorPeerAborted:
       return where + "rank " + peer +
-             " failed this call (it timed out, or had failed before) and sent this rank no "
-             "rows; its output is NaN. The cause is recorded on rank " +
+             " failed this call (it timed out, a kernel launch failed there, or it had failed "
+             "before) and sent this rank no rows; its output is NaN. The cause is recorded on "
+             "rank " +
              peer + "'s device (SymmBuffer.check() in the process that drives it)." + kRecreate;
+    case kErrorLaunchFailed: {
+      const cudaError_t err = static_cast<cudaError_t>(r.cuda_error);
+      return where + "a kernel launch of this call failed on this rank (" + cudaGetErrorName(err) +
+             ": " + cudaGetErrorString(err) +
+             "); the FFI handler raised it, and the peers were told that this rank sent them "
+             "no rows (their output is NaN)." +
+             kRecreate;
+    }
     default:
       return where + "unknown error code " + std::to_string(r.code) + "." + kRecreate;
   }

@@ -14,7 +14,8 @@ namespace jax_megamoe {
 // have finished wrote.
 ErrorRecord read_error_record(const ErrorRecord* record);
 
-// "device_order", "timeout", "peer_aborted" (phase names: comm/error_record.h's phase_name).
+// "device_order", "timeout", "peer_aborted", "launch_failed" (phase names: comm/error_record.h's
+// phase_name).
 const char* error_kind(int32_t code);
 
 // "SymmBuffer <id> on device <d> (rank <r>), call <epoch>, phase '<p>': ", what failed and the

@@ -6,7 +6,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include <array>
+#include <atomic>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 #include "error_record.h"
@@ -19,6 +22,16 @@ namespace ffi = xla::ffi;
 
 namespace jax_megamoe {
 namespace {
+
+std::array<std::atomic<bool>, kMaxHookDevices> g_fail_next_l1_launch{};
+
+// One shot: true once after inject_launch_failure(device_ordinal). A relaxed load first, so a
+// call without the hook set costs no atomic write.
+bool take_injected_failure(int device_ordinal) {
+  if (device_ordinal < 0 || device_ordinal >= kMaxHookDevices) return false;
+  std::atomic<bool>& flag = g_fail_next_l1_launch[device_ordinal];
+  return flag.load(std::memory_order_relaxed) && flag.exchange(false);
+}
 
 ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer x,
                           ffi::Buffer<ffi::F32> x_scale, ffi::Buffer<ffi::S32> topk_ids,
@@ -99,6 +112,7 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
   args.y = y->untyped_data();
   args.activation_clamp = activation_clamp;
   args.expected_rank = expected_rank.typed_data();
+  args.fail_l1_launch = take_injected_failure(device_ordinal);
   if (cudaError_t err = launch_mega_moe(args, stream); err != cudaSuccess) {
     return launch_error(kFp8MegaMoeTarget, device_ordinal, err);
   }
@@ -106,6 +120,16 @@ ffi::Error MegaMoeExecute(cudaStream_t stream, int32_t device_ordinal, ffi::AnyB
 }
 
 }  // namespace
+
+void inject_launch_failure(int device_ordinal) {
+  if (device_ordinal < 0 || device_ordinal >= kMaxHookDevices) {
+    throw std::invalid_argument("jax_megamoe: inject_launch_failure: device ordinal " +
+                                std::to_string(device_ordinal) + " is outside [0, " +
+                                std::to_string(kMaxHookDevices) + ")");
+  }
+  g_fail_next_l1_launch[device_ordinal].store(true);
+}
+
 }  // namespace jax_megamoe
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMegamoeFp8MegaMoe,

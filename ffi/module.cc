@@ -168,6 +168,10 @@ NB_MODULE(_C, m) {
       "the pointer; remembered so that close_ipc_handles/destroy_workspace unmap it.");
   m.def("close_ipc_handles", &close_ipc_handles, "buffer_id"_a, "device_ordinal"_a,
         "Unmaps every peer workspace opened for this one and marks it unconnected.");
+  m.def("inject_launch_failure", &inject_launch_failure, "device_ordinal"_a,
+        "Test hook: the next fp8_mega_moe call on this device has L1's launch fail (an empty "
+        "grid), as a launch between the dispatch and combine syncs might; the handler returns "
+        "that error and closes the call so that the peers abort.");
   m.def("device_pci_bus_id", &device_pci_bus_id, "ordinal"_a, "PCI bus id of a device.");
   m.def("device_by_pci_bus_id", &device_by_pci_bus_id, "bus_id"_a,
         "Ordinal of the GPU with this PCI bus id, or -1 if it is not visible in this process.");

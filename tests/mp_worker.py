@@ -31,6 +31,10 @@ a plain jnp op; then both close it and run on a fresh buffer (``timeout_s=60``).
 process 1 sleeps --delay-s before its first call; both record their error against the
 reference and check().
 
+Scenario ``launch_failure`` (GPU, 2 processes, command buffers off): process 1's L1 launch
+fails (the extension's test hook) in a call both processes make; each records how its call
+ended, how long it took and ``SymmBuffer.check()``; then both run on a fresh buffer.
+
 Scenario ``share`` (GPU, any number of processes, possibly all on one GPU): for each mesh in
 --meshes, the fused layer --repeat times on --routing, each process's rows against the reference
 of the whole batch computed in that process (no cross-process collective), whether the repeated
@@ -289,6 +293,43 @@ def timeout(args):
         json.dump(result, f)
 
 
+def launch_failure(args):
+    import jax
+    import numpy as np
+
+    from jax_megamoe import _ffi
+
+    me = jax.process_index()
+    case = FusedCase(args)
+    buf = case.buffer()
+    data = case.data()
+    step = case.step(buf).lower(*data, case.weights).compile()
+    if me == 1:
+        _ffi.extension().inject_launch_failure(jax.local_devices()[0].local_hardware_id)
+    result = {}
+    start = time.monotonic()
+    try:
+        rows = case.run(step, data)
+        result["call"] = "no error"
+        result["all_nan"] = all(bool(np.isnan(v).all()) for v in rows.values())
+    except Exception as e:
+        result["call"] = f"{type(e).__name__}: {e}"
+    result["elapsed_s"] = time.monotonic() - start
+    # Process 1's record is written by a kernel its stream runs after the failed call returned
+    # (launch_failed_kernel): poll for it, bounded.
+    deadline = time.monotonic() + 30
+    while (found := device_error(buf)) == "no error" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    result["check"] = found
+    buf.close()
+    fresh = case.buffer(timeout_s=60)
+    result["fresh_diff"] = case.diff(case.run(case.step(fresh), case.data()))
+    result["fresh_check"] = device_error(fresh)
+    fresh.close()
+    with open(os.path.join(args.out, f"launch_failure.p{me}.json"), "w") as f:
+        json.dump(result, f)
+
+
 def slow(args):
     import jax
 
@@ -532,7 +573,17 @@ def main():
     parser.add_argument(
         "--scenario",
         default="run",
-        choices=["run", "errors", "meshes", "hosts", "fake", "timeout", "slow", "share"],
+        choices=[
+            "run",
+            "errors",
+            "meshes",
+            "hosts",
+            "fake",
+            "timeout",
+            "slow",
+            "launch_failure",
+            "share",
+        ],
     )
     parser.add_argument("--meshes", default="1d,2d,2d_t")
     parser.add_argument("--impls", default="reference")
@@ -549,7 +600,7 @@ def main():
     try:
         scenarios = {"run": run, "errors": errors, "hosts": hosts, "fake": fake}
         scenarios["meshes"] = meshes
-        scenarios.update(timeout=timeout, slow=slow, share=share)
+        scenarios.update(timeout=timeout, slow=slow, launch_failure=launch_failure, share=share)
         scenarios[args.scenario](args)
     except BaseException:
         traceback.print_exc()

@@ -131,6 +131,14 @@ def test_workspace_timeout_of_an_unknown_workspace_names_it():
 
 
 @needs_extension
+@pytest.mark.parametrize("ordinal", [-1, 64])
+def test_launch_failure_hook_refuses_an_ordinal_out_of_range(ordinal):
+    """The test hook of tests/test_gpu_multiprocess.py keeps one flag per device ordinal."""
+    with pytest.raises(ValueError, match=rf"device ordinal {ordinal} is outside \[0, 64\)"):
+        _ffi.extension().inject_launch_failure(ordinal)
+
+
+@needs_extension
 def test_registrations_are_the_target_names():
     c = _ffi.extension()
     targets = {c.FP8_MEGA_MOE_TARGET, c.L1_GEMM_TARGET, c.L2_GEMM_TARGET}

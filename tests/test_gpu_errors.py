@@ -2,10 +2,12 @@
 here a buffer made for another device order than the mesh the call runs under, which plain
 ``shard_map`` cannot see at trace time. The call is aborted on every rank with NaN output,
 ``SymmBuffer.check()`` raises ``MegaMoeDeviceError``, the next call on the buffer is refused at
-its handler, and the process stays usable: a fresh buffer gives the right answer. ``pytest -m gpu
-tests/test_gpu_errors.py``; one Hopper GPU runs the R = 1 cases (a wrong expected rank passed
-through the private hook), 2 or 4 GPUs the reordered meshes. Timeouts need a missing or late
-peer process: tests/test_gpu_multiprocess.py."""
+its handler, and the process stays usable: a fresh buffer gives the right answer. Also a kernel
+launch that fails on a one-rank buffer: that call raises, and the buffer stays usable. ``pytest
+-m gpu tests/test_gpu_errors.py``; one Hopper GPU runs the R = 1 cases (a wrong expected rank
+passed through the private hook, the launch failure through the extension's test hook), 2 or 4
+GPUs the reordered meshes. Timeouts and a launch that fails on one of several ranks need another
+process: tests/test_gpu_multiprocess.py."""
 
 import functools
 
@@ -88,6 +90,23 @@ def check_runs_right(buf, args):
     assert buf.check() is None
     ref = jax.jit(functools.partial(fp8_mega_moe, impl="reference"))(*args)
     assert calc_diff(y, ref) <= 1e-4
+
+
+def test_a_failed_launch_raises_and_leaves_a_one_rank_buffer_usable():
+    """With one rank nobody waits for this rank's flags, so a launch that fails mid-call (the
+    extension's test hook: L1's launch with an empty grid) only raises, with or without command
+    buffers; nothing is recorded, and the next call on the buffer is right. (With peers the rank
+    also closes the call for them: tests/test_gpu_multiprocess.py.)"""
+    mesh, args = one_gpu_case()
+    buf = make_buffer(mesh)
+    try:
+        _ffi.extension().inject_launch_failure(gpus()[0].local_hardware_id)
+        step = jax.jit(functools.partial(fp8_mega_moe, buffer=buf, impl="fused"))
+        with pytest.raises(jax.errors.JaxRuntimeError, match="invalid configuration argument"):
+            step(*args).block_until_ready()
+        check_runs_right(buf, args)
+    finally:
+        buf.close()
 
 
 def test_a_jitted_program_refuses_its_closed_buffer():

@@ -4,7 +4,8 @@ host: N processes x 1 GPU and 2 processes x 2 GPUs give bitwise the single-proce
 on a machine with 4 (or 2) Hopper GPUs; each case starts fresh processes with the launcher.
 
 The cross-rank timeout (docs/design.md §3.3) needs a peer that is missing or late, i.e. another
-process: those two cases run two processes, on two GPUs, or both on the one GPU there is. The
+process, and so does a launch that fails on one rank only: those three cases run two processes,
+on two GPUs, or both on the one GPU there is. The
 multi-rank paths of the kernels also run as 2 and 4 processes sharing GPU 0, so that one GPU
 checks them too."""
 
@@ -109,13 +110,13 @@ def two_processes_devices():
     return [[0], [1]] if num_gpus() >= 2 else [[0], [0]]
 
 
-def run_two(tmp_path, scenario, timeout_s, *extra):
+def run_two(tmp_path, scenario, timeout_s, *extra, env=()):
     results = launch(
         [WORKER, "--out", str(tmp_path), "--scenario", scenario, "--tokens", "32", *extra],
         2,
         platform="gpu",
         local_devices=two_processes_devices(),
-        env={**GPU_ENV, "JAX_MEGAMOE_TIMEOUT_S": str(timeout_s)},
+        env={**GPU_ENV, "JAX_MEGAMOE_TIMEOUT_S": str(timeout_s), **dict(env)},
         timeout_s=TIMEOUT_S,
     )
     assert all(r.returncode == 0 for r in results), describe(results)
@@ -161,6 +162,41 @@ def test_late_peer_within_the_timeout_is_waited_for(tmp_path):
     assert p0["elapsed_s"] >= 4, p0  # process 0 really waited for the late peer
     for p in (p0, p1):
         assert p["check"] == "no error" and p["diff"] <= 1e-4, p
+
+
+def test_failed_launch_aborts_the_peers_without_a_timeout(tmp_path):
+    """Process 1's L1 launch fails (the extension's test hook: an empty grid, so the launch
+    returns cudaErrorInvalidConfiguration) after its dispatch sync. Its call raises that error,
+    and it still closes the call, so process 0 aborts at its combine sync (peer_aborted, NaN
+    output) instead of waiting out the 20 s timeout for rows that will not come (kind "timeout":
+    what happened before). Command buffers are off in both processes: under capture a failed
+    launch discards the capture, and nothing of the call runs on that rank."""
+    env = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}
+    p0, p1 = run_two(tmp_path, "launch_failure", 20, env=env)
+    assert p0["call"] == "no error" and p0["all_nan"], p0
+    assert p0["elapsed_s"] < 20, p0
+    assert "kernel launch failed on device" in p1["call"], p1
+    assert "invalid configuration argument" in p1["call"], p1
+    e0, e1 = p0["check"], p1["check"]
+    assert isinstance(e0, dict) and isinstance(e1, dict), (p0, p1)
+    assert (e0["kind"], e0["rank"], e0["phase"], e0["peer"], e0["epoch"]) == (
+        "peer_aborted",
+        0,
+        "combine",
+        1,
+        1,
+    ), e0
+    assert (e1["kind"], e1["rank"], e1["phase"], e1["peer"], e1["epoch"]) == (
+        "launch_failed",
+        1,
+        "combine",
+        1,
+        1,
+    ), e1
+    assert "cudaErrorInvalidConfiguration" in e1["message"], e1
+    assert "close() it" in e1["message"], e1
+    for p in (p0, p1):
+        assert p["fresh_check"] == "no error" and p["fresh_diff"] <= 1e-4, p
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,15 @@
 //   everything, stage included, so a late peer still reads r's staging of the failed call
 //   intact. A skipped call publishes nothing; a peer that waits for it times out and fails too,
 //   after at most one timeout. The buffer must be closed and created anew.
+// - Launch failure. A launch of steps 3-6 that returns an error comes after r's dispatch sync,
+//   when the peers already count on r's rows. r then launches launch_failed_kernel, which records
+//   the error and marks the call aborted, and its combine sync (close_failed_call), and returns
+//   the error to XLA: the epochs stay in step, the peers abort at once (kErrorPeerAborted) and
+//   their output is NaN, and r's buffer is refused from then on, as after a timeout. Not covered,
+//   so the peers wait out their timeout: a failed launch of the stage or a sync kernel (before
+//   the dispatch sync's release, or the combine sync itself), a fault inside a running kernel
+//   (it leaves the CUDA context unusable), and a failure under stream capture (the capture is
+//   discarded: nothing of the call runs on r).
 #include "jax_megamoe/comm/sync.cuh"
 #include "jax_megamoe/impls/runtime_args.cuh"
 #include "jax_megamoe/impls/sm90_combine.cuh"
@@ -186,6 +195,24 @@ L2Params l2_params(const MegaMoeArgs& args, const WorkspaceLayout& l, const L1Pa
   return p2;
 }
 
+// A launch between this rank's dispatch and combine syncs returned `err` (an error the launch
+// reports, not a fault of a running kernel, which leaves the context unusable). Its kernels
+// enqueued before it still run. The peers count on this rank's combine sync: launched after
+// launch_failed_kernel, which records the error and marks the call aborted, it tells them that
+// this rank sent no rows, so they abort with kErrorPeerAborted at once instead of waiting out
+// their timeout. No combine: the handler returns `err`, so XLA fails the call and y is never
+// read. Under stream capture (XLA command buffers) the failed capture is discarded with these two
+// launches, nothing of the call runs on this rank, and the peers time out as for a missing rank.
+// Errors of these launches are dropped: `err` is the cause.
+void close_failed_call(uint8_t* ws, const WorkspaceLayout& l, const MegaMoeArgs& args,
+                       cudaError_t err, cudaStream_t stream) {
+  cudaGetLastError();  // clear a launch error left set, so it is not reported again elsewhere
+  comm::launch_failed_kernel<<<1, 1, 0, stream>>>(ws, l, int32_t(err));
+  epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, args.config.num_ranks, Phase::kCombine,
+                                         args.expected_rank);
+  cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
@@ -227,8 +254,8 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
   const L2Params p2 = l2_params(args, l, p1);
 
   cudaError_t err;
-  // The GEMMs' tensor maps are encoded before the first launch: an error returned between the
-  // dispatch and combine syncs would leave the peers waiting for this rank's combine flag.
+  // The GEMMs' tensor maps are encoded before the first launch, so that an encoding error
+  // returns before any peer counts on this rank (a failed launch is handled below).
   GemmTensorMaps maps1, maps2;
   if ((err = encode_l1(p1, &maps1)) != cudaSuccess || (err = encode_l2(p2, &maps2)) != cudaSuccess)
     return err;
@@ -248,28 +275,39 @@ cudaError_t launch_mega_moe(const MegaMoeArgs& args, cudaStream_t stream) {
                                            args.expected_rank);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  if (alone) {
-    const int grid = grid_for(all_tokens, 1, budget);
-    const size_t smem = route_alone_smem_bytes(l.local_experts);
-    if (gather) {
-      route_alone_kernel<false><<<grid, kThreads, smem, stream>>>(k);
+  // Steps 3 to 6. Their launches follow this rank's dispatch sync, so the peers now count on its
+  // combine sync: if one of them returns an error, close_failed_call still closes the call.
+  const auto route_and_gemms = [&]() -> cudaError_t {
+    if (alone) {
+      const int grid = grid_for(all_tokens, 1, budget);
+      const size_t smem = route_alone_smem_bytes(l.local_experts);
+      if (gather) {
+        route_alone_kernel<false><<<grid, kThreads, smem, stream>>>(k);
+      } else {
+        route_alone_kernel<true><<<grid, kThreads, smem, stream>>>(k);
+      }
     } else {
-      route_alone_kernel<true><<<grid, kThreads, smem, stream>>>(k);
+      route_count_kernel<<<grid_for(all_tokens * c.topk, kThreads, budget), kThreads,
+                           route_count_smem_bytes(l.local_experts), stream>>>(k);
+      if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+      if (block_per_token) {
+        route_fill_kernel<kWarps><<<grid_for(all_tokens, 1, budget), kThreads, 0, stream>>>(k);
+      } else {
+        route_fill_kernel<1><<<grid_for(all_tokens, kWarps, budget), kThreads, 0, stream>>>(k);
+      }
     }
-  } else {
-    route_count_kernel<<<grid_for(all_tokens * c.topk, kThreads, budget), kThreads,
-                         route_count_smem_bytes(l.local_experts), stream>>>(k);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    if (block_per_token) {
-      route_fill_kernel<kWarps><<<grid_for(all_tokens, 1, budget), kThreads, 0, stream>>>(k);
-    } else {
-      route_fill_kernel<1><<<grid_for(all_tokens, kWarps, budget), kThreads, 0, stream>>>(k);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    if (args.fail_l1_launch) {  // the test hook: a launch that fails as a real one can
+      combine_kernel<<<0, kThreads, 0, stream>>>(k);  // an empty grid: invalid configuration
+      return cudaGetLastError();
     }
+    if (cudaError_t e = launch_l1(p1, maps1, stream); e != cudaSuccess) return e;
+    return launch_l2(p2, maps2, stream);
+  };
+  if ((err = route_and_gemms()) != cudaSuccess) {
+    if (peers) close_failed_call(ws, l, args, err, stream);
+    return err;
   }
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-  if ((err = launch_l1(p1, maps1, stream)) != cudaSuccess) return err;
-  if ((err = launch_l2(p2, maps2, stream)) != cudaSuccess) return err;
 
   if (peers) {
     epoch_sync_kernel<<<1, 1, 0, stream>>>(ws, l, args.rank, c.num_ranks, Phase::kCombine,
@@ -296,6 +334,7 @@ cudaError_t prepare_runtime_kernels() {
   const void* kernels[] = {
       reinterpret_cast<const void*>(stage_kernel),
       reinterpret_cast<const void*>(epoch_sync_kernel),
+      reinterpret_cast<const void*>(comm::launch_failed_kernel),
       reinterpret_cast<const void*>(route_alone_kernel<false>),
       reinterpret_cast<const void*>(route_alone_kernel<true>),
       reinterpret_cast<const void*>(route_count_kernel),

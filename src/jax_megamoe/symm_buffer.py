@@ -70,7 +70,9 @@ class MegaMoeDeviceError(RuntimeError):
     """A failure the fused kernels recorded on a device instead of trapping (docs/design.md
     §3.3), raised by :meth:`SymmBuffer.check`. ``kind``: ``"device_order"`` (the buffer was made
     for another device order than the call's mesh), ``"timeout"`` (a cross-rank wait ran past
-    the timeout) or ``"peer_aborted"`` (a peer failed the call and sent no rows). ``rank`` (this
+    the timeout), ``"peer_aborted"`` (a peer failed the call and sent no rows) or
+    ``"launch_failed"`` (a kernel launch of the call failed on this device, and the call raised
+    that error; the message names the CUDA error). ``rank`` (this
     device's rank), ``phase`` (``"dispatch"`` or ``"combine"``), ``peer``, ``epoch`` (the failed
     call, counted from 1 on that rank), ``seen`` (timeout: the epoch the peer's flag held),
     ``expected_rank`` (device order: the axis index ``peer`` ran as, else -1), ``buffer_id`` and

@@ -33,6 +33,9 @@ struct MegaMoeArgs {
   float activation_clamp;
   // Device scalar: the call's index along the expert axis, checked on the device against `rank`.
   const int32_t* expected_rank;
+  // Test hook (ffi/mega_moe.cc, inject_launch_failure): L1's launch is replaced by one that
+  // returns cudaErrorInvalidConfiguration, as a launch between the two syncs might fail.
+  bool fail_l1_launch;
 };
 
 // Enqueues one call's kernels on `stream`: no host sync, allocation or module loading.

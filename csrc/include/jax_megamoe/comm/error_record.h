@@ -19,8 +19,12 @@ enum ErrorCode : int32_t {
   kErrorDeviceOrder = 1,
   // A cross-rank wait ran past the workspace's timeout.
   kErrorTimeout = 2,
-  // A peer failed this call (timed out or had failed before) and sent this rank no rows.
+  // A peer failed this call (timed out, had failed before, or a launch failed there) and sent
+  // this rank no rows.
   kErrorPeerAborted = 3,
+  // A kernel launch between this rank's dispatch and combine syncs returned an error (the FFI
+  // handler returned it to XLA too); the rank closed the call so its peers abort at once.
+  kErrorLaunchFailed = 4,
 };
 
 enum class Phase : int32_t {
@@ -45,6 +49,7 @@ struct ErrorRecord {
   int32_t phase;          // Phase
   int32_t peer;           // the rank waited for / that ran at the wrong index / that failed
   int32_t expected_rank;  // device order: the axis index `peer` ran as; else -1
+  int32_t cuda_error;     // launch failure: the cudaError_t the launch returned; else 0
 };
 
 }  // namespace jax_megamoe

@@ -19,7 +19,7 @@ namespace jax_megamoe::comm {
 // host-mapped record, and sets the sticky error_code that makes every later call skip.
 __device__ __forceinline__ void record_error(HeaderFixed* header, ErrorCode code, Phase phase,
                                              int peer, uint64_t epoch, uint64_t seen,
-                                             int32_t expected_rank) {
+                                             int32_t expected_rank, int32_t cuda_error = 0) {
   if (atomicCAS(&header->error_code, kErrorNone, code) != kErrorNone) return;
   volatile ErrorRecord* record = header->error;
   record->epoch = epoch;
@@ -28,6 +28,7 @@ __device__ __forceinline__ void record_error(HeaderFixed* header, ErrorCode code
   record->phase = int32_t(phase);
   record->peer = peer;
   record->expected_rank = expected_rank;
+  if (cuda_error != 0) record->cuda_error = cuda_error;  // else it stays as allocated: 0
   // The host reads the fields once it sees the code.
   __threadfence_system();
   record->code = code;
@@ -134,6 +135,19 @@ __global__ void epoch_sync_kernel(uint8_t* ws, WorkspaceLayout l, int rank, int 
       return;
     }
   }
+}
+
+// Launched only when a launch between this rank's dispatch and combine syncs returned an error
+// (runtime.cu, close_failed_call), just before the combine sync: the call becomes aborted, so
+// that sync tells every peer this rank sent no rows and they abort at once (kErrorPeerAborted)
+// instead of waiting out their timeout for rows that will not come. A call that was not running
+// (skipped, timed out, aborted at dispatch) has its cause recorded already.
+__global__ void launch_failed_kernel(uint8_t* ws, WorkspaceLayout l, int32_t cuda_error) {
+  HeaderFixed* header = header_of(ws, l);
+  if (header->call_state != kCallRun) return;
+  record_error(header, kErrorLaunchFailed, Phase::kCombine, header->rank, header->epoch, 0, -1,
+               cuda_error);
+  header->call_state = kCallAborted;
 }
 
 }  // namespace jax_megamoe::comm

@@ -44,10 +44,13 @@ struct WorkspaceConfig {
   int max_tokens;
 };
 
-// What the call in flight does on this rank; set by the sync kernels, read by route and combine.
+// What the call in flight does on this rank; set by the sync kernels (and launch_failed_kernel),
+// read by route and combine.
 enum CallState : int32_t {
-  kCallRun = 0,       // routing, GEMMs and combine run
-  kCallAborted = 1,   // failed after a successful wait (device order, a peer's failure): no work
+  kCallRun = 0,  // routing, GEMMs and combine run
+  // Failed after a successful dispatch wait (device order, a peer's failure, a launch that failed
+  // here): no further work
+  kCallAborted = 1,
   kCallTimedOut = 2,  // this rank's wait timed out: no work and no further wait
   kCallSkipped = 3,   // the workspace had failed before: no sync, no work
 };
