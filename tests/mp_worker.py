@@ -241,6 +241,22 @@ class FusedCase:
 
         return max(float(calc_diff(v, self.ref[k : k + len(v)])) for k, v in rows.items())
 
+    def run_fresh(self, result):
+        """After a failure: both processes call on a fresh buffer (a timeout of 60 s, as both
+        compile before they call: the environment's few seconds could be too tight a skew)."""
+        fresh = self.buffer(timeout_s=60)
+        result["fresh_diff"] = self.diff(self.run(self.step(fresh), self.data()))
+        result["fresh_check"] = device_error(fresh)
+        fresh.close()
+
+
+def outcome(call):
+    """``call()``'s result, and "no error" or the exception it raised as "Type: message"."""
+    try:
+        return call(), "no error"
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+
 
 def device_error(buf):
     """``buf.check()``'s MegaMoeDeviceError as a dict, or the string "no error"."""
@@ -277,18 +293,10 @@ def timeout(args):
         result["elapsed_s"] = time.monotonic() - start
         result["all_nan"] = all(bool(np.isnan(v).all()) for v in rows.values())
         result["check"] = device_error(buf)
-        try:
-            case.run(next_step, next_data)
-            result["next_call"] = "no error"
-        except Exception as e:
-            result["next_call"] = f"{type(e).__name__}: {e}"
+        _, result["next_call"] = outcome(lambda: case.run(next_step, next_data))
         result["plain_op"] = float(plain_op())
     buf.close()
-    # Both processes compile before they call: the environment's 3 s could be too tight a skew.
-    fresh = case.buffer(timeout_s=60)
-    result["fresh_diff"] = case.diff(case.run(case.step(fresh), case.data()))
-    result["fresh_check"] = device_error(fresh)
-    fresh.close()
+    case.run_fresh(result)
     with open(os.path.join(args.out, f"timeout.p{me}.json"), "w") as f:
         json.dump(result, f)
 
@@ -306,15 +314,11 @@ def launch_failure(args):
     step = case.step(buf).lower(*data, case.weights).compile()
     if me == 1:
         _ffi.extension().inject_launch_failure(jax.local_devices()[0].local_hardware_id)
-    result = {}
     start = time.monotonic()
-    try:
-        rows = case.run(step, data)
-        result["call"] = "no error"
+    rows, call = outcome(lambda: case.run(step, data))
+    result = {"call": call, "elapsed_s": time.monotonic() - start}
+    if rows is not None:
         result["all_nan"] = all(bool(np.isnan(v).all()) for v in rows.values())
-    except Exception as e:
-        result["call"] = f"{type(e).__name__}: {e}"
-    result["elapsed_s"] = time.monotonic() - start
     # Process 1's record is written by a kernel its stream runs after the failed call returned
     # (launch_failed_kernel): poll for it, bounded.
     deadline = time.monotonic() + 30
@@ -322,10 +326,7 @@ def launch_failure(args):
         time.sleep(0.05)
     result["check"] = found
     buf.close()
-    fresh = case.buffer(timeout_s=60)
-    result["fresh_diff"] = case.diff(case.run(case.step(fresh), case.data()))
-    result["fresh_check"] = device_error(fresh)
-    fresh.close()
+    case.run_fresh(result)
     with open(os.path.join(args.out, f"launch_failure.p{me}.json"), "w") as f:
         json.dump(result, f)
 
