@@ -10,9 +10,9 @@ namespace jax_megamoe {
 
 inline constexpr char kFp8MegaMoeTarget[] = "jax_megamoe_fp8_mega_moe";
 
-// Test hook (tests/mp_worker.py, scenario launch_failure): the next fused call on this device
-// has L1's launch fail (MegaMoeArgs::fail_l1_launch). Throws std::invalid_argument for an
-// ordinal outside [0, kMaxHookDevices).
+// Test hook (tests/test_gpu_errors.py; tests/mp_worker.py, scenario launch_failure): the next
+// fused call on this device has L1's launch fail (MegaMoeArgs::fail_l1_launch). Throws
+// std::invalid_argument for an ordinal outside [0, kMaxHookDevices).
 inline constexpr int kMaxHookDevices = 64;
 void inject_launch_failure(int device_ordinal);
 
