@@ -269,6 +269,31 @@ def test_standalone_gemm_operands_checked_at_trace_time():
             grouped_gemm_l2(*l2_args, jnp.ones((e, h // 128, i // 128)), mode=bad)
 
 
+def test_standalone_gemms_without_a_hopper_gpu_fail_at_trace_time(monkeypatch):
+    """With the extension built but no Hopper GPU (JAX on the CPU, as in these tests) the call
+    traced, and failed only when run: "No FFI handler registered for jax_megamoe_l1_gemm on a
+    platform Host"."""
+    from jax_megamoe import grouped_gemm as gg
+
+    class Ext:
+        def prepare_standalone(self, ordinal):
+            raise AssertionError("no device to prepare")
+
+    monkeypatch.setattr(_ffi, "extension", lambda: Ext())
+    gg.prepare_standalone.cache_clear()
+    rows, h, i, e = 128, 256, 128, 2
+    f8 = jnp.float8_e4m3fn
+    pool = (jnp.zeros((rows, h), f8), jnp.ones((rows, h // 128)), jnp.ones((rows,)))
+    index = (jnp.zeros((rows,), jnp.int32), jnp.zeros((rows // 64,), jnp.int32), 2)
+    w1 = (jnp.zeros((e, 2 * i, h), f8), jnp.ones((e, 2 * i // 128, h // 128)))
+    with pytest.raises(RuntimeError, match=r"run only on a Hopper \(SM90\) GPU, .* \['cpu'\]"):
+        jax.jit(gg.grouped_gemm_l1).lower(*pool, *index, *w1)
+    act = (jnp.zeros((rows, i), f8), jnp.ones((rows, i // 128)))
+    w2 = (jnp.zeros((e, h, i), f8), jnp.ones((e, h // 128, i // 128)))
+    with pytest.raises(RuntimeError, match=r"run only on a Hopper \(SM90\) GPU"):
+        gg.grouped_gemm_l2(*act, *index, *w2)
+
+
 def test_standalone_gemms_pass_their_indices_through_the_drop(monkeypatch):
     """What each GEMM hands its FFI call (the call stubbed on CPU): experts bounded by the
     weights' E, L2's destinations by out_rows, L1's row_src untouched (only its sign counts);

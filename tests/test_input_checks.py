@@ -7,10 +7,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_megamoe import MegaMoE, MoEWeights, calc_diff, fp8_mega_moe, init_weights, route
+from jax_megamoe import (
+    MegaMoE,
+    MoEWeights,
+    calc_diff,
+    dequantize,
+    fp8_mega_moe,
+    init_weights,
+    quantize_blockwise,
+    quantize_per_token,
+    reference_mega_moe,
+    route,
+)
 from jax_megamoe.testing import make_inputs
 
 DIMS = dict(h=256, i=128, e=8, k=2)
@@ -226,3 +238,182 @@ def test_megamoe_without_tokens_names_hidden(layer_inputs):
     hidden, router, weights = layer_inputs
     with pytest.raises(ValueError, match=r"MegaMoE: hidden must hold at least one token"):
         MegaMoE(topk=2)(hidden[:0], router, weights)
+
+
+# --- Found by an audit of the public API on 2026-12-05: each passed silently or failed deep ---
+
+
+def test_replicated_weights_with_replicated_tokens(inp):
+    """The weights' typing was checked only when the tokens varied across ranks: with tokens and
+    weights both replicated each rank took its copy for 1/4 of the experts (calc_diff 0.41 with
+    ids past E masked on one device but not here), and on a data x expert mesh weights over the
+    data axis failed inside lax.cond ("branches must have equal output types")."""
+    mesh = Mesh(np.array(jax.devices()[:4]), ("ep",))
+
+    def run(weight_spec, mesh=mesh, check_vma=True):
+        fn = functools.partial(fp8_mega_moe, axis_name="ep")
+        step = jax.shard_map(
+            fn,
+            mesh=mesh,
+            in_specs=(P(),) * 4 + (weight_spec,),
+            out_specs=P(mesh.axis_names),  # each rank's rows, stacked
+            check_vma=check_vma,
+        )
+        return jax.jit(step)(*(inp[n] for n in NAMES))
+
+    with pytest.raises(ValueError, match=r"\(w1\) are the same on every rank, not sharded over"):
+        run(P())
+    grid = Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "ep"))
+    with pytest.raises(ValueError, match=r"\(w1\) vary over \['dp'\], not sharded over .* 'ep'"):
+        run(P("dp"), mesh=grid)
+    # Replicated tokens with sharded weights are a valid layer: every rank computes all tokens.
+    # With check_vma off nothing is typed, so nothing can be checked (design.md §1.5).
+    want = np.asarray(call(inp), np.float32)
+    for check_vma in (True, False):
+        got = np.asarray(run(P("ep"), check_vma=check_vma), np.float32).reshape(4, *want.shape)
+        assert max(calc_diff(rows, want) for rows in got) < 1e-6
+
+
+def test_a_tuple_axis_name_follows_the_mesh_order(inp):
+    """Weights sharded P(('dp', 'ep')) with axis_name=('ep', 'dp'): each rank took another
+    rank's experts (calc_diff 0.51), and the error for a forgotten axis_name advised a tuple in
+    "the order of the weights' PartitionSpec", which the call cannot see."""
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "ep"))
+    tokens = P(("dp", "ep"))
+
+    def run(axis_name, fn=fp8_mega_moe):
+        step = jax.shard_map(
+            functools.partial(fn, axis_name=axis_name),
+            mesh=mesh,
+            in_specs=(tokens,) * 5,
+            out_specs=tokens,
+        )
+        return jax.jit(step)(*(inp[n] for n in NAMES))
+
+    fix = r"pass axis_name=\('dp', 'ep'\) and shard the weights with P\(\('dp', 'ep'\)\)"
+    with pytest.raises(ValueError, match=r"axis_name \('ep', 'dp'\) must name .* order: " + fix):
+        run(("ep", "dp"))
+    with pytest.raises(ValueError, match=r"reference_mega_moe: axis_name \('ep', 'dp'\)"):
+        run(("ep", "dp"), fn=reference_mega_moe)
+    with pytest.raises(ValueError, match=r"once each, in the mesh's order: pass axis_name='ep'"):
+        run(("ep", "ep"))
+    assert calc_diff(run(("dp", "ep")), call(inp)) < 1e-6
+
+
+def test_reference_mega_moe_checks_what_fp8_mega_moe_checks(inp):
+    """The exported reference ran unchecked: a wrong x_scale gave calc_diff 0.86, fewer ids
+    than tokens returned fewer rows, bf16 x ran as if FP8, and block_rows=0 divided by zero."""
+    args = [inp[n] for n in NAMES]
+    np.testing.assert_array_equal(
+        np.asarray(reference_mega_moe(*args)), np.asarray(call(inp, impl="reference"))
+    )
+    bad = [
+        (1, args[1][:, :1], ValueError, r"x_scale has shape \(16, 1\), expected \(16, 2\)"),
+        (2, args[2][:8], ValueError, r"topk_ids has shape \(8, 2\), expected \(16, 2\)"),
+        (0, args[0].astype(jnp.bfloat16), TypeError, "x has dtype bfloat16, expected float8"),
+    ]
+    for index, value, error, match in bad:
+        with pytest.raises(error, match=match):
+            reference_mega_moe(*args[:index], value, *args[index + 1 :])
+    for kwargs, error, match in [
+        (dict(activation_clamp=-1.0), ValueError, "activation_clamp must be positive"),
+        (dict(block_rows=0), ValueError, r"reference_mega_moe: block_rows must be in \[1,"),
+        (dict(requant="no"), TypeError, "reference_mega_moe: requant must be a bool"),
+    ]:
+        with pytest.raises(error, match=match):
+            reference_mega_moe(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(scaling=float("nan")), ValueError, "scaling must be finite, got nan"),
+        (dict(scaling=float("inf")), ValueError, "scaling must be finite, got inf"),
+        (dict(scaling="2.5"), TypeError, "scaling must be a real number, got '2.5'"),
+        (dict(scaling=None), TypeError, "scaling must be a real number, got None"),
+        (dict(scaling=True), TypeError, "scaling must be a real number, got True"),
+        (dict(normalize="no"), TypeError, "normalize must be a bool or None, got 'no'"),
+    ],
+)
+def test_route_options_are_checked(layer_inputs, kwargs, error, match):
+    """A NaN scaling made every output NaN, a string one failed inside JAX, and normalize="no"
+    (truthy) normalized."""
+    hidden, router, weights = layer_inputs
+    with pytest.raises(error, match="route: " + match):
+        route(hidden, router, 2, **kwargs)
+    with pytest.raises(error, match="MegaMoE: " + match):
+        MegaMoE(topk=2, **kwargs)(hidden, router, weights)
+
+
+def test_route_scaling_as_an_array_or_traced(layer_inputs):
+    hidden, router, _ = layer_inputs
+    want = np.asarray(route(hidden, router, 2, scaling=2.5)[1])
+    assert np.abs(want).max() > 0
+    for scaling in (np.float32(2.5), jnp.float32(2.5)):
+        np.testing.assert_array_equal(
+            np.asarray(route(hidden, router, 2, scaling=scaling)[1]), want
+        )
+    traced = jax.jit(lambda s: route(hidden, router, 2, scaling=s)[1])(2.5)
+    np.testing.assert_allclose(np.asarray(traced), want, rtol=1e-6)
+
+
+def test_only_the_token_count_may_be_symbolic(inp):
+    """A symbolic topk or expert count failed inside a later comparison: "Symbolic dimension
+    comparison 'k' <= '16' is inconclusive"."""
+    scope = export.SymbolicScope()
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(export.symbolic_shape(shape, scope=scope), dtype)
+
+    h, e = DIMS["h"], DIMS["e"]
+    tokens = [
+        spec(f"m, {h}", jnp.float8_e4m3fn),
+        spec(f"m, {h // 128}", jnp.float32),
+        spec("m, k", jnp.int32),
+        spec("m, k", jnp.float32),
+    ]
+    step = jax.jit(fp8_mega_moe)
+    with pytest.raises(ValueError, match=r"topk_ids' topk \(K\) is the symbolic dimension k"):
+        export.export(step)(*tokens, inp["weights"])
+    k = DIMS["k"]
+    tokens[2:] = [spec(f"m, {k}", jnp.int32), spec(f"m, {k}", jnp.float32)]
+    w = inp["weights"]
+    weights = MoEWeights(
+        spec(f"e, {w.w1.shape[1]}, {h}", w.w1.dtype),
+        spec(f"e, {w.w1_scale.shape[1]}, {h // 128}", w.w1_scale.dtype),
+        spec(f"e, {h}, {w.w2.shape[2]}", w.w2.dtype),
+        spec(f"e, {h // 128}, {w.w2_scale.shape[2]}", w.w2_scale.dtype),
+    )
+    with pytest.raises(ValueError, match=r"w1's experts is the symbolic dimension e: only the"):
+        export.export(step)(*tokens, weights)
+    assert e == w.w1.shape[0]
+    assert export.export(step)(*tokens, w).out_avals[0].shape[0] == tokens[0].shape[0]
+
+
+def test_quantization_and_calc_diff_refuse_complex_and_traced_values(inp):
+    """Complex input lost its imaginary part with a ComplexWarning; calc_diff under jit failed
+    with a TracerArrayConversionError."""
+    z = jnp.ones((4, 128), jnp.complex64)
+    for fn, args in [
+        (quantize_per_token, (z,)),
+        (quantize_blockwise, (jnp.ones((128, 128), jnp.complex64),)),
+        (dequantize, (z, jnp.ones((4, 1)))),
+        (calc_diff, (np.ones(3, np.complex128), np.ones(3))),
+    ]:
+        with pytest.raises(TypeError, match=r"must be real, got complex"):
+            fn(*args)
+    with pytest.raises(TypeError, match=r"calc_diff runs on the host in float64, but a is traced"):
+        jax.jit(calc_diff)(jnp.ones(3), jnp.ones(3))
+
+
+def test_init_weights_std_as_an_array_and_not_a_bool():
+    """std=jnp.float32(0.1) was refused as "not a positive, finite number"; std=True passed."""
+    key = jax.random.key(0)
+    dims = dict(num_experts=4, hidden=256, intermediate=128)
+    want = init_weights(key, **dims, std=0.1)[1]
+    for std in (np.float32(0.1), jnp.float32(0.1)):
+        got = init_weights(key, **dims, std=std)[1]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(TypeError, match="init_weights: std must be a number or None, got True"):
+        init_weights(key, **dims, std=True)

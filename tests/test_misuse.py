@@ -175,8 +175,11 @@ def test_missing_axis_name_names_the_axis_the_weights_vary_over(inp):
     fn = functools.partial(fp8_mega_moe, impl="reference")
     with pytest.raises(ValueError, match="pass axis_name='ep'"):
         sharded_call(inp, fn, mesh=mesh)
-    # Over two axes no order can be read from the weights' typing, so none is suggested.
-    with pytest.raises(ValueError, match=r"sharded over \['dp', 'ep'\]: pass those axes as a"):
+    # Over two axes the weights' typing gives no order: the fix names the mesh's, for both.
+    with pytest.raises(
+        ValueError,
+        match=r"sharded over \['dp', 'ep'\]: pass axis_name=\('dp', 'ep'\) and shard the weights",
+    ):
         sharded_call(inp, fn, mesh=mesh, weight_spec=P(("ep", "dp")))
     with pytest.raises(ValueError, match="axis_name=None: pass axis_name, the mesh axis"):
         sharded_call(inp, fn, mesh=mesh, weight_spec=P())

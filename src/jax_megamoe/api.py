@@ -5,17 +5,15 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 
 from . import _ffi, checks
 from .mega_moe import fused_mega_moe
-from .reference import reference_mega_moe
+from .reference import mirror_mega_moe
 from .symm_buffer import SymmBuffer
 from .weights import MoEWeights
 
 Impl = Literal["auto", "fused", "reference"]
 IMPLS = ("auto", "fused", "reference")
-OPERANDS = ("x", "x_scale", "topk_ids", "topk_weights")
 
 
 def _pick_impl(impl: str, buffer: SymmBuffer | None) -> str:
@@ -76,26 +74,17 @@ def fp8_mega_moe(
     on every rank with NaN output and ``buffer.check()`` (or the next call) raises. The axis
     sizes are always checked. A closed buffer raises.
     """
-    operands = (x, x_scale, topk_ids, topk_weights)
-    x, x_scale, topk_ids, topk_weights = (
-        jnp.asarray(checks.check_array(name, v)) for name, v in zip(OPERANDS, operands, strict=True)
-    )
-    m, h, i, k, num_local = checks.check_moe_operands(x, x_scale, topk_ids, topk_weights, weights)
-    weights = jax.tree.map(jnp.asarray, weights)  # NumPy leaves too (the operands' rule)
-    checks.check_not_explicitly_sharded(
+    call = checks.check_moe_call(
         "fp8_mega_moe",
-        dict(zip(OPERANDS, (x, x_scale, topk_ids, topk_weights), strict=True))
-        | dict(zip(weights._fields, weights, strict=True)),
+        x,
+        x_scale,
+        topk_ids,
+        topk_weights,
+        weights,
+        axis_name=axis_name,
+        activation_clamp=activation_clamp,
     )
-    num_ranks = checks.axis_size(axis_name, "fp8_mega_moe", weights)
-    checks.check_weights_vary(
-        weights, x, axis_name=axis_name, num_ranks=num_ranks, op="fp8_mega_moe"
-    )
-    num_experts = num_local * num_ranks
-    checks.check_moe_dims(
-        num_experts=num_experts, hidden=h, intermediate=i, topk=k, num_ranks=num_ranks
-    )
-    clamp = checks.check_clamp(activation_clamp)
+    clamp = call.clamp
     if buffer is not None:
         if not isinstance(buffer, SymmBuffer):
             raise TypeError(
@@ -104,12 +93,12 @@ def fp8_mega_moe(
             )
         checks.check_buffer(
             buffer,
-            m=m,
-            h=h,
-            i=i,
-            k=k,
-            num_local=num_local,
-            num_ranks=num_ranks,
+            m=call.m,
+            h=call.hidden,
+            i=call.intermediate,
+            k=call.topk,
+            num_local=call.num_local,
+            num_ranks=call.num_ranks,
             axis_name=axis_name,
         )
     chosen = _pick_impl(impl, buffer)
@@ -131,7 +120,7 @@ def fp8_mega_moe(
     else:
 
         def run(x, x_scale, topk_ids, topk_weights, weights):
-            return reference_mega_moe(
+            return mirror_mega_moe(
                 x,
                 x_scale,
                 topk_ids,
@@ -141,7 +130,7 @@ def fp8_mega_moe(
                 activation_clamp=clamp,
             )
 
-    return _inference_only(run)(x, x_scale, topk_ids, topk_weights, weights)
+    return _inference_only(run)(*call[:5])
 
 
 def _inference_only(fn):

@@ -8,6 +8,7 @@ Each error names the operand or argument and says what to pass instead.
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,13 @@ def check_timeout(timeout_s) -> float | None:
     return float(timeout_s)
 
 
+def check_real(name: str, arr) -> None:
+    """Quantization and calc_diff take real values: a complex array would lose its imaginary
+    part with no more than NumPy's ComplexWarning."""
+    if jnp.issubdtype(arr.dtype, jnp.complexfloating):
+        raise TypeError(f"{name} must be real, got {arr.dtype}")
+
+
 def check_divisible(name: str, shape: tuple[int, ...], dims: tuple[int, ...]) -> None:
     """Dimensions ``dims`` of ``shape`` must be multiples of the FP8 scale block."""
     for d in dims:
@@ -154,6 +162,18 @@ def check_workspace_args(*, num_ranks: int, sm_budget, **dims) -> dict[str, int]
     return d
 
 
+def check_concrete(**dims) -> None:
+    """Under ``jax.export`` only the token count may be a symbolic dimension: the others set the
+    workspace, the kernels' tiles and the scale blocks, which are fixed when the call is built.
+    Without this a symbolic one failed inside a later comparison ("inconclusive")."""
+    for name, d in dims.items():
+        if jax.export.is_symbolic_dim(d):
+            raise ValueError(
+                f"{name} is the symbolic dimension {d}: only the token count (M) may be symbolic "
+                "(jax.export); export with concrete experts, hidden, intermediate and topk"
+            )
+
+
 def check_weights(weights) -> tuple[int, int, int]:
     """Validates shapes and dtypes; returns ``(num_local_experts, hidden, intermediate)``."""
     if not isinstance(weights, _weights.MoEWeights):
@@ -164,6 +184,7 @@ def check_weights(weights) -> tuple[int, int, int]:
     if w1.ndim != 3 or w2.ndim != 3:
         raise ValueError(f"w1 {w1.shape} and w2 {w2.shape} must be [experts, rows, cols]")
     e, two_i, h = w1.shape
+    check_concrete(**{"w1's experts": e, "w1's rows (2 * intermediate)": two_i, "w1's hidden": h})
     if e < 1:
         raise ValueError(f"w1 {w1.shape}: the weights hold no expert")
     if two_i % 2:
@@ -191,6 +212,7 @@ def check_moe_operands(x, x_scale, topk_ids, topk_weights, weights):
     if topk_ids.ndim != 2:
         raise ValueError(f"topk_ids must be [M, K], got shape {tuple(topk_ids.shape)}")
     k = topk_ids.shape[1]
+    check_concrete(**{"x's hidden (H)": h, "topk_ids' topk (K)": k})
     num_local, wh, i = check_weights(weights)
     if wh != h:
         raise ValueError(f"x has hidden {h} but the weights have hidden {wh}")
@@ -203,17 +225,68 @@ def check_moe_operands(x, x_scale, topk_ids, topk_weights, weights):
     return m, h, i, k, num_local
 
 
+class MoeCall(NamedTuple):
+    """A validated call of the layer: operands as JAX arrays, dimensions, ranks and clamp."""
+
+    x: jax.Array
+    x_scale: jax.Array
+    topk_ids: jax.Array
+    topk_weights: jax.Array
+    weights: _weights.MoEWeights
+    m: int
+    hidden: int
+    intermediate: int
+    topk: int
+    num_local: int
+    num_ranks: int
+    clamp: float | None
+
+
+MOE_OPERANDS = ("x", "x_scale", "topk_ids", "topk_weights")
+
+
+def check_moe_call(
+    op: str, x, x_scale, topk_ids, topk_weights, weights, *, axis_name, activation_clamp
+) -> MoeCall:
+    """Every trace-time check of a call of the layer that does not involve a workspace:
+    ``fp8_mega_moe`` adds the buffer's, ``reference_mega_moe`` runs these alone."""
+    operands = (x, x_scale, topk_ids, topk_weights)
+    x, x_scale, topk_ids, topk_weights = (
+        jnp.asarray(check_array(name, v)) for name, v in zip(MOE_OPERANDS, operands, strict=True)
+    )
+    m, h, i, k, num_local = check_moe_operands(x, x_scale, topk_ids, topk_weights, weights)
+    weights = jax.tree.map(jnp.asarray, weights)  # NumPy leaves too (the operands' rule)
+    check_not_explicitly_sharded(
+        op,
+        dict(zip(MOE_OPERANDS, (x, x_scale, topk_ids, topk_weights), strict=True))
+        | dict(zip(weights._fields, weights, strict=True)),
+    )
+    num_ranks = axis_size(axis_name, op, weights)
+    check_weights_vary(weights, axis_name=axis_name, num_ranks=num_ranks, op=op)
+    check_moe_dims(
+        num_experts=num_local * num_ranks, hidden=h, intermediate=i, topk=k, num_ranks=num_ranks
+    )
+    clamp = check_clamp(activation_clamp)
+    return MoeCall(
+        x, x_scale, topk_ids, topk_weights, weights, m, h, i, k, num_local, num_ranks, clamp
+    )
+
+
+def is_real_scalar(value) -> bool:
+    """A Python or NumPy real number, or a 0-d array of an integer or floating dtype (traced or
+    not); not a bool, a complex number or a string."""
+    if isinstance(value, np.ndarray | jax.Array):
+        dtype, real = value.dtype, value.shape == ()
+        return real and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 def check_clamp(activation_clamp) -> float | None:
     """None, or a positive number known at trace time (the clamp is compiled into the call):
     a Python or NumPy number, or a 0-d array that is not traced. Returns it as a float."""
     if activation_clamp is None:
         return None
-    scalar = isinstance(activation_clamp, numbers.Real) or (
-        isinstance(activation_clamp, np.ndarray | jax.Array)
-        and activation_clamp.shape == ()
-        and jnp.issubdtype(activation_clamp.dtype, jnp.number)
-    )
-    if isinstance(activation_clamp, bool) or not scalar:
+    if not is_real_scalar(activation_clamp):
         raise TypeError(
             f"activation_clamp must be a positive number or None, got {activation_clamp!r}"
         )
@@ -306,12 +379,13 @@ def check_l2_operands(act, act_scale, row_src, block_expert, w2, w2_scale, out_r
 
 def manual_axes() -> dict[str, int]:
     """The mesh axes that are manual at this point of the trace (inside ``shard_map``), with
-    their sizes; ``{}`` outside ``shard_map``. Read from ``jax.sharding.get_abstract_mesh()``
-    (JAX >= 0.7); a JAX without it reports none, so the checks that use this are skipped."""
+    their sizes, in the mesh's order; ``{}`` outside ``shard_map``. Read from
+    ``jax.sharding.get_abstract_mesh()`` (JAX >= 0.7); a JAX without it reports none, so the
+    checks that use this are skipped."""
     get = getattr(jax.sharding, "get_abstract_mesh", None)
     mesh = get() if get is not None else None
     names = getattr(mesh, "manual_axes", ())
-    return {a: int(mesh.shape[a]) for a in names}
+    return {a: int(mesh.shape[a]) for a in mesh.axis_names if a in names} if names else {}
 
 
 def axis_size(axis_name: str | None, op: str, weights=None) -> int:
@@ -321,13 +395,14 @@ def axis_size(axis_name: str | None, op: str, weights=None) -> int:
     if axis_name is None:
         sharded = {a: s for a, s in manual_axes().items() if s > 1}
         if sharded:
-            held = sorted(set(sharded) & varying_axes(weights[0])) if weights is not None else []
+            varying = varying_axes(weights[0]) if weights is not None else frozenset()
+            held = tuple(a for a in sharded if a in varying)  # in the mesh's order
             if len(held) == 1:
                 fix = f"pass axis_name={held[0]!r} (the mesh axis the experts are sharded over)"
             elif held:
                 fix = (
-                    f"the weights are sharded over {held}: pass those axes as a tuple, in the "
-                    "order of the weights' PartitionSpec"
+                    f"the weights are sharded over {list(held)}: pass axis_name={held!r} and "
+                    f"shard the weights with P({held!r})"
                 )
             else:
                 fix = "pass axis_name, the mesh axis the experts are sharded over"
@@ -342,6 +417,7 @@ def axis_size(axis_name: str | None, op: str, weights=None) -> int:
         raise TypeError(
             f"{op}: axis_name must be a mesh axis name (str) or None, got {axis_name!r}"
         )
+    check_axis_order(names, op)
     try:
         return jax.lax.axis_size(axis_name)
     except NameError as e:
@@ -349,6 +425,25 @@ def axis_size(axis_name: str | None, op: str, weights=None) -> int:
             f"axis_name {axis_name!r} is not bound here: call {op} inside a shard_map over that "
             "mesh axis, or pass axis_name=None on one device"
         ) from e
+
+
+def check_axis_order(names: tuple[str, ...], op: str) -> None:
+    """An expert axis of several mesh axes must name them once each, in the mesh's order. The
+    order decides which experts a rank holds (its index along the tuple), and the weights'
+    PartitionSpec must give the same order; their typing shows only the set of axes they vary
+    over, so a tuple in another order than P's silently gave each rank another rank's experts.
+    Requiring the mesh's order (P's natural one) leaves one order to get right."""
+    mesh_order = tuple(a for a in manual_axes() if a in names)
+    distinct = len(set(names)) == len(names)
+    if distinct and (len(mesh_order) < len(names) or mesh_order == names):
+        return  # in order, or an axis is not bound here (which axis_size reports)
+    fix = mesh_order if len(mesh_order) == len(set(names)) else tuple(dict.fromkeys(names))
+    fix = fix[0] if len(fix) == 1 else fix
+    raise ValueError(
+        f"{op}: axis_name {names!r} must name its mesh axes once each, in the mesh's order: "
+        f"pass axis_name={fix!r} and shard the weights with P({fix!r}) (the tuple's order "
+        "decides each expert's rank, and the weights' order cannot be checked)"
+    )
 
 
 def varying_axes(x) -> frozenset:
@@ -375,16 +470,20 @@ def check_not_explicitly_sharded(op: str, named: dict) -> None:
             )
 
 
-def check_weights_vary(weights, x, *, axis_name, num_ranks: int, op: str) -> None:
+def check_weights_vary(weights, *, axis_name, num_ranks: int, op: str) -> None:
     """Inside ``shard_map`` each rank must hold its own experts: the weights must vary over the
     expert axis, and over no other axis of more than one device. Weights replicated (``P()``),
     sharded over another axis than ``axis_name``, or over it and another (each rank then takes
     its shard for 1/R of all experts, and the tokens routed past them are dropped) have the right
     local shape, so only their typing shows it (JAX's check_vma, on by default); with it off
-    nothing varies, the tokens included, and nothing is checked here."""
-    if axis_name is None or not varying_axes(x):
+    nothing varies, and nothing is checked here. Whether it is on is read from the typing of the
+    rank's own index, not from the tokens: replicated tokens are legitimate, and with them the
+    check was skipped, so replicated weights passed and gave a wrong layer."""
+    if axis_name is None:
         return
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if not varying_axes(jax.lax.axis_index(names)):  # check_vma off (the index is not used)
+        return
     sizes = manual_axes()
     for field, leaf in zip(weights._fields, weights, strict=True):
         held = varying_axes(leaf)
@@ -401,9 +500,9 @@ def check_weights_vary(weights, x, *, axis_name, num_ranks: int, op: str) -> Non
                 f"{op}: the weights ({field}) vary over {extra} besides the expert axis "
                 f"{axis_name!r}, so each rank would take its experts for 1/{num_ranks} of all "
                 "of them and drop the tokens routed past them: if the experts are split over "
-                "those axes too, pass axis_name as the tuple of all of them in the order of the "
-                f"weights' PartitionSpec (that order decides each expert's rank); else "
-                f"replicate the weights over {extra}"
+                "those axes too, pass axis_name as the tuple of all of them in the mesh's order "
+                f"and shard the weights with P(that tuple); else replicate the weights over "
+                f"{extra}"
             )
 
 
@@ -457,6 +556,26 @@ def check_route_inputs(hidden, router_weight, topk, op: str = "route", max_topk:
     if not 1 <= topk <= min(num_experts, max_topk or num_experts):
         raise ValueError(f"{op}: topk ({topk}) must be in [1, {bound}]")
     return hidden, router_weight
+
+
+def check_route_options(scoring, normalize, scaling, op: str = "route"):
+    """``route``'s ``scoring`` ("softmax" or "sigmoid"), ``normalize`` (None or a bool: a string
+    such as "no" is truthy and would normalize) and ``scaling`` (a real number, or a 0-d real
+    array; NaN or an infinity, where known at trace time, would make every weight NaN).
+    Returns ``scaling``."""
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"{op}: scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    if normalize is not None and not isinstance(normalize, bool | np.bool_):
+        raise TypeError(f"{op}: normalize must be a bool or None, got {normalize!r}")
+    if not is_real_scalar(scaling):
+        raise TypeError(f"{op}: scaling must be a real number, got {scaling!r}")
+    try:
+        value = float(scaling)
+    except jax.errors.ConcretizationTypeError:
+        return scaling  # traced: used as given
+    if not np.isfinite(value):
+        raise ValueError(f"{op}: scaling must be finite, got {value}")
+    return scaling
 
 
 def check_group_routing(num_experts: int, topk: int, bias, num_groups, topk_groups, op="route"):

@@ -26,16 +26,23 @@ def prepare_standalone() -> None:
     """Loads the grouped GEMM kernels on every local Hopper GPU, once per process.
 
     The FFI handlers never load modules themselves (see ``launch.h``), so this must run before
-    the first call executes; the ``grouped_gemm_*`` wrappers call it at trace time.
+    the first call executes; the ``grouped_gemm_*`` wrappers call it at trace time. A process
+    without a Hopper GPU gets a RuntimeError here, at trace time: the kernels have no other
+    target, and XLA would otherwise fail only when the call runs, naming a missing handler.
     """
     c = _ffi.extension()
     try:
-        gpus = jax.local_devices(backend="gpu")
-    except RuntimeError:  # no GPU backend: the CUDA targets cannot run anyway
-        return
+        gpus = [d for d in jax.local_devices(backend="gpu") if _ffi.is_sm90(d)]
+    except RuntimeError:  # no GPU backend
+        gpus = []
+    if not gpus:
+        raise RuntimeError(
+            "grouped_gemm_l1 and grouped_gemm_l2 run only on a Hopper (SM90) GPU, and this "
+            f"process has none (its devices: {sorted({d.device_kind for d in jax.devices()})}). "
+            "The whole layer runs anywhere through fp8_mega_moe (its reference path)"
+        )
     for d in gpus:
-        if _ffi.is_sm90(d):
-            c.prepare_standalone(d.local_hardware_id)
+        c.prepare_standalone(d.local_hardware_id)
 
 
 def _num_blocks_operand(num_blocks) -> jax.Array:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,8 +44,7 @@ def route(
 
     Returns ``(topk_ids int32 [M, K], topk_weights float32 [M, K])``.
     """
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    scaling = checks.check_route_options(scoring, normalize, scaling)
     hidden, router_weight = checks.check_route_inputs(hidden, router_weight, topk)
     num_experts = router_weight.shape[1]
     bias = checks.check_group_routing(num_experts, topk, bias, num_groups, topk_groups)
@@ -103,6 +101,7 @@ class MegaMoE:
         weights: MoEWeights,
         router_bias: jax.Array | None = None,
     ) -> jax.Array:
+        checks.check_route_options(self.scoring, self.normalize, self.scaling, "MegaMoE")
         hidden, router_weight = checks.check_layer_inputs(
             hidden, router_weight, weights, self.axis_name, self.topk
         )
@@ -140,8 +139,11 @@ def init_weights(
     hidden = checks.check_int("hidden", hidden, minimum=1)
     intermediate = checks.check_int("intermediate", intermediate, minimum=1)
     checks.check_scale_blocks("init_weights: ", hidden=hidden, intermediate=intermediate)
-    if std is not None and not (isinstance(std, numbers.Real) and 0 < std < float("inf")):
-        raise ValueError(f"std must be a positive, finite number or None, got {std!r}")
+    if std is not None:
+        if not checks.is_real_scalar(std):
+            raise TypeError(f"init_weights: std must be a number or None, got {std!r}")
+        if not 0 < float(std) < float("inf"):
+            raise ValueError(f"init_weights: std must be a positive, finite number, got {std!r}")
     k_router, k1, k2 = jax.random.split(key, 3)
     router = jax.random.normal(k_router, (hidden, num_experts), jnp.float32) / hidden**0.5
     s1 = std if std is not None else hidden**-0.5

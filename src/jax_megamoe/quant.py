@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checks import check_divisible
+from .checks import check_divisible, check_real
 from .constants import QUANT_BLOCK
 
 FP8_MAX = 448.0
@@ -42,6 +42,7 @@ def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     ``[..., H / 128]``.
     """
     x = jnp.asarray(x)
+    check_real("quantize_per_token: x", x)
     if x.ndim < 1:
         raise ValueError("quantize_per_token: x must have at least one dimension")
     check_divisible("quantize_per_token", x.shape, (x.ndim - 1,))
@@ -58,6 +59,7 @@ def quantize_blockwise(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     ``[..., N / 128, K / 128]``.
     """
     w = jnp.asarray(w)
+    check_real("quantize_blockwise: w", w)
     if w.ndim < 2:
         raise ValueError("quantize_blockwise: w must have at least two dimensions")
     check_divisible("quantize_blockwise", w.shape, (w.ndim - 2, w.ndim - 1))
@@ -76,6 +78,8 @@ def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
     (``[..., N, K]`` with ``[..., N/128, K/128]``) scales.
     """
     q = jnp.asarray(q)
+    check_real("dequantize: q", q)
+    check_real("dequantize: scale", jnp.asarray(scale))
     scale = jnp.asarray(scale, jnp.float32)
     if q.ndim != scale.ndim or q.ndim < 1:
         raise ValueError(f"dequantize: q {q.shape} and scale {scale.shape} need the same rank")
@@ -100,9 +104,9 @@ def calc_diff(a, b) -> float:
     """``1 - 2·Σab / Σ(a² + b²)`` in float64 (0 for identical inputs, 1 for orthogonal, 2 for
     opposite; 0 when both are all zero). NaN when either holds a NaN or an infinity, so that a
     bound ``calc_diff(a, b) <= tol`` fails. Computed on the inputs scaled by their largest
-    magnitude, so that neither tiny nor huge values underflow or overflow the sums."""
-    a = np.asarray(jax.device_get(a), dtype=np.float64)
-    b = np.asarray(jax.device_get(b), dtype=np.float64)
+    magnitude, so that neither tiny nor huge values underflow or overflow the sums. A host
+    function: it takes concrete arrays, not values traced under ``jax.jit``."""
+    a, b = _host_f64("calc_diff", a, b)
     if a.shape != b.shape:
         raise ValueError(f"calc_diff: shapes differ, {a.shape} vs {b.shape}")
     return float(row_calc_diff(a.reshape(1, -1), b.reshape(1, -1))[0])
@@ -112,8 +116,7 @@ def row_calc_diff(a, b) -> np.ndarray:
     """:func:`calc_diff` of each row of two ``[rows, cols]`` arrays, each row scaled by its own
     largest magnitude (0 for a row all zero in both, NaN for one with a NaN or an infinity:
     the largest magnitude is then NaN or infinite, and so is the row's sum)."""
-    a = np.asarray(jax.device_get(a), np.float64)
-    b = np.asarray(jax.device_get(b), np.float64)
+    a, b = _host_f64("row_calc_diff", a, b)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"row_calc_diff: shapes {a.shape} and {b.shape} must be one [rows, cols]")
     scale = np.maximum(np.abs(a).max(axis=1, initial=0.0), np.abs(b).max(axis=1, initial=0.0))
@@ -123,3 +126,18 @@ def row_calc_diff(a, b) -> np.ndarray:
         den = np.sum(a * a + b * b, axis=1)
         diff = 1.0 - 2.0 * np.sum(a * b, axis=1) / den
     return np.where(den == 0, 0.0, diff)
+
+
+def _host_f64(op: str, *arrays) -> list[np.ndarray]:
+    """``arrays`` fetched to the host as float64; a traced or complex one is refused by name."""
+    out = []
+    for name, v in zip("ab", arrays, strict=True):
+        if isinstance(v, jax.core.Tracer):
+            raise TypeError(
+                f"{op} runs on the host in float64, but {name} is traced ({jax.typeof(v)}): "
+                "call it outside jax.jit, on the computed arrays"
+            )
+        v = np.asarray(jax.device_get(v))
+        check_real(f"{op}: {name}", v)
+        out.append(v.astype(np.float64))
+    return out

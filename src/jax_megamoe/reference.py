@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export, lax
 
+from . import checks
 from .pool import pool_layout
 from .quant import dequantize, quantize_per_token
 from .weights import MoEWeights
@@ -131,8 +132,47 @@ def reference_mega_moe(
     requant: bool = True,
     block_rows: int = 16,
 ) -> jax.Array:
-    """The MoE of docs/design.md §2 in pure JAX. ``requant=False`` gives the ideal f32 MoE (no
-    intermediate FP8 round trip). Inputs are assumed validated (see ``api.fp8_mega_moe``)."""
+    """The MoE of docs/design.md §2 in pure JAX, with ``fp8_mega_moe``'s operands, arguments
+    and trace-time checks: what ``fp8_mega_moe(impl="reference")`` runs. ``requant=False`` gives
+    the ideal f32 MoE (no intermediate FP8 round trip); the slots are grouped by expert into
+    blocks of ``block_rows`` rows."""
+    op = "reference_mega_moe"
+    call = checks.check_moe_call(
+        op,
+        x,
+        x_scale,
+        topk_ids,
+        topk_weights,
+        weights,
+        axis_name=axis_name,
+        activation_clamp=activation_clamp,
+    )
+    if not isinstance(requant, bool | np.bool_):
+        raise TypeError(f"{op}: requant must be a bool, got {requant!r}")
+    block_rows = checks.check_int(f"{op}: block_rows", block_rows, minimum=1)
+    return mirror_mega_moe(
+        *call[:5],
+        axis_name=axis_name,
+        activation_clamp=call.clamp,
+        requant=bool(requant),
+        block_rows=block_rows,
+    )
+
+
+def mirror_mega_moe(
+    x: jax.Array,
+    x_scale: jax.Array,
+    topk_ids: jax.Array,
+    topk_weights: jax.Array,
+    weights: MoEWeights,
+    *,
+    axis_name: str | None = None,
+    activation_clamp: float | None = None,
+    requant: bool = True,
+    block_rows: int = 16,
+) -> jax.Array:
+    """:func:`reference_mega_moe` without its checks, for callers that ran them
+    (``checks.check_moe_call``: ``fp8_mega_moe``)."""
     num_local = weights.num_local_experts
     num_ranks = 1 if axis_name is None else lax.axis_size(axis_name)
     ids = sanitize_topk_ids(topk_ids, num_local * num_ranks)
