@@ -170,6 +170,24 @@ def test_reason_source_tree(tmp_path):
     assert "imported from the source tree" in reason and str(tmp_path) in reason
 
 
+def test_reason_editable_install_without_cuda(tmp_path, monkeypatch):
+    """An editable install built without CUDA imports the source tree too: it was told to drop
+    the source tree from sys.path, which it never put there."""
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "jax-megamoe"\n')
+    pkg = _package(tmp_path, "src")
+    monkeypatch.setattr(_ffi, "_editable_source", lambda: tmp_path)
+    reason = _ffi.missing_extension_reason(pkg, ImportError("no _C"))
+    assert "installed in editable mode from" in reason and str(tmp_path) in reason
+    monkeypatch.setattr(_ffi, "_editable_source", lambda: tmp_path / "another")
+    assert "imported from the source tree" in _ffi.missing_extension_reason(pkg, None)
+
+
+def test_editable_source_is_read_from_the_install():
+    """None for a regular install; for an editable one, a folder holding this project."""
+    source = _ffi._editable_source()
+    assert source is None or (source / "pyproject.toml").is_file()
+
+
 @pytest.mark.parametrize("where", [("site-packages",), (".venv", "lib", "site-packages")])
 def test_reason_built_without_cuda(tmp_path, where):
     """An install, even in a venv inside the checkout, is not mistaken for the source tree."""

@@ -8,7 +8,10 @@ and ``grouped_gemm.py`` (``ffi/grouped_gemm.cc``). The extension owns the target
 from __future__ import annotations
 
 import functools
+import json
+from importlib import metadata
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import jax
 import jax.extend.core
@@ -47,10 +50,23 @@ def _source_checkout(package_dir: Path) -> Path | None:
     return None
 
 
+def _editable_source() -> Path | None:
+    """The folder pip installed this package from in editable mode (``pip install -e``, from
+    its ``direct_url.json``), or None for a regular install or none."""
+    try:
+        info = json.loads(metadata.distribution("jax-megamoe").read_text("direct_url.json") or "{}")
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+    url = urlparse(info.get("url", ""))
+    if not info.get("dir_info", {}).get("editable") or url.scheme != "file":
+        return None
+    return Path(unquote(url.path))
+
+
 def missing_extension_reason(package_dir: Path, error: BaseException | None) -> str:
     """Why ``_C`` cannot be used, told apart by what lies in ``package_dir``: a ``_C`` library
-    that failed to load, a source checkout imported instead of the install, or an install
-    built without CUDA."""
+    that failed to load, an editable install of a checkout built without CUDA, a source
+    checkout imported instead of the install, or an install built without CUDA."""
     built = sorted(p.name for p in package_dir.glob("_C*.so"))
     if built:
         return (
@@ -59,6 +75,13 @@ def missing_extension_reason(package_dir: Path, error: BaseException | None) -> 
             "installed and visible (LD_LIBRARY_PATH, nvidia-smi)"
         )
     checkout = _source_checkout(package_dir)
+    editable = _editable_source()
+    if checkout is not None and editable is not None and editable.resolve() == checkout.resolve():
+        return (
+            f"jax_megamoe is installed in editable mode from {checkout} without its CUDA "
+            "extension (built with JAX_MEGAMOE_CUDA=OFF, or without nvcc on PATH); reinstall "
+            "with nvcc on PATH (pip install -e .) to use impl='fused'"
+        )
     if checkout is not None:
         return (
             f"jax_megamoe was imported from the source tree {package_dir} (via PYTHONPATH or "
