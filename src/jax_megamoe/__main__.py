@@ -114,8 +114,8 @@ def _parser(on_gpu: bool) -> argparse.ArgumentParser:
         prog="python -m jax_megamoe",
         usage="%(prog)s [options]  (--help lists them)",
         description="Runs the MoE layer on every local device as one expert axis and prints "
-        "the shape, devices, implementation, time per call and calc_diff against a float64 "
-        "oracle. Progress goes to stderr, the table to stdout.",
+        "the shape, devices, implementation, workspace size per rank, time per call and "
+        "calc_diff against a float64 oracle. Progress goes to stderr, the table to stdout.",
     )
     sizes = [  # (flag, default, help): positive integers
         ("--tokens", 128 if on_gpu else 32, "tokens per device (rank)"),
