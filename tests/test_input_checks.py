@@ -197,10 +197,32 @@ def test_fp8_hidden_is_refused_and_pointed_to_fp8_mega_moe(layer_inputs, dtype):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_layer_takes_every_activation_dtype_it_names(layer_inputs, dtype):
     hidden, router, weights = layer_inputs
+    """The output comes back in hidden's dtype (it was bf16 for every input, so an f16 or f32
+    residual stream changed dtype, and a lax.scan carrying it failed)."""
     y = MegaMoE(topk=2)(hidden.astype(dtype), router, weights)
     y_bf16 = MegaMoE(topk=2)(hidden, router, weights)
-    assert y.shape == hidden.shape and y.dtype == jnp.bfloat16
+    assert y.shape == hidden.shape and y.dtype == dtype
     assert calc_diff(y, y_bf16) < 1e-6  # the bf16 values, exactly representable in each dtype
+
+    def layer_step(h, _):
+        return h + MegaMoE(topk=2)(h, router, weights), None
+
+    h = hidden.astype(dtype)
+    assert jax.lax.scan(layer_step, h, length=2)[0].dtype == dtype
+
+
+def test_megamoe_configuration_as_arrays_under_jit(layer_inputs):
+    """jax.jit(layer) hashes the layer: a 0-d array as scaling or activation_clamp (accepted by
+    the checks) failed with "unhashable type: 'ArrayImpl'"; they are now the numbers they hold."""
+    hidden, router, weights = layer_inputs
+    want = MegaMoE(topk=2, scaling=2.0, activation_clamp=3.0)(hidden, router, weights)
+    layer = MegaMoE(topk=2, scaling=jnp.float32(2.0), activation_clamp=np.float32(3.0))
+    assert layer.scaling == 2.0 and layer.activation_clamp == 3.0 and hash(layer)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(layer)(hidden, router, weights)), np.asarray(want)
+    )
+    with pytest.raises(TypeError, match="MegaMoE: scaling is traced"):
+        jax.jit(lambda s: MegaMoE(topk=2, scaling=s)(hidden, router, weights))(2.0)
 
 
 @pytest.mark.parametrize(

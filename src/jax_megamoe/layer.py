@@ -7,6 +7,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import checks
 from .api import Impl, fp8_mega_moe
@@ -54,7 +55,7 @@ def route(
         precision=jax.lax.Precision.HIGHEST,
     )
     scores = jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
-    choice = scores if bias is None else scores + bias.astype(jnp.float32)
+    choice = scores if bias is None else scores + bias.astype(jnp.float32)[None, :]
     if num_groups > 1:
         grouped = choice.reshape(choice.shape[0], num_groups, num_experts // num_groups)
         if bias is None:
@@ -62,7 +63,8 @@ def route(
         else:
             group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
         _, kept = jax.lax.top_k(group_score, topk_groups)
-        keep = jnp.any(kept[:, :, None] == jnp.arange(num_groups), axis=1)  # [M, groups]
+        group_ids = jnp.arange(num_groups, dtype=kept.dtype)[None, None, :]
+        keep = jnp.any(kept[:, :, None] == group_ids, axis=1)  # [M, groups]
         choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(choice.shape)
     _, ids = jax.lax.top_k(choice, topk)
     weights = jnp.take_along_axis(scores, ids, axis=-1)
@@ -73,7 +75,9 @@ def route(
 
 @dataclass(frozen=True)
 class MegaMoE:
-    """An inference MoE layer over bf16, f16 or f32 activations.
+    """An inference MoE layer over bf16, f16 or f32 activations; returns ``[M, H]`` in
+    ``hidden``'s dtype (the values are the layer's bf16 output, so a residual stream in f16 or
+    f32 keeps its dtype through ``lax.scan``).
 
     ``weights`` holds this rank's experts (``MoEWeights``); under ``shard_map`` pass the local
     shard and the expert axis name. ``router_weight`` is ``[H, E]`` over all experts, and
@@ -94,6 +98,20 @@ class MegaMoE:
     buffer: SymmBuffer | None = None
     impl: Impl = "auto"
 
+    def __post_init__(self):
+        # The fields are the layer's configuration, compiled into its trace, and jax.jit(layer)
+        # hashes them: a 0-d array (unhashable) becomes the Python number it holds.
+        checks.check_route_options(self.scoring, self.normalize, self.scaling, "MegaMoE")
+        if isinstance(self.scaling, np.ndarray | jax.Array):
+            try:
+                object.__setattr__(self, "scaling", float(self.scaling))
+            except jax.errors.ConcretizationTypeError:
+                raise TypeError(
+                    "MegaMoE: scaling is traced: a layer's configuration is fixed when it is "
+                    "traced, so pass a Python number (or route() the tokens yourself)"
+                ) from None
+        object.__setattr__(self, "activation_clamp", checks.check_clamp(self.activation_clamp))
+
     def __call__(
         self,
         hidden: jax.Array,
@@ -101,7 +119,6 @@ class MegaMoE:
         weights: MoEWeights,
         router_bias: jax.Array | None = None,
     ) -> jax.Array:
-        checks.check_route_options(self.scoring, self.normalize, self.scaling, "MegaMoE")
         hidden, router_weight = checks.check_layer_inputs(
             hidden, router_weight, weights, self.axis_name, self.topk
         )
@@ -117,7 +134,7 @@ class MegaMoE:
             topk_groups=self.topk_groups,
         )
         x, x_scale = quantize_per_token(hidden)
-        return fp8_mega_moe(
+        y = fp8_mega_moe(
             x,
             x_scale,
             ids,
@@ -128,6 +145,7 @@ class MegaMoE:
             activation_clamp=self.activation_clamp,
             impl=self.impl,
         )
+        return y.astype(hidden.dtype)  # bf16 values, in the dtype of the residual stream
 
 
 def init_weights(
