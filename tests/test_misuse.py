@@ -4,7 +4,9 @@ order, degenerate weights and Python lists as operands; how errors the kernels r
 device reach Python (SymmBuffer.check; the GPU half is tests/test_gpu_errors.py); and closing
 and setup failures (the allocation faked)."""
 
+import copy
 import functools
+import pickle
 import weakref
 
 import jax
@@ -21,6 +23,7 @@ from jax_megamoe import (
     MegaMoeDeviceError,
     SymmBuffer,
     _ffi,
+    calc_diff,
     fp8_mega_moe,
     init_weights,
     transform_weights,
@@ -181,8 +184,28 @@ def test_missing_axis_name_names_the_axis_the_weights_vary_over(inp):
         match=r"sharded over \['dp', 'ep'\]: pass axis_name=\('dp', 'ep'\) and shard the weights",
     ):
         sharded_call(inp, fn, mesh=mesh, weight_spec=P(("ep", "dp")))
-    with pytest.raises(ValueError, match="axis_name=None: pass axis_name, the mesh axis"):
-        sharded_call(inp, fn, mesh=mesh, weight_spec=P())
+
+
+def test_replicated_weights_without_axis_name_run_data_parallel(inp):
+    """Every device holding all experts (weights P(), typed replicated by check_vma) with
+    axis_name=None is a data-parallel layer: it was refused, with advice to call the layer
+    outside the shard_map, which a step that is one shard_map cannot do. With check_vma off
+    the weights' sharding cannot be read, so it is still refused."""
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "ep"))
+
+    def run(check_vma=True):
+        step = jax.shard_map(
+            functools.partial(fp8_mega_moe, impl="reference"),
+            mesh=mesh,
+            in_specs=(P(("dp", "ep")),) * 4 + (P(),),
+            out_specs=P(("dp", "ep")),
+            check_vma=check_vma,
+        )
+        return jax.jit(step)(*(inp[n] for n in NAMES))
+
+    assert calc_diff(run(), fp8_mega_moe(*(inp[n] for n in NAMES))) < 1e-6
+    with pytest.raises(ValueError, match="axis_name=None: pass axis_name, .* check_vma off"):
+        run(check_vma=False)
 
 
 def test_missing_axis_name_in_megamoe_names_the_axis():
@@ -287,6 +310,20 @@ def test_closed_buffer_raises_with_auto(inp):
     with pytest.raises(ValueError, match="was closed"):
         sharded_call(inp, fn)
     sharded_call(inp, functools.partial(fn, impl="reference"))  # the reference needs no buffer
+
+
+def test_a_copied_buffer_is_the_buffer_and_pickling_is_refused():
+    """copy.copy and copy.deepcopy made a second object with its own `closed` and `traced`:
+    closing one left the other usable, and on a GPU its programs would have outlived the
+    workspace. Pickling failed on a Device object."""
+    buf = SymmBuffer.create(MESH, "ep", **BUF)
+    layer = MegaMoE(topk=2, axis_name="ep", buffer=buf)
+    assert copy.copy(buf) is buf and copy.deepcopy(buf) is buf
+    assert copy.deepcopy(layer).buffer is buf
+    with pytest.raises(TypeError, match=f"SymmBuffer {buf.buffer_id} cannot be pickled"):
+        pickle.dumps(buf)
+    buf.close()
+    assert copy.copy(buf).closed
 
 
 @pytest.mark.parametrize("traced", [False, True])

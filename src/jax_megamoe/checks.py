@@ -391,12 +391,17 @@ def manual_axes() -> dict[str, int]:
 def axis_size(axis_name: str | None, op: str, weights=None) -> int:
     """Ranks of the expert axis. ``axis_name=None`` inside ``shard_map`` over a manual axis of
     size > 1 is refused: each rank would then treat its own weight shard as every expert and
-    silently compute a wrong layer. The message names the axes ``weights`` vary over, if any."""
+    silently compute a wrong layer. The message names the axes ``weights`` vary over, if any.
+    Weights that check_vma types as the same on every device are all the experts on each: a
+    data-parallel call, one rank."""
     if axis_name is None:
         sharded = {a: s for a, s in manual_axes().items() if s > 1}
         if sharded:
             varying = varying_axes(weights[0]) if weights is not None else frozenset()
             held = tuple(a for a in sharded if a in varying)  # in the mesh's order
+            typed = bool(varying_axes(jax.lax.axis_index(tuple(sharded))))  # check_vma on
+            if typed and weights is not None and not held:
+                return 1
             if len(held) == 1:
                 fix = f"pass axis_name={held[0]!r} (the mesh axis the experts are sharded over)"
             elif held:
@@ -405,11 +410,14 @@ def axis_size(axis_name: str | None, op: str, weights=None) -> int:
                     f"shard the weights with P({held!r})"
                 )
             else:
-                fix = "pass axis_name, the mesh axis the experts are sharded over"
+                fix = (
+                    "pass axis_name, the mesh axis the experts are sharded over (with check_vma "
+                    "off their sharding cannot be read: if every device holds all experts, keep "
+                    "check_vma on, and the call runs data-parallel)"
+                )
             raise ValueError(
                 f"{op} is called inside shard_map over {sorted(sharded)} with axis_name=None: "
-                f"{fix}. Without it each rank routes only to its own experts. If every device "
-                "really holds all experts, call it outside the shard_map"
+                f"{fix}. Without it each rank routes only to its own experts"
             )
         return 1
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)

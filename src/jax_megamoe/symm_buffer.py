@@ -100,7 +100,9 @@ class SymmBuffer:
     (``allocated`` is False): the buffer still carries the capacity that calls are checked
     against and the size a GPU would allocate (``nbytes_per_rank``), and only the reference
     implementation can use it. A closed buffer (``closed``) refuses every call but
-    ``impl='reference'``.
+    ``impl='reference'``: every new trace. On backends where nothing was allocated, a program
+    jitted before ``close()`` keeps running from JAX's cache (it runs the reference path and
+    holds no workspace); on GPUs ``close()`` drops such programs (see there).
 
     A call that fails on the device (the buffer made for another device order than the call's
     mesh, a peer that never makes the matching call) returns NaN instead of killing the process;
@@ -431,6 +433,23 @@ class SymmBuffer:
 
     def __enter__(self) -> SymmBuffer:
         return self
+
+    # A buffer is a handle to device memory and to state its calls and close() share (closed,
+    # traced, the finalizer): a copy that split them could run on memory another copy freed.
+    # So copies are the buffer itself (a layer holding one deep-copies safely), and pickling,
+    # which would carry it to another process, is refused.
+    def __copy__(self) -> SymmBuffer:
+        return self
+
+    def __deepcopy__(self, memo) -> SymmBuffer:
+        return self
+
+    def __reduce__(self):
+        raise TypeError(
+            f"SymmBuffer {self.buffer_id} cannot be pickled: it holds this process's device "
+            "memory. Create the buffer in each process (SymmBuffer.create, collective over "
+            "the mesh's processes)"
+        )
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
