@@ -56,6 +56,8 @@ def test_help_explains_every_flag(capsys):
         ),
         (["--experts", "12"], r"num_experts \(12\) must be divisible by the expert-axis size"),
         (["--iters", "0"], "--iters: must be a positive integer"),
+        # NumPy's generator refused it after the whole run, with a traceback.
+        (["--seed", "-1"], "--seed: must be a non-negative integer, got -1"),
         (["--check", "most"], "--check: invalid choice"),
         pytest.param(
             ["--impl", "fused"],
