@@ -41,6 +41,44 @@ def test_route_softmax_and_sigmoid():
         route(hidden, router, 4, scoring="relu")
 
 
+def test_route_at_the_ends_of_f32():
+    """Found by a numerics audit (2026-12-05), each against the float64 oracle: sigmoid scores
+    that all underflow gave NaN weights (0 / 0 when renormalized); saturated scores (sigmoid
+    near 1, softmax near 0) tied and chose the lower index over the larger logit; and with a
+    bias of -inf in a kept group, a dropped group's expert (masked to -inf) could be chosen."""
+    one = np.ones((1, 1), np.float32)
+    cases = [
+        (np.array([[-90.0, -95, -100, -120]], np.float32), 2, dict(scoring="sigmoid")),
+        (np.array([[20.0, 30.0]], np.float32), 1, dict(scoring="sigmoid")),
+        (np.array([[-200.0, -100.0, 0.0]], np.float32), 2, dict(scoring="softmax")),
+        (
+            np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], np.float32),
+            3,
+            dict(
+                scoring="sigmoid",
+                bias=np.array([-np.inf, -np.inf, 0, 0, 0, -np.inf], np.float32),
+                groups=(2, 1),
+            ),
+        ),
+    ]
+    for router, k, opts in cases:
+        groups = opts.get("groups", (1, None))
+        normalize = opts["scoring"] == "sigmoid"
+        want_ids, want_w = route_f64(one, router, k, normalize=normalize, scaling=1.0, **opts)
+        ids, w = route(
+            one,
+            router,
+            k,
+            scoring=opts["scoring"],
+            bias=None if opts.get("bias") is None else jnp.asarray(opts["bias"]),
+            num_groups=groups[0],
+            topk_groups=groups[1],
+        )
+        np.testing.assert_array_equal(np.asarray(ids), want_ids)
+        assert np.isfinite(np.asarray(w)).all()
+        np.testing.assert_allclose(np.asarray(w), want_w, rtol=1e-5, atol=1e-30)
+
+
 ROUTINGS = {
     # DeepSeek-V3's gate: sigmoid, a bias to choose, 8 groups of which 4 kept, scaling 2.5.
     "dsv3": dict(scoring="sigmoid", bias=True, groups=(8, 4), normalize=True, scaling=2.5),

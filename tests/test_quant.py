@@ -154,3 +154,25 @@ def test_quantization_under_vmap_is_the_formula():
     for j, b in enumerate(batch):
         one = fp8_mega_moe(*(b[n] for n in names), inp["weights"])
         np.testing.assert_array_equal(np.asarray(y[j], np.float32), np.asarray(one, np.float32))
+
+
+def test_a_nan_makes_its_blocks_scale_nan_at_every_size():
+    """The formula's amax of a block with a NaN is NaN. XLA:CPU's max over 4096 or more values
+    skipped the NaN: a 128 x 128 weight block got the floor scale and its other values
+    saturated to +-448, and a per-token scale depended on the array's size."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((256, 256)).astype(np.float32)
+    w[127, 127] = np.nan  # the last value of block (0, 0)
+    q, s = quantize_blockwise(jnp.asarray(w))
+    s = np.asarray(s)
+    assert np.isnan(s[0, 0]) and np.isfinite(np.delete(s.ravel(), 0)).all()
+    q_clean, s_clean = quantize_blockwise(jnp.asarray(np.nan_to_num(w)))
+    np.testing.assert_array_equal(
+        np.delete(s.ravel(), 0), np.delete(np.asarray(s_clean).ravel(), 0)
+    )
+    for m in (16, 64):  # 2048 and 8192 values
+        x = rng.standard_normal((m, 128)).astype(np.float32)
+        x[0, 5] = np.nan
+        q, s = quantize_per_token(jnp.asarray(x))
+        assert np.isnan(np.asarray(s)[0, 0]) and np.isfinite(np.asarray(s)[1:]).all()
+        assert np.isnan(np.asarray(q[0], np.float32)).all()  # v / NaN

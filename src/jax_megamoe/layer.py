@@ -55,7 +55,10 @@ def route(
         precision=jax.lax.Precision.HIGHEST,
     )
     scores = jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
-    choice = scores if bias is None else scores + bias.astype(jnp.float32)[None, :]
+    # Without a bias the experts are chosen on the logits, which order them as the scores do
+    # but do not saturate: in f32, sigmoid(20) == sigmoid(30) == 1 and a softmax probability
+    # underflows to 0, and those ties went to the lower index, not the larger logit.
+    choice = logits if bias is None else scores + bias.astype(jnp.float32)[None, :]
     if num_groups > 1:
         grouped = choice.reshape(choice.shape[0], num_groups, num_experts // num_groups)
         if bias is None:
@@ -65,11 +68,23 @@ def route(
         _, kept = jax.lax.top_k(group_score, topk_groups)
         group_ids = jnp.arange(num_groups, dtype=kept.dtype)[None, None, :]
         keep = jnp.any(kept[:, :, None] == group_ids, axis=1)  # [M, groups]
-        choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(choice.shape)
-    _, ids = jax.lax.top_k(choice, topk)
+        dropped = jnp.repeat(~keep, num_experts // num_groups, axis=1)  # [M, E]
+        # Every expert of a kept group before any of a dropped one, then by choice (ties to
+        # the lower index): masking the dropped ones with -inf tied them with an expert whose
+        # bias is -inf, and the tie could pick a dropped group's expert.
+        ids = jnp.lexsort((-choice, dropped), axis=-1)[:, :topk]
+    else:
+        _, ids = jax.lax.top_k(choice, topk)
     weights = jnp.take_along_axis(scores, ids, axis=-1)
     if normalize if normalize is not None else scoring == "sigmoid":
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        # Renormalized in the log domain: chosen sigmoid scores that all underflow (logits
+        # below about -88) made weights / sum(weights) 0 / 0.
+        log_scores = (
+            jax.nn.log_softmax(logits, axis=-1)
+            if scoring == "softmax"
+            else jax.nn.log_sigmoid(logits)
+        )
+        weights = jax.nn.softmax(jnp.take_along_axis(log_scores, ids, axis=-1), axis=-1)
     return ids.astype(jnp.int32), (weights * scaling).astype(jnp.float32)
 
 

@@ -29,6 +29,15 @@ def _true_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     return num / jax.lax.optimization_barrier(full)
 
 
+def _amax(blocks: jax.Array, axis) -> jax.Array:
+    """The largest magnitude of each block, NaN where the block holds a NaN (the formula's
+    max): XLA:CPU's max over 4096 or more values can skip a NaN (JAX 0.10.2), which turned a
+    weight block's scale into the floor and saturated the block's other values."""
+    mag = jnp.abs(blocks)
+    has_nan = jnp.any(jnp.isnan(mag), axis=axis, keepdims=True)
+    return jnp.where(has_nan, jnp.nan, jnp.max(mag, axis=axis, keepdims=True))
+
+
 def _quantize_blocks(v: jax.Array, amax: jax.Array) -> tuple[jax.Array, jax.Array]:
     scale = _true_divide(jnp.maximum(amax, SCALE_FLOOR), jnp.float32(FP8_MAX))
     q = jnp.clip(_true_divide(v, scale), -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
@@ -47,8 +56,7 @@ def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         raise ValueError("quantize_per_token: x must have at least one dimension")
     check_divisible("quantize_per_token", x.shape, (x.ndim - 1,))
     blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // QUANT_BLOCK, QUANT_BLOCK)
-    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
-    q, scale = _quantize_blocks(blocks, amax)
+    q, scale = _quantize_blocks(blocks, _amax(blocks, -1))
     return q.reshape(x.shape), scale[..., 0]
 
 
@@ -66,8 +74,7 @@ def quantize_blockwise(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     *lead, n, k = w.shape
     b = QUANT_BLOCK
     blocks = w.astype(jnp.float32).reshape(*lead, n // b, b, k // b, b)
-    amax = jnp.max(jnp.abs(blocks), axis=(-3, -1), keepdims=True)
-    q, scale = _quantize_blocks(blocks, amax)
+    q, scale = _quantize_blocks(blocks, _amax(blocks, (-3, -1)))
     return q.reshape(w.shape), scale[..., 0, :, 0]
 
 
