@@ -34,7 +34,8 @@ struct MegaMoeArgs {
   // Device scalar: the call's index along the expert axis, checked on the device against `rank`.
   const int32_t* expected_rank;
   // Test hook (ffi/mega_moe.cc, inject_launch_failure): L1's launch is replaced by one that
-  // returns cudaErrorInvalidConfiguration, as a launch between the two syncs might fail.
+  // fails (an empty grid: cudaErrorInvalidValue under CUDA 13), as a launch between the two
+  // syncs might.
   bool fail_l1_launch;
 };
 
