@@ -61,17 +61,16 @@ def pool_layout(
     used = jnp.minimum(ends[-1], num_rows)
     blocks = jnp.arange(num_rows // block_m, dtype=jnp.int32)
     first_row = blocks * block_m
-    # The segments each row lies past: searchsorted(ends, row, side="right") for every row, as
+    # Each row's expert segment: searchsorted(ends, row, side="right") for every row, as
     # a scatter of the ends and a running count. jnp.searchsorted failed inside a shard_map
     # that leaves some mesh axes automatic (a bare AssertionError, JAX 0.10.2), and its "sort"
     # method, which did not, cannot take a symbolic row count (jax.export).
     marks = jnp.zeros(num_rows + 1, jnp.int32).at[jnp.minimum(ends, num_rows)].add(1)
-    row_owner = jnp.clip(jnp.cumsum(marks, dtype=jnp.int32)[:num_rows], 0, num_experts - 1)
-    owner = row_owner[first_row]
+    expert = jnp.clip(jnp.cumsum(marks, dtype=jnp.int32)[:num_rows], 0, num_experts - 1)
+    owner = expert[first_row]
     holds_rows = first_row - starts[owner] < counts[owner]
     block_expert = jnp.where((first_row < used) & holds_rows, owner, -1).astype(jnp.int32)
     rows = jnp.arange(num_rows, dtype=jnp.int32)
-    expert = row_owner
     valid = (rows < used) & (rows - starts[expert] < counts[expert])
     return PoolLayout(
         starts=starts.astype(jnp.int32),

@@ -86,8 +86,9 @@ def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
     """
     q = jnp.asarray(q)
     check_real("dequantize: q", q)
-    check_real("dequantize: scale", jnp.asarray(scale))
-    scale = jnp.asarray(scale, jnp.float32)
+    scale = jnp.asarray(scale)
+    check_real("dequantize: scale", scale)
+    scale = scale.astype(jnp.float32)
     if q.ndim != scale.ndim or q.ndim < 1:
         raise ValueError(f"dequantize: q {q.shape} and scale {scale.shape} need the same rank")
     # Block size per dimension; an empty dimension (q's and scale's both) has blocks of one.
@@ -146,5 +147,5 @@ def _host_f64(op: str, *arrays) -> list[np.ndarray]:
             )
         v = np.asarray(jax.device_get(v))
         check_real(f"{op}: {name}", v)
-        out.append(v.astype(np.float64))
+        out.append(v.astype(np.float64, copy=False))  # calc_diff passes row_calc_diff f64
     return out
