@@ -35,6 +35,10 @@ SHAPES = {
     # has at most 16 rows (144: 16, 257: 1), not with 17 (145) or without a full pair before it
     # (16, 64 + 16 = 80 is a pair).
     "tails": (512, 256, (144, 145, 257, 16, 80, 0, 271)),
+    # 25 pairs: more than the last 16 that the kernels claim most expensive first (pairs with a
+    # tail, full pairs, lone blocks; scheduler/sm90_grouped_tiles.cuh), so both orders run, and
+    # every kind of pair is among those 16.
+    "sorted_end": (512, 256, (144, 64, 257, 300, 130, 16, 200, 271, 65, 400, 137, 30)),
 }
 EXTRA_BLOCKS = 2  # poisoned row blocks past num_blocks
 
@@ -243,7 +247,7 @@ def test_l1_then_l2(name):
     check_l2(pool, w, act, act_scale, label=f"{name} chained")
 
 
-@pytest.mark.parametrize("name", ["small", "dsv3", "tails"])
+@pytest.mark.parametrize("name", ["small", "dsv3", "tails", "sorted_end"])
 def test_pairs_straddling_two_experts(name):
     """Experts on every 64-row block (not the dispatch's 128): a CTA's pair of row blocks may
     name two experts and num_blocks may be odd; each block must still get its own expert."""

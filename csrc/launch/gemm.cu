@@ -22,7 +22,8 @@ constexpr int kMaxStages = 8;
 // One CTA per SM: the ring takes most of shared memory and the accumulators most registers.
 constexpr int kCtasPerSm = 1;
 // Room for the TMA main loop's control block: its full/empty/desc barriers, its tile slots
-// (one per stage) and its two tile counts (GroupedFp8TmaMainloop::kControlBytes).
+// (one per stage), its two tile counts and the order of its last pairs
+// (GroupedFp8TmaMainloop::kControlBytes).
 constexpr int kBarrierReserve = 384;
 
 constexpr int stages_for(int stage_bytes, int reserved_bytes) {
@@ -143,16 +144,25 @@ cudaError_t encode_l1_weights(CUtensorMap* map, const void* w1, int experts, int
 
 // Tile order: claimed from the caller's counter (scheduler/sm90_grouped_tiles.cuh) when it
 // gives one. Against the static order on one H200 (benchmarks/RESULTS.md, 2026-12-02): L1 10 %
-// and L2 7 % faster at M = 2048, L2 3 % at 8192, the rest within 1 %.
-// JAX_MEGAMOE_GEMM_TILES=static forces the static order, for A/B measurements in one build; read
-// once.
-bool claim_tiles() {
-  static const bool claim = [] {
+// and L2 7 % faster at M = 2048, L2 3 % at 8192, the rest within 1 %. The last kSortedEndPairs
+// pairs are claimed most expensive first (TileScheduler, "The grid's end").
+// JAX_MEGAMOE_GEMM_TILES=static forces the static order, =pool_order claims every pair in the
+// pool's order, for A/B measurements in one build; read once.
+constexpr int kSortedEndPairs = sm90::TileScheduler::kMaxSortedPairs;
+
+enum class TileOrder { kClaimed, kPoolOrder, kStatic };
+TileOrder tile_order() {
+  static const TileOrder order = [] {
     const char* mode = std::getenv("JAX_MEGAMOE_GEMM_TILES");
-    return mode == nullptr || std::string(mode) != "static";
+    const std::string m = mode == nullptr ? "" : mode;
+    return m == "static"       ? TileOrder::kStatic
+           : m == "pool_order" ? TileOrder::kPoolOrder
+                               : TileOrder::kClaimed;
   }();
-  return claim;
+  return order;
 }
+bool claim_tiles() { return tile_order() != TileOrder::kStatic; }
+int sorted_end_pairs() { return tile_order() == TileOrder::kClaimed ? kSortedEndPairs : 0; }
 
 // L1's swap-AB tail (impls/sm90_fp8_grouped_tma_mainloop.cuh): an expert's last row block of
 // at most kL1TailRows rows rides along with its last full pair instead of running as a lone
@@ -216,6 +226,7 @@ cudaError_t launch_l1(const L1Params& p, const GemmTensorMaps& maps, cudaStream_
   if (!claim_tiles()) k.p.tile_claims = nullptr;
   k.maps = maps;
   k.tail_rows = l1_tail_rows();
+  k.sorted_pairs = sorted_end_pairs();
   if (p.x != nullptr) {
     kL1GatherKernel<<<p.num_ctas, sm90::kNumThreads, kL1GatherSmemBytes, stream>>>(k);
   } else {
@@ -246,6 +257,7 @@ cudaError_t launch_l2_as(Kernel kernel, int smem_bytes, const L2Params& p,
   k.p = p;
   if (!claim_tiles()) k.p.tile_claims = nullptr;
   k.maps = maps;
+  k.sorted_pairs = sorted_end_pairs();
   if (p.block_stored == nullptr) {
     kernel<<<p.num_ctas, sm90::kNumThreads, smem_bytes, stream>>>(k);
     return cudaGetLastError();

@@ -221,8 +221,10 @@ class GroupedFp8TmaMainloop {
   // and its running count (in shared memory: a register for it made the producer spill at 40).
   static constexpr int kTileCountBytes = 8;
   static constexpr int kNoTileCount = 0x7fffffff;
+  // Then the scheduler's order of the last pairs (TileScheduler::kOrderBytes).
   static constexpr int kControlBytes =
-      (kBarrierBytes + kTileSlotBytes + kTileCountBytes + 127) / 128 * 128;
+      (kBarrierBytes + kTileSlotBytes + kTileCountBytes + TileScheduler::kOrderBytes + 127) / 128 *
+      128;
   // Then the tails' master accumulators: per math thread kTailRows floats, stored as float4
   // quads, quad q of math thread i at (q * kNumMathThreads + i) * 16 (conflict-free).
   static constexpr int kTailQuads = kTailRows / 4;
@@ -277,6 +279,7 @@ class GroupedFp8TmaMainloop {
         ptx::mbarrier_init(&desc_[s], 1);
       }
       ptx::st_shared(tile_count(), kNoTileCount);
+      ptx::st_shared(order_record(), 0);
       ptx::fence_barrier_init();
     }
     __syncthreads();
@@ -713,6 +716,7 @@ class GroupedFp8TmaMainloop {
   __device__ uint32_t tile_count() const { return tile_slot(kStages); }
   // The producer's running count of the tiles it has taken (kTileCountBytes' second word).
   __device__ uint32_t tiles_taken() const { return tile_count() + 4; }
+  __device__ uint32_t order_record() const { return tile_count() + kTileCountBytes; }
   __device__ __forceinline__ void publish(int slot, const Tile& t) const {
     const uint32_t a = tile_slot(slot);
     ptx::st_shared(a + offsetof(Tile, pair), t.pair);
@@ -884,7 +888,7 @@ class GroupedFp8TmaMainloop {
   // Recomputed where used: a member would be held across the role split and spilled.
   __device__ int num_kb() const { return op_.k / kBlockK; }
   __device__ TileScheduler scheduler() const {
-    return TileScheduler(op_, min(*num_blocks_, max_blocks_));
+    return TileScheduler(op_, min(*num_blocks_, max_blocks_), order_record());
   }
 
   __device__ __forceinline__ void release(int slot, bool warp_leader) {

@@ -376,12 +376,13 @@ __device__ __forceinline__ GemmOperands l1_operands(const L1Params& p, int tail_
 
 // Kernel parameters: the launch contract, the TMA tensor maps of the pool and of w1 (the gate and
 // the up half of each expert, viewed as [2E][I / 128][16][8][H] so that a box delivers each
-// 128-row block in lane-run order: csrc/launch/gemm.cu, encode_l1_weights), and the tail rows
-// (kL1TailRows or 0).
+// 128-row block in lane-run order: csrc/launch/gemm.cu, encode_l1_weights), the tail rows
+// (kL1TailRows or 0) and GemmOperands::sorted_pairs.
 struct L1KernelParams {
   L1Params p;
   GemmTensorMaps maps;
   int tail_rows;
+  int sorted_pairs;
 };
 
 template <int kStages, bool kGatherA>
@@ -403,8 +404,9 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
   const L1Params& p = k.p;
-  Mainloop mainloop(smem, l1_operands(p, k.tail_rows), p.num_blocks, p.max_blocks, k.maps,
-                    p.tile_claims);
+  GemmOperands op = l1_operands(p, k.tail_rows);
+  op.sorted_pairs = k.sorted_pairs;
+  Mainloop mainloop(smem, op, p.num_blocks, p.max_blocks, k.maps, p.tile_claims);
   uint8_t* epilogue_smem = smem + Mainloop::kSmemBytes;
   using Epilogue = L1EpilogueFor<kGatherA>;
   const Epilogue epilogue{p,

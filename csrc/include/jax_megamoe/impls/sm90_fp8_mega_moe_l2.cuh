@@ -177,10 +177,11 @@ __device__ __forceinline__ GemmOperands l2_operands(const L2Params& p) {
 }
 
 // Kernel parameters: the launch contract plus the TMA tensor maps of act and of w2 viewed as
-// [E * H / kWgN][kWgN][I] (no tail: maps.tail unused).
+// [E * H / kWgN][kWgN][I] (no tail: maps.tail unused), and GemmOperands::sorted_pairs.
 struct L2KernelParams {
   L2Params p;
   GemmTensorMaps maps;
+  int sorted_pairs;
 };
 
 template <int kWgN, int kStages>
@@ -190,7 +191,9 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = align_smem(smem_raw);
   const L2Params& p = k.p;
-  Mainloop mainloop(smem, l2_operands<kWgN>(p), p.num_blocks, p.max_blocks, k.maps, p.tile_claims);
+  GemmOperands op = l2_operands<kWgN>(p);
+  op.sorted_pairs = k.sorted_pairs;
+  Mainloop mainloop(smem, op, p.num_blocks, p.max_blocks, k.maps, p.tile_claims);
   L2Epilogue<kWgN> epilogue{p, ptx::smem_addr(smem + Mainloop::kSmemBytes)};
   if (threadIdx.x == 0) epilogue.handshake().init();  // published by run()'s CTA-wide barrier
   mainloop.run(epilogue);

@@ -33,6 +33,16 @@ __device__ __forceinline__ int ld_volatile_shared_s32(uint32_t addr) {
   return v;
 }
 
+__device__ __forceinline__ void st_shared_u8(uint32_t addr, int v) {
+  asm volatile("st.shared.u8 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ int ld_shared_u8(uint32_t addr) {
+  int v;
+  asm volatile("ld.shared.u8 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
   float v;
   asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");

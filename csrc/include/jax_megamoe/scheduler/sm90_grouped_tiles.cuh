@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "jax_megamoe/launch.h"
+#include "jax_megamoe/ptx/shared.cuh"
 
 namespace jax_megamoe::sm90 {
 
@@ -43,6 +44,9 @@ struct GemmOperands {
   const uint8_t* a_src = nullptr;
   const float* a_src_scale = nullptr;
   int a_src_div = 1;
+  // With claimed tiles: how many of the last pairs are claimed in order of cost (at most
+  // TileScheduler::kMaxSortedPairs; 0 keeps the pool's order to the end).
+  int sorted_pairs = 0;
 
   // With A gathered: the token row of a_src that pool row `row` reads, or -1 (padding).
   __device__ int gathered_token(int row) const {
@@ -116,15 +120,33 @@ struct Tile {
 // pair's time), so the CTAs that share an A pair or a weight tile read it from L2 at nearly the
 // same time. Every tile is still computed whole by one CTA, so the output does not depend on
 // which CTA took it.
+//
+// The grid's end: the CTAs finish their last tiles at different times, and they idle, on average,
+// about half a tile. So the last GemmOperands::sorted_pairs pairs are claimed most expensive
+// first (a pair carrying a tail, ~1.5 of a full pair's time; full pairs; a lone block, ~0.77;
+// none), and the grid ends on the cheapest tiles. The order is a permutation of those pairs,
+// the same in every CTA (each computes it from the pool, the first time it claims one of them,
+// into the shared-memory record at order_at), so each tile is still claimed once. L1 ran
+// 0.4-0.7 % faster at M = 2048 so (one H100, benchmarks/RESULTS.md 2026-12-05), a quarter of
+// what a simulation of the claims on bench_gemm.py's pools had promised; neutral elsewhere.
 class TileScheduler {
  public:
-  __device__ TileScheduler(const GemmOperands& op, int num_blocks)
+  // One lane of the producer warp per sorted pair; the order is kept as one byte per pair.
+  static constexpr int kMaxSortedPairs = 16;
+  // The order record: a word that is nonzero once the order is written, then the pairs' bytes.
+  static constexpr int kOrderBytes = 4 + kMaxSortedPairs;
+
+  // order_at: the shared-memory address of the order record, zeroed before the first take(); 0
+  // with the static order.
+  __device__ TileScheduler(const GemmOperands& op, int num_blocks, uint32_t order_at)
       : block_expert_(op.block_expert),
         row_src_(op.row_src),
         tail_rows_(op.tail_rows),
         n_tiles_(op.n_tiles),
         num_blocks_(num_blocks),
-        num_tiles_((num_blocks + 1) / 2 * op.n_tiles) {}
+        num_tiles_((num_blocks + 1) / 2 * op.n_tiles),
+        sorted_first_(max(0, (num_blocks + 1) / 2 - min(op.sorted_pairs, kMaxSortedPairs))),
+        order_at_(order_at) {}
 
   __device__ Tile first() const { return resolve(static_cast<int>(blockIdx.x)); }
   __device__ Tile next(const Tile& t) const {
@@ -142,7 +164,8 @@ class TileScheduler {
   __device__ Tile take(int claimed, int* claims, int lane) const {
     for (int index = __shfl_sync(~0u, claimed, 0); unsigned(index) < unsigned(num_tiles_);
          index = __shfl_sync(~0u, claim(claims, lane), 0)) {
-      const Tile t = resolve_at(index);
+      const int pair = index / n_tiles_;
+      const Tile t = resolve_at(index, claimed_pair(pair, lane), index - pair * n_tiles_);
       if (t.mask != 0) return t;
     }
     return done_tile();
@@ -181,10 +204,55 @@ class TileScheduler {
     return !__any_sync(0xffffffffu, late);
   }
 
+  // The pair that claimed pair position `pos` names: itself, or among the last pairs the one of
+  // the cost order (the class comment), which the first call there writes. All 32 lanes call it.
+  __device__ int claimed_pair(int pos, int lane) const {
+    if (pos < sorted_first_) return pos;
+    if (ptx::ld_shared_s32(order_at_) == 0) sort_last_pairs(lane);
+    return sorted_first_ + ptx::ld_shared_u8(order_at_ + 4 + (pos - sorted_first_));
+  }
+
+  // Writes the order of the pairs from sorted_first_ on: lane i classes pair sorted_first_ + i
+  // (0: full, carrying a tail; 1: full; 2: one working block; 3: none) and takes the place after
+  // every lane of a lower class and every lower lane of its own (a stable sort). A CTA does this
+  // once, at its first claim there (at its start when the pool has at most kMaxSortedPairs
+  // pairs): its loads are independent, so it costs about one trip to L2.
+  __device__ void sort_last_pairs(int lane) const {
+    const int b = 2 * (sorted_first_ + lane);  // the pair's first row block
+    int cls = 4;                               // past the pool: no place
+    if (b < num_blocks_) {
+      const int e0 = expert_of(b), e1 = expert_of(b + 1), e2 = expert_of(b + 2),
+                e3 = expert_of(b + 3);
+      // Whether block b + 2 probably rides along with this pair (rides() decides, over all its
+      // rows and the whole warp): only the row after the tail's is read, as the dispatch fills a
+      // block's rows from its first. For the order alone.
+      const bool late_row = tail_rows_ > 0 && b + 2 < num_blocks_ &&
+                            row_src_[static_cast<size_t>(b + 2) * kBlockM + tail_rows_] >= 0;
+      const bool tail = tail_rows_ > 0 && e2 >= 0 && e2 == e0 && e3 != e0 && !late_row;
+      if (e0 >= 0 && e1 == e0) {
+        cls = tail ? 0 : 1;
+      } else {
+        cls = e0 >= 0 || e1 >= 0 ? 2 : 3;
+      }
+    }
+    int place = 0;
+    for (int c = 0; c < 4; ++c) {
+      const unsigned in_class = __ballot_sync(0xffffffffu, cls == c);
+      place += __popc(c < cls ? in_class : c == cls ? in_class & ((1u << lane) - 1) : 0u);
+    }
+    if (cls < 4) ptx::st_shared_u8(order_at_ + 4 + place, lane);
+    __syncwarp();
+    if (lane == 0) ptx::st_shared(order_at_, 1);
+    __syncwarp();
+  }
+
   // The tile at `index`; mask 0 when neither of its blocks works.
   __device__ Tile resolve_at(int index) const {
     const int pair = index / n_tiles_;
-    const int n = index - pair * n_tiles_;
+    return resolve_at(index, pair, index - pair * n_tiles_);
+  }
+  // The tile at `index` when it names N tile n of `pair`.
+  __device__ Tile resolve_at(int index, int pair, int n) const {
     int e0 = expert_of(2 * pair);
     const int e1 = expert_of(2 * pair + 1);
     if (e0 >= 0 && e1 == e0)
@@ -208,6 +276,8 @@ class TileScheduler {
   int n_tiles_;
   int num_blocks_;
   int num_tiles_;
+  int sorted_first_;  // the first pair claimed in the cost order
+  uint32_t order_at_;
 };
 
 }  // namespace jax_megamoe::sm90
