@@ -126,8 +126,8 @@ struct Tile {
 // first (a pair carrying a tail, ~1.5 of a full pair's time; full pairs; a lone block, ~0.77;
 // none), and the grid ends on the cheapest tiles. The order is a permutation of those pairs,
 // the same in every CTA (each computes it from the pool, the first time it claims one of them,
-// into the shared-memory record at order_at), so each tile is still claimed once. L1 ran
-// 0.4-0.7 % faster at M = 2048 so (one H100, benchmarks/RESULTS.md 2026-12-05), a quarter of
+// into the shared-memory record at order_at), so each tile is still claimed once. With it L1
+// ran 0.4-0.7 % faster at M = 2048 (one H100, benchmarks/RESULTS.md 2026-12-05), a quarter of
 // what a simulation of the claims on bench_gemm.py's pools had promised; neutral elsewhere.
 class TileScheduler {
  public:
@@ -136,8 +136,8 @@ class TileScheduler {
   // The order record: a word that is nonzero once the order is written, then the pairs' bytes.
   static constexpr int kOrderBytes = 4 + kMaxSortedPairs;
 
-  // order_at: the shared-memory address of the order record, zeroed before the first take(); 0
-  // with the static order.
+  // order_at: the shared-memory address of the order record (kOrderBytes), zeroed before the
+  // first take(); only take() reads or writes it.
   __device__ TileScheduler(const GemmOperands& op, int num_blocks, uint32_t order_at)
       : block_expert_(op.block_expert),
         row_src_(op.row_src),
