@@ -101,6 +101,15 @@ def test_numpy_int64_ids_past_int32_are_refused(inp):
         call({**inp, "topk_ids": ids})
 
 
+def test_numpy_uint64_ids_past_uint32_name_int32(inp):
+    """JAX wraps uint64 into uint32; the error named uint32 as the fix, which the ids' dtype
+    check then refuses: it must name int32, the dtype topk_ids takes."""
+    ids = np.asarray(inp["topk_ids"], np.uint64)
+    ids[0, 0] = 2**40
+    with pytest.raises(ValueError, match=r"outside uint32, .* Pass int32 values"):
+        call({**inp, "topk_ids": ids})
+
+
 @pytest.mark.parametrize(
     "clamp, error, match",
     [

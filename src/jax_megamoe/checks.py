@@ -37,20 +37,23 @@ def expect(name: str, arr, shape: tuple[int, ...], dtype) -> None:
         raise TypeError(f"{name} has dtype {arr.dtype}, expected {jnp.dtype(dtype).name}")
 
 
-def check_array(name: str, value):
+def check_array(name: str, value, dtype=None):
     """Returns ``value`` if it is an array (JAX, NumPy or a tracer); refuses Python lists and
     other objects by name, as ``jax.numpy`` functions do (a list is a pytree of scalars, not an
-    array, and converting it silently would hide a slow host round trip)."""
+    array, and converting it silently would hide a slow host round trip). ``dtype``, if given,
+    is the dtype the operand must have, which an error names."""
     if isinstance(value, np.ndarray):
-        # Without jax_enable_x64 JAX turns int64 into int32 by wrapping: an id past int32 (an
-        # out-of-range id, which the call masks) would silently become a valid expert.
+        # Without jax_enable_x64 JAX turns int64 into int32 (uint64 into uint32) by wrapping: an
+        # id past int32 (an out-of-range id, which the call masks) would silently become a valid
+        # expert.
         to = jax.dtypes.canonicalize_dtype(value.dtype)
         if to != value.dtype and np.issubdtype(value.dtype, np.integer) and value.size:
             info = np.iinfo(to)
             if value.min() < info.min or value.max() > info.max:
+                want = np.dtype(dtype or to).name
                 raise ValueError(
                     f"{name} ({value.dtype}) holds values outside {to.name}, which JAX converts "
-                    f"it to with jax_enable_x64 off: they would wrap. Pass {to.name} values"
+                    f"it to with jax_enable_x64 off: they would wrap. Pass {want} values"
                 )
         return value
     if isinstance(value, jax.Array):
@@ -216,10 +219,11 @@ def check_moe_operands(x, x_scale, topk_ids, topk_weights, weights):
     num_local, wh, i = check_weights(weights)
     if wh != h:
         raise ValueError(f"x has hidden {h} but the weights have hidden {wh}")
-    expect("x", x, (m, h), jnp.float8_e4m3fn)
-    expect("x_scale", x_scale, (m, h // QUANT_BLOCK), jnp.float32)
-    expect("topk_ids", topk_ids, (m, k), jnp.int32)
-    expect("topk_weights", topk_weights, (m, k), jnp.float32)
+    shapes = ((m, h), (m, h // QUANT_BLOCK), (m, k), (m, k))
+    for name, arr, shape, dtype in zip(
+        MOE_OPERANDS, (x, x_scale, topk_ids, topk_weights), shapes, MOE_OPERAND_DTYPES, strict=True
+    ):
+        expect(name, arr, shape, dtype)
     if m < 1:
         raise ValueError("x must hold at least one token")
     return m, h, i, k, num_local
@@ -243,6 +247,7 @@ class MoeCall(NamedTuple):
 
 
 MOE_OPERANDS = ("x", "x_scale", "topk_ids", "topk_weights")
+MOE_OPERAND_DTYPES = (jnp.float8_e4m3fn, jnp.float32, jnp.int32, jnp.float32)
 
 
 def check_moe_call(
@@ -252,7 +257,8 @@ def check_moe_call(
     ``fp8_mega_moe`` adds the buffer's, ``reference_mega_moe`` runs these alone."""
     operands = (x, x_scale, topk_ids, topk_weights)
     x, x_scale, topk_ids, topk_weights = (
-        jnp.asarray(check_array(name, v)) for name, v in zip(MOE_OPERANDS, operands, strict=True)
+        jnp.asarray(check_array(name, v, dtype))
+        for name, v, dtype in zip(MOE_OPERANDS, operands, MOE_OPERAND_DTYPES, strict=True)
     )
     m, h, i, k, num_local = check_moe_operands(x, x_scale, topk_ids, topk_weights, weights)
     weights = jax.tree.map(jnp.asarray, weights)  # NumPy leaves too (the operands' rule)
