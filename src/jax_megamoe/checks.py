@@ -207,6 +207,11 @@ def check_weights(weights) -> tuple[int, int, int]:
     return e, h, i
 
 
+# The layer's operands, and the dtype each must have.
+MOE_OPERANDS = ("x", "x_scale", "topk_ids", "topk_weights")
+MOE_OPERAND_DTYPES = (jnp.float8_e4m3fn, jnp.float32, jnp.int32, jnp.float32)
+
+
 def check_moe_operands(x, x_scale, topk_ids, topk_weights, weights):
     """``fp8_mega_moe``'s operands; returns ``(m, hidden, intermediate, topk, num_local)``."""
     if x.ndim != 2:
@@ -244,10 +249,6 @@ class MoeCall(NamedTuple):
     num_local: int
     num_ranks: int
     clamp: float | None
-
-
-MOE_OPERANDS = ("x", "x_scale", "topk_ids", "topk_weights")
-MOE_OPERAND_DTYPES = (jnp.float8_e4m3fn, jnp.float32, jnp.int32, jnp.float32)
 
 
 def check_moe_call(
