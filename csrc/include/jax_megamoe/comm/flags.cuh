@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "jax_megamoe/ptx/mbarrier.cuh"
+
 namespace jax_megamoe::comm {
 
 __device__ __forceinline__ void st_release_sys(uint64_t* flag, uint64_t value) {
@@ -31,14 +33,6 @@ __device__ __forceinline__ int32_t ld_relaxed_sys(const int32_t* word) {
   return value;
 }
 
-// Nanoseconds of a clock shared by all SMs of the device; unlike clock64 it is not per-SM and
-// does not scale with the SM frequency.
-__device__ __forceinline__ uint64_t globaltimer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 // Single-thread wait until flags[s] >= epoch for every rank s. Returns -1, or, past the timeout,
 // the rank it was waiting for (its flag's value in *seen) after printing one line (device printf,
 // which reaches the process's stdout): the caller records the error and aborts the call, so a
@@ -46,10 +40,10 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
 __device__ __forceinline__ int wait_all_ranks(const uint64_t* flags, int num_ranks, uint64_t epoch,
                                               uint64_t timeout_ns, int rank, const char* phase,
                                               uint64_t* seen) {
-  const uint64_t start = globaltimer_ns();
+  const uint64_t start = ptx::globaltimer_ns();
   for (int s = 0; s < num_ranks; ++s) {
     while ((*seen = ld_acquire_sys(flags + s)) < epoch) {
-      if (globaltimer_ns() - start > timeout_ns) {
+      if (ptx::globaltimer_ns() - start > timeout_ns) {
         printf(
             "jax_megamoe: rank %d timed out after %.1f s in phase '%s' waiting for rank %d "
             "(epoch %llu, its flag holds %llu); the call's output is NaN and the buffer refuses "

@@ -1,10 +1,12 @@
 // Programmatic dependent launch and the row-block hand-off between two kernels that overlap
 // through it (sm_90): the first signals that its dependents may start, and publishes per-block
 // counters with release semantics; the dependent acquires them before it reads the blocks with
-// TMA (the async proxy, hence the proxy fence after the acquire).
+// TMA (the async proxy, hence the proxy fence after the acquire). The proxy fence is CCCL's;
+// griddepcontrol and the release reduction / acquire load have no `cuda::ptx` wrapper (CUDA 13.0).
 #pragma once
 
 #include <cstdint>
+#include <cuda/ptx>
 
 namespace jax_megamoe::ptx {
 
@@ -29,7 +31,7 @@ __device__ __forceinline__ int32_t ld_acquire_gpu(const int32_t* counter) {
 // Orders this thread's generic-proxy view of global memory (what an acquire made visible)
 // before its later async-proxy (TMA) reads.
 __device__ __forceinline__ void fence_proxy_async_global() {
-  asm volatile("fence.proxy.async.global;" ::: "memory");
+  cuda::ptx::fence_proxy_async(cuda::ptx::space_global);
 }
 
 }  // namespace jax_megamoe::ptx

@@ -52,11 +52,9 @@ __device__ __forceinline__ void cp_async_mbarrier_arrive(uint64_t* bar) {
 // their wgmma.
 constexpr uint64_t kBarrierTimeoutNs = 10ull * 1000 * 1000 * 1000;
 
-__device__ __forceinline__ uint64_t globaltimer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
+// Nanoseconds of a clock shared by all SMs of the device; unlike clock64 it is not per-SM and
+// does not scale with the SM frequency.
+__device__ __forceinline__ uint64_t globaltimer_ns() { return cuda::ptx::get_sreg_globaltimer(); }
 
 // Polls done() until it holds, trapping past kBarrierTimeoutNs; the clock is read only once the
 // first poll has failed.
