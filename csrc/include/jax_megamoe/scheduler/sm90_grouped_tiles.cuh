@@ -127,8 +127,10 @@ struct Tile {
 // none), and the grid ends on the cheapest tiles. The order is a permutation of those pairs,
 // the same in every CTA (each computes it from the pool, the first time it claims one of them,
 // into the shared-memory record at order_at), so each tile is still claimed once. With it L1
-// ran 0.4-0.7 % faster at M = 2048 (one H100, benchmarks/RESULTS.md 2026-12-05), a quarter of
-// what a simulation of the claims on bench_gemm.py's pools had promised; neutral elsewhere.
+// ran 0.4-0.7 % faster at M = 2048 on one H100, a quarter of what a simulation of the claims on
+// bench_gemm.py's pools had promised, and on one H200 at the power cap 1.3 % faster at 2048 and
+// 0.6 % at 8192, where L2 ran 0.5 % slower at 2048 (benchmarks/RESULTS.md 2026-12-05); M <= 512
+// unchanged.
 class TileScheduler {
  public:
   // One lane of the producer warp per sorted pair; the order is kept as one byte per pair.
